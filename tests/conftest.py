@@ -1,0 +1,150 @@
+"""Fixtures every test file shares.
+
+- `network_guard` (autouse): no test may reach past loopback, neither in the pytest process
+  nor in any process a test starts. An attempt is refused and fails the test.
+- `run_script`: runs one of the three scripts as a real process in a temporary directory, the
+  way a user runs a copied script, and returns its exit code, stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NETBLOCK_DIR = Path(__file__).resolve().parent / "netblock"
+DATA_FILE = REPO / "small_edu_qa.jsonl"
+SCRIPTS = ("dspy_example.py", "openai_finetune.py", "huggingface_lora.py")
+
+# Variables that would let a script reach a real service or read a developer's real keys.
+_SECRET_OR_ROUTING_VARS = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "OPENAI_ORG_ID",
+    "OPENAI_PROJECT_ID",
+    "ANTHROPIC_API_KEY",
+    "MISTRAL_API_KEY",
+    "AZURE_OPENAI_API_KEY",
+    "AZURE_OPENAI_ENDPOINT",
+    "NEBIUS_API_KEY",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+)
+
+
+def _load_netblock():
+    spec = importlib.util.spec_from_file_location("_netblock", NETBLOCK_DIR / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_netblock = _load_netblock()
+
+
+class NetworkGuard:
+    """What the block saw during one test (this process and its children)."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+        self._expected = False
+
+    def attempts(self) -> list[str]:
+        if not self.log_path.exists():
+            return []
+        return self.log_path.read_text(encoding="utf-8").splitlines()
+
+    def expect_attempts(self) -> None:
+        """For the test that proves the block works: attempts are the point, not a failure."""
+        self._expected = True
+
+
+@pytest.fixture(autouse=True)
+def network_guard(tmp_path_factory, monkeypatch):
+    log_path = tmp_path_factory.mktemp("netblock") / "attempts.log"
+    monkeypatch.setenv("NETBLOCK_LOG", str(log_path))
+    # Offline switches a user would set on a plane; the scripts must also cope without them.
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("DO_NOT_TRACK", "1")
+    for name in _SECRET_OR_ROUTING_VARS:
+        monkeypatch.delenv(name, raising=False)
+    originals = _netblock.install(str(log_path))
+    guard = NetworkGuard(log_path)
+    try:
+        yield guard
+    finally:
+        _netblock.uninstall(originals)
+    if not guard._expected and guard.attempts():
+        pytest.fail("network access past loopback was attempted:\n" + "\n".join(guard.attempts()))
+
+
+@dataclass
+class ScriptResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    cwd: Path
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of a process a test starts: blocked network, no real keys."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETBLOCK_DIR), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["COLUMNS"] = "120"  # rich wraps tables at the terminal width; make it predictable
+    env.pop("FORCE_COLOR", None)
+    for name in _SECRET_OR_ROUTING_VARS:
+        env.pop(name, None)
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def run_script(tmp_path):
+    """Copy a script (and, by default, the shared data file) into a temporary directory and run it.
+
+    `run_script("openai_finetune.py", "--run", env={...}, input="y\\n")` returns a ScriptResult.
+    The working directory is the temporary directory, so `outputs/` and any `.env` land there.
+    """
+
+    def run(
+        script: str,
+        *args: str,
+        env: dict | None = None,
+        copy_data: bool = True,
+        input: str | None = None,
+        timeout: float = 300,
+        cwd: Path | None = None,
+        launcher: list[str] | None = None,
+    ) -> ScriptResult:
+        workdir = cwd or tmp_path
+        shutil.copy(REPO / script, workdir / script)
+        if copy_data and DATA_FILE.exists() and not (workdir / DATA_FILE.name).exists():
+            shutil.copy(DATA_FILE, workdir / DATA_FILE.name)
+        command = [*(launcher or [sys.executable]), script, *args]
+        proc = subprocess.run(
+            command,
+            cwd=workdir,
+            env=child_env(env),
+            input=input,
+            # Never the developer's terminal: a script must see "no terminal" unless a test
+            # gives it input, so paid-step prompts refuse the same way here as in CI.
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return ScriptResult(proc.returncode, proc.stdout, proc.stderr, workdir)
+
+    return run
