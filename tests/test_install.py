@@ -24,10 +24,23 @@ def pins() -> dict[str, str]:
 def test_every_requirement_is_an_exact_pin_and_torch_is_the_cpu_build_version():
     found = pins()
     assert found["torch"] == "2.13.0"
-    for needed in (
-        "transformers peft accelerate datasets bitsandbytes dspy litellm openai tiktoken "
-        "rouge-score rich matplotlib python-dotenv pytest ruff"
-    ).split():
+    for needed in [
+        "transformers",
+        "peft",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+        "dspy",
+        "litellm",
+        "openai",
+        "tiktoken",
+        "rouge-score",
+        "rich",
+        "matplotlib",
+        "python-dotenv",
+        "pytest",
+        "ruff",
+    ]:
         assert needed in found, f"{needed} missing from requirements.txt"
 
 

@@ -13,6 +13,7 @@ fail the test.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -22,10 +23,8 @@ _LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loop
 
 def _local_names() -> set[str]:
     names = set(_LOCAL_NAMES)
-    try:
+    with contextlib.suppress(OSError):
         names.add(socket.gethostname().lower())
-    except OSError:
-        pass
     return names
 
 
@@ -47,10 +46,8 @@ def install(log_path: str) -> dict:
     }
     local = _local_names()
     own_ips: set[str] = set()
-    try:
+    with contextlib.suppress(OSError):
         own_ips = {info[4][0] for info in originals["getaddrinfo"](socket.gethostname(), None)}
-    except OSError:
-        pass
 
     def report(what: str) -> None:
         with open(log_path, "a", encoding="utf-8") as log:
