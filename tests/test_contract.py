@@ -1,0 +1,168 @@
+"""What the three scripts promise alike (../shared/CONVENTIONS.md), checked on each that exists.
+
+Each script is run as a real process in a temporary directory, the way a user runs a copy.
+"""
+
+import importlib.util
+import json
+import re
+import sys
+
+import pytest
+from conftest import REPO, SCRIPTS
+
+PRESENT = [s for s in SCRIPTS if (REPO / s).exists()]
+STAGES = ["prepare_data", "format_data", "configure_model", "tune", "answer", "compare"]
+
+pytestmark = pytest.mark.skipif(not PRESENT, reason="no script exists yet")
+
+
+def load_module(script: str):
+    spec = importlib.util.spec_from_file_location(script[:-3] + "_under_test", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory):
+    """One default dry run per script, shared by the tests that only read its output."""
+    import shutil
+    import subprocess
+
+    from conftest import DATA_FILE, child_env
+
+    results = {}
+    for script in PRESENT:
+        workdir = tmp_path_factory.mktemp(script[:-3])
+        shutil.copy(REPO / script, workdir / script)
+        shutil.copy(DATA_FILE, workdir / DATA_FILE.name)
+        proc = subprocess.run(
+            [sys.executable, script],
+            cwd=workdir,
+            env=child_env({"HF_HUB_OFFLINE": "1"}),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        results[script] = (proc, workdir)
+    return results
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_six_stages_are_top_level_functions_with_the_shared_names(script):
+    module = load_module(script)
+    for name in [*STAGES, "main"]:
+        assert callable(getattr(module, name, None)), f"{script} has no function {name}()"
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_dry_run_walks_all_six_stages_in_order_and_ends_with_the_real_command(script, dry_runs):
+    proc, workdir = dry_runs[script]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    headers = [int(n) for n in re.findall(r"Stage (\d)/6", proc.stdout)]
+    assert headers == [1, 2, 3, 4, 5, 6], headers
+    tail = proc.stdout.strip().splitlines()[-15:]
+    assert any(script in line and "--run" in line for line in tail), "\n".join(tail)
+    assert not (workdir / "outputs" / "results").exists(), "a dry run wrote results"
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_dry_run_prints_the_data_counts_by_split(script, dry_runs):
+    proc, _ = dry_runs[script]
+    assert "144" in proc.stdout and "36" in proc.stdout, "train/test counts of the shared data"
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_help_shows_the_contract_flags_and_examples(script, run_script):
+    result = run_script(script, "--help")
+    assert result.returncode == 0
+    for flag in (
+        "--data",
+        "--model",
+        "--run",
+        "--yes",
+        "--max-cost",
+        "--train-limit",
+        "--test-limit",
+        "--output-dir",
+        "--seed",
+        "--ask",
+    ):
+        assert flag in result.stdout, f"{script} --help lacks {flag}"
+    assert "example" in result.stdout.lower()
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_a_copied_script_without_data_creates_the_base_pairs(script, run_script):
+    result = run_script(script, copy_data=False, env={"HF_HUB_OFFLINE": "1"})
+    assert "created on first run" in result.output
+    written = [json.loads(line) for line in (result.cwd / "small_edu_qa.jsonl").open()]
+    assert len(written) == 5
+    assert written[0]["question"] == "What causes the seasons on Earth?"
+    assert result.returncode == 0, result.output[-3000:]
+
+
+BAD_FILES = {
+    "empty": ("", r"bad\.jsonl: no examples"),
+    "not json": ('{"question": "q", "answer": "a"}\n{oops\n', r"bad\.jsonl:2: not valid JSON"),
+    "missing answer": ('{"question": "What is 2+2?"}\n', r'bad\.jsonl:1: "answer" is missing'),
+    "not an object": ('["q", "a"]\n', r"bad\.jsonl:1: expected a JSON object"),
+    "bad split": (
+        '{"question": "q", "answer": "a", "split": "dev"}\n',
+        r'bad\.jsonl:1: "split" must be "train" or "test"',
+    ),
+}
+
+
+@pytest.mark.parametrize("script", PRESENT)
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_data_is_one_line_naming_file_and_line_exit_2(script, case, run_script, tmp_path):
+    content, pattern = BAD_FILES[case]
+    (tmp_path / "bad.jsonl").write_text(content, encoding="utf-8")
+    result = run_script(script, "--data", "bad.jsonl", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.output[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, result.stderr
+    assert re.search(r"^error: .*" + pattern, errors[0]), errors[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_missing_data_file_given_with_data_is_exit_2(script, run_script):
+    result = run_script(script, "--data", "nowhere.jsonl", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert re.match(r"error: nowhere\.jsonl: file not found", result.stderr.strip())
+
+
+def test_every_script_splits_a_file_without_split_fields_the_same_way(tmp_path):
+    questions = [f"Question number {i} about topic {i * 7}?" for i in range(60)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": q, "answer": "An answer."}) + "\n" for q in questions)
+    )
+    splits = {}
+    for script in PRESENT:
+        module = load_module(script)
+        examples = module.load_examples(data)
+        assert [e["id"] for e in examples] == [str(n) for n in range(1, 61)]  # line numbers
+        splits[script] = [e["split"] for e in examples]
+    first = next(iter(splits.values()))
+    assert all(s == first for s in splits.values()), splits
+    assert 0.6 <= first.count("train") / len(first) <= 0.95  # about 80/20
+    # stable: a second read gives the same split
+    module = load_module(PRESENT[0])
+    assert [e["split"] for e in module.load_examples(data)] == first
+
+
+def test_every_script_scores_with_the_same_metric():
+    pairs = [
+        ("The tilt of Earth's axis causes the seasons.", "Seasons are caused by axial tilt."),
+        ("Plants make glucose from light.", "Photosynthesis turns light into chemical energy."),
+    ]
+    scores = {s: [load_module(s).rouge_l(p, r) for p, r in pairs] for s in PRESENT}
+    first = next(iter(scores.values()))
+    assert all(v == first for v in scores.values())
+    assert 0 < first[0] < 100
