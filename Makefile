@@ -12,10 +12,11 @@ STAMP  := $(VENV)/.installed-requirements
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The stamp is a copy of the requirements last installed: a touched but unchanged file
+# installs nothing.
 $(STAMP): requirements.txt | $(PY)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt
-	cp requirements.txt $(STAMP)
+	@if cmp -s requirements.txt $(STAMP); then touch $(STAMP); else \
+		$(PY) -m pip install -r requirements.txt && cp requirements.txt $(STAMP); fi
 
 install: $(STAMP)
 
