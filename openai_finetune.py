@@ -1,0 +1,1797 @@
+"""Fine-tune a cloud model on your teachers' answers, through the official OpenAI SDK.
+
+What this approach changes
+    The model's weights. You upload a file of example conversations (a system prompt, a
+    student's question, the answer a good teacher gives) and the provider trains a private copy
+    of the model on them. The copy then answers in that voice without long prompts or examples.
+
+When to pick it
+    You have 50 or more good question/answer pairs, you want the answers in one consistent
+    voice and length, and you are happy for a cloud provider to hold the data and the model.
+    Pick `dspy_example.py` to change only the prompt (cheaper, no training), or
+    `huggingface_lora.py` to train an open model on your own machine.
+
+What it costs (prices read 2026-11-25; the table PRICES below has the links)
+    gpt-4o-mini-2024-07-18: training $3.00 per million tokens; the tuned model then costs
+    $0.30 in / $1.20 out per million tokens. This data set (130 training conversations,
+    12.5k tokens, 3 epochs) trains for about $0.11; answering the 36 test questions with both
+    models costs under a cent. Stage 3 prints the estimate for your data and model first.
+
+The wind-down of self-serve fine-tuning (facts checked 2026-11)
+    OpenAI is closing self-serve fine-tuning: organisations that never fine-tuned are blocked
+    since 2026-05-07, inactive ones since 2026-07-02, everyone from 2027-01-06. A blocked
+    account can still upload files, but creating the job answers 403 `training_not_available`.
+    Fine-tuned models keep serving until their base model retires. Fine-tunable snapshots left:
+    gpt-4.1-2025-04-14, gpt-4.1-mini-2025-04-14, gpt-4o-2024-08-06, gpt-4o-mini-2024-07-18.
+    Three ways forward: an account that still has access (before 2027-01-06); another cloud
+    that speaks this API (`--provider azure` or `--provider nebius`, or any `--base-url`);
+    or `huggingface_lora.py` on your own hardware.
+
+How to run
+    python openai_finetune.py                          # dry run: sends nothing, spends nothing
+    python openai_finetune.py --run --max-cost 0.50    # real run: asks before paying
+    python openai_finetune.py --run --job-id ftjob-... # resume watching a job
+    python openai_finetune.py --run --ask "Why is the sky blue?"
+    Offline smoke run: the dry run above needs no network and no key (tokens are counted with
+    tiktoken's cache, or the copy of the encoding that litellm ships).
+
+The six stages are the same functions, in the same order, as in the two other scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: every knob in one place
+
+SYSTEM_PROMPT = (
+    "You are a patient, knowledgeable teacher. Answer the student's question correctly "
+    "in one to three clear sentences."
+)
+TRAINING_FILE = Path(__file__).with_name("openai_edu_qa_training.jsonl")
+VALIDATION_NAME = "openai_edu_qa_validation.jsonl"
+MIN_EXAMPLES = 10  # the API refuses fewer (invalid_n_examples)
+RECOMMENDED_EXAMPLES = 50
+TOKENS_PER_MESSAGE = 3  # each message is wrapped in a few format tokens
+PRIMING_TOKENS = 3  # the reply is primed with <|start|>assistant<|message|>
+ANSWER_MAX_TOKENS = 300
+
+# Each provider speaks the same API; only these facts differ. Read from their docs 2026-11.
+PROVIDERS = {
+    "openai": {
+        "base_url": "https://api.openai.com/v1/",
+        "key_var": "OPENAI_API_KEY",
+        "default_model": "gpt-4o-mini-2024-07-18",
+        "max_tokens_per_example": 65536,
+        "docs": "https://developers.openai.com/api/docs/guides/supervised-fine-tuning",
+    },
+    "azure": {
+        # https://RESOURCE.openai.azure.com/openai/v1/ (from AZURE_OPENAI_ENDPOINT or --base-url)
+        "base_url": None,
+        "key_var": "AZURE_OPENAI_API_KEY",
+        "default_model": "gpt-4o-mini-2024-07-18",
+        "max_tokens_per_example": 65536,
+        "docs": "https://learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle",
+    },
+    "nebius": {
+        "base_url": "https://api.tokenfactory.nebius.com/v1/",
+        "key_var": "NEBIUS_API_KEY",
+        "default_model": "meta-llama/Meta-Llama-3.1-8B-Instruct",
+        "max_tokens_per_example": 8192,  # the job's default context_length
+        "docs": "https://docs.tokenfactory.nebius.com/post-training/how-to-fine-tune",
+    },
+}
+
+# USD per million tokens. "train" is per trained token (epochs x file tokens); "input"/"output"
+# price the base model; "ft_input"/"ft_output" price the fine-tuned model. None = not known
+# here: the estimate says so and points at the page.
+PRICES = {
+    "openai": {
+        "read": "2026-11-25",
+        "source": "https://developers.openai.com/api/docs/pricing",
+        "models": {
+            "gpt-4o-mini-2024-07-18": dict(
+                train=3.00, input=0.15, output=0.60, ft_input=0.30, ft_output=1.20
+            ),
+            "gpt-4o-2024-08-06": dict(
+                train=25.00, input=2.50, output=10.00, ft_input=3.75, ft_output=15.00
+            ),
+            "gpt-4.1-2025-04-14": dict(
+                train=25.00, input=2.00, output=8.00, ft_input=3.00, ft_output=12.00
+            ),
+            "gpt-4.1-mini-2025-04-14": dict(
+                train=5.00, input=0.40, output=1.60, ft_input=0.80, ft_output=3.20
+            ),
+        },
+    },
+    "azure": {
+        # Prices vary by region and tier (developer, global, regional); look yours up there.
+        "read": "2026-11-25",
+        "source": "https://azure.microsoft.com/pricing/details/cognitive-services/openai-service/",
+        "models": {},
+    },
+    "nebius": {
+        "read": "2026-11-25",
+        "source": "https://docs.tokenfactory.nebius.com/post-training/models",
+        "models": {},
+    },
+}
+
+# Azure: what --azure-tier sends as trainingType, and the deployment SKU that matches it.
+AZURE_TIERS = {
+    "developerTier": "DeveloperTier",
+    "GlobalStandard": "GlobalStandard",
+    "Standard": "Standard",
+}
+# Nebius serves LoRA adapters on top of a serving flavour of the base model.
+NEBIUS_SERVING_BASE = {
+    "meta-llama/Meta-Llama-3.1-8B-Instruct": "meta-llama/Meta-Llama-3.1-8B-Instruct-fast"
+}
+
+
+@dataclass
+class Config:
+    data: Path
+    model: str | None = None
+    run: bool = False
+    yes: bool = False
+    max_cost: float | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    output_dir: Path = Path("outputs")
+    seed: int = 42
+    ask: str | None = None
+    provider: str = "openai"
+    base_url: str | None = None
+    epochs: int | None = None
+    suffix: str = "edu-qa"
+    valid_fraction: float = 0.1
+    job_id: str | None = None
+    cancel: str | None = None
+    tuned_model: str | None = None
+    base_deployment: str | None = None
+    azure_tier: str = "developerTier"
+    poll_interval: float = 10.0
+    check_file: Path | None = None
+    argv: list[str] = field(default_factory=list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a model on educational Q/A pairs with the OpenAI fine-tuning API.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  dry run (sends nothing, spends nothing):  python openai_finetune.py
+  real run, asks before paying:             python openai_finetune.py --run --max-cost 0.50
+  resume watching a job:                    python openai_finetune.py --run --job-id ftjob-abc
+  another cloud:                            python openai_finetune.py --provider nebius --run
+  offline smoke run (no key, no network):   python openai_finetune.py --train-limit 20
+  check a chat file of your own:            python openai_finetune.py --check-file my.jsonl
+""",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DATA_FILE,
+        help="JSONL with question/answer per line (default: %(default)s beside the script)",
+    )
+    parser.add_argument(
+        "--model", help="base model to fine-tune (default: the provider's, see --provider)"
+    )
+    parser.add_argument(
+        "--run", action="store_true", help="really do the paid steps (default: dry run)"
+    )
+    parser.add_argument("--yes", action="store_true", help="do not ask before a paid step")
+    parser.add_argument(
+        "--max-cost", type=float, metavar="USD", help="refuse a paid step whose estimate is higher"
+    )
+    parser.add_argument(
+        "--train-limit", type=int, metavar="N", help="use the first N train examples"
+    )
+    parser.add_argument("--test-limit", type=int, metavar="N", help="use the first N test examples")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("outputs"), help="where everything is written"
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--ask", metavar="QUESTION", help="answer one question with the base and tuned model"
+    )
+    # ----- this script's own flags
+    parser.add_argument("--provider", choices=sorted(PROVIDERS), default="openai")
+    parser.add_argument(
+        "--base-url",
+        help="any server that speaks this API (default: the provider's, or $OPENAI_BASE_URL)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, help="training epochs (default: chosen as OpenAI does)"
+    )
+    parser.add_argument("--suffix", default="edu-qa", help="added to the fine-tuned model's name")
+    parser.add_argument("--job-id", metavar="FTJOB", help="watch this job instead of creating one")
+    parser.add_argument("--cancel", metavar="FTJOB", help="cancel this job and exit")
+    parser.add_argument(
+        "--tuned-model",
+        metavar="NAME",
+        help="answer with this fine-tuned model (ft:..., an Azure deployment, a Nebius model)",
+    )
+    parser.add_argument(
+        "--base-deployment",
+        metavar="NAME",
+        help="Azure: the deployment that serves the base model (default: the model name)",
+    )
+    parser.add_argument(
+        "--azure-tier",
+        choices=sorted(AZURE_TIERS),
+        default="developerTier",
+        help="Azure trainingType",
+    )
+    parser.add_argument(
+        "--poll-interval", type=float, default=10.0, metavar="S", help="seconds between job polls"
+    )
+    parser.add_argument(
+        "--check-file", type=Path, metavar="JSONL", help="only validate a chat-format file and exit"
+    )
+    return parser
+
+
+def parse_config(argv: list[str] | None) -> Config:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("train_limit", "test_limit", "max_cost", "epochs"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.poll_interval <= 0:
+        parser.error("--poll-interval must be positive")
+    if args.provider == "azure" and "." in args.suffix:
+        parser.error("--suffix: Azure does not allow dots in the suffix")
+    cfg = Config(**vars(args))
+    cfg.argv = list(sys.argv[1:] if argv is None else argv)
+    cfg.model = cfg.model or PROVIDERS[cfg.provider]["default_model"]
+    return cfg
+
+
+# =====================================================================================
+# The helpers all three scripts share (kept identical in each; only APPROACH differs)
+# =====================================================================================
+
+APPROACH = "openai"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
+
+console = Console(highlight=False)
+
+# The five pairs every script carries, so a copied script runs even without the data file.
+# They are also the first five lines of small_edu_qa.jsonl (same ids, same text, same split).
+DATA_FILE = Path(__file__).with_name("small_edu_qa.jsonl")
+BASE_PAIRS = [
+    {
+        "id": "earth-001",
+        "subject": "earth science",
+        "question": "What causes the seasons on Earth?",
+        "answer": (
+            "The seasons happen because Earth's axis is tilted about 23.5 degrees relative to "
+            "its orbit around the Sun. As Earth travels around the Sun, the hemisphere tilted "
+            "toward it gets more direct sunlight and longer days (summer), while the hemisphere "
+            "tilted away gets slanted sunlight and shorter days (winter)."
+        ),
+        "split": "test",
+    },
+    {
+        "id": "bio-001",
+        "subject": "biology",
+        "question": "What is photosynthesis?",
+        "answer": (
+            "Photosynthesis is the process plants, algae and some bacteria use to turn light "
+            "energy into chemical energy. Using sunlight, they combine carbon dioxide and water "
+            "to make glucose, and release oxygen as a by-product."
+        ),
+        "split": "train",
+    },
+    {
+        "id": "phys-001",
+        "subject": "physics",
+        "question": "What is Newton's first law of motion?",
+        "answer": (
+            "Newton's first law says that an object stays at rest, or keeps moving in a straight "
+            "line at a constant speed, unless a net force acts on it. This resistance to changes "
+            "in motion is called inertia."
+        ),
+        "split": "train",
+    },
+    {
+        "id": "chem-001",
+        "subject": "chemistry",
+        "question": "What is the difference between an atom and a molecule?",
+        "answer": (
+            "An atom is the smallest unit of a chemical element, with a nucleus of protons and "
+            "neutrons surrounded by electrons. A molecule is two or more atoms held together by "
+            "chemical bonds, such as the two hydrogen atoms and one oxygen atom in water."
+        ),
+        "split": "train",
+    },
+    {
+        "id": "math-001",
+        "subject": "mathematics",
+        "question": "What is the Pythagorean theorem?",
+        "answer": (
+            "In a right triangle, the square of the hypotenuse (the side opposite the right "
+            "angle) equals the sum of the squares of the other two sides: a² + b² = c². For "
+            "example, a triangle with legs 3 and 4 has a hypotenuse of 5."
+        ),
+        "split": "train",
+    },
+]
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (bad flag, bad data, refused paid step): one line, exit 2."""
+
+
+class ServiceError(Exception):
+    """An external service failed after its retries: one line saying what was kept, exit 1."""
+
+
+def stage(number: int, title: str, purpose: str) -> None:
+    """Numbered stage header plus one line on what the stage is for."""
+    console.print()
+    console.rule(f"[bold]Stage {number}/6 · {title}", align="left")
+    console.print(f"[dim]{purpose}[/dim]")
+
+
+def load_env_file() -> None:
+    """Read ./.env if present; a variable already set in the environment wins."""
+    env_file = Path.cwd() / ".env"
+    if env_file.is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(env_file, override=False)
+
+
+def key_status(variable: str) -> str:
+    """Say whether a secret is set without ever showing any of it."""
+    return f"{variable} is {'set' if os.environ.get(variable) else 'not set'}"
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a file is complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def split_of(question: str) -> str:
+    """A stable ~80/20 split from the question text, the same in every script and every run."""
+    normalized = " ".join(question.lower().split())
+    bucket = int(hashlib.sha256(normalized.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 80 else "test"
+
+
+def load_examples(path: Path) -> list[dict]:
+    """Read and check the JSONL data; every problem is one line naming the file and line."""
+    if not path.exists():
+        if path.resolve() != DATA_FILE.resolve():
+            raise UsageError(f"{path}: file not found; pass --data with the path of a JSONL file")
+        lines = "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in BASE_PAIRS)
+        write_atomic(path, lines)
+        console.print(
+            f"{path.name} not found: created on first run with the {len(BASE_PAIRS)} base pairs"
+        )
+    examples: list[dict] = []
+    seen_ids: dict[str, int] = {}
+    seen_questions: dict[str, tuple[int, str]] = {}
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path.name}:{number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UsageError(
+                        f"{where}: not valid JSON ({exc.msg}, column {exc.colno}); "
+                        "each line must be one JSON object"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                for field in ("question", "answer"):
+                    if field not in row:
+                        raise UsageError(
+                            f'{where}: "{field}" is missing; add a non-empty "{field}" string'
+                        )
+                    if not isinstance(row[field], str) or not row[field].strip():
+                        raise UsageError(f'{where}: "{field}" must be a non-empty string')
+                split = row.get("split") or split_of(row["question"])
+                if split not in ("train", "test"):
+                    raise UsageError(f'{where}: "split" must be "train" or "test", got {split!r}')
+                example_id = str(row.get("id") or number)
+                if example_id in seen_ids:
+                    raise UsageError(
+                        f'{where}: id "{example_id}" is already used on line '
+                        f"{seen_ids[example_id]}; ids must be unique"
+                    )
+                seen_ids[example_id] = number
+                key = " ".join(row["question"].lower().split())
+                if key in seen_questions and seen_questions[key][1] != split:
+                    raise UsageError(
+                        f"{where}: the same question is on line {seen_questions[key][0]} in the "
+                        "other split; a question must not be in both train and test"
+                    )
+                seen_questions.setdefault(key, (number, split))
+                examples.append(
+                    {
+                        "id": example_id,
+                        "subject": str(row.get("subject") or "general"),
+                        "question": row["question"].strip(),
+                        "answer": row["answer"].strip(),
+                        "split": split,
+                    }
+                )
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path.name}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
+        ) from None
+    if not examples:
+        raise UsageError(
+            f'{path.name}: no examples; add one JSON object per line with "question" and "answer"'
+        )
+    for split in ("train", "test"):
+        if not any(example["split"] == split for example in examples):
+            raise UsageError(
+                f'{path.name}: no "{split}" examples; mark some lines "split": "{split}"'
+            )
+    return examples
+
+
+def take(examples: list[dict], split: str, limit: int | None) -> list[dict]:
+    """The first `limit` examples of one split, in file order."""
+    chosen = [example for example in examples if example["split"] == split]
+    return chosen[:limit] if limit else chosen
+
+
+_ROUGE = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """The shared metric: ROUGE-L F1 with stemming, times 100 (0 = nothing shared, 100 = same)."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return 100 * _ROUGE.score(reference, prediction)["rougeL"].fmeasure
+
+
+def write_results(
+    output_dir: Path,
+    *,
+    model: str,
+    tuned_model: str,
+    questions: list[dict],
+    cost_usd: float | None,
+    seconds: float,
+    extra: dict | None = None,
+) -> Path:
+    """Score each answer and write OUTPUT_DIR/results/<approach>.json (the contract's schema).
+
+    `questions` holds id, question, reference, baseline, tuned; the scores are added here so
+    every script scores the same way.
+    """
+    scored = []
+    for q in questions:
+        scored.append(
+            {
+                "id": q["id"],
+                "question": q["question"],
+                "reference": q["reference"],
+                "baseline": q["baseline"],
+                "tuned": q["tuned"],
+                "baseline_score": round(rouge_l(q["baseline"], q["reference"]), 2),
+                "tuned_score": round(rouge_l(q["tuned"], q["reference"]), 2),
+            }
+        )
+    n = len(scored)
+    result = {
+        "approach": APPROACH,
+        "model": model,
+        "tuned_model": tuned_model,
+        "metric": "ROUGE-L F1 x100 (rouge-score, stemming on), mean over the test split",
+        "n_test": n,
+        "baseline_score": round(sum(q["baseline_score"] for q in scored) / n, 2) if n else 0.0,
+        "tuned_score": round(sum(q["tuned_score"] for q in scored) / n, 2) if n else 0.0,
+        "cost_usd": None if cost_usd is None else round(cost_usd, 6),
+        "seconds": round(seconds, 1),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+        "questions": scored,
+    }
+    path = output_dir / "results" / f"{APPROACH}.json"
+    write_atomic(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
+    """Print one table over every results file present; write comparison.md and .png.
+
+    With write=False (a dry run) it only prints what is already there.
+    """
+    results_dir = output_dir / "results"
+    order = {"dspy": 0, "openai": 1, "huggingface": 2}
+    results = []
+    for path in sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            float(data["baseline_score"]), float(data["tuned_score"]), data["approach"]
+        except (OSError, ValueError, KeyError, TypeError):
+            console.print(f"[yellow]skipping {path}: not a results file[/yellow]")
+            continue
+        results.append(data)
+    results.sort(key=lambda r: order.get(r["approach"], 9))
+    if not results:
+        console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
+        return results
+
+    headers = ["approach", "model", "baseline", "tuned", "gain", "cost (USD)", "time", "n"]
+    rows = []
+    for r in results:
+        cost = "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}"
+        gain = r["tuned_score"] - r["baseline_score"]
+        rows.append(
+            [
+                r["approach"],
+                str(r.get("model")),
+                f"{r['baseline_score']:.1f}",
+                f"{r['tuned_score']:.1f}",
+                f"{gain:+.1f}",
+                cost,
+                f"{r.get('seconds', 0):.0f}s",
+                str(r.get("n_test", "")),
+            ]
+        )
+    table = Table(title="ROUGE-L F1 (x100) on the held-out test questions")
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("approach", "model") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if not write:
+        return results
+
+    markdown = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    markdown += ["| " + " | ".join(row) + " |" for row in rows]
+    write_atomic(results_dir / "comparison.md", "\n".join(markdown) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(results))
+    ax.bar([x - 0.2 for x in xs], [r["baseline_score"] for r in results], 0.4, label="baseline")
+    ax.bar([x + 0.2 for x in xs], [r["tuned_score"] for r in results], 0.4, label="tuned")
+    ax.set_xticks(list(xs), [f"{r['approach']}\n{r['model']}" for r in results], fontsize=8)
+    ax.set_ylabel("ROUGE-L F1 x100")
+    ax.set_title("Baseline vs tuned on the same held-out questions")
+    ax.legend()
+    fig.tight_layout()
+    tmp = results_dir / f".comparison.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, results_dir / "comparison.png")
+    console.print(f"wrote {results_dir / 'comparison.md'} and {results_dir / 'comparison.png'}")
+    return results
+
+
+def confirm_paid_step(
+    what: str, estimate_usd: float | None, *, yes: bool, max_cost: float | None
+) -> None:
+    """The guard in front of anything that spends money: --max-cost, then --yes or a prompt."""
+    if max_cost is not None and estimate_usd is None:
+        raise UsageError(
+            f"{what} has no cost estimate (no known price), so --max-cost {max_cost:.4f} cannot "
+            "be checked; look the price up and drop --max-cost to go ahead"
+        )
+    if max_cost is not None and estimate_usd is not None and estimate_usd > max_cost:
+        raise UsageError(
+            f"{what} is estimated at ${estimate_usd:.4f}, above --max-cost {max_cost:.4f}; "
+            "raise --max-cost or lower --train-limit/--test-limit"
+        )
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{what} costs money and there is no terminal to confirm on; pass --yes")
+    price = "unknown" if estimate_usd is None else f"about ${estimate_usd:.4f}"
+    reply = input(f"{what}: estimated cost {price}. Go ahead? [y/N] ")
+    if reply.strip().lower() not in ("y", "yes"):
+        raise UsageError("not confirmed; nothing was sent (pass --yes to skip this question)")
+
+
+def run_cli(main, argv: list[str] | None = None) -> int:
+    """Turn the script's exceptions into the contract's exit codes and one-line messages."""
+    try:
+        main(argv)
+        return 0
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: nothing half-written was kept; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+# =====================================================================================
+# Tokens: the model's own encoding, offline if at all possible
+# =====================================================================================
+
+ENCODING_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+
+
+def encoding_name(model: str) -> tuple[str, bool]:
+    """The tiktoken encoding for a model, and whether it is the model's real one.
+
+    tiktoken's encoding_for_model maps every "ft:gpt-4..." name to cl100k_base, which is wrong
+    for ft:gpt-4o-... and ft:gpt-4.1-... (they use o200k_base), so a fine-tuned name is first
+    reduced to its base model.
+    """
+    import tiktoken.model
+
+    base = model.removeprefix("ft:").split(":")[0]
+    if base.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "o1", "o3", "o4")):
+        return "o200k_base", True
+    try:
+        return tiktoken.model.encoding_name_for_model(base), True
+    except KeyError:
+        # An open model (Llama on Nebius) has its own tokenizer; o200k_base is a close stand-in.
+        return "o200k_base", False
+
+
+def litellm_tokenizer_dir() -> Path | None:
+    """litellm's bundled copies of the encodings, found without importing litellm.
+
+    `import litellm` is slow and tries to fetch a price map from the network; find_spec only
+    locates the package on disk.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "litellm_core_utils" / "tokenizers"
+    return folder if folder.is_dir() else None
+
+
+def load_token_counter(model: str):
+    """Return (count(text) -> int, label saying how exact the counts are). Never downloads."""
+    name, exact_for_model = encoding_name(model)
+    cache_key = hashlib.sha1(ENCODING_URL.format(name=name).encode()).hexdigest()
+    # Where tiktoken itself looks, in its own order.
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    bundled = litellm_tokenizer_dir()
+    if cache_dir and Path(cache_dir, cache_key).is_file():
+        source = f"tiktoken's cache ({cache_dir})"
+    elif "TIKTOKEN_CACHE_DIR" not in os.environ and bundled and (bundled / cache_key).is_file():
+        # Same file name, same bytes (tiktoken checks the sha256): point tiktoken at it.
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(bundled)
+        source = "the copy litellm ships"
+    else:
+        return (
+            lambda text: math.ceil(len(text) / 4),
+            f"APPROXIMATE (~4 characters per token): {name} is not on this machine; run "
+            f"python -c \"import tiktoken; tiktoken.get_encoding('{name}')\" once online",
+        )
+    import tiktoken
+
+    encoding = tiktoken.get_encoding(name)
+    label = f"{name} from {source}"
+    if not exact_for_model:
+        label += f"; APPROXIMATE for {model}, which uses its own tokenizer"
+    # encode_ordinary: text like "<|endoftext|>" in a question is text, not a special token.
+    return (lambda text: len(encoding.encode_ordinary(text))), label
+
+
+# =====================================================================================
+# The validator: what OpenAI's cookbook data-prep notebook checks, streamed
+# =====================================================================================
+
+ALLOWED_MESSAGE_KEYS = {
+    "role",
+    "content",
+    "name",
+    "weight",
+    "function_call",
+    "tool_calls",
+    "tool_call_id",
+}
+ALLOWED_ROLES = {"system", "user", "assistant", "function", "tool"}
+ERROR_HELP = {
+    "invalid_json": "each line must be one JSON object",
+    "data_type": "each line must be a JSON object",
+    "missing_messages_list": 'each line needs a non-empty "messages" list',
+    "message_missing_key": 'every message needs "role" and "content"',
+    "message_unrecognized_key": f"message keys allowed: {', '.join(sorted(ALLOWED_MESSAGE_KEYS))}",
+    "unrecognized_role": f"roles allowed: {', '.join(sorted(ALLOWED_ROLES))}",
+    "missing_content": "content must be a non-empty string (or the message must call a tool)",
+    "example_missing_assistant_message": "each example needs at least one assistant message",
+    "invalid_weight": "weight may only be 0 or 1, and only on assistant messages",
+    "too_few_examples": (
+        f"the API needs at least {MIN_EXAMPLES} examples ({RECOMMENDED_EXAMPLES} recommended)"
+    ),
+}
+
+
+def distribution(counter: Counter) -> dict:
+    """min, p10, median, mean, p90, max of a histogram {value: how many} (nearest rank)."""
+    n = sum(counter.values())
+    if not n:
+        return {}
+    values = sorted(counter)
+
+    def rank(q: float) -> int:
+        target, seen = max(1, math.ceil(q * n)), 0
+        for value in values:
+            seen += counter[value]
+            if seen >= target:
+                return value
+        return values[-1]
+
+    mean = sum(value * count for value, count in counter.items()) / n
+    return {
+        "min": values[0],
+        "p10": rank(0.1),
+        "median": rank(0.5),
+        "mean": round(mean, 1),
+        "p90": rank(0.9),
+        "max": values[-1],
+    }
+
+
+def validate_chat_file(path: Path, count_tokens, max_tokens_per_example: int) -> dict:
+    """Check a chat-format JSONL line by line, count its tokens, and summarise it.
+
+    Streams: memory holds histograms of token counts (bounded by the distinct values), never
+    the examples, so a 100k-line file validates in the memory a 10k-line one needs.
+    The cookbook notebook's checks, without its defects: it crashes on a line that is not
+    JSON, on a non-text special token, and on a "weight" key; it counts tokens with
+    cl100k_base whatever the model; and it never checks weight's value or the minimum count.
+    """
+    errors: Counter = Counter()
+    first_error: dict[str, tuple[int, str]] = {}
+    warnings: Counter = Counter()
+    total_tokens: Counter = Counter()
+    assistant_tokens: Counter = Counter()
+    messages_per_example: Counter = Counter()
+    n_examples = too_long = billed = 0
+
+    def error(kind: str, line: int, detail: str) -> None:
+        errors[kind] += 1
+        first_error.setdefault(kind, (line, detail))
+
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            n_examples += 1
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as exc:
+                error("invalid_json", line_number, f"not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(example, dict):
+                error("data_type", line_number, f"expected an object, got {type(example).__name__}")
+                continue
+            messages = example.get("messages")
+            if not isinstance(messages, list) or not messages:
+                error("missing_messages_list", line_number, '"messages" is missing or empty')
+                continue
+            tokens, trained, roles = PRIMING_TOKENS, 0, set()
+            for index, message in enumerate(messages, start=1):
+                where = f"message {index}"
+                if (
+                    not isinstance(message, dict)
+                    or "role" not in message
+                    or "content" not in message
+                ):
+                    error("message_missing_key", line_number, f'{where} lacks "role" or "content"')
+                    continue
+                unknown = sorted(set(message) - ALLOWED_MESSAGE_KEYS)
+                if unknown:
+                    error(
+                        "message_unrecognized_key", line_number, f"{where} has key {unknown[0]!r}"
+                    )
+                role = message["role"]
+                if role not in ALLOWED_ROLES:
+                    error("unrecognized_role", line_number, f"{where} has role {role!r}")
+                roles.add(role)
+                content = message["content"]
+                calls = message.get("function_call") or message.get("tool_calls")
+                if not calls and (not isinstance(content, str) or not content.strip()):
+                    error("missing_content", line_number, f"{where} has no text content")
+                if "weight" in message and (
+                    role != "assistant"
+                    or type(message["weight"]) is not int
+                    or message["weight"] not in (0, 1)
+                ):
+                    error(
+                        "invalid_weight", line_number, f"{where} has weight {message['weight']!r}"
+                    )
+                n = TOKENS_PER_MESSAGE + count_tokens(str(role))
+                if isinstance(content, str):
+                    n += count_tokens(content)
+                if isinstance(message.get("name"), str):
+                    n += count_tokens(message["name"]) + 1
+                if calls:
+                    n += count_tokens(json.dumps(calls))
+                tokens += n
+                if (
+                    role == "assistant"
+                    and message.get("weight", 1) == 1
+                    and isinstance(content, str)
+                ):
+                    trained += count_tokens(content)
+            if "assistant" not in roles:
+                error("example_missing_assistant_message", line_number, "no assistant message")
+            if "system" not in roles:
+                warnings["missing_system_message"] += 1
+            if "user" not in roles:
+                warnings["missing_user_message"] += 1
+            total_tokens[tokens] += 1
+            assistant_tokens[trained] += 1
+            messages_per_example[len(messages)] += 1
+            too_long += tokens > max_tokens_per_example
+            billed += min(tokens, max_tokens_per_example)
+    if n_examples < MIN_EXAMPLES:
+        error("too_few_examples", 0, f"{n_examples} examples, at least {MIN_EXAMPLES} needed")
+    return {
+        "examples": n_examples,
+        "errors": dict(errors),
+        "first_error": first_error,
+        "warnings": dict(warnings),
+        "too_long": too_long,
+        "billed_tokens_per_epoch": billed,
+        "total_tokens": distribution(total_tokens),
+        "assistant_tokens": distribution(assistant_tokens),
+        "messages": distribution(messages_per_example),
+    }
+
+
+def first_format_error(report: dict, path: Path) -> str | None:
+    """One line for the earliest format error (file, line, what, fix), or None."""
+    found = [
+        (line, kind, detail)
+        for kind, (line, detail) in report["first_error"].items()
+        if kind != "too_few_examples"
+    ]
+    if not found:
+        return None
+    line, kind, detail = min(found)
+    more = sum(report["errors"].values()) - 1
+    also = f" ({more} more problem{'s' if more != 1 else ''} in the file)" if more > 0 else ""
+    return f"{path.name}:{line}: {detail} [{kind}]; {ERROR_HELP[kind]}{also}"
+
+
+def default_epochs(n_examples: int) -> int:
+    """The number of epochs OpenAI picks when n_epochs is "auto" (the cookbook's rule)."""
+    if n_examples * 3 < 100:
+        return min(25, 100 // max(1, n_examples))
+    if n_examples * 3 > 25000:
+        return max(1, 25000 // n_examples)
+    return 3
+
+
+def usd(tokens: int, per_million: float | None) -> float | None:
+    return None if per_million is None else tokens * per_million / 1_000_000
+
+
+def add_costs(*costs: float | None) -> float | None:
+    return None if any(cost is None for cost in costs) else sum(costs)
+
+
+def money(cost: float | None) -> str:
+    return "unknown" if cost is None else f"${cost:.4f}"
+
+
+# =====================================================================================
+# The API side: one client, one record of the job on disk
+# =====================================================================================
+
+
+def resolve_base_url(cfg: Config) -> str | None:
+    if cfg.base_url:
+        return cfg.base_url
+    if cfg.provider == "openai":
+        return os.environ.get("OPENAI_BASE_URL") or PROVIDERS["openai"]["base_url"]
+    if cfg.provider == "azure":
+        endpoint = os.environ.get("AZURE_OPENAI_ENDPOINT")
+        return endpoint.rstrip("/") + "/openai/v1/" if endpoint else None
+    return PROVIDERS[cfg.provider]["base_url"]
+
+
+def make_client(cfg: Config, base_url: str | None):
+    """The SDK client (imported here: a dry run never loads it and never builds a client)."""
+    key_var = PROVIDERS[cfg.provider]["key_var"]
+    if not os.environ.get(key_var):
+        raise UsageError(
+            f"{key_var} is not set; put it in the environment or in .env (see .env.example)"
+        )
+    if not base_url:
+        raise UsageError(
+            "no Azure endpoint: set AZURE_OPENAI_ENDPOINT (https://RESOURCE.openai.azure.com) "
+            "or pass --base-url https://RESOURCE.openai.azure.com/openai/v1/"
+        )
+    from openai import OpenAI
+
+    # All three clouds take the key the same way with their v1 API (Authorization: Bearer),
+    # which is how Microsoft's v1 examples use this same client with an Azure key.
+    return OpenAI(api_key=os.environ[key_var], base_url=base_url, max_retries=4, timeout=120)
+
+
+def record_path(cfg: Config) -> Path:
+    return cfg.output_dir / "openai" / "job.json"
+
+
+def load_record(cfg: Config) -> dict:
+    path = record_path(cfg)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UsageError(f"{path}: not a job record (not JSON); delete it to start over") from None
+
+
+def save_record(cfg: Config, record: dict) -> None:
+    record["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+    write_atomic(record_path(cfg), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def command_line(cfg: Config, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
+    """This run's command line with some flags (and their values) dropped and others added."""
+    takes_value = {"--job-id", "--cancel", "--max-cost", "--tuned-model"}
+    kept, skip = [], False
+    for arg in cfg.argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in drop:
+            skip = name in takes_value and "=" not in arg
+            continue
+        kept.append(arg)
+    return shlex.join(["python", Path(sys.argv[0]).name, *kept, *add])
+
+
+def cancel_command(cfg: Config, job_id: str) -> str:
+    return command_line(cfg, ("--job-id", "--cancel", "--run", "--yes"), ("--cancel", job_id))
+
+
+def chat_messages(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def api_error(exc) -> str:
+    """One line from an SDK error: HTTP status, code and message (never headers, never keys)."""
+    status = getattr(exc, "status_code", None)
+    code = getattr(exc, "code", None)
+    text = getattr(exc, "message", None) or str(exc)
+    return " ".join(
+        filter(None, [f"HTTP {status}" if status else None, f"[{code}]" if code else None, text])
+    )
+
+
+TRAINING_NOT_AVAILABLE = """\
+the fine-tuning job was refused: 403 training_not_available.
+OpenAI is winding down self-serve fine-tuning: organisations that never fine-tuned lost it on
+2026-05-07, inactive ones on 2026-07-02, and everyone loses it on 2027-01-06 (models already
+tuned keep serving until their base model retires). Nothing was trained and nothing was billed;
+the uploaded files ({files}) are kept in {record}. Three ways forward:
+  1. an OpenAI organisation that still has access, before 2027-01-06: set its OPENAI_API_KEY
+     and run the same command again;
+  2. another cloud that speaks this API: --provider azure (Azure OpenAI v1), --provider nebius
+     (open models such as Llama 3.1 8B), or any server with --base-url URL;
+  3. train an open model yourself: python huggingface_lora.py"""
+
+
+# =====================================================================================
+# The six stages
+# =====================================================================================
+
+
+def prepare_data(cfg: Config) -> dict:
+    stage(
+        1, "prepare_data", "Load the question/answer pairs, check them, and split train from test."
+    )
+    examples = load_examples(cfg.data)
+    train = take(examples, "train", cfg.train_limit)
+    test = take(examples, "test", cfg.test_limit)
+    table = Table(title=f"{cfg.data.name}: examples by subject and split")
+    table.add_column("subject")
+    table.add_column("train", justify="right")
+    table.add_column("test", justify="right")
+    subjects = sorted({e["subject"] for e in train + test})
+    for subject in subjects:
+        table.add_row(
+            escape(subject),
+            str(sum(e["subject"] == subject for e in train)),
+            str(sum(e["subject"] == subject for e in test)),
+        )
+    table.add_row("[bold]total", f"[bold]{len(train)}", f"[bold]{len(test)}")
+    console.print(table)
+    return {"train": train, "test": test}
+
+
+def format_data(cfg: Config, data: dict) -> dict:
+    stage(
+        2,
+        "format_data",
+        "Write the train split as chat conversations, hold a slice out for validation, and check "
+        "the file the way the API will.",
+    )
+    train = data["train"]
+    # A held-out slice of train (never test) lets the job report validation loss.
+    n_valid = round(len(train) * cfg.valid_fraction)
+    if len(train) - n_valid < MIN_EXAMPLES or n_valid < 1:
+        n_valid = 0
+    held_out = set(random.Random(cfg.seed).sample(range(len(train)), n_valid))
+    rows = {"train": [], "valid": []}
+    for index, example in enumerate(train):
+        conversation = {
+            "messages": [
+                *chat_messages(example["question"]),
+                {"role": "assistant", "content": example["answer"]},
+            ]
+        }
+        rows["valid" if index in held_out else "train"].append(
+            json.dumps(conversation, ensure_ascii=False) + "\n"
+        )
+    valid_path = cfg.output_dir / "openai" / VALIDATION_NAME
+    write_atomic(TRAINING_FILE, "".join(rows["train"]))
+    console.print(f"wrote {TRAINING_FILE} ({len(rows['train'])} conversations, chat format)")
+    if rows["valid"]:
+        write_atomic(valid_path, "".join(rows["valid"]))
+        console.print(
+            f"wrote {valid_path} ({len(rows['valid'])} held out from train for validation)"
+        )
+    else:
+        valid_path = None
+        console.print("no validation file: too few training examples to hold any out")
+
+    console.print("\nOne training example, as the API will read it:")
+    console.print_json(rows["train"][0] if rows["train"] else "{}")
+
+    count_tokens, token_label = load_token_counter(cfg.model)
+    console.print(f"\ntokens counted with {token_label}")
+    max_tokens = PROVIDERS[cfg.provider]["max_tokens_per_example"]
+    report = validate_chat_file(TRAINING_FILE, count_tokens, max_tokens)
+    problem = first_format_error(report, TRAINING_FILE)
+    if problem:
+        raise UsageError(problem)
+    too_few = report["errors"].get("too_few_examples")
+    console.print(
+        f"{report['examples']} examples, format errors: none"
+        + (f"; [yellow]only {report['examples']} examples[/yellow]" if too_few else "")
+    )
+    for kind, count in report["warnings"].items():
+        console.print(f"[yellow]warning: {count} examples with {kind.replace('_', ' ')}[/yellow]")
+    if too_few:
+        console.print(f"[yellow]{ERROR_HELP['too_few_examples']}: a real run will refuse[/yellow]")
+    elif report["examples"] < RECOMMENDED_EXAMPLES:
+        console.print(f"[yellow]{RECOMMENDED_EXAMPLES}+ examples are recommended[/yellow]")
+
+    table = Table(title="Per-example distributions (training file)")
+    table.add_column("")
+    for column in ("min", "p10", "median", "mean", "p90", "max"):
+        table.add_column(column, justify="right")
+    for title, key in (
+        ("messages", "messages"),
+        ("tokens, whole example", "total_tokens"),
+        ("tokens, assistant (trained)", "assistant_tokens"),
+    ):
+        stats = report[key]
+        table.add_row(
+            title, *(str(stats.get(c, "-")) for c in ("min", "p10", "median", "mean", "p90", "max"))
+        )
+    console.print(table)
+    console.print(
+        f"{report['too_long']} examples over the {max_tokens:,}-token limit (they would be "
+        f"truncated); {report['billed_tokens_per_epoch']:,} billable tokens per epoch"
+    )
+
+    # What answering the test split will send and (roughly) get back, for the estimate.
+    test = data["test"]
+    prompt_tokens = sum(
+        PRIMING_TOKENS
+        + sum(
+            TOKENS_PER_MESSAGE + count_tokens(m["role"]) + count_tokens(m["content"])
+            for m in chat_messages(e["question"])
+        )
+        for e in test
+    )
+    reply_tokens = sum(count_tokens(e["answer"]) for e in test)
+    return {
+        "train_path": TRAINING_FILE,
+        "valid_path": valid_path,
+        "n_train": len(rows["train"]),
+        "n_valid": len(rows["valid"]),
+        "report": report,
+        "token_label": token_label,
+        "n_test": len(test),
+        "test_prompt_tokens": prompt_tokens,
+        "test_reply_tokens": reply_tokens,
+    }
+
+
+def estimate_costs(
+    provider: str, model: str, billed_tokens: int, prompt_tokens: int, reply_tokens: int
+) -> dict:
+    """Training and answering cost from the price table (None where a price is unknown)."""
+    price = PRICES[provider]["models"].get(model, {})
+    training = usd(billed_tokens, price.get("train"))
+    baseline = add_costs(
+        usd(prompt_tokens, price.get("input")), usd(reply_tokens, price.get("output"))
+    )
+    tuned = add_costs(
+        usd(prompt_tokens, price.get("ft_input")), usd(reply_tokens, price.get("ft_output"))
+    )
+    answering = add_costs(baseline, tuned)
+    return {
+        "training": training,
+        "answering": answering,
+        "total": add_costs(training, answering),
+        "price": price,
+    }
+
+
+def configure_model(cfg: Config, formatted: dict) -> dict:
+    stage(
+        3,
+        "configure_model",
+        "Choose the base model and the job's settings, and estimate what it will cost.",
+    )
+    provider = PROVIDERS[cfg.provider]
+    n = formatted["n_train"]
+    if cfg.epochs:
+        epochs, why = cfg.epochs, "from --epochs"
+    elif cfg.provider == "nebius":
+        epochs, why = 3, "Nebius's default n_epochs"
+    else:
+        epochs, why = default_epochs(n), f"as OpenAI picks for {n} examples (n_epochs auto)"
+    hyperparameters: dict = {"n_epochs": cfg.epochs} if cfg.epochs else {}
+    if cfg.provider == "nebius":
+        hyperparameters = {"n_epochs": epochs, "lora": True}  # LoRA adapters are what it serves
+    method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+    billed = epochs * formatted["report"]["billed_tokens_per_epoch"]
+    costs = estimate_costs(
+        cfg.provider,
+        cfg.model,
+        billed,
+        formatted["test_prompt_tokens"],
+        formatted["test_reply_tokens"],
+    )
+    # A tag derived from exactly what would be trained: the same data and settings give the same
+    # tag, which is how a rerun finds the job an earlier run already started.
+    digest = hashlib.sha256()
+    for path in (formatted["train_path"], formatted["valid_path"]):
+        digest.update(path.read_bytes() if path else b"")
+    digest.update(json.dumps([cfg.provider, cfg.model, cfg.suffix, cfg.seed, method]).encode())
+    run_tag = digest.hexdigest()[:16]
+    extra_body = {"trainingType": cfg.azure_tier} if cfg.provider == "azure" else None
+    base_url = resolve_base_url(cfg)
+
+    prices = PRICES[cfg.provider]
+    table = Table(title="The fine-tuning job", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("provider", f"{cfg.provider} ({key_status(provider['key_var'])})")
+    table.add_row("base URL", base_url or "https://YOUR-RESOURCE.openai.azure.com/openai/v1/")
+    table.add_row("base model", cfg.model)
+    table.add_row("suffix / seed", f"{cfg.suffix} / {cfg.seed}")
+    table.add_row("method", json.dumps(method))
+    if extra_body:
+        table.add_row("extra body", json.dumps(extra_body))
+    table.add_row("epochs", f"{epochs} ({why})")
+    table.add_row(
+        "billed tokens",
+        f"{epochs} epochs x {formatted['report']['billed_tokens_per_epoch']:,} = {billed:,}",
+    )
+    price = costs["price"]
+    if price:
+        table.add_row(
+            "prices (USD / 1M tokens)",
+            f"training {price['train']:.2f}; base in/out {price['input']:.2f}/"
+            f"{price['output']:.2f}; tuned in/out {price['ft_input']:.2f}/{price['ft_output']:.2f}",
+        )
+    else:
+        table.add_row("prices", f"[yellow]not in this script's table for {cfg.model}[/yellow]")
+    table.add_row("price table", f"read {prices['read']} from {prices['source']}")
+    table.add_row("estimate: training", money(costs["training"]))
+    table.add_row(
+        "estimate: answering",
+        f"{money(costs['answering'])} ({formatted['n_test']} questions x 2 models)",
+    )
+    table.add_row("[bold]estimate: total", f"[bold]{money(costs['total'])}")
+    console.print(table)
+    console.print(
+        "[dim]The answering estimate assumes replies as long as the reference answers; "
+        f"tokens: {formatted['token_label']}.[/dim]"
+    )
+    return {
+        "base_url": base_url,
+        "epochs": epochs,
+        "method": method,
+        "billed_tokens": billed,
+        "costs": costs,
+        "run_tag": run_tag,
+        "extra_body": extra_body,
+    }
+
+
+def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
+    stage(
+        4,
+        "tune",
+        "Upload the files, start the fine-tuning job (once), and watch it until the model is ready",
+    )
+    train_path, valid_path = formatted["train_path"], formatted["valid_path"]
+    create_body = {
+        "model": cfg.model,
+        "training_file": "<id of the uploaded training file>",
+        **({"validation_file": "<id of the uploaded validation file>"} if valid_path else {}),
+        "suffix": cfg.suffix,
+        "seed": cfg.seed,
+        "method": plan["method"],
+        "metadata": {"run_tag": plan["run_tag"]},
+        **(plan["extra_body"] or {}),
+    }
+    if not cfg.run:
+        base = plan["base_url"] or "https://YOUR-RESOURCE.openai.azure.com/openai/v1/"
+        console.print("A real run would send (nothing is sent now):")
+        for path in filter(None, (train_path, valid_path)):
+            size = path.stat().st_size
+            console.print(f"  POST {base}files  purpose=fine-tune  {path.name} ({size:,} bytes)")
+        tag_query = f"metadata[run_tag]={plan['run_tag']}"
+        console.print(f"  GET  {base}fine_tuning/jobs?{tag_query}", markup=False)
+        console.print("       (is a job for this exact data already running? then reuse it)")
+        console.print(f"  POST {base}fine_tuning/jobs  (sent once, never retried)")
+        console.print_json(json.dumps(create_body))
+        console.print(f"  GET  {base}fine_tuning/jobs/<id> and .../events until the job ends")
+        if cfg.provider == "azure":
+            console.print("  then print the `az` command that deploys the model (Azure needs it)")
+        if cfg.provider == "nebius":
+            console.print(f"  POST {urljoin(base, '../v0/models')}  (deploy the LoRA adapter)")
+        return None
+
+    if formatted["report"]["errors"].get("too_few_examples") and not (
+        cfg.job_id or cfg.tuned_model
+    ):
+        raise UsageError(
+            f"{train_path.name}: {ERROR_HELP['too_few_examples']}; add more train examples"
+        )
+    record = load_record(cfg)
+    tuned_given = cfg.tuned_model and not cfg.job_id
+    if tuned_given:
+        what, estimate = "Answering the test questions", plan["costs"]["answering"]
+    elif cfg.job_id:
+        what, estimate = (
+            f"Watching {cfg.job_id}, then answering the test questions",
+            plan["costs"]["answering"],
+        )
+    else:
+        what, estimate = "The fine-tuning job and the answers", plan["costs"]["total"]
+    confirm_paid_step(what, estimate, yes=cfg.yes, max_cost=cfg.max_cost)
+    client = make_client(cfg, plan["base_url"])
+    if tuned_given:
+        console.print(f"using --tuned-model {cfg.tuned_model}: no job is created")
+        return {"tuned_model": cfg.tuned_model, "job_id": None, "trained_tokens": None}
+
+    import openai
+
+    job = None
+    if cfg.job_id:
+        job = retrieve(client, cfg.job_id, cfg)
+        if record.get("job_id") != job.id:
+            record = {"provider": cfg.provider, "base_url": plan["base_url"], "job_id": job.id}
+    else:
+        job = find_existing_job(cfg, client, plan["run_tag"], record)
+    if job is None:
+        record = {
+            "provider": cfg.provider,
+            "base_url": plan["base_url"],
+            "model": cfg.model,
+            "run_tag": plan["run_tag"],
+            "estimated_cost_usd": plan["costs"]["total"],
+        }
+        for role, path in (("training_file", train_path), ("validation_file", valid_path)):
+            if path is None:
+                continue
+            # The exact bytes that were validated are the bytes uploaded.
+            try:
+                uploaded = client.files.create(
+                    file=(path.name, path.read_bytes(), "application/jsonl"), purpose="fine-tune"
+                )
+            except openai.APIError as exc:
+                raise ServiceError(
+                    f"uploading {path.name} failed: {api_error(exc)}; nothing was started"
+                ) from None
+            record[role] = uploaded.id
+            console.print(f"uploaded {path.name} as {uploaded.id}")
+            save_record(cfg, record)
+        job = create_job(cfg, client, plan, record)
+    record.update(job_id=job.id, model=job.model, status=job.status)
+    save_record(cfg, record)
+    console.print(f"job {job.id} on {job.model}; recorded in {record_path(cfg)}")
+    console.print(
+        f"[dim]Ctrl-C stops watching (the job keeps running); "
+        f"cancel it with: {cancel_command(cfg, job.id)}[/dim]"
+    )
+    job = watch_job(cfg, client, job, record)
+    record.update(
+        status=job.status, fine_tuned_model=job.fine_tuned_model, trained_tokens=job.trained_tokens
+    )
+    save_record(cfg, record)
+    if job.status != "succeeded":
+        err = job.error
+        detail = f"{err.code}: {err.message}" if err and err.code else "no error details given"
+        raise ServiceError(
+            f"job {job.id} {job.status}: {detail}. The record is in {record_path(cfg)}; "
+            "fix the data (the first line of the message says what) and run again"
+        )
+    trained = job.trained_tokens or 0
+    console.print(f"[green]fine-tuned model: {job.fine_tuned_model}[/green] ({trained:,} tokens)")
+    tuned_model = deploy(cfg, client, plan, job, record)
+    return {"tuned_model": tuned_model, "job_id": job.id, "trained_tokens": job.trained_tokens}
+
+
+def retrieve(client, job_id: str, cfg: Config):
+    import openai
+
+    try:
+        return client.fine_tuning.jobs.retrieve(job_id)
+    except openai.NotFoundError:
+        raise UsageError(f"--job-id {job_id}: no such job on {cfg.provider}") from None
+    except openai.APIError as exc:
+        raise ServiceError(
+            f"could not read job {job_id}: {api_error(exc)}; run the same command again"
+        ) from None
+
+
+def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
+    """A job this data already started (from the record, or by its metadata tag), or None."""
+    import openai
+
+    candidates = []
+    if record.get("run_tag") == run_tag and record.get("job_id"):
+        candidates.append(retrieve(client, record["job_id"], cfg))
+    else:
+        try:
+            page = client.fine_tuning.jobs.list(metadata={"run_tag": run_tag}, limit=10)
+            candidates = [j for j in page.data if (j.metadata or {}).get("run_tag") == run_tag]
+        except openai.APIStatusError as exc:
+            console.print(
+                f"[yellow]could not list jobs ({api_error(exc)}); "
+                "skipping the check for an earlier job[/yellow]"
+            )
+    for job in candidates:
+        if job.status in ("failed", "cancelled"):
+            continue
+        console.print(
+            f"found job {job.id} ({job.status}) started earlier with this exact data and settings"
+        )
+        if cfg.yes:
+            console.print("reusing it (--yes); cancel it first to start a new one")
+            return job
+        reply = input("Reuse it instead of starting (and paying for) a new one? [Y/n] ")
+        if reply.strip().lower() in ("", "y", "yes"):
+            return job
+    return None
+
+
+def create_job(cfg: Config, client, plan: dict, record: dict):
+    """POST the job exactly once. The SDK sends no idempotency key for it, so its automatic
+    retry after a lost answer could start a second paid job; instead a failure is followed by
+    a search for the job by its tag."""
+    import openai
+
+    kwargs = {
+        "model": cfg.model,
+        "training_file": record["training_file"],
+        "suffix": cfg.suffix,
+        "seed": cfg.seed,
+        "method": plan["method"],
+        "metadata": {"run_tag": plan["run_tag"]},
+    }
+    if record.get("validation_file"):
+        kwargs["validation_file"] = record["validation_file"]
+    if plan["extra_body"]:
+        kwargs["extra_body"] = plan["extra_body"]
+    try:
+        return client.with_options(max_retries=0).fine_tuning.jobs.create(**kwargs)
+    except openai.PermissionDeniedError as exc:
+        if exc.code == "training_not_available":
+            files = ", ".join(
+                filter(None, (record.get("training_file"), record.get("validation_file")))
+            )
+            raise ServiceError(
+                TRAINING_NOT_AVAILABLE.format(files=files, record=record_path(cfg))
+            ) from None
+        raise ServiceError(f"creating the job was refused: {api_error(exc)}") from None
+    except (openai.APIConnectionError, openai.InternalServerError) as exc:
+        console.print(
+            f"[yellow]creating the job failed ({api_error(exc)}); it may have started anyway: "
+            "looking for it by its tag[/yellow]"
+        )
+        try:
+            page = client.fine_tuning.jobs.list(metadata={"run_tag": plan["run_tag"]}, limit=10)
+        except openai.APIError:
+            page = None
+        for job in page.data if page else []:
+            if (job.metadata or {}).get("run_tag") == plan["run_tag"]:
+                console.print(f"found it: {job.id}")
+                return job
+        raise ServiceError(
+            f"creating the job failed ({api_error(exc)}) and no job with tag {plan['run_tag']} "
+            f"exists yet; the uploaded files are recorded in {record_path(cfg)}. Run the same "
+            "command again: it looks for the job before creating one"
+        ) from None
+    except openai.APIStatusError as exc:
+        raise ServiceError(f"creating the job was refused: {api_error(exc)}") from None
+
+
+def watch_job(cfg: Config, client, job, record: dict):
+    """Poll until the job ends, printing new events; back off while nothing changes."""
+    import openai
+
+    seen: set[str] = set()
+    resume = command_line(cfg, ("--job-id",), ("--job-id", job.id))
+    interval, last_status, started = cfg.poll_interval, None, time.monotonic()
+    try:
+        while True:
+            try:
+                job = client.fine_tuning.jobs.retrieve(job.id)
+                events = client.fine_tuning.jobs.list_events(job.id, limit=50).data
+            except openai.APIError as exc:
+                raise ServiceError(
+                    f"lost contact while watching {job.id} ({api_error(exc)}); the job keeps "
+                    f"running. Resume with: {resume}"
+                ) from None
+            fresh = [e for e in reversed(events) if e.id not in seen]
+            for event in fresh:
+                seen.add(event.id)
+                when = datetime.fromtimestamp(event.created_at, UTC).strftime("%H:%M:%S")
+                console.print(f"  [dim]{when}[/dim] {escape(event.message)}")
+            if job.status != last_status:
+                elapsed = time.monotonic() - started
+                console.print(f"status: [bold]{job.status}[/bold] after {elapsed:.0f}s")
+                last_status = job.status
+                record["status"] = job.status
+                save_record(cfg, record)
+            if job.status in ("succeeded", "failed", "cancelled"):
+                return job
+            interval = (
+                cfg.poll_interval if fresh else min(interval * 1.5, 60 * cfg.poll_interval / 10)
+            )
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        console.print(
+            f"\nstopped watching; job {job.id} keeps running on the server.\n"
+            f"resume with: {resume}\n"
+            f"cancel with: {cancel_command(cfg, job.id)}"
+        )
+        raise
+
+
+def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
+    """Make the fine-tuned model servable. OpenAI: nothing to do. Azure: a management-plane
+    call (your Azure login, not the API key), so print it. Nebius: POST /v0/models."""
+    if cfg.provider == "openai":
+        return job.fine_tuned_model
+    if cfg.provider == "azure":
+        if cfg.tuned_model:
+            return cfg.tuned_model
+        resource = (urlsplit(plan["base_url"]).hostname or "RESOURCE").split(".")[0]
+        deployment = f"{cfg.suffix}-ft"
+        command = (
+            "az cognitiveservices account deployment create "
+            f"--resource-group <RESOURCE_GROUP> --name {resource} --deployment-name {deployment} "
+            f"--model-name {job.fine_tuned_model} --model-version 1 --model-format OpenAI "
+            f"--sku-name {AZURE_TIERS[cfg.azure_tier]} --sku-capacity 1"
+        )
+        record.update(deploy_command=command)
+        save_record(cfg, record)
+        console.print("Azure serves a fine-tuned model only once it is deployed. Deploy it with:")
+        console.print(f"  {command}")
+        if cfg.azure_tier == "developerTier":
+            console.print(
+                "  (developer tier: no hosting fee; Azure deletes the deployment after 24 h)"
+            )
+        console.print(
+            "then answer with it: "
+            + command_line(
+                cfg,
+                ("--job-id", "--tuned-model"),
+                ("--job-id", job.id, "--tuned-model", deployment),
+            )
+        )
+        return None
+    # Nebius: the newest checkpoint of the job becomes a served LoRA model.
+    import openai
+
+    v0 = urljoin(plan["base_url"], "../v0/models")
+    try:
+        checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
+        if not checkpoints:
+            raise ServiceError(f"job {job.id} has no checkpoint to deploy")
+        body = {
+            "name": f"{cfg.suffix}-{job.id.split('-')[-1][:8]}",
+            "base_model": NEBIUS_SERVING_BASE.get(job.model, job.model),
+            "source": f"{job.id}:{checkpoints[0].id}",
+        }
+        console.print(f"deploying the adapter: POST {v0} {json.dumps(body)}")
+        # Not idempotent either (the name must be unique), so it is sent once.
+        model = client.post(v0, cast_to=object, body=body, options={"max_retries": 0})
+        name = model["name"]
+        short = name.rsplit(":", 1)[-1]
+        while model.get("status") not in ("active", "error", "deleted"):
+            time.sleep(cfg.poll_interval)
+            model = client.get(f"{v0}/{short}", cast_to=object)
+            console.print(f"  model {name}: {model.get('status')}")
+    except openai.APIError as exc:
+        raise ServiceError(
+            f"deploying the fine-tuned model failed ({api_error(exc)}); the job {job.id} succeeded "
+            f"and is recorded in {record_path(cfg)}; run the same command again to retry"
+        ) from None
+    if model.get("status") != "active":
+        raise ServiceError(f"Nebius could not deploy {name}: {model.get('status')}")
+    record.update(deployed_model=name)
+    save_record(cfg, record)
+    return name
+
+
+def answer_one(client, model: str, question: str) -> tuple[str, int, int]:
+    reply = client.chat.completions.create(
+        model=model, messages=chat_messages(question), temperature=0, max_tokens=ANSWER_MAX_TOKENS
+    )
+    usage = reply.usage
+    text = (reply.choices[0].message.content or "").strip()
+    return text, (usage.prompt_tokens if usage else 0), (usage.completion_tokens if usage else 0)
+
+
+def answer(cfg: Config, data: dict, plan: dict, tuned: dict | None) -> dict | None:
+    stage(5, "answer", "Ask the base model and the fine-tuned model the held-out test questions.")
+    test = data["test"]
+    base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
+    if not cfg.run:
+        request = {
+            "model": base_name,
+            "messages": chat_messages(test[0]["question"]),
+            "temperature": 0,
+            "max_tokens": ANSWER_MAX_TOKENS,
+        }
+        console.print(
+            f"A real run sends {len(test)} requests like this to each model (base, then tuned):"
+        )
+        console.print(
+            f"  POST {plan['base_url'] or 'https://YOUR-RESOURCE.openai.azure.com/openai/v1/'}chat/completions"
+        )
+        console.print_json(json.dumps(request))
+        return None
+    if not tuned or not tuned["tuned_model"]:
+        console.print("skipped: the fine-tuned model is not deployed yet (see stage 4)")
+        return None
+    import openai
+
+    client = make_client(cfg, plan["base_url"])
+    prices = plan["costs"]["price"]
+    usage = Counter()
+    rows = []
+    try:
+        for number, example in enumerate(test, start=1):
+            baseline, p1, c1 = answer_one(client, base_name, example["question"])
+            answer_tuned, p2, c2 = answer_one(client, tuned["tuned_model"], example["question"])
+            usage.update(base_in=p1, base_out=c1, tuned_in=p2, tuned_out=c2)
+            rows.append(
+                {
+                    "id": example["id"],
+                    "question": example["question"],
+                    "reference": example["answer"],
+                    "baseline": baseline,
+                    "tuned": answer_tuned,
+                }
+            )
+            console.print(f"  [{number}/{len(test)}] {example['id']}")
+    except openai.APIError as exc:
+        raise ServiceError(
+            f"answering failed after the SDK's retries ({api_error(exc)}); the tuned model is "
+            f"{tuned['tuned_model']} (recorded in {record_path(cfg)}); rerun with --tuned-model "
+            f"{tuned['tuned_model']} to answer again without training"
+        ) from None
+    answer_cost = add_costs(
+        usd(usage["base_in"], prices.get("input")),
+        usd(usage["base_out"], prices.get("output")),
+        usd(usage["tuned_in"], prices.get("ft_input")),
+        usd(usage["tuned_out"], prices.get("ft_output")),
+    )
+    training_cost = (
+        usd(tuned["trained_tokens"] or 0, prices.get("train")) if tuned["job_id"] else 0.0
+    )
+    first = rows[0]
+    table = Table(title=escape(f"First test question: {first['question']}"), show_lines=True)
+    table.add_column("reference")
+    table.add_column(f"base: {base_name}")
+    table.add_column(f"tuned: {tuned['tuned_model']}")
+    table.add_row(*(escape(first[key]) for key in ("reference", "baseline", "tuned")))
+    console.print(table)
+    console.print(f"tokens used: {dict(usage)}; answering cost {money(answer_cost)}")
+    return {
+        "questions": rows,
+        "answer_cost": answer_cost,
+        "training_cost": training_cost,
+        "usage": dict(usage),
+    }
+
+
+def compare(
+    cfg: Config, plan: dict, tuned: dict | None, answers: dict | None, seconds: float
+) -> None:
+    stage(
+        6,
+        "compare",
+        "Score both sets of answers with ROUGE-L and compare with the other approaches.",
+    )
+    if not answers:
+        compare_results(cfg.output_dir, write=False)
+        return
+    actual = add_costs(answers["training_cost"], answers["answer_cost"])
+    path = write_results(
+        cfg.output_dir,
+        model=cfg.model,
+        tuned_model=tuned["tuned_model"],
+        questions=answers["questions"],
+        cost_usd=actual,
+        seconds=seconds,
+        extra={
+            "provider": cfg.provider,
+            "job_id": tuned["job_id"],
+            "trained_tokens": tuned["trained_tokens"],
+            "estimated_cost_usd": plan["costs"]["total"],
+            "training_cost_usd": answers["training_cost"],
+            "answer_cost_usd": answers["answer_cost"],
+            "prices_read": PRICES[cfg.provider]["read"],
+        },
+    )
+    console.print(f"wrote {path}")
+    console.print(
+        f"cost: estimated {money(plan['costs']['total'])}, actual {money(actual)} "
+        "(from the job's trained tokens and each reply's usage)"
+    )
+    compare_results(cfg.output_dir)
+
+
+def ask_question(cfg: Config) -> None:
+    """--ask: one question of the user's, base and tuned model side by side, no tuning."""
+    stage(
+        5,
+        "answer (--ask)",
+        "Ask your question to the base model and the recorded fine-tuned model.",
+    )
+    record = load_record(cfg)
+    tuned_model = cfg.tuned_model or record.get("deployed_model") or record.get("fine_tuned_model")
+    if not tuned_model:
+        raise UsageError(
+            f"no fine-tuned model recorded in {record_path(cfg)}: finish a real run first, "
+            "or pass --tuned-model"
+        )
+    base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
+    base_url = resolve_base_url(cfg)
+    if not cfg.run:
+        console.print(
+            f"A real run (add --run) sends to {base_url}chat/completions, "
+            f"for {base_name} and for {tuned_model}:"
+        )
+        console.print_json(json.dumps({"messages": chat_messages(cfg.ask), "temperature": 0}))
+        return
+    confirm_paid_step("Answering your question twice", 0.001, yes=cfg.yes, max_cost=cfg.max_cost)
+    import openai
+
+    client = make_client(cfg, base_url)
+    table = Table(title=escape(cfg.ask), show_lines=True)
+    try:
+        for label, model in (("base", base_name), ("tuned", tuned_model)):
+            table.add_column(f"{label}: {model}")
+        table.add_row(
+            *(escape(answer_one(client, m, cfg.ask)[0]) for m in (base_name, tuned_model))
+        )
+    except openai.APIError as exc:
+        raise ServiceError(f"asking failed after the SDK's retries: {api_error(exc)}") from None
+    console.print(table)
+
+
+def cancel_job(cfg: Config) -> None:
+    """--cancel: stop a job (it stops spending); the record is updated if it is this job."""
+    import openai
+
+    client = make_client(cfg, resolve_base_url(cfg))
+    try:
+        job = client.fine_tuning.jobs.cancel(cfg.cancel)
+    except openai.APIError as exc:
+        raise ServiceError(f"cancelling {cfg.cancel} failed: {api_error(exc)}") from None
+    console.print(f"job {job.id}: {job.status}")
+    record = load_record(cfg)
+    if record.get("job_id") == job.id:
+        record["status"] = job.status
+        save_record(cfg, record)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv)
+    load_env_file()
+    if cfg.check_file:
+        count_tokens, label = load_token_counter(cfg.model)
+        if not cfg.check_file.is_file():
+            raise UsageError(f"{cfg.check_file}: file not found")
+        report = validate_chat_file(
+            cfg.check_file, count_tokens, PROVIDERS[cfg.provider]["max_tokens_per_example"]
+        )
+        console.print_json(json.dumps({k: v for k, v in report.items() if k != "first_error"}))
+        console.print(f"tokens counted with {label}")
+        problem = first_format_error(report, cfg.check_file)
+        if problem or report["errors"]:
+            raise UsageError(problem or f"{cfg.check_file.name}: {ERROR_HELP['too_few_examples']}")
+        return
+    if cfg.cancel:
+        cancel_job(cfg)
+        return
+    if cfg.ask:
+        ask_question(cfg)
+        return
+    started = time.monotonic()
+    data = prepare_data(cfg)
+    formatted = format_data(cfg, data)
+    plan = configure_model(cfg, formatted)
+    tuned = tune(cfg, formatted, plan)
+    answers = answer(cfg, data, plan, tuned)
+    compare(cfg, plan, tuned, answers, time.monotonic() - started)
+    if not cfg.run:
+        total = plan["costs"]["total"]
+        cap = () if total is None else ("--max-cost", f"{math.ceil(total * 125) / 100:.2f}")
+        console.print("\nDry run: nothing was sent and nothing was spent. To run it for real:")
+        console.print(f"  {command_line(cfg, ('--max-cost',), ('--run', *cap))}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
