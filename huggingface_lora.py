@@ -1,0 +1,1806 @@
+"""Teach a small open model to answer like a patient teacher, on your own machine, with LoRA.
+
+What this approach changes
+    The model's weights, but only a little of them. LoRA freezes every original weight W and
+    learns, next to each linear layer, two thin matrices A (r x d_in) and B (d_out x r) whose
+    product is added to W's output: W x + (alpha / r) * B A x. With r = 16 that is well under 5%
+    of the parameters, so the trained "adapter" is a few megabytes, the optimizer state is tiny,
+    and the same base model can carry many adapters. QLoRA goes one step further: the frozen base
+    is stored in 4-bit NF4 (bitsandbytes, CUDA only) while the adapter trains in bf16/fp32.
+
+When to pick it
+    You want the answers to change (tone, length, facts of your course), the data must stay on
+    your machine, and you can give it a few hundred examples and some compute. Compared with
+    prompt optimisation (dspy_example.py) it changes the model itself; compared with cloud
+    fine-tuning (openai_finetune.py) you keep the weights, pay no per-token fees and can ship the
+    result anywhere, but you own the hardware, the waiting and the serving.
+
+What it costs
+    No money on a machine you already have. Time and memory are printed before anything heavy
+    runs (stage 3): the default 135M-parameter model trains on a laptop CPU in minutes; a 7B
+    model wants one GPU with about 16 GB for LoRA in bf16, less with 4-bit QLoRA.
+
+How to run it
+    python huggingface_lora.py                     # dry run: six stages, no weights, no network
+    python huggingface_lora.py --run               # real run, HuggingFaceTB/SmolLM2-135M-Instruct
+    python huggingface_lora.py --model tiny --run  # offline smoke run: tiny random model built here
+    python huggingface_lora.py --ask "Why is the sky blue?"   # baseline vs tuned (saved adapter)
+    torchrun --nproc_per_node 2 huggingface_lora.py --run    # the same script on 2 GPUs (DDP)
+
+The six stages: prepare_data -> format_data -> configure_model -> tune -> answer -> compare.
+Everything is written under --output-dir (default outputs/): huggingface/ for this script's
+files (formatted data, checkpoints, adapter, merged model, loss curve) and results/ for the
+results file the three scripts share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shlex
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+APPROACH = (
+    "huggingface"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
+)
+
+# Small, Apache-2.0, has a chat template, and trains on a laptop CPU in minutes.
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+SYSTEM_PROMPT = (
+    "You are a patient teacher. Answer the student's question correctly in one to three "
+    "clear sentences."
+)
+
+# Base models often ship without a chat template. This one is deliberately plain: the system
+# text, then "### Question:" and "### Answer:" blocks, and the EOS token right after the
+# answer so the model learns where to stop. The answer starts on a new line so its tokens are
+# the same as the answer tokenized on its own.
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Question:\n' + message['content'] + '\n\n' }}"
+    "{% else %}{{ '### Answer:\n' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Answer:\n' }}{% endif %}"
+)
+
+# The tiny model speaks ChatML, the same format as the default model, so the smoke run
+# exercises the same code path as a real one.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+}
+
+# Known shapes of the models this tutorial talks about, so a dry run can size them without
+# downloading anything. Values are from each model's config.json on the Hugging Face Hub.
+PRESETS = {
+    "smollm2-135m": {
+        "id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license": "Apache-2.0",
+        "config": {
+            "model_type": "llama",
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "vocab_size": 49152,
+            "max_position_embeddings": 8192,
+            "tie_word_embeddings": True,
+        },
+    },
+    "llama2-7b": {
+        "id": "meta-llama/Llama-2-7b-chat-hf",
+        "license": "Llama 2 Community License (gated: accept it on the Hub, then set HF_TOKEN)",
+        "config": {
+            "model_type": "llama",
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "vocab_size": 32000,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+        },
+    },
+    "llama2-13b": {
+        "id": "meta-llama/Llama-2-13b-chat-hf",
+        "license": "Llama 2 Community License (gated: accept it on the Hub, then set HF_TOKEN)",
+        "config": {
+            "model_type": "llama",
+            "hidden_size": 5120,
+            "intermediate_size": 13824,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 40,
+            "num_key_value_heads": 40,
+            "vocab_size": 32000,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+        },
+    },
+    "mixtral-8x7b": {
+        "id": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "license": "Apache-2.0",
+        "config": {
+            "model_type": "mixtral",
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "vocab_size": 32000,
+            "max_position_embeddings": 32768,
+            "tie_word_embeddings": False,
+        },
+    },
+}
+
+
+@dataclass
+class Config:
+    # the contract's flags
+    data: Path = Path(__file__).with_name("small_edu_qa.jsonl")
+    model: str = DEFAULT_MODEL
+    run: bool = False
+    yes: bool = False
+    max_cost: float | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    output_dir: Path = Path("outputs")
+    seed: int = 42
+    ask: str | None = None
+    # LoRA / QLoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    load_in_4bit: bool = False
+    # training
+    epochs: float = 3.0
+    learning_rate: float | None = None  # 2e-4, or 1e-2 for the tiny random model
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 512
+    eval_fraction: float = 0.1
+    save_steps: int = 50
+    max_steps: int | None = None
+    activation_checkpointing: bool = False
+    resume: bool = False
+    merge: bool = False
+    # answering
+    max_new_tokens: int = 128
+    gen_batch_size: int = 8
+
+
+EXAMPLES = """\
+examples:
+  python huggingface_lora.py                                  # dry run (default): nothing heavy
+  python huggingface_lora.py --run                            # real run, default model
+  python huggingface_lora.py --model tiny --run               # offline smoke run, tiny model
+  python huggingface_lora.py --model llama2-7b --load-in-4bit --run   # QLoRA on one CUDA GPU
+  torchrun --nproc_per_node 2 huggingface_lora.py --run       # DDP on 2 GPUs
+  python huggingface_lora.py --ask "What is a prime number?"  # answer from the saved adapter
+
+model presets: """ + ", ".join(f"{name} ({p['id']})" for name, p in PRESETS.items())
+
+
+def _number(kind, minimum, inclusive=True):
+    """An argparse type that refuses values below `minimum` with argparse's one-line error."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < minimum or (not inclusive and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if inclusive else 'more than'} {minimum}, got {text}"
+            )
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    parser = argparse.ArgumentParser(
+        description="Local LoRA / QLoRA fine-tuning of a small open model on teacher-style Q&A.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    add = parser.add_argument
+    add("--data", type=Path, default=d.data, help="JSONL with question/answer per line")
+    add(
+        "--model",
+        default=d.model,
+        help="hub id, local folder, a preset name (see below) or 'tiny' (default: %(default)s)",
+    )
+    add("--run", action="store_true", help="really train and generate (default: dry run)")
+    add("--yes", action="store_true", help="accepted for a uniform command line: nothing is paid")
+    add("--max-cost", type=_number(float, 0), metavar="USD", help="accepted; a local run costs $0")
+    add("--train-limit", type=_number(int, 1), metavar="N", help="use the first N train examples")
+    add("--test-limit", type=_number(int, 1), metavar="N", help="use the first N test examples")
+    add("--output-dir", type=Path, default=d.output_dir, help="where everything is written")
+    add("--seed", type=int, default=d.seed)
+    add("--ask", metavar="QUESTION", help="answer one question with baseline and saved adapter")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora-r", type=_number(int, 1), default=d.lora_r, help="adapter rank")
+    lora.add_argument("--lora-alpha", type=_number(int, 1), default=d.lora_alpha)
+    lora.add_argument("--lora-dropout", type=_number(float, 0), default=d.lora_dropout)
+    lora.add_argument(
+        "--target-modules",
+        default=d.target_modules,
+        help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj",
+    )
+    lora.add_argument(
+        "--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base (needs a CUDA GPU)"
+    )
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=_number(float, 0, inclusive=False), default=d.epochs)
+    train.add_argument(
+        "--learning-rate", type=_number(float, 0, inclusive=False), help="2e-4; tiny: 1e-2"
+    )
+    train.add_argument("--batch-size", type=_number(int, 1), default=d.batch_size)
+    train.add_argument("--grad-accum", type=_number(int, 1), default=d.grad_accum)
+    train.add_argument(
+        "--max-length", type=_number(int, 8), default=d.max_length, help="longer examples dropped"
+    )
+    train.add_argument(
+        "--eval-fraction",
+        type=_number(float, 0),
+        default=d.eval_fraction,
+        help="share of train held out for eval loss",
+    )
+    train.add_argument("--save-steps", type=_number(int, 1), default=d.save_steps)
+    train.add_argument("--max-steps", type=_number(int, 1), help="stop after N optimizer steps")
+    train.add_argument("--activation-checkpointing", action="store_true", help="less memory")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--merge", action="store_true", help="also write a merged full model")
+    gen = parser.add_argument_group("answering")
+    gen.add_argument("--max-new-tokens", type=_number(int, 1), default=d.max_new_tokens)
+    gen.add_argument("--gen-batch-size", type=_number(int, 1), default=d.gen_batch_size)
+    return parser
+
+
+# =====================================================================================
+# Shared helpers: the same in all three scripts (see CONVENTIONS.md).
+# =====================================================================================
+
+console = Console(highlight=False)
+
+# The five pairs every script carries, so a copied script runs even without the data file.
+# They are also the first five lines of small_edu_qa.jsonl (same ids, same text, same split).
+DATA_FILE = Path(__file__).with_name("small_edu_qa.jsonl")
+BASE_PAIRS = [
+    {
+        "id": "earth-001",
+        "subject": "earth science",
+        "question": "What causes the seasons on Earth?",
+        "answer": (
+            "The seasons happen because Earth's axis is tilted about 23.5 degrees relative to "
+            "its orbit around the Sun. As Earth travels around the Sun, the hemisphere tilted "
+            "toward it gets more direct sunlight and longer days (summer), while the hemisphere "
+            "tilted away gets slanted sunlight and shorter days (winter)."
+        ),
+        "split": "test",
+    },
+    {
+        "id": "bio-001",
+        "subject": "biology",
+        "question": "What is photosynthesis?",
+        "answer": (
+            "Photosynthesis is the process plants, algae and some bacteria use to turn light "
+            "energy into chemical energy. Using sunlight, they combine carbon dioxide and water "
+            "to make glucose, and release oxygen as a by-product."
+        ),
+        "split": "train",
+    },
+    {
+        "id": "phys-001",
+        "subject": "physics",
+        "question": "What is Newton's first law of motion?",
+        "answer": (
+            "Newton's first law says that an object stays at rest, or keeps moving in a straight "
+            "line at a constant speed, unless a net force acts on it. This resistance to changes "
+            "in motion is called inertia."
+        ),
+        "split": "train",
+    },
+    {
+        "id": "chem-001",
+        "subject": "chemistry",
+        "question": "What is the difference between an atom and a molecule?",
+        "answer": (
+            "An atom is the smallest unit of a chemical element, with a nucleus of protons and "
+            "neutrons surrounded by electrons. A molecule is two or more atoms held together by "
+            "chemical bonds, such as the two hydrogen atoms and one oxygen atom in water."
+        ),
+        "split": "train",
+    },
+    {
+        "id": "math-001",
+        "subject": "mathematics",
+        "question": "What is the Pythagorean theorem?",
+        "answer": (
+            "In a right triangle, the square of the hypotenuse (the side opposite the right "
+            "angle) equals the sum of the squares of the other two sides: a² + b² = c². For "
+            "example, a triangle with legs 3 and 4 has a hypotenuse of 5."
+        ),
+        "split": "train",
+    },
+]
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (bad flag, bad data, refused paid step): one line, exit 2."""
+
+
+class ServiceError(Exception):
+    """An external service failed after its retries: one line saying what was kept, exit 1."""
+
+
+def stage(number: int, title: str, purpose: str) -> None:
+    """Numbered stage header plus one line on what the stage is for."""
+    console.print()
+    console.rule(f"[bold]Stage {number}/6 · {title}", align="left")
+    console.print(f"[dim]{purpose}[/dim]")
+
+
+def load_env_file() -> None:
+    """Read ./.env if present; a variable already set in the environment wins."""
+    env_file = Path.cwd() / ".env"
+    if env_file.is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(env_file, override=False)
+
+
+def key_status(variable: str) -> str:
+    """Say whether a secret is set without ever showing any of it."""
+    return f"{variable} is {'set' if os.environ.get(variable) else 'not set'}"
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a file is complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def split_of(question: str) -> str:
+    """A stable ~80/20 split from the question text, the same in every script and every run."""
+    normalized = " ".join(question.lower().split())
+    bucket = int(hashlib.sha256(normalized.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 80 else "test"
+
+
+def load_examples(path: Path) -> list[dict]:
+    """Read and check the JSONL data; every problem is one line naming the file and line."""
+    if not path.exists():
+        if path.resolve() != DATA_FILE.resolve():
+            raise UsageError(f"{path}: file not found; pass --data with the path of a JSONL file")
+        lines = "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in BASE_PAIRS)
+        write_atomic(path, lines)
+        console.print(
+            f"{path.name} not found: created on first run with the {len(BASE_PAIRS)} base pairs"
+        )
+    examples: list[dict] = []
+    seen_ids: dict[str, int] = {}
+    seen_questions: dict[str, tuple[int, str]] = {}
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path.name}:{number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UsageError(
+                        f"{where}: not valid JSON ({exc.msg}, column {exc.colno}); "
+                        "each line must be one JSON object"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                for field in ("question", "answer"):
+                    if field not in row:
+                        raise UsageError(
+                            f'{where}: "{field}" is missing; add a non-empty "{field}" string'
+                        )
+                    if not isinstance(row[field], str) or not row[field].strip():
+                        raise UsageError(f'{where}: "{field}" must be a non-empty string')
+                split = row.get("split") or split_of(row["question"])
+                if split not in ("train", "test"):
+                    raise UsageError(f'{where}: "split" must be "train" or "test", got {split!r}')
+                example_id = str(row.get("id") or number)
+                if example_id in seen_ids:
+                    raise UsageError(
+                        f'{where}: id "{example_id}" is already used on line '
+                        f"{seen_ids[example_id]}; ids must be unique"
+                    )
+                seen_ids[example_id] = number
+                key = " ".join(row["question"].lower().split())
+                if key in seen_questions and seen_questions[key][1] != split:
+                    raise UsageError(
+                        f"{where}: the same question is on line {seen_questions[key][0]} in the "
+                        "other split; a question must not be in both train and test"
+                    )
+                seen_questions.setdefault(key, (number, split))
+                examples.append(
+                    {
+                        "id": example_id,
+                        "subject": str(row.get("subject") or "general"),
+                        "question": row["question"].strip(),
+                        "answer": row["answer"].strip(),
+                        "split": split,
+                    }
+                )
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path.name}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
+        ) from None
+    if not examples:
+        raise UsageError(
+            f'{path.name}: no examples; add one JSON object per line with "question" and "answer"'
+        )
+    for split in ("train", "test"):
+        if not any(example["split"] == split for example in examples):
+            raise UsageError(
+                f'{path.name}: no "{split}" examples; mark some lines "split": "{split}"'
+            )
+    return examples
+
+
+def take(examples: list[dict], split: str, limit: int | None) -> list[dict]:
+    """The first `limit` examples of one split, in file order."""
+    chosen = [example for example in examples if example["split"] == split]
+    return chosen[:limit] if limit else chosen
+
+
+_ROUGE = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """The shared metric: ROUGE-L F1 with stemming, times 100 (0 = nothing shared, 100 = same)."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return 100 * _ROUGE.score(reference, prediction)["rougeL"].fmeasure
+
+
+def write_results(
+    output_dir: Path,
+    *,
+    model: str,
+    tuned_model: str,
+    questions: list[dict],
+    cost_usd: float | None,
+    seconds: float,
+    extra: dict | None = None,
+) -> Path:
+    """Score each answer and write OUTPUT_DIR/results/<approach>.json (the contract's schema).
+
+    `questions` holds id, question, reference, baseline, tuned; the scores are added here so
+    every script scores the same way.
+    """
+    scored = []
+    for q in questions:
+        scored.append(
+            {
+                "id": q["id"],
+                "question": q["question"],
+                "reference": q["reference"],
+                "baseline": q["baseline"],
+                "tuned": q["tuned"],
+                "baseline_score": round(rouge_l(q["baseline"], q["reference"]), 2),
+                "tuned_score": round(rouge_l(q["tuned"], q["reference"]), 2),
+            }
+        )
+    n = len(scored)
+    result = {
+        "approach": APPROACH,
+        "model": model,
+        "tuned_model": tuned_model,
+        "metric": "ROUGE-L F1 x100 (rouge-score, stemming on), mean over the test split",
+        "n_test": n,
+        "baseline_score": round(sum(q["baseline_score"] for q in scored) / n, 2) if n else 0.0,
+        "tuned_score": round(sum(q["tuned_score"] for q in scored) / n, 2) if n else 0.0,
+        "cost_usd": None if cost_usd is None else round(cost_usd, 6),
+        "seconds": round(seconds, 1),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+        "questions": scored,
+    }
+    path = output_dir / "results" / f"{APPROACH}.json"
+    write_atomic(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
+    """Print one table over every results file present; write comparison.md and .png.
+
+    With write=False (a dry run) it only prints what is already there.
+    """
+    results_dir = output_dir / "results"
+    order = {"dspy": 0, "openai": 1, "huggingface": 2}
+    results = []
+    for path in sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            float(data["baseline_score"]), float(data["tuned_score"]), data["approach"]
+        except (OSError, ValueError, KeyError, TypeError):
+            console.print(f"[yellow]skipping {path}: not a results file[/yellow]")
+            continue
+        results.append(data)
+    results.sort(key=lambda r: order.get(r["approach"], 9))
+    if not results:
+        console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
+        return results
+
+    headers = ["approach", "model", "baseline", "tuned", "gain", "cost (USD)", "time", "n"]
+    rows = []
+    for r in results:
+        cost = "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}"
+        gain = r["tuned_score"] - r["baseline_score"]
+        rows.append(
+            [
+                r["approach"],
+                str(r.get("model")),
+                f"{r['baseline_score']:.1f}",
+                f"{r['tuned_score']:.1f}",
+                f"{gain:+.1f}",
+                cost,
+                f"{r.get('seconds', 0):.0f}s",
+                str(r.get("n_test", "")),
+            ]
+        )
+    table = Table(title="ROUGE-L F1 (x100) on the held-out test questions")
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("approach", "model") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if not write:
+        return results
+
+    markdown = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    markdown += ["| " + " | ".join(row) + " |" for row in rows]
+    write_atomic(results_dir / "comparison.md", "\n".join(markdown) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(results))
+    ax.bar([x - 0.2 for x in xs], [r["baseline_score"] for r in results], 0.4, label="baseline")
+    ax.bar([x + 0.2 for x in xs], [r["tuned_score"] for r in results], 0.4, label="tuned")
+    ax.set_xticks(list(xs), [f"{r['approach']}\n{r['model']}" for r in results], fontsize=8)
+    ax.set_ylabel("ROUGE-L F1 x100")
+    ax.set_title("Baseline vs tuned on the same held-out questions")
+    ax.legend()
+    fig.tight_layout()
+    tmp = results_dir / f".comparison.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, results_dir / "comparison.png")
+    console.print(f"wrote {results_dir / 'comparison.md'} and {results_dir / 'comparison.png'}")
+    return results
+
+
+def confirm_paid_step(
+    what: str, estimate_usd: float | None, *, yes: bool, max_cost: float | None
+) -> None:
+    """The guard in front of anything that spends money: --max-cost, then --yes or a prompt."""
+    if max_cost is not None and estimate_usd is not None and estimate_usd > max_cost:
+        raise UsageError(
+            f"{what} is estimated at ${estimate_usd:.4f}, above --max-cost {max_cost:.4f}; "
+            "raise --max-cost or lower --train-limit/--test-limit"
+        )
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{what} costs money and there is no terminal to confirm on; pass --yes")
+    price = "unknown" if estimate_usd is None else f"about ${estimate_usd:.4f}"
+    reply = input(f"{what}: estimated cost {price}. Go ahead? [y/N] ")
+    if reply.strip().lower() not in ("y", "yes"):
+        raise UsageError("not confirmed; nothing was sent (pass --yes to skip this question)")
+
+
+def run_cli(main, argv: list[str] | None = None) -> int:
+    """Turn the script's exceptions into the contract's exit codes and one-line messages."""
+    try:
+        main(argv)
+        return 0
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: nothing half-written was kept; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+# =====================================================================================
+# This script's helpers: where the model comes from, how big it is, tokens, generation.
+# =====================================================================================
+
+
+def is_main_process() -> bool:
+    # torchrun and accelerate set RANK for every process they start; only rank 0 talks and writes.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def quiet_library_noise() -> None:
+    """Keep library chatter that teaches nothing out of the output (call before heavy imports)."""
+    # bitsandbytes logs a warning about an optional CPU kernel package on import; peft imports it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Deprecations raised inside peft/transformers, not by this script's own calls.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")
+    warnings.filterwarnings("ignore", message=".*alpha_pattern keys did not match.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not console.is_terminal or not is_main_process():
+        # tqdm bars (loading, saving, downloading) turn into walls of text in a log file.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+def work_dir(cfg: Config) -> Path:
+    return cfg.output_dir / APPROACH
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """Return (kind, source): ("tiny", "tiny"), ("local", folder) or ("hub", repo id)."""
+    if name == "tiny":
+        return "tiny", "tiny"
+    if name in PRESETS:
+        return "hub", PRESETS[name]["id"]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {name}: the folder has no config.json; pass a model folder")
+        return "local", str(path)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or path.exists()
+    if looks_like_path:
+        raise UsageError(
+            f"--model {name}: no such model folder; pass a local folder, a hub id like "
+            f"{DEFAULT_MODEL}, a preset ({', '.join(PRESETS)}) or tiny"
+        )
+    return "hub", name
+
+
+def preset_for(source: str) -> dict | None:
+    return next((p for p in PRESETS.values() if p["id"] == source), None)
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache folder of a model, if its config.json is there (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def pick_device() -> tuple[str, str, str]:
+    """(device, precision, why): bf16 on GPUs that have it, fp32 everywhere else."""
+    import torch
+
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "cuda", "bf16", "this GPU supports bfloat16: half the memory of fp32"
+        return "cuda", "fp32", "this GPU has no bfloat16 (fp16 would need loss scaling)"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps", "fp32", "Apple GPU: fp32 is the reliable choice for training"
+    return "cpu", "fp32", "no GPU: CPUs train in fp32"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer trained here, in milliseconds, on the five base pairs.
+
+    It never depends on --data, so the tiny model is the same network for everyone.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    texts = [string.printable] + [p[k] for p in BASE_PAIRS for k in ("question", "answer")]
+    texts.append(SYSTEM_PROMPT)
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model_config(tokenizer) -> dict:
+    return {
+        **TINY_CONFIG,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+    }
+
+
+def load_tokenizer(kind: str, source: str, *, offline: bool):
+    """The model's tokenizer; in a dry run only from disk (None when it is not there)."""
+    if kind == "tiny":
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    if offline:
+        folder = Path(source) if kind == "local" else cached_snapshot(source)
+        if folder is None:
+            return None
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError):
+            return None
+    return hub_call(lambda: AutoTokenizer.from_pretrained(source), source)
+
+
+def hub_call(load, source: str):
+    """Run a from_pretrained call; turn its failures into the contract's one-line errors."""
+    try:
+        return load()
+    except OSError as exc:
+        text = str(exc)
+        if "offline" in text.lower() or "local_files_only" in text:
+            raise UsageError(
+                f"{source} is not in the local cache and the Hub is switched off "
+                "(HF_HUB_OFFLINE=1); unset it once, or pass a local folder with --model"
+            ) from None
+        if "gated" in text.lower() or "401" in text or "403" in text:
+            raise UsageError(
+                f"{source} is gated: accept its license on huggingface.co and set HF_TOKEN "
+                f"({key_status('HF_TOKEN')})"
+            ) from None
+        if "not a valid model identifier" in text or "404" in text:
+            raise UsageError(f"--model {source}: no such model on the Hub or on disk") from None
+        raise ServiceError(
+            f"could not download {source} from the Hugging Face Hub ({text.splitlines()[0]}); "
+            "nothing was trained; run the same command again when the Hub is reachable"
+        ) from None
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a base model's tokenizer the documented fallback template; True if it needed one."""
+    if tokenizer.eos_token is None:
+        raise UsageError("the tokenizer has no EOS token, so the model could not learn to stop")
+    if tokenizer.pad_token is None:
+        # Padding is masked out (attention 0, label -100), so reusing EOS for it is harmless.
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return True
+
+
+def chat(question: str, answer: str | None = None, system_in_user: bool = False) -> list[dict]:
+    """One exchange: the teacher's instructions, the student's question, the teacher's answer."""
+    if system_in_user:  # for templates that refuse a system role (Mixtral-Instruct, Gemma)
+        messages = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{question}"}]
+    else:
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": question},
+        ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def chat_ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:
+    # sanitize_control_tokens: a "<|im_end|>" typed inside a question stays plain text.
+    return tokenizer.apply_chat_template(
+        messages,
+        add_generation_prompt=generation_prompt,
+        tokenize=True,
+        return_dict=False,
+        sanitize_control_tokens=True,
+    )
+
+
+def system_role_supported(tokenizer) -> bool:
+    from jinja2.exceptions import TemplateError
+
+    try:
+        chat_ids(tokenizer, chat("?", "!"), generation_prompt=False)
+        return True
+    except TemplateError:
+        return False
+
+
+def special_ids(tokenizer) -> set[int]:
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return set(tokenizer.all_special_ids) | added
+
+
+def encode_example(tokenizer, question: str, answer: str, system_in_user: bool) -> dict:
+    """Token ids and labels for one pair: -100 everywhere except the answer and its end token.
+
+    The prompt (system + question + the assistant header) is what the model is given, not what
+    it should produce, so its labels are -100 and the loss ignores it. The answer is followed by
+    the template's end-of-turn token (or EOS): a model that never sees that token trained never
+    learns to stop talking. Anything the template adds after it (often a newline) is cut.
+    """
+    prompt = chat_ids(tokenizer, chat(question, None, system_in_user), generation_prompt=True)
+    full = chat_ids(tokenizer, chat(question, answer, system_in_user), generation_prompt=False)
+    n = 0  # the shared prefix; a template may tokenize the boundary slightly differently
+    while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
+        n += 1
+    completion = full[n:]
+    stops = special_ids(tokenizer)
+    end = next((i for i, token in enumerate(completion) if token in stops), None)
+    if end is None:
+        completion = completion + [tokenizer.eos_token_id]
+    else:
+        completion = completion[: end + 1]
+    input_ids = full[:n] + completion
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": [-100] * n + completion,
+    }
+
+
+def show_tokens(tokenizer, example: dict) -> None:
+    """Print one example token by token: dim = prompt (label -100), green = trained."""
+    parts = {"prompt": Text(), "trained": Text()}
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
+        part = "prompt" if label == -100 else "trained"
+        piece = tokenizer.decode([token]).replace("\n", "\\n")
+        style = "dim" if part == "prompt" else "bold green"
+        parts[part].append(piece, style=style)
+        parts[part].append("|", style="dim blue")
+    n_prompt = sum(1 for label in example["labels"] if label == -100)
+    n_trained = len(example["labels"]) - n_prompt
+    console.print(f"prompt, {n_prompt} tokens, label -100 (given to the model, not trained):")
+    console.print(parts["prompt"])
+    console.print(f"trained, {n_trained} tokens: the answer and its end-of-turn token:")
+    console.print(parts["trained"])
+
+
+def size_model(model_config: dict | None, local_folder: str | None, lora_config) -> dict | None:
+    """Count parameters on the 'meta' device: the real architecture, no memory, no weights.
+
+    total: every parameter; quantizable: the nn.Linear weights bitsandbytes would store in 4-bit
+    (lm_head stays as is); trainable: what the LoRA config adds.
+    """
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if local_folder:
+            config = AutoConfig.from_pretrained(local_folder, local_files_only=True)
+        else:
+            config = AutoConfig.for_model(**model_config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError, ImportError) as exc:
+        console.print(f"[yellow]cannot size this architecture offline ({exc})[/yellow]")
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    quantizable = sum(
+        module.weight.numel()
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and not name.endswith("lm_head")
+    )
+    trainable, _ = get_peft_model(model, lora_config).get_nb_trainable_parameters()
+    return {"total": total, "quantizable": quantizable, "trainable": trainable}
+
+
+NF4_BYTES = 4.127 / 8  # 4-bit codes + double-quantized block scales (one per 64 weights)
+
+
+def memory_rows(sizes: dict) -> list[tuple[str, str, float, float, float]]:
+    """(method, precision, weights, gradients+optimizer, total) in bytes.
+
+    Full fine-tuning trains all N weights: N*w (weights) + N*w (gradients) + N*8 (AdamW keeps
+    two fp32 moments). LoRA freezes them: N*w + T*(4+4+8) for T adapter weights kept in fp32.
+    QLoRA stores the Linear weights in NF4; peft's prepare_model_for_kbit_training then upcasts
+    every other weight (embeddings, norms, anything bitsandbytes did not quantize) to fp32.
+    Activations are not included: they grow with batch size x sequence length.
+    """
+    n, t, q = sizes["total"], sizes["trainable"], sizes["quantizable"]
+    rows = []
+    for precision, w in (("fp32", 4), ("bf16", 2)):
+        rows.append(("full fine-tuning", precision, n * w, n * (w + 8), n * (2 * w + 8)))
+    rows.append(("full fine-tuning", "4-bit", math.nan, math.nan, math.nan))
+    for precision, w in (("fp32", 4), ("bf16", 2)):
+        rows.append(("LoRA", precision, n * w, t * 16, n * w + t * 16))
+    nf4 = q * NF4_BYTES + (n - q) * 4
+    rows.append(("QLoRA", "4-bit", nf4, t * 16, nf4 + t * 16))
+    return rows
+
+
+def size_text(nbytes: float) -> str:
+    if math.isnan(nbytes):
+        return "n/a"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
+
+
+def human(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(int(count))
+
+
+def measure_flops(device: str, precision: str) -> float:
+    """FLOP/s of a 1024x1024 matmul on this machine: the yardstick for the time estimate."""
+    import torch
+
+    dtype = torch_dtype(precision)
+    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+    a @ a  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start, repeats = time.perf_counter(), 8
+    for _ in range(repeats):
+        a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * 1024**3 * repeats / (time.perf_counter() - start)
+
+
+def quantization_config():
+    """QLoRA's 4-bit settings: NF4 codes, double quantization, bf16 (or fp16) compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",  # 16 levels placed for normally distributed weights
+        bnb_4bit_use_double_quant=True,  # quantize the block scales too: ~0.4 bits/weight saved
+        bnb_4bit_compute_dtype=compute,  # weights are unpacked to this for each matmul
+    )
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    targets = cfg.target_modules
+    if targets != "all-linear":
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def generate_answers(
+    model, tokenizer, questions: list[str], *, system_in_user, stop_ids, max_new_tokens, batch_size
+) -> list[str]:
+    """Greedy answers, a batch at a time, left-padded so every prompt ends where generation
+    starts (right padding would put pad tokens between a question and its answer)."""
+    import torch
+    from transformers import GenerationConfig
+
+    tokenizer.padding_side = "left"
+    settings = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=list(stop_ids),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.eval()
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        batch = [chat(q, None, system_in_user) for q in questions[start : start + batch_size]]
+        inputs = tokenizer.apply_chat_template(
+            batch,
+            add_generation_prompt=True,
+            tokenize=True,
+            padding=True,
+            return_tensors="pt",
+            return_dict=True,
+            sanitize_control_tokens=True,
+        ).to(model.device)
+        with torch.no_grad():
+            output = model.generate(**inputs, generation_config=settings)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    tokenizer.padding_side = "right"
+    return answers
+
+
+def printable(text: str, limit: int = 160) -> str:
+    """A random model can emit control characters; show them as '?' and keep it short."""
+    clean = "".join(c if c.isprintable() or c == " " else "?" for c in text.replace("\n", " "))
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def load_base_model(source: str, precision: str, *, four_bit: bool, device: str):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch_dtype(precision)}
+    if four_bit:
+        # bitsandbytes quantizes while loading, straight onto this process's GPU.
+        kwargs["quantization_config"] = quantization_config()
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
+    elif device == "cuda":
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return hub_call(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
+
+
+def write_loss_log(log_history: list[dict], folder: Path) -> tuple[Path, Path]:
+    """loss_log.csv (step, train_loss, eval_loss) and loss_curve.png from the Trainer's log."""
+    rows = {}
+    for entry in log_history:
+        if "loss" in entry:
+            rows.setdefault(entry["step"], {})["train"] = entry["loss"]
+        if "eval_loss" in entry:
+            rows.setdefault(entry["step"], {})["eval"] = entry["eval_loss"]
+    lines = ["step,train_loss,eval_loss"]
+    for step in sorted(rows):
+        train, held_out = rows[step].get("train", ""), rows[step].get("eval", "")
+        lines.append(f"{step},{train},{held_out}")
+    csv_path = folder / "loss_log.csv"
+    write_atomic(csv_path, "\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, marker in (("train", "train loss", ""), ("eval", "held-out loss", "o")):
+        steps = [s for s in sorted(rows) if key in rows[s]]
+        ax.plot(steps, [rows[s][key] for s in steps], marker=marker, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on the answer tokens")
+    ax.set_title("LoRA training loss")
+    ax.legend()
+    fig.tight_layout()
+    png_path = folder / "loss_curve.png"
+    tmp = folder / f".loss_curve.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return csv_path, png_path
+
+
+def progress_callback():
+    """A Trainer callback that shows a rich progress bar and prints the loss as it goes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        def __init__(self):
+            self.bar = None
+            self.first_step = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.first_step = state.global_step  # > 0 when resuming from a checkpoint
+            if state.is_world_process_zero:
+                self.bar = Progress(
+                    "[progress.description]{task.description}",
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                    console=console,
+                )
+                self.bar.start()
+                self.task = self.bar.add_task("training", total=state.max_steps)
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar:
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not self.bar or not logs:
+                return
+            if "loss" in logs:
+                self.bar.update(self.task, description=f"training · loss {logs['loss']:.3f}")
+            if "eval_loss" in logs:
+                self.bar.console.print(
+                    f"step {state.global_step}: held-out loss {logs['eval_loss']:.3f}"
+                )
+
+        def close(self):
+            if self.bar:
+                self.bar.stop()
+                self.bar = None
+
+    return RichProgress()
+
+
+# =====================================================================================
+# The six stages
+# =====================================================================================
+
+
+def prepare_data(cfg: Config) -> dict:
+    stage(1, "prepare_data", "Load and check the question/answer pairs, then split them.")
+    examples = load_examples(cfg.data)
+    train = take(examples, "train", cfg.train_limit)
+    test = take(examples, "test", cfg.test_limit)
+    table = Table(title=f"{cfg.data.name}: {len(examples)} pairs")
+    table.add_column("subject")
+    table.add_column("train", justify="right")
+    table.add_column("test", justify="right")
+    for subject in sorted({e["subject"] for e in examples}):
+        table.add_row(
+            subject,
+            str(sum(e["subject"] == subject for e in train)),
+            str(sum(e["subject"] == subject for e in test)),
+        )
+    table.add_row("[bold]all", f"[bold]{len(train)}", f"[bold]{len(test)}")
+    console.print(table)
+    if cfg.train_limit or cfg.test_limit:
+        console.print(f"using the first {len(train)} train and {len(test)} test examples (limits)")
+    return {"train": train, "test": test}
+
+
+def format_data(cfg: Config, data: dict) -> dict:
+    stage(
+        2,
+        "format_data",
+        "Turn each pair into a chat and token ids; only the answer tokens carry a loss.",
+    )
+    kind, source = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(kind, source, offline=not cfg.run)
+    rng = random.Random(cfg.seed)
+    train = list(data["train"])
+    n_eval = round(len(train) * cfg.eval_fraction) if len(train) >= 2 else 0
+    if cfg.eval_fraction > 0 and len(train) >= 2:
+        n_eval = max(1, n_eval)
+    eval_ids = {e["id"] for e in rng.sample(train, n_eval)}
+    eval_part = [e for e in train if e["id"] in eval_ids]
+    train_part = [e for e in train if e["id"] not in eval_ids]
+    console.print(
+        f"{len(train_part)} pairs to train on, {len(eval_part)} held out of train for the "
+        f"eval loss, {len(data['test'])} test questions for stage 5"
+    )
+    console.print(f"system prompt: [italic]{SYSTEM_PROMPT}[/italic]")
+
+    formatted = {
+        "kind": kind,
+        "source": source,
+        "tokenizer": tokenizer,
+        "train_part": train_part,
+        "eval_part": eval_part,
+        "fallback_template": False,
+        "system_in_user": False,
+    }
+    out = work_dir(cfg) / "formatted"
+    if tokenizer is None:
+        # A dry run does not download the tokenizer; count ~4 characters per token instead.
+        console.print(
+            f"[yellow]{source}'s tokenizer is not on this machine (a dry run downloads "
+            "nothing): token counts below are estimates at ~4 characters per token[/yellow]"
+        )
+        lengths = [
+            (len(SYSTEM_PROMPT) + len(e["question"]) + len(e["answer"])) // 4 + 12
+            for e in train_part
+        ]
+        formatted |= {"train_rows": None, "eval_rows": None, "train_tokens": sum(lengths)}
+        console.print(
+            f"estimated tokens per example: min {min(lengths)}, median "
+            f"{statistics.median(lengths):.0f}, max {max(lengths)}; total {sum(lengths)}"
+        )
+        console.print("one example as chat messages:")
+        console.print_json(json.dumps(chat(train_part[0]["question"], train_part[0]["answer"])))
+        if is_main_process():
+            lines = [
+                json.dumps({"id": e["id"], "messages": chat(e["question"], e["answer"])})
+                for e in train_part
+            ]
+            write_atomic(out / "train.jsonl", "\n".join(lines) + "\n")
+            console.print(f"wrote {out / 'train.jsonl'} (chat messages; tokens on a real run)")
+        return formatted
+
+    fallback = ensure_chat_template(tokenizer)
+    if fallback:
+        console.print(
+            "this tokenizer has no chat template (a base model): using the fallback\n"
+            "  <system>\\n\\n### Question:\\n<question>\\n\\n### Answer:\\n<answer><eos>"
+        )
+    system_in_user = not system_role_supported(tokenizer)
+    if system_in_user:
+        console.print("this chat template has no system role: the instructions go in the question")
+
+    def encode(examples: list[dict]) -> tuple[list[dict], int]:
+        rows, dropped = [], 0
+        for e in examples:
+            row = encode_example(tokenizer, e["question"], e["answer"], system_in_user)
+            if len(row["input_ids"]) > cfg.max_length:
+                dropped += 1  # truncating would cut off the end-of-turn token
+                continue
+            rows.append({"id": e["id"], **row})
+        return rows, dropped
+
+    train_rows, dropped = encode(train_part)
+    eval_rows, dropped_eval = encode(eval_part)
+    if dropped + dropped_eval:
+        console.print(
+            f"[yellow]dropped {dropped + dropped_eval} examples longer than --max-length "
+            f"{cfg.max_length} tokens (truncating would cut off the end-of-turn token)[/yellow]"
+        )
+    if not train_rows:
+        raise UsageError(
+            f"every training example is longer than --max-length {cfg.max_length} tokens; "
+            "raise --max-length"
+        )
+    show_tokens(tokenizer, train_rows[0])
+    lengths = [len(r["input_ids"]) for r in train_rows]
+    trained = [sum(label != -100 for label in r["labels"]) for r in train_rows]
+    stats = Table(title="tokens per training example")
+    for column in ("", "min", "median", "max", "total"):
+        stats.add_column(column, justify="right")
+    for name, values in (("whole example", lengths), ("trained (answer + end)", trained)):
+        stats.add_row(
+            name,
+            str(min(values)),
+            f"{statistics.median(values):.0f}",
+            str(max(values)),
+            str(sum(values)),
+        )
+    console.print(stats)
+    console.print(
+        f"{sum(trained) / sum(lengths):.0%} of the tokens carry a loss; the rest is prompt "
+        "the model reads but is not graded on"
+    )
+    if is_main_process():
+        lines = [json.dumps(row) for row in train_rows]
+        write_atomic(out / "train.jsonl", "\n".join(lines) + "\n")
+        write_atomic(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in eval_rows))
+        console.print(f"wrote {out / 'train.jsonl'} and eval.jsonl (input_ids, labels)")
+    end_of_turn = train_rows[0]["labels"][-1]  # every trained example ends with it
+    formatted |= {
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "train_tokens": sum(lengths),
+        "fallback_template": fallback,
+        "system_in_user": system_in_user,
+        "stop_ids": sorted({end_of_turn, tokenizer.eos_token_id}),
+    }
+    return formatted
+
+
+def configure_model(cfg: Config, data: dict, formatted: dict) -> dict:
+    stage(
+        3,
+        "configure_model",
+        "The LoRA settings, and what they cost in parameters, memory and time: before any weights.",
+    )
+    quiet_library_noise()
+    kind, source = formatted["kind"], formatted["source"]
+    device, precision, why = pick_device()
+    if cfg.load_in_4bit and device != "cuda":
+        raise UsageError("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); drop the flag here")
+    lora = lora_config(cfg)
+    console.print(
+        f"LoraConfig: r={lora.r}, lora_alpha={lora.lora_alpha} (scale alpha/r = "
+        f"{lora.lora_alpha / lora.r:g}), lora_dropout={lora.lora_dropout}, "
+        f"target_modules={lora.target_modules!r}"
+    )
+
+    # Where the model's shape comes from, without downloading weights.
+    model_config, folder, origin = None, None, ""
+    if kind == "tiny":
+        model_config, origin = tiny_model_config(formatted["tokenizer"]), "built here"
+    elif kind == "local":
+        folder, origin = source, f"{source}/config.json"
+    elif (snapshot := cached_snapshot(source)) is not None:
+        folder, origin = str(snapshot), "config.json in the local Hugging Face cache"
+    elif (preset := preset_for(source)) is not None:
+        model_config, origin = preset["config"], "known numbers for this preset"
+    elif cfg.run:
+        from transformers import AutoConfig
+
+        config = hub_call(lambda: AutoConfig.from_pretrained(source), source)
+        model_config, origin = config.to_dict(), "config.json from the Hub"
+    sizes = size_model(model_config, folder, lora) if (model_config or folder) else None
+    if sizes is None:
+        console.print(f"[yellow]no config for {source} on this machine: sizes on a real run")
+    else:
+        console.print(
+            f"{source} ({origin}): {human(sizes['total'])} parameters; LoRA trains "
+            f"{human(sizes['trainable'])} of them ({sizes['trainable'] / sizes['total']:.3%})"
+        )
+        table = Table(title="memory to train: weights + gradients + AdamW states")
+        for column in ("method", "precision", "weights", "grads + optimizer", "total"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        chosen = ("QLoRA", "4-bit") if cfg.load_in_4bit else ("LoRA", precision)
+        for method, prec, weights, rest, total in memory_rows(sizes):
+            mark = " ← this run" if (method, prec) == chosen else ""
+            table.add_row(
+                method, prec, size_text(weights), size_text(rest), size_text(total) + mark
+            )
+        console.print(table)
+        console.print(
+            "[dim]full FT: N·w + N·w + N·8 bytes (weights, gradients, two fp32 AdamW moments);"
+            "\nLoRA: N·w + T·(4+4+8) (frozen weights; adapter weights, gradients and moments in "
+            "fp32);\nQLoRA: Linear weights at ~0.52 bytes (NF4 + scales), the rest upcast to fp32 "
+            "by prepare_model_for_kbit_training.\nw = 4 (fp32) or 2 (bf16); N = all parameters, "
+            "T = LoRA parameters; activations come on top and grow with batch x length.[/dim]"
+        )
+    console.print(f"device: {device}, precision: {precision} ({why})")
+    if cfg.load_in_4bit:
+        q = quantization_config()
+        console.print(
+            f"4-bit QLoRA: on (BitsAndBytesConfig: {q.bnb_4bit_quant_type}, double quantization "
+            f"{q.bnb_4bit_use_double_quant}, compute in {str(q.bnb_4bit_compute_dtype)[6:]})"
+        )
+    elif device == "cuda":
+        console.print("4-bit QLoRA: off (add --load-in-4bit to store the base in NF4)")
+    else:
+        console.print("4-bit QLoRA: off (bitsandbytes NF4 training needs a CUDA GPU)")
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n_train = len(formatted["train_part"])
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    steps = cfg.max_steps or math.ceil(math.ceil(n_train / per_step) * cfg.epochs)
+    plan = {
+        "device": device,
+        "precision": precision,
+        "lora": lora,
+        "sizes": sizes,
+        "steps": steps,
+        "world": world,
+        "learning_rate": cfg.learning_rate or (1e-2 if kind == "tiny" else 2e-4),
+    }
+    if sizes and is_main_process():
+        # LoRA training: ~2N FLOPs/token forward + ~2N backward through the frozen weights
+        # (no weight gradients for them); activation checkpointing re-runs the forward.
+        flops_per_token = (6 if cfg.activation_checkpointing else 4) * sizes["total"]
+        tokens = formatted["train_tokens"] * (steps * per_step / max(1, n_train))
+        speed = measure_flops(device, precision) * world
+        seconds = tokens * flops_per_token / (0.3 * speed)
+        plan["estimated_seconds"] = seconds
+        console.print(
+            f"plan: {steps} optimizer steps ({cfg.epochs:g} epochs x "
+            f"{math.ceil(n_train / per_step)} steps of {per_step} examples); about "
+            f"{tokens:,.0f} tokens x {flops_per_token:.2g} FLOP each; this machine does "
+            f"{speed / 1e9:,.0f} GFLOP/s on a 1024² matmul, so at "
+            f"~30% of that: roughly {seconds / 60:.1f} minutes"
+        )
+    return plan
+
+
+def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
+    stage(4, "tune", "Train the LoRA adapter with transformers' Trainer: the heavy step.")
+    out = work_dir(cfg)
+    if not cfg.run:
+        console.print(
+            f"dry run: would train {plan['steps']} steps at learning rate {plan['learning_rate']:g}"
+            f" on {plan['device']} in {plan['precision']}, checkpoint every {cfg.save_steps} steps "
+            f"to {out / 'checkpoints'}, and save the adapter to {out / 'adapter'}"
+            + (f", then merge it into {out / 'merged'}" if cfg.merge else "")
+        )
+        console.print("no weights were loaded.")
+        return None
+
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    started = time.perf_counter()
+    device, precision = plan["device"], plan["precision"]
+    checkpoints = out / "checkpoints"
+    resume_from = None
+    if cfg.resume:
+        resume_from = last_checkpoint(checkpoints)
+        if resume_from is None:
+            raise UsageError(
+                f"--resume: no complete checkpoint in {checkpoints}; run without --resume"
+            )
+        console.print(f"resuming from {resume_from.name}")
+    elif checkpoints.exists() and is_main_process():
+        # Stale checkpoints from an earlier run would be picked up by a later --resume.
+        console.print(f"starting from zero: removing the earlier run's {checkpoints}")
+        shutil.rmtree(checkpoints)
+
+    set_seed(cfg.seed)
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=plan["learning_rate"],
+        warmup_steps=0.05,
+        logging_steps=max(1, plan["steps"] // 50),
+        logging_first_step=True,
+        eval_strategy="steps" if formatted["eval_rows"] else "no",
+        eval_steps=cfg.save_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        bf16=precision == "bf16",
+        use_cpu=device == "cpu",
+        activation_checkpointing=cfg.activation_checkpointing or cfg.load_in_4bit,
+        report_to="none",
+        disable_tqdm=True,  # the rich progress callback below replaces tqdm
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        label_names=["labels"],
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        dataloader_pin_memory=device == "cuda",
+    )
+
+    if formatted["kind"] == "tiny":
+        source = str(out / "tiny-base")
+        # Rank 0 builds and saves the tiny model first; the others then load the same weights.
+        with args.main_process_first(desc="tiny model"):
+            if not (out / "tiny-base" / "config.json").is_file():
+                from transformers import AutoConfig
+
+                torch.manual_seed(0)  # the same random network every time
+                config = AutoConfig.for_model(**tiny_model_config(formatted["tokenizer"]))
+                AutoModelForCausalLM.from_config(config).save_pretrained(source)
+                formatted["tokenizer"].save_pretrained(source)
+                console.print(f"built the tiny random model in {source}")
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(precision))
+    else:
+        source = formatted["source"]
+        console.print(f"loading {source} ({precision}{', 4-bit NF4' if cfg.load_in_4bit else ''})")
+        model = load_base_model(source, precision, four_bit=cfg.load_in_4bit, device=device)
+    if cfg.load_in_4bit:
+        # Freezes the base, upcasts norms/embeddings to fp32 for stable training; checkpointing
+        # is switched on by the Trainer (activation_checkpointing above).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, plan["lora"])
+    trainable, total = model.get_nb_trainable_parameters()
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})")
+
+    tokenizer = formatted["tokenizer"]
+    tokenizer.padding_side = "right"
+    columns = ("input_ids", "attention_mask", "labels")
+    train_set = Dataset.from_list([{k: r[k] for k in columns} for r in formatted["train_rows"]])
+    eval_rows = formatted["eval_rows"]
+    eval_set = (
+        Dataset.from_list([{k: r[k] for k in columns} for r in eval_rows]) if eval_rows else None
+    )
+    progress = progress_callback()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        # pads input_ids with pad, attention_mask with 0, labels with -100 (ignored by the loss)
+        data_collator=DataCollatorForSeq2Seq(
+            tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None
+        ),
+        processing_class=tokenizer,
+        callbacks=[progress],
+    )
+    trainer.remove_callback(PrinterCallback)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        progress.close()
+        kept = last_checkpoint(checkpoints)
+        where = f"{kept} is kept" if kept else "no checkpoint was saved yet"
+        print(
+            f"\ntraining interrupted at step {trainer.state.global_step}: {where}; "
+            "add --resume to the same command to continue from it",
+            file=sys.stderr,
+        )
+        raise
+    finally:
+        progress.close()
+    first_step = progress.first_step
+    console.print(
+        f"trained steps {first_step + 1}..{trainer.state.global_step}"
+        + (f" (resumed from step {first_step})" if first_step else "")
+    )
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+
+    # Save into a side folder, then swap: the adapter folder is complete or absent.
+    adapter_dir, partial = out / "adapter", out / "adapter.partial"
+    trainer.save_model(str(partial))  # adapter_model.safetensors + adapter_config.json + tokenizer
+    result = {"model": model, "tokenizer": tokenizer, "trainer": trainer, "source": source}
+    if not is_main_process():
+        return result
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    os.replace(partial, adapter_dir)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    csv_path, png_path = write_loss_log(trainer.state.log_history, out)
+    console.print(
+        f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        + (f", held-out loss {eval_loss:.3f}" if eval_loss is not None else "")
+    )
+    console.print(f"wrote the adapter to {adapter_dir}, {csv_path.name} and {png_path.name}")
+    run_info = {
+        "model": cfg.model,
+        "base": "tiny" if formatted["kind"] == "tiny" else str(source),
+        "precision": precision,
+        "load_in_4bit": cfg.load_in_4bit,
+        "system_in_user": formatted["system_in_user"],
+        "stop_ids": formatted["stop_ids"],
+        "max_new_tokens": cfg.max_new_tokens,
+    }
+    write_atomic(out / "run_info.json", json.dumps(run_info, indent=2) + "\n")
+
+    if cfg.merge:
+        from peft import PeftModel
+
+        # Merge on the CPU into an unquantized copy of the base: W + (alpha/r)·B·A cannot be
+        # stored back into 4-bit codes without losing it, and the GPU holds the training copy.
+        merge_precision = "bf16" if (precision == "bf16" or cfg.load_in_4bit) else "fp32"
+        base = load_base_model(source, merge_precision, four_bit=False, device="cpu")
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged_dir, partial = out / "merged", out / "merged.partial"
+        merged.save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
+        if merged_dir.exists():
+            shutil.rmtree(merged_dir)
+        os.replace(partial, merged_dir)
+        console.print(f"wrote the merged model ({merge_precision}) to {merged_dir}")
+        del base, merged
+    result |= {
+        "adapter_dir": adapter_dir,
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[-1],
+        "eval_loss": eval_loss,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": first_step,
+        "trainable": trainable,
+        "total": total,
+        "train_seconds": time.perf_counter() - started,
+    }
+    return result
+
+
+def answer(cfg: Config, data: dict | None, formatted: dict | None, tuned: dict | None) -> list:
+    stage(5, "answer", "Answer held-out questions greedily: base model vs base + adapter.")
+    if cfg.ask:
+        return ask(cfg)
+    questions = data["test"]
+    if tuned is None:
+        console.print(
+            f"dry run: would answer {len(questions)} test questions greedily "
+            f"(max {cfg.max_new_tokens} new tokens, batches of {cfg.gen_batch_size}, left "
+            "padding), once with the adapter disabled (baseline) and once with it on. Prompt:"
+        )
+        console.print_json(json.dumps(chat(questions[0]["question"])))
+        return []
+    model, tokenizer = tuned["model"], tuned["tokenizer"]
+    settings = {
+        "system_in_user": formatted["system_in_user"],
+        "stop_ids": formatted["stop_ids"],
+        "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.gen_batch_size,
+    }
+    texts = [q["question"] for q in questions]
+    started = time.perf_counter()
+    with console.status("answering without the adapter (baseline)"), model.disable_adapter():
+        baseline = generate_answers(model, tokenizer, texts, **settings)
+    with console.status("answering with the adapter (tuned)"):
+        tuned_answers = generate_answers(model, tokenizer, texts, **settings)
+    console.print(f"answered {len(texts)} questions twice in {time.perf_counter() - started:.1f}s")
+    if formatted["kind"] == "tiny":
+        console.print(
+            "[yellow]tiny model: random weights, so these answers are noise; the run checks "
+            "the plumbing, not the teaching[/yellow]"
+        )
+    table = Table(title="a few answers side by side", show_lines=True)
+    for column in ("question", "baseline", "tuned", "reference"):
+        table.add_column(column, ratio=1)
+    for q, b, t in list(zip(questions, baseline, tuned_answers, strict=True))[:3]:
+        table.add_row(printable(q["question"]), printable(b), printable(t), printable(q["answer"]))
+    console.print(table)
+    return [
+        {
+            "id": q["id"],
+            "question": q["question"],
+            "reference": q["answer"],
+            "baseline": b,
+            "tuned": t,
+        }
+        for q, b, t in zip(questions, baseline, tuned_answers, strict=True)
+    ]
+
+
+def ask(cfg: Config) -> list:
+    """--ask: one question of the user's, baseline vs the adapter an earlier run saved."""
+    out = work_dir(cfg)
+    info_path, adapter_dir = out / "run_info.json", out / "adapter"
+    if not info_path.is_file() or not adapter_dir.is_dir():
+        raise UsageError(
+            f"--ask: no saved adapter in {out}; train one first with --run "
+            "(and the same --output-dir)"
+        )
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    quiet_library_noise()
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    device, precision, _ = pick_device()
+    source = str(out / "tiny-base") if info["base"] == "tiny" else info["base"]
+    four_bit = info["load_in_4bit"] and device == "cuda"
+    console.print(f"base {source} + adapter {adapter_dir} ({precision})")
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    base = load_base_model(source, precision, four_bit=four_bit, device=device)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    settings = {
+        "system_in_user": info["system_in_user"],
+        "stop_ids": info["stop_ids"],
+        "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": 1,
+    }
+    with model.disable_adapter():
+        baseline = generate_answers(model, tokenizer, [cfg.ask], **settings)[0]
+    tuned = generate_answers(model, tokenizer, [cfg.ask], **settings)[0]
+    table = Table(title=printable(cfg.ask), show_lines=True)
+    table.add_column("baseline (adapter off)", ratio=1)
+    table.add_column("tuned (adapter on)", ratio=1)
+    table.add_row(printable(baseline, 600), printable(tuned, 600))
+    console.print(table)
+    if info["base"] == "tiny":
+        console.print("[yellow]tiny model: random weights, so both answers are noise[/yellow]")
+    return [{"question": cfg.ask, "baseline": baseline, "tuned": tuned}]
+
+
+def compare(cfg: Config, answers: list, tuned: dict | None, plan: dict, started: float) -> None:
+    stage(6, "compare", "Score both with ROUGE-L, write the results, compare across approaches.")
+    if tuned is None:
+        console.print(
+            f"dry run: would score baseline and tuned answers with ROUGE-L F1 and write "
+            f"{cfg.output_dir / 'results' / (APPROACH + '.json')}; results present now:"
+        )
+        compare_results(cfg.output_dir, write=False)
+        real = ["python", Path(sys.argv[0]).name, "--run", *sys.argv[1:]]
+        console.print(f"\nreal run: [bold]{shlex.join(real)}[/bold]")
+        return
+    extra = {
+        "device": plan["device"],
+        "precision": plan["precision"],
+        "load_in_4bit": cfg.load_in_4bit,
+        "lora": {
+            "r": cfg.lora_r,
+            "alpha": cfg.lora_alpha,
+            "dropout": cfg.lora_dropout,
+            "target_modules": cfg.target_modules,
+        },
+        "trainable_params": tuned["trainable"],
+        "total_params": tuned["total"],
+        "train_examples": len(tuned["trainer"].train_dataset),
+        "steps": tuned["steps"],
+        "resumed_from_step": tuned["resumed_from_step"],
+        "train_loss_first": round(tuned["train_loss_first"], 4),
+        "train_loss_last": round(tuned["train_loss_last"], 4),
+        "eval_loss": None if tuned["eval_loss"] is None else round(tuned["eval_loss"], 4),
+        "train_seconds": round(tuned["train_seconds"], 1),
+        "processes": plan["world"],
+    }
+    path = write_results(
+        cfg.output_dir,
+        model="tiny (random weights)" if cfg.model == "tiny" else cfg.model,
+        tuned_model=str(tuned["adapter_dir"]),
+        questions=answers,
+        cost_usd=0.0,  # local compute: no money changes hands
+        seconds=time.perf_counter() - started,
+        extra=extra,
+    )
+    console.print(f"wrote {path}")
+    compare_results(cfg.output_dir, write=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    cfg = Config(**vars(args))
+    if not is_main_process():
+        console.quiet = True  # under torchrun/accelerate only rank 0 prints
+    load_env_file()
+    if not cfg.run and not cfg.ask:
+        # Belt and braces for the dry run: no Hugging Face library may touch the network.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    resolve_model(cfg.model)  # a bad --model fails now, not after the data work
+    if cfg.load_in_4bit:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(
+                "--load-in-4bit needs a CUDA GPU (bitsandbytes NF4 QLoRA); this machine has none, "
+                "so drop the flag to train a bf16/fp32 LoRA"
+            )
+    started = time.perf_counter()
+    mode = "ask" if cfg.ask else ("real run" if cfg.run else "dry run (add --run to train)")
+    console.print(f"[bold]huggingface_lora.py[/bold] · {mode} · model {cfg.model}")
+    console.print(key_status("HF_TOKEN") + " (only gated models such as Llama 2 need it)")
+    if cfg.ask:
+        answer(cfg, None, None, None)
+        return
+    data = prepare_data(cfg)
+    formatted = format_data(cfg, data)
+    plan = configure_model(cfg, data, formatted)
+    tuned = tune(cfg, data, formatted, plan)
+    if tuned is not None and not is_main_process():
+        return  # the other ranks helped train; rank 0 answers and writes
+    answers = answer(cfg, data, formatted, tuned)
+    compare(cfg, answers, tuned, plan, started)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
