@@ -41,6 +41,7 @@ The six stages are the same functions, in the same order, as in the two other sc
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -722,7 +723,10 @@ def load_token_counter(model: str):
     if not exact_for_model:
         label += f"; APPROXIMATE for {model}, which uses its own tokenizer"
     # encode_ordinary: text like "<|endoftext|>" in a question is text, not a special token.
-    return (lambda text: len(encoding.encode_ordinary(text))), label
+    # The cache makes the system prompt and role names, repeated on every line, cost nothing.
+    return functools.lru_cache(maxsize=4096)(
+        lambda text: len(encoding.encode_ordinary(text))
+    ), label
 
 
 # =====================================================================================
@@ -850,20 +854,14 @@ def validate_chat_file(path: Path, count_tokens, max_tokens_per_example: int) ->
                     error(
                         "invalid_weight", line_number, f"{where} has weight {message['weight']!r}"
                     )
-                n = TOKENS_PER_MESSAGE + count_tokens(str(role))
-                if isinstance(content, str):
-                    n += count_tokens(content)
+                text_tokens = count_tokens(content) if isinstance(content, str) else 0
+                tokens += TOKENS_PER_MESSAGE + count_tokens(str(role)) + text_tokens
                 if isinstance(message.get("name"), str):
-                    n += count_tokens(message["name"]) + 1
+                    tokens += count_tokens(message["name"]) + 1
                 if calls:
-                    n += count_tokens(json.dumps(calls))
-                tokens += n
-                if (
-                    role == "assistant"
-                    and message.get("weight", 1) == 1
-                    and isinstance(content, str)
-                ):
-                    trained += count_tokens(content)
+                    tokens += count_tokens(json.dumps(calls))
+                if role == "assistant" and message.get("weight", 1) == 1:
+                    trained += text_tokens
             if "assistant" not in roles:
                 error("example_missing_assistant_message", line_number, "no assistant message")
             if "system" not in roles:
@@ -996,6 +994,11 @@ def command_line(cfg: Config, drop: tuple[str, ...] = (), add: tuple[str, ...] =
     return shlex.join(["python", Path(sys.argv[0]).name, *kept, *add])
 
 
+def show_command(command: str) -> None:
+    """A command to copy: on one line however narrow the terminal, never read as markup."""
+    console.print(f"  {command}", soft_wrap=True, markup=False)
+
+
 def cancel_command(cfg: Config, job_id: str) -> str:
     return command_line(cfg, ("--job-id", "--cancel", "--run", "--yes"), ("--cancel", job_id))
 
@@ -1008,10 +1011,11 @@ def api_error(exc) -> str:
     """One line from an SDK error: HTTP status, code and message (never headers, never keys)."""
     status = getattr(exc, "status_code", None)
     code = getattr(exc, "code", None)
-    text = getattr(exc, "message", None) or str(exc)
-    return " ".join(
-        filter(None, [f"HTTP {status}" if status else None, f"[{code}]" if code else None, text])
-    )
+    body = getattr(exc, "body", None)
+    text = body.get("message") if isinstance(body, dict) else None
+    text = text or getattr(exc, "message", None) or str(exc)
+    parts = [f"HTTP {status}" if status else None, code, text]
+    return " ".join(filter(None, parts))
 
 
 TRAINING_NOT_AVAILABLE = """\
@@ -1355,10 +1359,8 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
     record.update(job_id=job.id, model=job.model, status=job.status)
     save_record(cfg, record)
     console.print(f"job {job.id} on {job.model}; recorded in {record_path(cfg)}")
-    console.print(
-        f"[dim]Ctrl-C stops watching (the job keeps running); "
-        f"cancel it with: {cancel_command(cfg, job.id)}[/dim]"
-    )
+    console.print("[dim]Ctrl-C stops watching (the job keeps running); cancel it with:[/dim]")
+    show_command(cancel_command(cfg, job.id))
     job = watch_job(cfg, client, job, record)
     record.update(
         status=job.status, fine_tuned_model=job.fine_tuned_model, trained_tokens=job.trained_tokens
@@ -1507,11 +1509,10 @@ def watch_job(cfg: Config, client, job, record: dict):
             )
             time.sleep(interval)
     except KeyboardInterrupt:
-        console.print(
-            f"\nstopped watching; job {job.id} keeps running on the server.\n"
-            f"resume with: {resume}\n"
-            f"cancel with: {cancel_command(cfg, job.id)}"
-        )
+        console.print(f"\nstopped watching; job {job.id} keeps running on the server. Resume with:")
+        show_command(resume)
+        console.print("or cancel it with:")
+        show_command(cancel_command(cfg, job.id))
         raise
 
 
@@ -1534,19 +1535,14 @@ def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
         record.update(deploy_command=command)
         save_record(cfg, record)
         console.print("Azure serves a fine-tuned model only once it is deployed. Deploy it with:")
-        console.print(f"  {command}")
+        show_command(command)
         if cfg.azure_tier == "developerTier":
             console.print(
                 "  (developer tier: no hosting fee; Azure deletes the deployment after 24 h)"
             )
-        console.print(
-            "then answer with it: "
-            + command_line(
-                cfg,
-                ("--job-id", "--tuned-model"),
-                ("--job-id", job.id, "--tuned-model", deployment),
-            )
-        )
+        console.print("then answer with it:")
+        add = ("--job-id", job.id, "--tuned-model", deployment)
+        show_command(command_line(cfg, ("--job-id", "--tuned-model"), add))
         return None
     # Nebius: the newest checkpoint of the job becomes a served LoRA model.
     import openai
@@ -1790,7 +1786,7 @@ def main(argv: list[str] | None = None) -> None:
         total = plan["costs"]["total"]
         cap = () if total is None else ("--max-cost", f"{math.ceil(total * 125) / 100:.2f}")
         console.print("\nDry run: nothing was sent and nothing was spent. To run it for real:")
-        console.print(f"  {command_line(cfg, ('--max-cost',), ('--run', *cap))}")
+        show_command(command_line(cfg, ("--max-cost",), ("--run", *cap)))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class FakeAPI:
             "path": url.path,
             "route": route,
             "query": parse_qs(url.query),
-            "headers": dict(handler.headers.items()),
+            "headers": {k.lower(): v for k, v in handler.headers.items()},
             "body": body,
         }
         self.requests.append(record)
@@ -167,7 +167,7 @@ class FakeAPI:
         return 404, error(f"no such route {method} {route}", "not_found"), {}
 
     def _upload(self, request: dict):
-        content_type = request["headers"].get("Content-Type", "")
+        content_type = request["headers"].get("content-type", "")
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
             f"Content-Type: {content_type}\r\n\r\n".encode() + request["body"]
         )

@@ -1,0 +1,572 @@
+"""openai_finetune.py, run as a real process against a real HTTP fake of the API.
+
+The script drives the official `openai` SDK over HTTP to tests/fake_finetune_api.py on
+127.0.0.1 (the network guard refuses anything else). The validator, token counts and estimates
+are also checked directly, against the real o200k_base encoding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import DATA_FILE, REPO, child_env
+from fake_finetune_api import FakeAPI
+
+SCRIPT = "openai_finetune.py"
+KEY = "sk-test-" + "7f3a9c" * 6  # distinctive, so a leak anywhere is found by plain search
+KEY_VARS = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY", "nebius": "NEBIUS_API_KEY"}
+FAST = ("--poll-interval", "0.02", "--test-limit", "3")
+BASE = "gpt-4o-mini-2024-07-18"
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def oft():
+    """The script as a module, for the functions tested directly."""
+    spec = importlib.util.spec_from_file_location("openai_finetune_tested", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def count_tokens(oft, monkeypatch):
+    """The real o200k_base counter, from litellm's copy (never a download)."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(oft.litellm_tokenizer_dir()))
+    count, label = oft.load_token_counter(BASE)
+    assert "o200k_base" in label and "APPROXIMATE" not in label
+    return count
+
+
+@pytest.fixture
+def api():
+    """Start fakes of a given provider's API; all stopped after the test."""
+    started = []
+
+    def start(provider: str = "openai") -> FakeAPI:
+        fake = FakeAPI(provider, KEY).start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.stop()
+
+
+@pytest.fixture
+def real_run(run_script):
+    """A real run (--run --yes) of the script against a fake, with the key in the environment."""
+
+    def run(fake: FakeAPI, *args: str, **kwargs):
+        return run_script(
+            SCRIPT,
+            "--run",
+            "--yes",
+            "--provider",
+            fake.provider,
+            "--base-url",
+            fake.base_url,
+            *FAST,
+            *args,
+            env={KEY_VARS[fake.provider]: KEY, **kwargs.pop("env", {})},
+            timeout=120,
+            **kwargs,
+        )
+
+    return run
+
+
+def only_job(fake: FakeAPI) -> dict:
+    assert len(fake.jobs) == 1, list(fake.jobs)
+    return next(iter(fake.jobs.values()))
+
+
+def results(result) -> dict:
+    return json.loads((result.cwd / "outputs" / "results" / "openai.json").read_text())
+
+
+def chat_models(fake: FakeAPI) -> list[str]:
+    return [json.loads(r["body"])["model"] for r in fake.calls("POST", "/chat/completions")]
+
+
+def creates(fake: FakeAPI) -> list[dict]:
+    return fake.calls("POST", "/fine_tuning/jobs")
+
+
+# ---------------------------------------------------------------------------- real runs
+def test_full_real_run_trains_answers_scores_and_records(api, real_run):
+    fake = api()
+    result = real_run(fake)
+    assert result.returncode == 0, result.output[-3000:]
+    job = only_job(fake)
+    assert job["status"] == "succeeded"
+
+    create = json.loads(creates(fake)[0]["body"])
+    assert create["method"] == {"type": "supervised", "supervised": {"hyperparameters": {}}}
+    assert "hyperparameters" not in create  # the deprecated top-level form is not used
+    assert create["model"] == BASE and create["suffix"] == "edu-qa" and create["seed"] == 42
+    assert create["validation_file"] and create["metadata"]["run_tag"]
+    assert {f["purpose"] for f in fake.files.values()} == {"fine-tune"}
+    assert "Job is running" in result.stdout  # events are printed as they arrive
+
+    out = results(result)
+    assert out["approach"] == "openai" and out["n_test"] == 3
+    assert out["tuned_model"] == job["fine_tuned_model"]
+    for q in out["questions"]:  # the answers are what the server said, for both models
+        assert q["baseline"] == f"[{BASE}] {q['question']}"
+        assert q["tuned"] == f"[{job['fine_tuned_model']}] {q['question']}"
+        assert 0 <= q["baseline_score"] <= 100 and 0 <= q["tuned_score"] <= 100
+    assert out["training_cost_usd"] == pytest.approx(job["trained_tokens"] * 3.00 / 1e6)
+    total = out["training_cost_usd"] + out["answer_cost_usd"]
+    assert out["cost_usd"] == pytest.approx(total, abs=1e-6)  # rounded to 6 places
+    assert out["estimated_cost_usd"] > 0
+    assert "estimated $" in result.stdout and "actual $" in result.stdout
+
+    record = json.loads((result.cwd / "outputs" / "openai" / "job.json").read_text())
+    assert record["job_id"] == job["id"] and record["status"] == "succeeded"
+    assert record["fine_tuned_model"] == job["fine_tuned_model"]
+    assert (result.cwd / "outputs" / "results" / "comparison.png").stat().st_size > 0
+
+
+def test_the_uploaded_files_are_the_validated_files_byte_for_byte(api, real_run):
+    fake = api()
+    result = real_run(fake)
+    assert result.returncode == 0, result.output[-3000:]
+    job = only_job(fake)
+    training = (result.cwd / "openai_edu_qa_training.jsonl").read_bytes()
+    validation = (result.cwd / "outputs" / "openai" / "openai_edu_qa_validation.jsonl").read_bytes()
+    assert fake.files[job["training_file"]]["bytes"] == training
+    assert fake.files[job["validation_file"]]["bytes"] == validation
+    assert "130 examples, format errors: none" in result.stdout  # this file was validated
+
+
+def test_job_create_is_sent_once_when_the_server_answers_500(api, real_run):
+    fake = api()
+    fake.create_status, fake.create_anyway = 500, True  # created, but the answer was lost
+    result = real_run(fake)
+    assert len(creates(fake)) == 1  # the SDK would have retried it twice
+    assert result.returncode == 0, result.output[-3000:]
+    assert "may have started anyway" in result.stdout
+    assert results(result)["tuned_model"] == only_job(fake)["fine_tuned_model"]
+
+
+def test_a_failed_create_exits_1_and_a_rerun_starts_exactly_one_job(api, real_run):
+    fake = api()
+    fake.create_status = 500
+    failed = real_run(fake)
+    assert failed.returncode == 1
+    assert len(creates(fake)) == 1 and not fake.jobs
+    assert "Run the same command again" in failed.stderr and "Traceback" not in failed.output
+    fake.create_status = None
+    again = real_run(fake)
+    assert again.returncode == 0, again.output[-3000:]
+    assert len(fake.jobs) == 1
+
+
+def test_rate_limited_polls_are_retried_by_the_sdk(api, real_run):
+    fake = api()
+    fake.rate_limit_polls = 2
+    result = real_run(fake)
+    assert result.returncode == 0, result.output[-3000:]
+    job = only_job(fake)
+    polls = fake.calls("GET", f"/fine_tuning/jobs/{job['id']}")
+    retried = [p for p in polls if p["headers"].get("x-stainless-retry-count") != "0"]
+    assert len(retried) == 2 and fake.rate_limit_polls == 0
+
+
+def test_training_not_available_is_explained_and_nothing_more_is_sent(api, real_run):
+    fake = api()
+    fake.create_status, fake.create_error_code = 403, "training_not_available"
+    result = real_run(fake)
+    assert result.returncode == 1
+    assert (
+        fake.requests[-1]["method"] == "POST" and fake.requests[-1]["route"] == "/fine_tuning/jobs"
+    )
+    assert len(creates(fake)) == 1
+    for needed in ("training_not_available", "2027-01-06", "--provider azure", "--base-url"):
+        assert needed in result.stderr, needed
+    assert "huggingface_lora.py" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_failed_job_shows_its_error_code_and_message(api, real_run):
+    fake = api()
+    fake.fail_job_with = ("invalid_training_file", "Line 4 has no assistant message")
+    result = real_run(fake)
+    assert result.returncode == 1
+    assert "invalid_training_file: Line 4 has no assistant message" in result.stderr
+    record = json.loads((result.cwd / "outputs" / "openai" / "job.json").read_text())
+    assert record["status"] == "failed"
+    assert not (result.cwd / "outputs" / "results").exists()
+
+
+def test_ctrl_c_while_polling_exits_130_and_job_id_resumes(api, real_run, tmp_path):
+    fake = api()
+    fake.hold_at_running = True
+    shutil.copy(REPO / SCRIPT, tmp_path / SCRIPT)
+    shutil.copy(DATA_FILE, tmp_path / DATA_FILE.name)
+    command = [sys.executable, SCRIPT, "--run", "--yes", "--base-url", fake.base_url, *FAST]
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=child_env({"OPENAI_API_KEY": KEY}),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen, deadline = [], time.monotonic() + 60
+    while not any("status: running" in line for line in seen):
+        seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+    time.sleep(0.2)  # a few polls while running
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    time.sleep(0.2)
+    while not lines.empty():
+        seen.append(lines.get())
+    stdout, stderr = "".join(seen), proc.stderr.read()
+    job = only_job(fake)
+    assert job["status"] == "running"  # stopping the watch does not stop the job
+    assert f"--job-id {job['id']}" in stdout, stdout[-2000:]
+    assert "Traceback" not in stderr, stderr
+
+    fake.hold_at_running = False
+    resumed = real_run(fake, "--job-id", job["id"])
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert len(creates(fake)) == 1 and len(fake.files) == 2  # nothing uploaded or created again
+    assert results(resumed)["tuned_model"] == job["fine_tuned_model"]
+
+
+def test_an_identical_rerun_reuses_the_job_it_already_started(api, real_run):
+    fake = api()
+    assert real_run(fake).returncode == 0
+    again = real_run(fake)
+    assert again.returncode == 0, again.output[-3000:]
+    assert len(creates(fake)) == 1 and len(fake.files) == 2
+    assert "started earlier with this exact data" in again.stdout
+
+
+def test_the_key_never_appears_in_output_or_any_written_file(api, real_run):
+    fake = api()
+    result = real_run(fake)
+    assert result.returncode == 0, result.output[-3000:]
+    assert all(r["headers"]["authorization"] == f"Bearer {KEY}" for r in fake.requests)
+    assert KEY not in result.output
+    assert "OPENAI_API_KEY is set" in result.stdout
+    written = [p for p in result.cwd.rglob("*") if p.is_file()]
+    assert len(written) > 5
+    for path in written:
+        assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_ask_answers_with_the_recorded_fine_tuned_model(api, real_run):
+    fake = api()
+    assert real_run(fake).returncode == 0
+    job = only_job(fake)
+    asked = real_run(fake, "--ask", "Why is the sky blue?", env={"COLUMNS": "400"})
+    assert asked.returncode == 0, asked.output[-3000:]
+    assert chat_models(fake)[-2:] == [BASE, job["fine_tuned_model"]]
+    assert f"[{job['fine_tuned_model']}] Why is the sky blue?" in asked.stdout
+    assert len(creates(fake)) == 1
+
+
+def test_cancel_stops_a_job(api, run_script):
+    from openai import OpenAI
+
+    fake = api()
+    client = OpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0)
+    uploaded = client.files.create(
+        file=("t.jsonl", b"{}\n", "application/jsonl"), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=uploaded.id)
+    result = run_script(
+        SCRIPT, "--cancel", job.id, "--base-url", fake.base_url, env={"OPENAI_API_KEY": KEY}
+    )
+    assert result.returncode == 0, result.output
+    assert fake.jobs[job.id]["status"] == "cancelled"
+    assert f"job {job.id}: cancelled" in result.stdout
+
+
+# ---------------------------------------------------------------------------- the guard
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (("--run", "--yes", "--max-cost", "0.0001"), {"OPENAI_API_KEY": KEY}, "above --max-cost"),
+        (("--run",), {"OPENAI_API_KEY": KEY}, "no terminal to confirm on; pass --yes"),
+        (("--run", "--yes"), {}, "OPENAI_API_KEY is not set"),
+    ],
+    ids=["over max-cost", "no terminal", "no key"],
+)
+def test_a_paid_step_is_refused_before_anything_is_sent(api, run_script, args, env, message):
+    fake = api()
+    result = run_script(SCRIPT, "--base-url", fake.base_url, *args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert fake.requests == []
+
+
+def test_dry_run_sends_nothing_even_with_a_key_and_a_server(api, run_script):
+    fake = api()
+    result = run_script(SCRIPT, env={"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": fake.base_url})
+    assert result.returncode == 0, result.output[-3000:]
+    assert fake.requests == []  # not even to loopback; the network guard covers the rest
+    assert "nothing was sent" in result.stdout and KEY not in result.output
+    assert "read 2026-11-25 from https://developers.openai.com/api/docs/pricing" in result.stdout
+    assert "POST " + fake.base_url + "fine_tuning/jobs" in result.stdout  # shows the request
+    assert (result.cwd / "openai_edu_qa_training.jsonl").is_file()
+
+
+def test_dry_run_counts_tokens_offline_with_litellms_copy(run_script, monkeypatch, tmp_path):
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    empty = tmp_path / "no-cache"
+    empty.mkdir()
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(empty))  # tiktoken's own cache: empty
+    result = run_script(SCRIPT)
+    assert result.returncode == 0, result.output[-3000:]
+    assert "tokens counted with o200k_base from the copy litellm ships" in result.stdout
+
+
+def test_without_any_local_encoding_tokens_are_a_labelled_estimate(run_script, tmp_path):
+    empty = tmp_path / "no-cache"
+    empty.mkdir()
+    result = run_script(SCRIPT, env={"TIKTOKEN_CACHE_DIR": str(empty)})
+    assert result.returncode == 0, result.output[-3000:]
+    assert "APPROXIMATE (~4 characters per token)" in result.stdout
+    assert list(empty.iterdir()) == []  # nothing was downloaded into it
+
+
+def test_counting_tokens_does_not_import_litellm(tmp_path):
+    probe = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('m', {str(REPO / SCRIPT)!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['m'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "count, label = m.load_token_counter('gpt-4o-mini-2024-07-18')\n"
+        "print(count('hello world'), 'litellm' in sys.modules, label)\n"
+    )
+    env = child_env()
+    env.pop("TIKTOKEN_CACHE_DIR", None)
+    env["DATA_GYM_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("2 False o200k_base from the copy litellm ships"), proc.stdout
+
+
+# ---------------------------------------------------------------------------- other providers
+def test_azure_v1_shape_prints_the_deploy_command_then_answers_with_the_deployment(api, real_run):
+    fake = api("azure")
+    first = real_run(fake)
+    assert first.returncode == 0, first.output[-3000:]
+    assert all(r["path"].startswith("/openai/v1/") for r in fake.requests)
+    # With the v1 API the OpenAI client sends the Azure key as a bearer token.
+    assert all(r["headers"]["authorization"] == f"Bearer {KEY}" for r in fake.requests)
+    create = json.loads(creates(fake)[0]["body"])
+    assert create["trainingType"] == "developerTier" and "." not in create["suffix"]
+    job = only_job(fake)
+    deploy = next(line for line in first.stdout.splitlines() if "az cognitiveservices" in line)
+    assert f"--model-name {job['fine_tuned_model']}" in deploy
+    assert "--name 127 " in deploy and "--sku-name DeveloperTier" in deploy
+    assert chat_models(fake) == []  # nothing can answer before the deployment exists
+    assert not (first.cwd / "outputs" / "results").exists()
+
+    second = real_run(fake, "--job-id", job["id"], "--tuned-model", "edu-qa-ft")
+    assert second.returncode == 0, second.output[-3000:]
+    assert set(chat_models(fake)) == {BASE, "edu-qa-ft"}
+    assert results(second)["tuned_model"] == "edu-qa-ft"
+    assert len(creates(fake)) == 1
+
+
+def test_azure_fake_takes_the_key_in_the_api_key_header_too(api):
+    import httpx2
+
+    fake = api("azure")
+    ok = httpx2.get(fake.base_url + "fine_tuning/jobs", headers={"api-key": KEY})
+    wrong = httpx2.get(fake.base_url + "fine_tuning/jobs", headers={"api-key": "sk-wrong"})
+    assert (ok.status_code, wrong.status_code) == (200, 401)
+
+
+def test_nebius_shape_trains_lora_and_deploys_through_v0_models(api, real_run):
+    fake = api("nebius")
+    result = real_run(fake)
+    assert result.returncode == 0, result.output[-3000:]
+    assert all(r["headers"]["authorization"] == f"Bearer {KEY}" for r in fake.requests)
+    create = json.loads(creates(fake)[0]["body"])
+    assert create["model"] == "meta-llama/Meta-Llama-3.1-8B-Instruct"
+    assert create["method"]["supervised"]["hyperparameters"] == {"n_epochs": 3, "lora": True}
+    job = only_job(fake)
+    (deploy,) = fake.calls("POST", "/v0/models")
+    body = json.loads(deploy["body"])
+    assert body["source"] == f"{job['id']}:ftckpt_{job['id'][-6:]}"
+    assert body["base_model"] == "meta-llama/Meta-Llama-3.1-8B-Instruct-fast"
+    (served,) = (m["name"] for m in fake.models.values())
+    assert chat_models(fake)[1::2] == [served] * 3
+    out = results(result)
+    assert out["tuned_model"] == served and out["cost_usd"] is None  # no known price: not faked
+
+
+# ---------------------------------------------------------------------------- the validator
+SYSTEM, USER, ASSISTANT = "You are a teacher.", "What is 2+2?", "4"
+GOOD = json.dumps(
+    {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": USER},
+            {"role": "assistant", "content": ASSISTANT},
+        ]
+    }
+)
+BAD_LINES = {
+    "invalid_json": '{"messages": [',
+    "data_type": '["not", "an", "object"]',
+    "missing_messages_list": '{"messages": []}',
+    "message_missing_key": (
+        '{"messages": [{"role": "user"}, {"role": "assistant", "content": "4"}]}'
+    ),
+    "message_unrecognized_key": (
+        '{"messages": [{"role": "user", "content": "Hi", "mood": "happy"}, '
+        '{"role": "assistant", "content": "4"}]}'
+    ),
+    "unrecognized_role": (
+        '{"messages": [{"role": "teacher", "content": "Hi"}, '
+        '{"role": "assistant", "content": "4"}]}'
+    ),
+    "missing_content": (
+        '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "4"}]}'
+    ),
+    "example_missing_assistant_message": '{"messages": [{"role": "user", "content": "Hi"}]}',
+    "invalid_weight": (
+        '{"messages": [{"role": "user", "content": "Hi"}, '
+        '{"role": "assistant", "content": "4", "weight": 0.5}]}'
+    ),
+}
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", list(BAD_LINES))
+def test_validator_reports_each_error_kind_with_its_line(oft, count_tokens, tmp_path, kind):
+    path = write_lines(tmp_path / "chat.jsonl", [GOOD] * 3 + [BAD_LINES[kind]] + [GOOD] * 7)
+    report = oft.validate_chat_file(path, count_tokens, 65536)
+    assert report["errors"] == {kind: 1}
+    line, _ = report["first_error"][kind]
+    assert line == 4
+    assert oft.first_format_error(report, path).startswith("chat.jsonl:4: ")
+
+
+def test_validator_needs_ten_examples(oft, count_tokens, tmp_path):
+    report = oft.validate_chat_file(
+        write_lines(tmp_path / "c.jsonl", [GOOD] * 9), count_tokens, 65536
+    )
+    assert report["errors"] == {"too_few_examples": 1}
+    report = oft.validate_chat_file(
+        write_lines(tmp_path / "c.jsonl", [GOOD] * 10), count_tokens, 65536
+    )
+    assert report["errors"] == {}
+
+
+def test_validator_accepts_weights_special_text_and_warns_on_missing_roles(
+    oft, count_tokens, tmp_path
+):
+    weighted = {
+        "messages": [
+            {"role": "user", "content": "Say <|endoftext|> please"},  # text, not a special token
+            {"role": "assistant", "content": "No.", "weight": 0},
+            {"role": "user", "content": "Again?"},
+            {"role": "assistant", "content": "4", "weight": 1},
+        ]
+    }
+    path = write_lines(tmp_path / "c.jsonl", [json.dumps(weighted)] + [GOOD] * 9)
+    report = oft.validate_chat_file(path, count_tokens, 65536)
+    assert report["errors"] == {}
+    assert report["warnings"] == {"missing_system_message": 1}
+    assert report["assistant_tokens"]["min"] == 1  # weight 0 is not trained: only "4"
+
+
+def test_token_count_equals_a_hand_count(oft, count_tokens, tmp_path):
+    import tiktoken
+
+    encoding = tiktoken.get_encoding("o200k_base")
+    by_hand = {
+        SYSTEM: ["You", " are", " a", " teacher", "."],
+        USER: ["What", " is", " ", "2", "+", "2", "?"],
+        ASSISTANT: ["4"],
+    }
+    for text, pieces in by_hand.items():
+        assert [encoding.decode([t]) for t in encoding.encode(text)] == pieces
+    # 3 priming tokens; per message 3 format tokens + 1 for the role name + the content.
+    expected = 3 + 3 * (3 + 1) + (5 + 7 + 1)
+    report = oft.validate_chat_file(
+        write_lines(tmp_path / "c.jsonl", [GOOD] * 10), count_tokens, 65536
+    )
+    assert expected == 28
+    assert report["total_tokens"]["min"] == report["total_tokens"]["max"] == expected
+    assert report["assistant_tokens"]["max"] == 1
+    assert report["billed_tokens_per_epoch"] == 10 * expected
+
+
+def test_examples_over_the_limit_are_counted_and_billed_at_the_limit(oft, count_tokens, tmp_path):
+    report = oft.validate_chat_file(
+        write_lines(tmp_path / "c.jsonl", [GOOD] * 10), count_tokens, 20
+    )
+    assert report["too_long"] == 10 and report["billed_tokens_per_epoch"] == 10 * 20
+
+
+@pytest.mark.parametrize(
+    "n, epochs",
+    [(3, 25), (10, 10), (20, 5), (33, 3), (130, 3), (8333, 3), (8334, 2), (9000, 2), (30000, 1)],
+)
+def test_default_epochs_follow_openais_rule(oft, n, epochs):
+    assert oft.default_epochs(n) == epochs
+
+
+def test_cost_estimate_for_a_known_file(oft, count_tokens, tmp_path):
+    report = oft.validate_chat_file(
+        write_lines(tmp_path / "c.jsonl", [GOOD] * 20), count_tokens, 65536
+    )
+    epochs = oft.default_epochs(20)  # 20 x 3 < 100, so min(25, 100 // 20) = 5
+    billed = epochs * report["billed_tokens_per_epoch"]
+    assert (epochs, billed) == (5, 5 * 20 * 28)
+    costs = oft.estimate_costs("openai", BASE, billed, prompt_tokens=1000, reply_tokens=500)
+    assert costs["training"] == pytest.approx(2800 * 3.00 / 1e6)
+    # base 0.15 in / 0.60 out, tuned 0.30 in / 1.20 out, per million tokens
+    assert costs["answering"] == pytest.approx((1000 * 0.45 + 500 * 1.80) / 1e6)
+    assert costs["total"] == pytest.approx(0.0084 + 0.00135)
+    assert oft.estimate_costs("nebius", "meta-llama/x", billed, 1000, 500)["total"] is None
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("ft:gpt-4.1-mini-2025-04-14:my-org:edu-qa:abc123", ("o200k_base", True)),
+        ("ft:gpt-4o-mini-2024-07-18:my-org::abc123", ("o200k_base", True)),
+        ("gpt-4.1-2025-04-14", ("o200k_base", True)),
+        ("gpt-3.5-turbo", ("cl100k_base", True)),
+        ("meta-llama/Meta-Llama-3.1-8B-Instruct", ("o200k_base", False)),
+    ],
+)
+def test_fine_tuned_names_are_counted_with_their_base_models_encoding(oft, model, expected):
+    assert oft.encoding_name(model) == expected
+
+
+def test_check_file_names_the_file_and_line_and_exits_2(run_script, tmp_path):
+    write_lines(tmp_path / "mine.jsonl", [GOOD] * 5 + [BAD_LINES["unrecognized_role"]] + [GOOD] * 5)
+    result = run_script(SCRIPT, "--check-file", "mine.jsonl")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: mine.jsonl:6: message 1 has role 'teacher'")
+    assert "Traceback" not in result.output
