@@ -778,6 +778,7 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
     call that still fails after DSPy's retries stops the run (exit 1) instead of writing a wrong
     score. A reply the adapter cannot parse is a bad answer, not a failure: it scores 0.
     """
+    import contextvars
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import dspy
@@ -796,7 +797,12 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
     try:
         with Progress(*columns, console=console) as progress:
             task = progress.add_task(f"{label:>8}", total=len(examples))
-            futures = {pool.submit(one, example): i for i, example in enumerate(examples)}
+            # Each call runs in a copy of this thread's context, so settings made with
+            # dspy.context(...) reach the worker threads (dspy.Parallel does the same).
+            futures = {
+                pool.submit(contextvars.copy_context().run, one, example): i
+                for i, example in enumerate(examples)
+            }
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 progress.advance(task)
@@ -1264,13 +1270,18 @@ def answer(cfg: Config, formatted: Formatted, setup: Setup, program) -> list[dic
             formatted.test_ids, formatted.testset, base, tuned, strict=True
         )
     ]
-    table = Table(title="side by side", show_lines=True)
-    for column in ("question", "baseline", "tuned") + (() if cfg.ask else ("reference",)):
-        table.add_column(column, ratio=1)
-    for row in rows[:3]:
-        cells = [row["question"], row["baseline"], row["tuned"]]
-        table.add_row(*cells, *(() if cfg.ask else (row["reference"],)))
-    console.print(table)
+    if cfg.ask:
+        row = rows[0]
+        console.print(f"question: {row['question']}", markup=False)
+        console.print(f"baseline: {row['baseline']}", markup=False)
+        console.print(f"tuned:    {row['tuned']}", markup=False)
+    else:
+        table = Table(title="side by side", show_lines=True)
+        for column in ("question", "baseline", "tuned", "reference"):
+            table.add_column(column, ratio=1)
+        for row in rows[:3]:
+            table.add_row(row["question"], row["baseline"], row["tuned"], row["reference"])
+        console.print(table)
     console.print(f"the compiled program's reasoning for {rows[0]['id']}:")
     console.print(f"  {rows[0]['tuned_reasoning']}", markup=False)
     return rows

@@ -1,0 +1,384 @@
+"""dspy_example.py, run the way a user runs it.
+
+The real runs use the real dspy.LM, over LiteLLM, over real HTTP, against a small
+OpenAI-compatible server on 127.0.0.1 (tests/fake_dspy_server.py) that answers in DSPy's
+ChatAdapter format and counts what it receives. Nothing leaves the machine: the network guard in
+conftest.py fails any test whose process, or child, reaches past loopback. DummyLM appears only in
+the unit tests of small pieces at the end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+
+import pytest
+from conftest import REPO
+from fake_dspy_server import BASELINE_ANSWER, FakeChatServer, question_of, tuned_answer
+
+SCRIPT = "dspy_example.py"
+# A model LiteLLM has a price for, served by the fake server: costs are computed, nothing is paid.
+PRICED = "openai/gpt-4o-mini"
+
+
+@pytest.fixture
+def server():
+    fake = FakeChatServer()
+    fake.url = fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def dspy_run(run_script, server, tmp_path):
+    """Run the script against the fake server, with a key and a home directory of its own."""
+
+    def run(*args: str, key: str | None = "test", env: dict | None = None, **kwargs):
+        extra = {"HOME": str(tmp_path / "home")}
+        if key is not None:
+            extra["OPENAI_API_KEY"] = key
+        extra.update(env or {})
+        return run_script(SCRIPT, "--api-base", server.url, *args, env=extra, **kwargs)
+
+    return run
+
+
+def results_of(result) -> dict:
+    return json.loads((result.cwd / "outputs" / "results" / "dspy.json").read_text())
+
+
+def program_of(result) -> dict:
+    return json.loads((result.cwd / "outputs" / "dspy" / "program.json").read_text())
+
+
+def sent(results: dict) -> int:
+    return sum(phase["sent"] for phase in results["lm_calls"].values())
+
+
+def one_error_line(result) -> str:
+    assert "Traceback" not in result.output, result.output[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("dspy_example_under_test", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_sends_nothing_and_prints_the_prompt_and_the_estimate(run_script, tmp_path):
+    home = tmp_path / "home"
+    result = run_script(SCRIPT, "--test-limit", "30", env={"HOME": str(home)})
+    assert result.returncode == 0, result.output[-3000:]
+    out = result.stdout
+    # the exact ChatAdapter prompt for a test question, and the calls a real run would make
+    assert "[[ ## question ## ]]\nWhat causes the seasons on Earth?" in out
+    assert "Respond with the corresponding output fields" in out
+    total = re.search(r"│ total\s+│\s+│\s+(\d+) │", out)
+    assert total and int(total.group(1)) == 90, "30 baseline + up to 30 compile + 30 tuned"
+    assert re.search(r"│ total .*│\s+0\.\d{4} │", out), "a dollar estimate for gpt-4o-mini"
+    assert "OPENAI_API_KEY is not set" in out
+    assert "python dspy_example.py --test-limit 30 --run" in out
+    # nothing written but the data file it was given: no results, no cache, no ~/.dspy_cache
+    assert not (result.cwd / "outputs").exists()
+    assert not (home / ".dspy_cache").exists()
+    # the network guard (autouse) fails this test if the child process tried to connect anywhere
+
+
+def test_help_shows_a_dry_run_a_real_run_and_an_offline_run(run_script):
+    result = run_script(SCRIPT, "--help")
+    assert result.returncode == 0
+    for text in ("dry run", "--run", "ollama_chat/llama3.2", "--api-base", "--optimizer"):
+        assert text in result.stdout
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+def test_real_run_compiles_answers_and_writes_results(dspy_run, server, monkeypatch):
+    result = dspy_run(
+        "--run",
+        "--yes",
+        "--model",
+        PRICED,
+        "--train-limit",
+        "8",
+        "--test-limit",
+        "5",
+        "--metric-threshold",
+        "15",
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    results = results_of(result)
+    program = program_of(result)
+    demos = program["predict"]["demos"]
+
+    # every request the server saw is accounted for, phase by phase
+    assert server.failures == 0
+    assert sent(results) == server.count
+    calls = results["lm_calls"]
+    assert calls["baseline"]["sent"] == calls["tuned"]["sent"] == 5
+    assert 1 <= calls["compile"]["sent"] <= 8
+
+    # the optimizer kept the model's own runs that reached the threshold, and labeled pairs
+    module = load_script()
+    boot = [demo for demo in demos if demo.get("augmented")]
+    assert boot and len(boot) <= 4
+    for demo in boot:
+        assert demo["reasoning"].startswith("The prompt shows")  # the server's reasoning
+    train = [
+        json.loads(line)
+        for line in (result.cwd / "small_edu_qa.jsonl").open()
+        if json.loads(line)["split"] == "train"
+    ][:8]
+    reference = {row["question"]: row["answer"] for row in train}
+    for demo in boot:
+        assert module.rouge_l(demo["answer"], reference[demo["question"]]) >= 15
+
+    # baseline: no demos in the prompt; tuned: the compiled demos are in every prompt
+    assert results["n_test"] == 5
+    for question in results["questions"]:
+        assert question["baseline"] == BASELINE_ANSWER
+        assert question["tuned"] == tuned_answer(question["question"], len(demos))
+    assert results["tuned_score"] > results["baseline_score"]
+
+    # actual cost: the usage the server reported, priced by LiteLLM, nothing from the cache
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price download here either
+    import litellm
+
+    expected = sum(
+        sum(litellm.cost_per_token(PRICED, u["prompt_tokens"], u["completion_tokens"]))
+        for u in server.usage
+    )
+    assert results["cost_usd"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert all(phase["cache_hits"] == 0 for phase in calls.values())
+
+    assert (result.cwd / "outputs" / "results" / "comparison.png").exists()
+    assert "Stage 6/6" in result.stdout and "demos now in front of every question" in result.stdout
+    # DSPy's disk cache lives under the output dir, never in the home directory
+    assert (result.cwd / "outputs" / "dspy" / "cache").is_dir()
+    assert not (result.cwd / "home" / ".dspy_cache").exists()
+
+
+def test_saved_program_reloads_and_sends_the_same_prompts(dspy_run, server):
+    args = ("--run", "--yes", "--optimizer", "labeled", "--train-limit", "6", "--test-limit", "3")
+    first = dspy_run(*args)
+    assert first.returncode == 0, first.output[-3000:]
+    tuned_prompts = sorted(json.dumps(r["messages"]) for r in server.requests[-3:])
+    count = server.count
+
+    second = dspy_run(*args, "--load", "outputs/dspy/program.json", "--no-cache")
+    assert second.returncode == 0, second.output[-3000:]
+    assert "nothing to compile" in second.stdout
+    assert server.count == count + 6  # baseline and tuned again, no compile calls
+    assert sorted(json.dumps(r["messages"]) for r in server.requests[-3:]) == tuned_prompts
+    assert [q["tuned"] for q in results_of(second)["questions"]] == [
+        q["tuned"] for q in results_of(first)["questions"]
+    ]
+
+
+def test_an_identical_run_is_served_from_the_cache_and_no_cache_sends_again(dspy_run, server):
+    args = ("--run", "--yes", "--model", PRICED, "--train-limit", "6", "--test-limit", "3")
+    first = dspy_run(*args)
+    assert first.returncode == 0, first.output[-3000:]
+    made = server.count
+    assert made == sent(results_of(first)) > 0
+
+    again = dspy_run(*args)
+    assert again.returncode == 0, again.output[-3000:]
+    assert server.count == made, "the second identical run sent requests"
+    cached = results_of(again)
+    assert sent(cached) == 0
+    assert sum(phase["cache_hits"] for phase in cached["lm_calls"].values()) == made
+    assert cached["cost_usd"] == 0
+    assert cached["questions"] == results_of(first)["questions"]
+
+    fresh = dspy_run(*args, "--no-cache")
+    assert fresh.returncode == 0, fresh.output[-3000:]
+    assert server.count == 2 * made
+
+
+def test_a_server_error_is_retried(dspy_run, server):
+    server.fail_next = 1
+    result = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2")
+    assert result.returncode == 0, result.output[-3000:]
+    assert server.failures == 1
+    assert server.count == 4 + 1  # 2 baseline + 2 tuned answers, one of them asked twice
+    assert sent(results_of(result)) == 4
+
+
+def test_a_server_that_keeps_failing_exits_1_saying_what_was_kept(dspy_run, server):
+    server.fail_next = 100
+    result = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "1")
+    assert result.returncode == 1, result.output[-3000:]
+    line = one_error_line(result)
+    assert "failed after 3 retries" in line and "Kept:" in line and "run the same command" in line
+    assert server.count == 4  # the first try and 3 retries, then nothing more
+    assert not (result.cwd / "outputs" / "results").exists()
+
+
+def test_answers_are_sent_in_parallel_threads(dspy_run, server):
+    server.delay = 0.3
+    args = ("--run", "--yes", "--optimizer", "labeled", "--test-limit", "6")
+    result = dspy_run(*args, "--threads", "3")
+    assert result.returncode == 0, result.output[-3000:]
+    assert server.max_in_flight == 3
+
+    server.max_in_flight = 0
+    result = dspy_run(*args, "--threads", "1", "--no-cache")
+    assert result.returncode == 0, result.output[-3000:]
+    assert server.max_in_flight == 1
+
+
+def test_dspy_native_engine_works_too(dspy_run, server):
+    result = dspy_run(
+        "--run", "--yes", "--engine", "auto", "--optimizer", "labeled", "--test-limit", "2"
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    assert server.count == 4
+
+
+def test_ask_answers_one_question_with_the_saved_program(dspy_run, server):
+    first = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2")
+    assert first.returncode == 0, first.output[-3000:]
+    results_before = (first.cwd / "outputs" / "results" / "dspy.json").read_text()
+    demos = len(program_of(first)["predict"]["demos"])
+    count = server.count
+
+    question = "Why do we have leap years?"
+    result = dspy_run("--run", "--yes", "--ask", question)
+    assert result.returncode == 0, result.output[-3000:]
+    assert server.count == count + 2
+    assert [question_of(r["messages"]) for r in server.requests[-2:]] == [question, question]
+    flat = " ".join(result.stdout.split())
+    assert BASELINE_ANSWER in flat
+    assert " ".join(tuned_answer(question, demos).split()) in flat
+    assert (first.cwd / "outputs" / "results" / "dspy.json").read_text() == results_before
+
+
+# ----------------------------------------------------------------------------- the guard
+
+
+def test_max_cost_below_the_estimate_refuses_before_any_request(dspy_run, server):
+    result = dspy_run("--run", "--yes", "--model", PRICED, "--max-cost", "0.000001")
+    assert result.returncode == 2
+    assert "above --max-cost" in one_error_line(result)
+    assert server.count == 0
+    assert not (result.cwd / "outputs").exists()
+
+
+def test_max_cost_with_a_model_without_a_price_refuses(dspy_run, server):
+    result = dspy_run("--run", "--yes", "--model", "openai/fake-teacher", "--max-cost", "1")
+    assert result.returncode == 2
+    assert "no price for openai/fake-teacher" in one_error_line(result)
+    assert server.count == 0
+
+
+def test_a_missing_key_stops_before_any_request(dspy_run, server):
+    result = dspy_run("--run", "--yes", key=None)
+    assert result.returncode == 2
+    assert "OPENAI_API_KEY is not set" in one_error_line(result)
+    assert server.count == 0
+
+    result = dspy_run("--run", "--yes", "--api-key-env", "MY_SERVER_KEY")
+    assert result.returncode == 2
+    assert "MY_SERVER_KEY is not set" in one_error_line(result)
+    assert server.count == 0
+
+
+def test_a_missing_key_stops_before_reaching_the_real_api(run_script):
+    # no --api-base: this would go to api.openai.com; the network guard proves it does not try
+    result = run_script(SCRIPT, "--run", "--yes")
+    assert result.returncode == 2
+    assert "OPENAI_API_KEY is not set" in one_error_line(result)
+
+
+def test_without_a_terminal_a_paid_run_needs_yes(dspy_run, server):
+    result = dspy_run("--run", "--model", PRICED)
+    assert result.returncode == 2
+    assert "pass --yes" in one_error_line(result)
+    assert server.count == 0
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+BAD_INPUT = {
+    "negative limit": (["--train-limit", "-1"], r"--train-limit must not be negative"),
+    "threshold": (["--metric-threshold", "150"], r"--metric-threshold is a ROUGE-L score"),
+    "unknown optimizer": (["--optimizer", "gepa"], r"invalid choice: 'gepa'"),
+    "unknown provider": (["--model", "nonsense/x"], r"--model nonsense/x: LiteLLM cannot tell"),
+    "missing program": (["--load", "nowhere.json"], r"nowhere\.json: no compiled program there"),
+    "ask before a run": (["--ask", "Why?"], r"program\.json: no compiled program there; run once"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_exit_2(case, run_script):
+    args, pattern = BAD_INPUT[case]
+    result = run_script(SCRIPT, *args)
+    assert result.returncode == 2, result.output[-2000:]
+    assert re.search(pattern, result.stderr), result.stderr
+
+
+def test_a_file_that_is_not_a_program_is_one_line_and_exit_2(run_script, tmp_path):
+    (tmp_path / "other.json").write_text('{"something": "else"}')
+    result = run_script(SCRIPT, "--load", "other.json")
+    assert result.returncode == 2
+    assert "other.json: not a program saved by this script" in one_error_line(result)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="optuna is installed")
+def test_mipro_without_optuna_says_so_and_exits_2(run_script):
+    result = run_script(SCRIPT, "--optimizer", "mipro")
+    assert result.returncode == 2
+    assert "needs optuna, which is not installed" in one_error_line(result)
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def test_the_compile_estimate_is_what_dspy_really_does_when_no_demo_passes():
+    """planned_calls() is an upper bound; DSPy reaches it when no run scores well enough."""
+    import dspy
+    from dspy.utils.dummies import DummyLM
+
+    module = load_script()
+    signature = module.teacher_signature()
+    trainset = [
+        dspy.Example(question=f"What is idea {i}?", answer=f"Idea {i} is an idea.").with_inputs(
+            "question"
+        )
+        for i in range(5)
+    ]
+    lm = DummyLM([{"reasoning": "no idea", "answer": "zzz"}] * 500)
+    for optimizer in ("bootstrap", "random-search", "labeled"):
+        cfg = module.Config(data=module.DATA_FILE, optimizer=optimizer, num_candidates=2)
+        with dspy.context(lm=lm):
+            before = len(lm.history)
+            module.build_optimizer(cfg).compile(dspy.ChainOfThought(signature), trainset=trainset)
+            made = len(lm.history) - before
+        assert made == module.planned_calls(cfg, 5, 3, compile_needed=True)["compile"], optimizer
+
+
+def test_an_unparseable_reply_scores_zero_instead_of_stopping_the_run():
+    import dspy
+    from dspy.utils.dummies import DummyLM
+
+    module = load_script()
+    program = dspy.ChainOfThought(module.teacher_signature())
+    examples = [dspy.Example(question="Why?", answer="Because.").with_inputs("question")]
+    with dspy.context(lm=DummyLM([{"reasoning": "no answer field"}] * 10)):
+        answers = module.answer_all(program, examples, threads=1, label="test")
+    assert answers[0]["answer"] == ""
+    assert module.rouge_metric(examples[0], dspy.Prediction(answer="")) == 0
