@@ -1023,7 +1023,8 @@ the fine-tuning job was refused: 403 training_not_available.
 OpenAI is winding down self-serve fine-tuning: organisations that never fine-tuned lost it on
 2026-05-07, inactive ones on 2026-07-02, and everyone loses it on 2027-01-06 (models already
 tuned keep serving until their base model retires). Nothing was trained and nothing was billed;
-the uploaded files ({files}) are kept in {record}. Three ways forward:
+the ids of the uploaded files ({files}) are recorded in {record}.
+Three ways forward:
   1. an OpenAI organisation that still has access, before 2027-01-06: set its OPENAI_API_KEY
      and run the same command again;
   2. another cloud that speaks this API: --provider azure (Azure OpenAI v1), --provider nebius
@@ -1374,7 +1375,9 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
             "fix the data (the first line of the message says what) and run again"
         )
     trained = job.trained_tokens or 0
-    console.print(f"[green]fine-tuned model: {job.fine_tuned_model}[/green] ({trained:,} tokens)")
+    console.print(
+        f"[green]fine-tuned model: {job.fine_tuned_model}[/green] ({trained:,} trained tokens)"
+    )
     tuned_model = deploy(cfg, client, plan, job, record)
     return {"tuned_model": tuned_model, "job_id": job.id, "trained_tokens": job.trained_tokens}
 
