@@ -41,6 +41,7 @@ The six stages are the same functions, in the same order, as in the two other sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -1318,29 +1319,35 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         )
     else:
         what, estimate = "The fine-tuning job and the answers", plan["costs"]["total"]
+    client = make_client(cfg, plan["base_url"])  # checks the key and URL before asking
     confirm_paid_step(what, estimate, yes=cfg.yes, max_cost=cfg.max_cost)
-    client = make_client(cfg, plan["base_url"])
     if tuned_given:
         console.print(f"using --tuned-model {cfg.tuned_model}: no job is created")
         return {"tuned_model": cfg.tuned_model, "job_id": None, "trained_tokens": None}
 
     import openai
 
-    job = None
+    fresh_record = {
+        "provider": cfg.provider,
+        "base_url": plan["base_url"],
+        "model": cfg.model,
+        "run_tag": plan["run_tag"],
+        "estimated_cost_usd": plan["costs"]["total"],
+    }
     if cfg.job_id:
         job = retrieve(client, cfg.job_id, cfg)
-        if record.get("job_id") != job.id:
-            record = {"provider": cfg.provider, "base_url": plan["base_url"], "job_id": job.id}
     else:
         job = find_existing_job(cfg, client, plan["run_tag"], record)
-    if job is None:
+    if job is not None and record.get("job_id") != job.id:
+        # Adopting a job this record does not know (found by tag, or given with --job-id).
         record = {
-            "provider": cfg.provider,
-            "base_url": plan["base_url"],
-            "model": cfg.model,
-            "run_tag": plan["run_tag"],
-            "estimated_cost_usd": plan["costs"]["total"],
+            **fresh_record,
+            "run_tag": (job.metadata or {}).get("run_tag"),
+            "training_file": job.training_file,
+            "validation_file": job.validation_file,
         }
+    if job is None:
+        record = dict(fresh_record)
         for role, path in (("training_file", train_path), ("validation_file", valid_path)):
             if path is None:
                 continue
@@ -1371,8 +1378,8 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         err = job.error
         detail = f"{err.code}: {err.message}" if err and err.code else "no error details given"
         raise ServiceError(
-            f"job {job.id} {job.status}: {detail}. The record is in {record_path(cfg)}; "
-            "fix the data (the first line of the message says what) and run again"
+            f"job {job.id} {job.status}: {detail}. The job is recorded in {record_path(cfg)}; "
+            "fix what the message names and run again (that starts a new job)"
         )
     trained = job.trained_tokens or 0
     console.print(
@@ -1400,9 +1407,12 @@ def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
     import openai
 
     candidates = []
-    if record.get("run_tag") == run_tag and record.get("job_id"):
-        candidates.append(retrieve(client, record["job_id"], cfg))
-    else:
+    same_place = record.get("base_url") == resolve_base_url(cfg)
+    if same_place and record.get("run_tag") == run_tag and record.get("job_id"):
+        # NotFound: the record is another account's job; look it up by tag instead.
+        with contextlib.suppress(openai.NotFoundError):
+            candidates.append(client.fine_tuning.jobs.retrieve(record["job_id"]))
+    if not candidates:
         try:
             page = client.fine_tuning.jobs.list(metadata={"run_tag": run_tag}, limit=10)
             candidates = [j for j in page.data if (j.metadata or {}).get("run_tag") == run_tag]
@@ -1507,9 +1517,8 @@ def watch_job(cfg: Config, client, job, record: dict):
                 save_record(cfg, record)
             if job.status in ("succeeded", "failed", "cancelled"):
                 return job
-            interval = (
-                cfg.poll_interval if fresh else min(interval * 1.5, 60 * cfg.poll_interval / 10)
-            )
+            # Back off while nothing happens (up to 6x, a minute at the default); reset on news.
+            interval = cfg.poll_interval if fresh else min(interval * 1.5, 6 * cfg.poll_interval)
             time.sleep(interval)
     except KeyboardInterrupt:
         console.print(f"\nstopped watching; job {job.id} keeps running on the server. Resume with:")
