@@ -78,6 +78,7 @@ PRIMING_TOKENS = 3  # the reply is primed with <|start|>assistant<|message|>
 ANSWER_MAX_TOKENS = 300
 
 # Each provider speaks the same API; only these facts differ. Read from their docs 2026-11.
+AZURE_PLACEHOLDER = "https://YOUR-RESOURCE.openai.azure.com/openai/v1/"  # until an endpoint is set
 PROVIDERS = {
     "openai": {
         "base_url": "https://api.openai.com/v1/",
@@ -996,7 +997,7 @@ def command_line(cfg: Config, drop: tuple[str, ...] = (), add: tuple[str, ...] =
 
 
 def show_command(command: str) -> None:
-    """A command to copy: on one line however narrow the terminal, never read as markup."""
+    """A command or request to copy: one line however narrow the terminal, never markup."""
     console.print(f"  {command}", soft_wrap=True, markup=False)
 
 
@@ -1196,7 +1197,7 @@ def configure_model(cfg: Config, formatted: dict) -> dict:
     elif cfg.provider == "nebius":
         epochs, why = 3, "Nebius's default n_epochs"
     else:
-        epochs, why = default_epochs(n), f"as OpenAI picks for {n} examples (n_epochs auto)"
+        epochs, why = default_epochs(n), f"n_epochs auto: the rule OpenAI uses for {n} examples"
     hyperparameters: dict = {"n_epochs": cfg.epochs} if cfg.epochs else {}
     if cfg.provider == "nebius":
         hyperparameters = {"n_epochs": epochs, "lora": True}  # LoRA adapters are what it serves
@@ -1224,7 +1225,7 @@ def configure_model(cfg: Config, formatted: dict) -> dict:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("provider", f"{cfg.provider} ({key_status(provider['key_var'])})")
-    table.add_row("base URL", base_url or "https://YOUR-RESOURCE.openai.azure.com/openai/v1/")
+    table.add_row("base URL", base_url or AZURE_PLACEHOLDER)
     table.add_row("base model", cfg.model)
     table.add_row("suffix / seed", f"{cfg.suffix} / {cfg.seed}")
     table.add_row("method", json.dumps(method))
@@ -1285,21 +1286,20 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         **(plan["extra_body"] or {}),
     }
     if not cfg.run:
-        base = plan["base_url"] or "https://YOUR-RESOURCE.openai.azure.com/openai/v1/"
+        base = plan["base_url"] or AZURE_PLACEHOLDER
         console.print("A real run would send (nothing is sent now):")
         for path in filter(None, (train_path, valid_path)):
             size = path.stat().st_size
-            console.print(f"  POST {base}files  purpose=fine-tune  {path.name} ({size:,} bytes)")
-        tag_query = f"metadata[run_tag]={plan['run_tag']}"
-        console.print(f"  GET  {base}fine_tuning/jobs?{tag_query}", markup=False)
+            show_command(f"POST {base}files  purpose=fine-tune  {path.name} ({size:,} bytes)")
+        show_command(f"GET  {base}fine_tuning/jobs?metadata[run_tag]={plan['run_tag']}")
         console.print("       (is a job for this exact data already running? then reuse it)")
-        console.print(f"  POST {base}fine_tuning/jobs  (sent once, never retried)")
+        show_command(f"POST {base}fine_tuning/jobs  (sent once, never retried)")
         console.print_json(json.dumps(create_body))
-        console.print(f"  GET  {base}fine_tuning/jobs/<id> and .../events until the job ends")
+        show_command(f"GET  {base}fine_tuning/jobs/<id> and .../events until the job ends")
         if cfg.provider == "azure":
             console.print("  then print the `az` command that deploys the model (Azure needs it)")
         if cfg.provider == "nebius":
-            console.print(f"  POST {urljoin(base, '../v0/models')}  (deploy the LoRA adapter)")
+            show_command(f"POST {urljoin(base, '../v0/models')}  (deploy the LoRA adapter)")
         return None
 
     if formatted["report"]["errors"].get("too_few_examples") and not (
@@ -1556,7 +1556,10 @@ def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
         add = ("--job-id", job.id, "--tuned-model", deployment)
         show_command(command_line(cfg, ("--job-id", "--tuned-model"), add))
         return None
-    # Nebius: the newest checkpoint of the job becomes a served LoRA model.
+    # Nebius: the newest checkpoint of the job becomes a served LoRA model (once).
+    if record.get("deployed_model"):
+        console.print(f"already deployed as {record['deployed_model']}")
+        return record["deployed_model"]
     import openai
 
     v0 = urljoin(plan["base_url"], "../v0/models")
@@ -1569,7 +1572,8 @@ def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
             "base_model": NEBIUS_SERVING_BASE.get(job.model, job.model),
             "source": f"{job.id}:{checkpoints[0].id}",
         }
-        console.print(f"deploying the adapter: POST {v0} {json.dumps(body)}")
+        console.print("deploying the adapter:")
+        show_command(f"POST {v0} {json.dumps(body)}")
         # Not idempotent either (the name must be unique), so it is sent once.
         model = client.post(v0, cast_to=object, body=body, options={"max_retries": 0})
         name = model["name"]
@@ -1613,9 +1617,7 @@ def answer(cfg: Config, data: dict, plan: dict, tuned: dict | None) -> dict | No
         console.print(
             f"A real run sends {len(test)} requests like this to each model (base, then tuned):"
         )
-        console.print(
-            f"  POST {plan['base_url'] or 'https://YOUR-RESOURCE.openai.azure.com/openai/v1/'}chat/completions"
-        )
+        show_command(f"POST {plan['base_url'] or AZURE_PLACEHOLDER}chat/completions")
         console.print_json(json.dumps(request))
         return None
     if not tuned or not tuned["tuned_model"]:
@@ -1685,6 +1687,8 @@ def compare(
         compare_results(cfg.output_dir, write=False)
         return
     actual = add_costs(answers["training_cost"], answers["answer_cost"])
+    # Without a job (--tuned-model alone) nothing was trained, so only answering was estimated.
+    estimated = plan["costs"]["total" if tuned["job_id"] else "answering"]
     path = write_results(
         cfg.output_dir,
         model=cfg.model,
@@ -1696,7 +1700,7 @@ def compare(
             "provider": cfg.provider,
             "job_id": tuned["job_id"],
             "trained_tokens": tuned["trained_tokens"],
-            "estimated_cost_usd": plan["costs"]["total"],
+            "estimated_cost_usd": estimated,
             "training_cost_usd": answers["training_cost"],
             "answer_cost_usd": answers["answer_cost"],
             "prices_read": PRICES[cfg.provider]["read"],
@@ -1704,7 +1708,7 @@ def compare(
     )
     console.print(f"wrote {path}")
     console.print(
-        f"cost: estimated {money(plan['costs']['total'])}, actual {money(actual)} "
+        f"cost: estimated {money(estimated)}, actual {money(actual)} "
         "(from the job's trained tokens and each reply's usage)"
     )
     compare_results(cfg.output_dir)
@@ -1728,7 +1732,7 @@ def ask_question(cfg: Config) -> None:
     base_url = resolve_base_url(cfg)
     if not cfg.run:
         console.print(
-            f"A real run (add --run) sends to {base_url}chat/completions, "
+            f"A real run (add --run) sends to {base_url or AZURE_PLACEHOLDER}chat/completions, "
             f"for {base_name} and for {tuned_model}:"
         )
         console.print_json(json.dumps({"messages": chat_messages(cfg.ask), "temperature": 0}))
