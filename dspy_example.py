@@ -1221,7 +1221,23 @@ def tune(cfg: Config, formatted: Formatted, setup: Setup):
 
     student = dspy.ChainOfThought(formatted.signature)
     before = history_ids()
-    program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
+    try:
+        program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
+    except dspy.AdapterParseError:
+        raise ServiceError(
+            f"{cfg.model} answered {cfg.max_errors} times in a form DSPy could not read while "
+            "compiling; try a stronger model or --optimizer labeled (it makes no calls). "
+            f"Kept: {kept_note(cfg, setup)}"
+        ) from None
+    except Exception as exc:
+        # DSPy's parallel evaluator (random search, MIPROv2) gives up after max_errors failed
+        # calls with a plain Exception; DSPy logged each failure just above.
+        if "Execution cancelled" not in str(exc):
+            raise
+        raise ServiceError(
+            f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (logged "
+            f"above). Kept: {kept_note(cfg, setup)}; run the same command again to resume"
+        ) from None
     setup.actual["compile"] = tally_since(before)
     # Module.save writes in place; write beside it and rename, so the file is whole or absent.
     tmp = cfg.program_path.with_name(f".program.{os.getpid()}.tmp.json")
@@ -1349,6 +1365,14 @@ def compare(
     compare_results(cfg.output_dir)
 
 
+def kept_note(cfg: Config, setup: Setup) -> str:
+    """What a failed real run leaves behind that the next run reuses."""
+    kept = "nothing (--no-cache)" if cfg.no_cache else f"every answered call, in {cfg.cache_dir}"
+    if setup.demos is not None and cfg.load is None:
+        kept += f", and the compiled program {cfg.program_path}"
+    return kept
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     load_env_file()
@@ -1362,21 +1386,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         program = tune(cfg, formatted, setup)
         rows = answer(cfg, formatted, setup, program)
-    except dspy.LMAuthError as exc:
+    except dspy.LMAuthError:
+        # Not the provider's message: OpenAI's quotes the start and the end of the key.
         raise UsageError(
-            f"{cfg.model}: the key in {setup.key_variable} was refused "
-            f"({str(exc).splitlines()[0][:200]}); check it"
+            f"{cfg.model}: the key in {setup.key_variable} was refused (HTTP 401); check it "
+            "(nothing else was sent)"
         ) from None
     except dspy.LMError as exc:
-        kept = (
-            "nothing (--no-cache)" if cfg.no_cache else f"every answered call, in {cfg.cache_dir}"
-        )
-        if cfg.program_path.exists() and cfg.load is None:
-            kept += f", and the compiled program {cfg.program_path}"
         raise ServiceError(
             f"{cfg.model} failed after {cfg.num_retries} retries: "
-            f"{str(exc).splitlines()[0][:200]}. Kept: {kept}; run the same command again to "
-            "resume (calls in the cache are not sent again)"
+            f"{str(exc).splitlines()[0][:200]}. Kept: {kept_note(cfg, setup)}; run the same "
+            "command again to resume (calls in the cache are not sent again)"
         ) from None
     compare(cfg, formatted, setup, rows, time.monotonic() - started)
     if not cfg.run:

@@ -69,6 +69,7 @@ class FakeChatServer:
         self.usage: list[dict] = []  # the usage reported for each successful reply
         self.failures = 0  # how many requests were answered with HTTP 500
         self.fail_next = 0  # answer the next N requests with HTTP 500
+        self.api_key: str | None = None  # if set, refuse other keys with HTTP 401
         self.max_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -94,6 +95,14 @@ class FakeChatServer:
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 with owner._lock:
                     owner.requests.append(body)
+                given = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                if owner.api_key and given != owner.api_key:
+                    # like OpenAI's reply, which shows the start and the end of the key it refused
+                    masked = f"{given[:3]}***{given[-4:]}"
+                    message = f"Incorrect API key provided: {masked}"
+                    error = {"message": message, "code": "invalid_api_key"}
+                    return self._send(401, {"error": {**error, "type": "invalid_request_error"}})
+                with owner._lock:
                     owner._in_flight += 1
                     owner.max_in_flight = max(owner.max_in_flight, owner._in_flight)
                     fail = owner.fail_next > 0

@@ -227,6 +227,54 @@ def test_a_server_that_keeps_failing_exits_1_saying_what_was_kept(dspy_run, serv
     assert not (result.cwd / "outputs" / "results").exists()
 
 
+def test_a_refused_key_is_one_line_exit_2_not_retried_and_never_shown(dspy_run, server):
+    server.api_key = "the-right-key"
+    key = "sk-wrong-key-4711"
+    result = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "1", key=key)
+    assert result.returncode == 2
+    assert "the key in OPENAI_API_KEY was refused" in one_error_line(result)
+    assert server.count == 1
+    # the server echoed the key's start and end, as OpenAI does; none of it reaches the output
+    assert "sk-" not in result.output and "4711" not in result.output
+
+
+def test_random_search_compiles_within_its_estimate(dspy_run, server):
+    result = dspy_run(
+        "--run",
+        "--yes",
+        "--optimizer",
+        "random-search",
+        "--num-candidates",
+        "1",
+        "--train-limit",
+        "4",
+        "--test-limit",
+        "2",
+        "--threads",
+        "2",
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    calls = results_of(result)["lm_calls"]
+    planned = load_script().planned_calls(
+        load_script().Config(data=REPO, optimizer="random-search", num_candidates=1), 4, 2, True
+    )
+    assert 0 < calls["compile"]["sent"] + calls["compile"]["cache_hits"] <= planned["compile"]
+    assert sent(results_of(result)) == server.count
+    assert program_of(result)["predict"]["demos"]
+
+
+def test_an_optimizer_stopped_by_failing_calls_exits_1(dspy_run, server):
+    server.fail_next = 1000
+    args = ("--run", "--yes", "--optimizer", "random-search", "--train-limit", "4")
+    result = dspy_run(*args, "--test-limit", "1")
+    assert result.returncode == 1, result.output[-3000:]
+    # DSPy logs each failed call; the script's own verdict is one line among them
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "optimizer stopped after 3 failed calls" in errors[0]
+    assert "Traceback" not in result.output
+    assert not (result.cwd / "outputs" / "dspy" / "program.json").exists()
+
+
 def test_answers_are_sent_in_parallel_threads(dspy_run, server):
     server.delay = 0.3
     args = ("--run", "--yes", "--optimizer", "labeled", "--test-limit", "6")
