@@ -11,7 +11,7 @@ When to pick it
     Pick `dspy_example.py` to change only the prompt (cheaper, no training), or
     `huggingface_lora.py` to train an open model on your own machine.
 
-What it costs (prices read 2026-11-25; the table PRICES below has the links)
+What it costs (prices as of 2026-11-25; the table PRICES below has the links)
     gpt-4o-mini-2024-07-18: training $3.00 per million tokens; the tuned model then costs
     $0.30 in / $1.20 out per million tokens. This data set (130 training conversations,
     12.5k tokens, 3 epochs) trains for about $0.11; answering the 36 test questions with both
@@ -105,11 +105,14 @@ PROVIDERS = {
 }
 
 # USD per million tokens. "train" is per trained token (epochs x file tokens); "input"/"output"
-# price the base model; "ft_input"/"ft_output" price the fine-tuned model. None = not known
-# here: the estimate says so and points at the page.
+# price the base model; "ft_input"/"ft_output" price the fine-tuned model. A model missing here
+# has no estimate: the script says so and points at the page. "as_of" is when the numbers were
+# checked: the inference prices against the price map litellm 1.110.2 ships (kept from the
+# official page), the training prices against published copies of the official page, which
+# could not be opened directly from where this was written. Check the link before a big run.
 PRICES = {
     "openai": {
-        "read": "2026-11-25",
+        "as_of": "2026-11-25",
         "source": "https://developers.openai.com/api/docs/pricing",
         "models": {
             "gpt-4o-mini-2024-07-18": dict(
@@ -128,12 +131,12 @@ PRICES = {
     },
     "azure": {
         # Prices vary by region and tier (developer, global, regional); look yours up there.
-        "read": "2026-11-25",
+        "as_of": "2026-11-25",
         "source": "https://azure.microsoft.com/pricing/details/cognitive-services/openai-service/",
         "models": {},
     },
     "nebius": {
-        "read": "2026-11-25",
+        "as_of": "2026-11-25",
         "source": "https://docs.tokenfactory.nebius.com/post-training/models",
         "models": {},
     },
@@ -1245,7 +1248,7 @@ def configure_model(cfg: Config, formatted: dict) -> dict:
         )
     else:
         table.add_row("prices", f"[yellow]not in this script's table for {cfg.model}[/yellow]")
-    table.add_row("price table", f"read {prices['read']} from {prices['source']}")
+    table.add_row("price table", f"as of {prices['as_of']}; check {prices['source']}")
     table.add_row("estimate: training", money(costs["training"]))
     table.add_row(
         "estimate: answering",
@@ -1703,7 +1706,7 @@ def compare(
             "estimated_cost_usd": estimated,
             "training_cost_usd": answers["training_cost"],
             "answer_cost_usd": answers["answer_cost"],
-            "prices_read": PRICES[cfg.provider]["read"],
+            "prices_as_of": PRICES[cfg.provider]["as_of"],
         },
     )
     console.print(f"wrote {path}")

@@ -322,7 +322,7 @@ def test_dry_run_sends_nothing_even_with_a_key_and_a_server(api, run_script):
     assert result.returncode == 0, result.output[-3000:]
     assert fake.requests == []  # not even to loopback; the network guard covers the rest
     assert "nothing was sent" in result.stdout and KEY not in result.output
-    assert "read 2026-11-25 from https://developers.openai.com/api/docs/pricing" in result.stdout
+    assert "as of 2026-11-25; check https://developers.openai.com/api/docs/pricing" in result.stdout
     assert "POST " + fake.base_url + "fine_tuning/jobs" in result.stdout  # shows the request
     assert (result.cwd / "openai_edu_qa_training.jsonl").is_file()
 
