@@ -288,6 +288,48 @@ def test_answers_are_sent_in_parallel_threads(dspy_run, server):
     assert server.max_in_flight == 1
 
 
+def test_ctrl_c_exits_130_and_the_same_command_resumes_from_the_cache(server, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    from conftest import DATA_FILE, child_env
+
+    shutil.copy(REPO / SCRIPT, tmp_path / SCRIPT)
+    shutil.copy(DATA_FILE, tmp_path / DATA_FILE.name)
+    server.delay = 0.3
+    command = [sys.executable, SCRIPT, "--api-base", server.url, "--run", "--yes"]
+    command += ["--optimizer", "labeled", "--test-limit", "12", "--threads", "2"]
+    env = child_env({"OPENAI_API_KEY": "test", "HOME": str(tmp_path / "home")})
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while server.count < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "run the same command to resume" in stderr
+    assert not (tmp_path / "outputs" / "results").exists()
+    interrupted = server.count
+    assert 4 <= interrupted < 24
+
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    # every call answered before Ctrl-C came from the cache: 24 requests in all, none twice
+    assert server.count == 24
+    calls = json.loads((tmp_path / "outputs" / "results" / "dspy.json").read_text())["lm_calls"]
+    assert sum(phase["cache_hits"] for phase in calls.values()) == interrupted
+
+
 def test_dspy_native_engine_works_too(dspy_run, server):
     result = dspy_run(
         "--run", "--yes", "--engine", "auto", "--optimizer", "labeled", "--test-limit", "2"
