@@ -1,0 +1,425 @@
+"""huggingface_lora.py: real LoRA training of a tiny model built on the spot, offline, on the CPU.
+
+Nothing is mocked: the script trains with transformers' Trainer and peft, saves the adapter,
+reloads it, merges it, and runs under torchrun with two gloo processes. The tiny model has
+random weights, so its answers are noise; the tests check what a user would notice about the
+plumbing (loss falls, files appear, reloads agree, errors are one line).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DATA_FILE, REPO, child_env
+
+SCRIPT = "huggingface_lora.py"
+# peft calls a transformers API that transformers 5 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+# Small enough for seconds on two busy cores, long enough that the loss visibly falls.
+TINY = (
+    "--model",
+    "tiny",
+    "--train-limit",
+    "24",
+    "--test-limit",
+    "3",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "4",
+    "--save-steps",
+    "10",
+    "--max-new-tokens",
+    "12",
+)
+RESULT_FIELDS = {
+    "approach",
+    "model",
+    "tuned_model",
+    "metric",
+    "n_test",
+    "baseline_score",
+    "tuned_score",
+    "cost_usd",
+    "seconds",
+    "created",
+    "questions",
+}
+QUESTION_FIELDS = {"id", "question", "reference", "baseline", "tuned", "baseline_score"}
+QUESTION_FIELDS |= {"tuned_score"}
+
+
+# ---------------------------------------------------------------------------- helpers
+def new_workdir(path: Path) -> Path:
+    """A folder holding a copy of the script and the shared data, as a user would have it."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / SCRIPT, path / SCRIPT)
+    shutil.copy(DATA_FILE, path / DATA_FILE.name)
+    return path
+
+
+def start(workdir: Path, *args: str, launcher: list[str] | None = None, env: dict | None = None):
+    """Start the script with the network block on and its own attempt log.
+
+    The autouse guard in conftest is function-scoped; module-scoped runs need their own log.
+    """
+    log = workdir / "netblock.log"
+    return subprocess.Popen(
+        [*(launcher or [sys.executable]), SCRIPT, *args],
+        cwd=workdir,
+        env=child_env({"NETBLOCK_LOG": str(log), **(env or {})}),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, workdir: Path, timeout: float = 300):
+    stdout, stderr = proc.communicate(timeout=timeout)
+    log = workdir / "netblock.log"
+    attempts = log.read_text() if log.exists() else ""
+    assert not attempts, "network access past loopback was attempted:\n" + attempts
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run(workdir: Path, *args: str, **kwargs):
+    timeout = kwargs.pop("timeout", 300)
+    return finish(start(workdir, *args, **kwargs), workdir, timeout)
+
+
+def loss_log(workdir: Path) -> list[dict]:
+    with (workdir / "outputs/huggingface/loss_log.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def results(workdir: Path) -> dict:
+    return json.loads((workdir / "outputs/results/huggingface.json").read_text())
+
+
+def stage_numbers(stdout: str) -> list[int]:
+    return [int(n) for n in re.findall(r"Stage (\d)/6", stdout)]
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def hf():
+    """The script as a module, for the functions tested directly."""
+    spec = importlib.util.spec_from_file_location("huggingface_lora_tested", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One real tiny run with --merge, shared by the tests that only read what it wrote."""
+    workdir = new_workdir(tmp_path_factory.mktemp("tiny_run"))
+    proc = run(workdir, *TINY, "--run", "--merge")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc, workdir
+
+
+@pytest.fixture(scope="module")
+def reloaded(hf, tiny_run):
+    """Generate the test answers again in this process from what the run saved on disk."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, workdir = tiny_run
+    out = workdir / "outputs/huggingface"
+    info = json.loads((out / "run_info.json").read_text())
+    questions = [q["question"] for q in results(workdir)["questions"]]
+    torch.set_num_threads(1)  # the script trains and answers the tiny model on one thread
+    settings = {
+        "system_in_user": info["system_in_user"],
+        "stop_ids": info["stop_ids"],
+        "max_new_tokens": info["max_new_tokens"],
+        "batch_size": 8,  # the script's --gen-batch-size default: the same batches
+    }
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(out / "tiny-base")
+    adapter_model = PeftModel.from_pretrained(base, out / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    return {
+        "adapter": hf.generate_answers(adapter_model, tokenizer, questions, **settings),
+        "merged": hf.generate_answers(merged, tokenizer, questions, **settings),
+    }
+
+
+# ---------------------------------------------------------------------------- dry run
+@pytest.mark.parametrize("hub_offline", [True, False], ids=["HF_HUB_OFFLINE=1", "hub-online"])
+def test_dry_run_of_the_default_model_sizes_it_without_network_or_weights(tmp_path, hub_offline):
+    workdir = new_workdir(tmp_path / "work")
+    hf_home = tmp_path / "hf-home"  # an empty cache: the model cannot be there
+    env = {"HF_HOME": str(hf_home)} | ({"HF_HUB_OFFLINE": "1"} if hub_offline else {})
+    proc = run(workdir, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert stage_numbers(proc.stdout) == [1, 2, 3, 4, 5, 6]
+    assert "no weights were loaded" in proc.stdout
+    # SmolLM2-135M: the published parameter count, from the preset's shape on the meta device
+    assert "134.52M parameters" in proc.stdout
+    assert re.search(r"LoRA trains [\d.]+M of them", proc.stdout)
+    for method in ("full fine-tuning", "LoRA", "QLoRA"):
+        assert method in proc.stdout
+    assert "precision: fp32" in proc.stdout and "4-bit QLoRA: off" in proc.stdout
+    assert "python huggingface_lora.py --run" in proc.stdout
+    downloaded = [p for p in hf_home.rglob("*") if p.is_file()] if hf_home.exists() else []
+    assert downloaded == []
+    assert not list(workdir.rglob("*.safetensors"))
+    assert (workdir / "outputs/huggingface/formatted/train.jsonl").is_file()
+
+
+def test_dry_run_on_tiny_shows_the_trained_tokens_and_builds_no_model(tmp_path):
+    workdir = new_workdir(tmp_path)
+    proc = run(workdir, "--model", "tiny")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"prompt, \d+ tokens, label -100", proc.stdout)
+    assert re.search(r"trained, \d+ tokens: the answer and its end-of-turn token", proc.stdout)
+    assert "<|im_end|>" in proc.stdout
+    rows = [
+        json.loads(line) for line in (workdir / "outputs/huggingface/formatted/train.jsonl").open()
+    ]
+    assert len(rows) == 130  # 144 train pairs minus the 10% held out for the eval loss
+    assert all(row["labels"][-1] != -100 for row in rows)
+    assert not (workdir / "outputs/huggingface/tiny-base").exists()
+    assert not (workdir / "outputs/results").exists()
+
+
+# ---------------------------------------------------------------------------- a real run
+def test_real_run_training_loss_falls(tiny_run):
+    _, workdir = tiny_run
+    losses = [float(row["train_loss"]) for row in loss_log(workdir) if row["train_loss"]]
+    assert len(losses) >= 10
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert (workdir / "outputs/huggingface/loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_real_run_saves_the_adapter_and_tokenizer_and_nothing_half_written(tiny_run):
+    _, workdir = tiny_run
+    out = workdir / "outputs/huggingface"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
+        assert (out / "adapter" / name).is_file(), name
+    config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert config["r"] == 16 and config["lora_alpha"] == 32
+    assert (out / "merged/model.safetensors").is_file()
+    assert any((out / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    assert not list(workdir.rglob("*.partial")) and not list(workdir.rglob("*.tmp"))
+
+
+def test_real_run_results_file_has_every_field_and_the_adapter_changed_the_answers(tiny_run):
+    proc, workdir = tiny_run
+    result = results(workdir)
+    assert set(result) >= RESULT_FIELDS
+    assert result["approach"] == "huggingface" and result["n_test"] == 3
+    assert result["cost_usd"] == 0.0 and result["processes"] == 1
+    assert all(set(q) == QUESTION_FIELDS for q in result["questions"])
+    assert [q["baseline"] for q in result["questions"]] != [q["tuned"] for q in result["questions"]]
+    assert (workdir / "outputs/results/comparison.md").is_file()
+    assert (workdir / "outputs/results/comparison.png").is_file()
+    assert "answers are noise" in proc.stdout
+
+
+def test_reloading_the_saved_adapter_reproduces_the_tuned_answers_exactly(tiny_run, reloaded):
+    _, workdir = tiny_run
+    assert reloaded["adapter"] == [q["tuned"] for q in results(workdir)["questions"]]
+
+
+def test_merged_model_loads_with_plain_transformers_and_answers_like_the_adapter(reloaded):
+    assert reloaded["merged"] == reloaded["adapter"]
+
+
+def test_ask_answers_with_baseline_and_the_saved_adapter(tiny_run):
+    _, workdir = tiny_run
+    proc = run(workdir, "--ask", "Why do we have day and night?", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "baseline (adapter off)" in proc.stdout and "tuned (adapter on)" in proc.stdout
+    assert "tiny-base + adapter" in proc.stdout and "noise" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- resume, DDP
+def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(tmp_path):
+    workdir = new_workdir(tmp_path)
+    long_run = (*TINY, "--train-limit", "8", "--batch-size", "2", "--epochs", "25")
+    args = (*long_run, "--save-steps", "2", "--test-limit", "1", "--run")
+    proc = start(workdir, *args)
+    checkpoints = workdir / "outputs/huggingface/checkpoints"
+    deadline = time.monotonic() + 120
+    while not (checkpoints / "checkpoint-2/trainer_state.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+    interrupted = finish(proc, workdir)
+    assert interrupted.returncode == 130, interrupted.stdout[-2000:] + interrupted.stderr
+    assert "--resume" in interrupted.stderr and "Traceback" not in interrupted.stderr
+    assert not (workdir / "outputs/huggingface/adapter").exists()
+    kept = max(
+        int(p.parent.name.split("-")[1])
+        for p in checkpoints.glob("checkpoint-*/trainer_state.json")
+    )
+
+    resumed = run(workdir, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from step {kept}" in resumed.stdout
+    result = results(workdir)
+    assert result["resumed_from_step"] == kept and result["steps"] == 4 * 25
+    steps = [int(row["step"]) for row in loss_log(workdir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 100  # one history, no restart at 1
+
+
+def test_torchrun_with_two_processes_trains_and_writes_one_results_file(tmp_path):
+    workdir = new_workdir(tmp_path)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    # "--" ends torchrun's own options: it would read "--run" as an abbreviation of its
+    # "--run-path" (pytorch/pytorch#120601).
+    args = ("--", *TINY, "--train-limit", "8", "--epochs", "2", "--test-limit", "2", "--run")
+    proc = run(workdir, *args, launcher=torchrun, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert stage_numbers(proc.stdout) == [1, 2, 3, 4, 5, 6]  # only rank 0 prints
+    assert sorted(p.name for p in (workdir / "outputs/results").glob("*.json")) == [
+        "huggingface.json"
+    ]
+    assert results(workdir)["processes"] == 2
+
+
+# ---------------------------------------------------------------------------- labels
+def trained_ids(row: dict) -> list[int]:
+    return [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+
+
+def prompt_text(tokenizer, row: dict) -> str:
+    ids = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == -100]
+    return tokenizer.decode(ids)
+
+
+def test_label_mask_trains_exactly_the_answer_and_end_of_turn_with_a_chat_template(hf):
+    tokenizer = hf.build_tiny_tokenizer()
+    pair = hf.BASE_PAIRS[1]
+    assert hf.ensure_chat_template(tokenizer) is False  # ChatML, like the default model
+    row = hf.encode_example(tokenizer, pair["question"], pair["answer"], system_in_user=False)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answer_ids = tokenizer.encode(pair["answer"], add_special_tokens=False)
+    assert trained_ids(row) == answer_ids + [end_of_turn]
+    assert row["input_ids"][-1] == end_of_turn  # the template's trailing newline is cut
+    prompt = prompt_text(tokenizer, row)
+    assert prompt.endswith("<|im_start|>assistant\n") and pair["question"] in prompt
+    assert hf.SYSTEM_PROMPT in prompt
+
+
+def test_label_mask_with_the_fallback_template_of_a_base_model(hf):
+    tokenizer = hf.build_tiny_tokenizer()
+    tokenizer.chat_template = None  # what a base model's tokenizer looks like
+    tokenizer.eos_token = "<|endoftext|>"
+    pair = hf.BASE_PAIRS[4]
+    assert hf.ensure_chat_template(tokenizer) is True
+    row = hf.encode_example(tokenizer, pair["question"], pair["answer"], system_in_user=False)
+    answer_ids = tokenizer.encode(pair["answer"], add_special_tokens=False)
+    assert trained_ids(row) == answer_ids + [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    prompt = prompt_text(tokenizer, row)
+    assert prompt.endswith(f"### Question:\n{pair['question']}\n\n### Answer:\n")
+
+
+def test_a_template_without_a_system_role_gets_the_instructions_in_the_question(hf):
+    tokenizer = hf.build_tiny_tokenizer()
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        + hf.TINY_CHAT_TEMPLATE
+    )
+    assert hf.system_role_supported(tokenizer) is False
+    pair = hf.BASE_PAIRS[2]
+    row = hf.encode_example(tokenizer, pair["question"], pair["answer"], system_in_user=True)
+    prompt = prompt_text(tokenizer, row)
+    assert f"{hf.SYSTEM_PROMPT}\n\n{pair['question']}" in prompt
+
+
+# ---------------------------------------------------------------------------- estimates
+def test_preset_sizes_match_the_published_parameter_counts(hf):
+    lora = hf.lora_config(hf.Config())
+    smol = hf.size_model(hf.PRESETS["smollm2-135m"]["config"], None, lora)
+    llama = hf.size_model(hf.PRESETS["llama2-7b"]["config"], None, lora)
+    assert smol["total"] == 134_515_008  # SmolLM2-135M, tied embeddings
+    assert llama["total"] == 6_738_415_616  # Llama-2-7b
+    # r=16 on every Linear but lm_head: 16 * (d_in + d_out) summed over the 7 projections
+    per_layer = 16 * (3 * (4096 + 4096) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
+    assert llama["trainable"] == 32 * per_layer
+
+
+def test_qlora_settings_are_nf4_double_quantized_and_refused_without_cuda(hf, run_script):
+    import torch
+
+    config = hf.quantization_config()
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_use_double_quant
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert config.bnb_4bit_compute_dtype == expected
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal below is for machines without it")
+    result = run_script(SCRIPT, "--load-in-4bit", "--run", "--model", "tiny")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert re.match(r"error: --load-in-4bit needs a CUDA GPU", result.stderr)
+
+
+# ---------------------------------------------------------------------------- bad input
+BAD_INPUTS = {
+    "empty data file": ({"bad.jsonl": ""}, ["--data", "bad.jsonl"], r"bad\.jsonl: no examples"),
+    "line not JSON": (
+        {"bad.jsonl": '{"question": "q", "answer": "a"}\n{oops\n'},
+        ["--data", "bad.jsonl"],
+        r"bad\.jsonl:2: not valid JSON",
+    ),
+    "missing answer": (
+        {"bad.jsonl": '{"question": "What is 2+2?"}\n'},
+        ["--data", "bad.jsonl"],
+        r'bad\.jsonl:1: "answer" is missing',
+    ),
+    "model path missing": (
+        {},
+        ["--model", "./no/such/model"],
+        r"--model \./no/such/model: no such",
+    ),
+    "resume without checkpoint": (
+        {},
+        ["--model", "tiny", "--run", "--resume", "--train-limit", "4", "--test-limit", "1"],
+        r"--resume: no complete checkpoint",
+    ),
+    "ask before any run": ({}, ["--ask", "Why?"], r"--ask: no saved adapter"),
+    "examples too long": (
+        {},
+        ["--model", "tiny", "--run", "--max-length", "16", "--train-limit", "4"],
+        r"longer than --max-length 16",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing_behind(case, run_script, tmp_path):
+    files, args, pattern = BAD_INPUTS[case]
+    for name, content in files.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    result = run_script(SCRIPT, *args)
+    assert result.returncode == 2, result.output[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.match(r"error: .*" + pattern, lines[0]), result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "outputs/huggingface/adapter").exists()
+    assert not (tmp_path / "outputs/results").exists()
