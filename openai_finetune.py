@@ -222,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ask", metavar="QUESTION", help="answer one question with the base and tuned model"
     )
     # ----- this script's own flags
-    parser.add_argument("--provider", choices=sorted(PROVIDERS), default="openai")
+    parser.add_argument(
+        "--provider",
+        choices=sorted(PROVIDERS),
+        default="openai",
+        help="the cloud: sets base URL, key variable, default model, prices, deploy step",
+    )
     parser.add_argument(
         "--base-url",
         help="any server that speaks this API (default: the provider's, or $OPENAI_BASE_URL)",

@@ -154,7 +154,8 @@ def test_job_create_is_sent_once_when_the_server_answers_500(api, real_run):
     fake = api()
     fake.create_status, fake.create_anyway = 500, True  # created, but the answer was lost
     result = real_run(fake)
-    assert len(creates(fake)) == 1  # the SDK would have retried it twice
+    assert len(creates(fake)) == 1  # the SDK would have retried it twice...
+    assert "idempotency-key" not in creates(fake)[0]["headers"]  # ...with nothing to dedupe on
     assert result.returncode == 0, result.output[-3000:]
     assert "may have started anyway" in result.stdout
     assert results(result)["tuned_model"] == only_job(fake)["fine_tuned_model"]
