@@ -16,10 +16,11 @@ When to pick it
     pairs, or when every call must stay short: the demos make each prompt longer, for ever.
 
 What it costs
-    A default real run (30 train, 30 test questions, BootstrapFewShot) makes 90 LM calls at most:
-    30 baseline answers, up to 30 while compiling, 30 tuned answers. With openai/gpt-4o-mini
-    that is about $0.02 (stage 3 prints the estimate from LiteLLM's price map before anything
-    is sent, and stage 6 the actual cost). DSPy caches every call on disk under the output
+    A default real run (the first 30 train and all 36 test questions, BootstrapFewShot) makes
+    at most 102 LM calls: 36 baseline answers, up to 30 while compiling, 36 tuned answers, about
+    157,000 tokens, since every tuned prompt carries its 16 demos. With openai/gpt-4o-mini that
+    is about $0.03. Stage 3 prints the estimate from LiteLLM's price map before anything is
+    sent, and stage 6 prints the actual cost. DSPy caches every call on disk under the output
     directory, so running the same command again costs nothing.
 
 How to run it
@@ -681,9 +682,9 @@ def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) 
         # One call per training question until max_bootstrapped_demos runs scored well enough.
         compile_calls = n_train
     elif cfg.optimizer == "random-search":
-        # Candidates: zero-shot, labeled-only, plain bootstrap, then num_candidates shuffled
-        # bootstraps; every one except the first two bootstraps, and every one is scored on the
-        # whole training set.
+        # Candidate programs: zero-shot, labeled-only, a plain bootstrap, then num_candidates
+        # bootstraps on shuffled data. All but the first two bootstrap (up to one call per
+        # training question), and every one is then scored on the whole training set.
         candidates = cfg.num_candidates + 3
         compile_calls = (cfg.num_candidates + 1) * n_train + candidates * n_train
     else:  # mipro, auto="light": 6 candidates, 80% of the training set held out for validation
@@ -733,7 +734,11 @@ def print_prompt(messages: list[dict]) -> None:
 
 
 def was_cache_hit(entry: dict) -> bool:
-    """DSPy records a call answered from its cache with no usage (and marks the LiteLLM reply)."""
+    """DSPy records a call answered from its cache with no usage (and marks the LiteLLM reply).
+
+    A server that reports no usage at all would be counted as cache hits too; hosted APIs, vLLM
+    and Ollama all report it.
+    """
     return bool(getattr(entry["response"], "cache_hit", False)) or not entry.get("usage")
 
 
