@@ -403,6 +403,11 @@ BAD_INPUTS = {
         r"--resume: no complete checkpoint",
     ),
     "ask before any run": ({}, ["--ask", "Why?"], r"--ask: no saved adapter"),
+    "model not in the cache, hub off": (
+        {},
+        ["--run", "--train-limit", "4"],
+        r"SmolLM2-135M-Instruct is not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
+    ),
     "examples too long": (
         {},
         ["--model", "tiny", "--run", "--max-length", "16", "--train-limit", "4"],
@@ -416,7 +421,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing_behind(case, run_script
     files, args, pattern = BAD_INPUTS[case]
     for name, content in files.items():
         (tmp_path / name).write_text(content, encoding="utf-8")
-    result = run_script(SCRIPT, *args)
+    result = run_script(SCRIPT, *args, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2, result.output[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and re.match(r"error: .*" + pattern, lines[0]), result.stderr
