@@ -276,11 +276,11 @@ def test_an_optimizer_stopped_by_failing_calls_exits_1(dspy_run, server):
 
 
 def test_answers_are_sent_in_parallel_threads(dspy_run, server):
-    server.delay = 0.3
-    args = ("--run", "--yes", "--optimizer", "labeled", "--test-limit", "6")
-    result = dspy_run(*args, "--threads", "3")
+    server.delay = 0.2
+    args = ("--run", "--yes", "--optimizer", "labeled", "--test-limit", "4")
+    result = dspy_run(*args, "--threads", "2")
     assert result.returncode == 0, result.output[-3000:]
-    assert server.max_in_flight == 3
+    assert server.max_in_flight == 2
 
     server.max_in_flight = 0
     result = dspy_run(*args, "--threads", "1", "--no-cache")
