@@ -188,7 +188,7 @@ class Config:
     # LoRA / QLoRA
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float | None = None  # 0.05, or 0 for mixture-of-experts models
     target_modules: str = "all-linear"
     load_in_4bit: bool = False
     # training
@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora-r", type=_number(int, 1), default=d.lora_r, help="adapter rank")
     lora.add_argument("--lora-alpha", type=_number(int, 1), default=d.lora_alpha)
-    lora.add_argument("--lora-dropout", type=_number(float, 0), default=d.lora_dropout)
+    lora.add_argument(
+        "--lora-dropout", type=_number(float, 0), help="0.05 (0 for mixture-of-experts models)"
+    )
     lora.add_argument(
         "--target-modules",
         default=d.target_modules,
@@ -927,34 +929,58 @@ def show_tokens(tokenizer, example: dict) -> None:
     console.print(parts["trained"])
 
 
-def size_model(model_config: dict | None, local_folder: str | None, lora_config) -> dict | None:
+def size_model(config, cfg: Config, dropout: float) -> dict | None:
     """Count parameters on the 'meta' device: the real architecture, no memory, no weights.
 
     total: every parameter; quantizable: the nn.Linear weights bitsandbytes would store in 4-bit
-    (lm_head stays as is); trainable: what the LoRA config adds.
+    (lm_head stays as is); trainable: what LoRA adds with these settings; active: the weights
+    one token passes through.
     """
     import torch
-    from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     try:
-        if local_folder:
-            config = AutoConfig.from_pretrained(local_folder, local_files_only=True)
-        else:
-            config = AutoConfig.for_model(**model_config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, OSError, ImportError) as exc:
-        console.print(f"[yellow]cannot size this architecture offline ({exc})[/yellow]")
+    except (ValueError, KeyError, ImportError) as exc:  # e.g. an architecture needing remote code
+        console.print(f"[yellow]cannot build this architecture to size it ({exc})[/yellow]")
         return None
     total = sum(p.numel() for p in model.parameters())
+    # A mixture of experts runs only k of its E experts per token: fewer FLOPs than its size.
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    n_experts = getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0)
+    top_k = getattr(config, "num_experts_per_tok", n_experts)
+    active = total - (experts * (1 - top_k / n_experts) if n_experts else 0)
     quantizable = sum(
         module.weight.numel()
         for name, module in model.named_modules()
         if type(module) is torch.nn.Linear and not name.endswith("lm_head")
     )
-    trainable, _ = get_peft_model(model, lora_config).get_nb_trainable_parameters()
-    return {"total": total, "quantizable": quantizable, "trainable": trainable}
+    trainable, _ = add_lora(model, cfg, dropout).get_nb_trainable_parameters()
+    return {"total": total, "active": active, "quantizable": quantizable, "trainable": trainable}
+
+
+def model_config(kind: str, source: str, tokenizer, *, run: bool):
+    """The model's transformers config and where it came from, without downloading weights."""
+    from transformers import AutoConfig
+
+    if kind == "tiny":
+        return AutoConfig.for_model(**tiny_model_config(tokenizer)), "built here"
+    if kind == "local":
+        folder, origin = source, f"{source}/config.json"
+    elif (snapshot := cached_snapshot(source)) is not None:
+        folder, origin = str(snapshot), "config.json in the local Hugging Face cache"
+    elif (preset := preset_for(source)) is not None:
+        return AutoConfig.for_model(**preset["config"]), "known numbers for this preset"
+    elif run:
+        return hub_call(lambda: AutoConfig.from_pretrained(source), source), "config from the Hub"
+    else:
+        return None, ""
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True), origin
+    except (OSError, ValueError, KeyError) as exc:
+        console.print(f"[yellow]cannot read {origin} ({exc})[/yellow]")
+        return None, ""
 
 
 NF4_BYTES = 4.127 / 8  # 4-bit codes + double-quantized block scales (one per 64 weights)
@@ -1034,7 +1060,8 @@ def quantization_config():
     )
 
 
-def lora_config(cfg: Config):
+def lora_config(cfg: Config, dropout: float):
+    """A fresh LoraConfig each time: peft rewrites target_modules in place when it applies one."""
     from peft import LoraConfig
 
     targets = cfg.target_modules
@@ -1043,10 +1070,30 @@ def lora_config(cfg: Config):
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        lora_dropout=dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
+
+
+def add_lora(model, cfg: Config, dropout: float):
+    """get_peft_model, with the refusals a user can fix turned into one-line errors."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(cfg, dropout))
+    except ValueError as exc:
+        if "lora_dropout" in str(exc):
+            raise UsageError(
+                "peft puts LoRA on this model's fused expert weights (mixture of experts), "
+                "where dropout is not supported; pass --lora-dropout 0"
+            ) from None
+        if "not found in the base model" in str(exc):
+            raise UsageError(
+                f"--target-modules {cfg.target_modules}: no such layers in this model; "
+                "use all-linear or names such as q_proj,v_proj"
+            ) from None
+        raise
 
 
 def generate_answers(
@@ -1358,29 +1405,18 @@ def configure_model(cfg: Config, data: dict, formatted: dict) -> dict:
     device, precision, why = pick_device()
     if cfg.load_in_4bit and device != "cuda":
         raise UsageError("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); drop the flag here")
-    lora = lora_config(cfg)
+    config, origin = model_config(kind, source, formatted["tokenizer"], run=cfg.run)
+    # Mixtral-style experts are fused 3-D weights; peft wraps them as parameters, and those
+    # adapters take no dropout.
+    moe = bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
+    dropout = cfg.lora_dropout if cfg.lora_dropout is not None else (0.0 if moe else 0.05)
     console.print(
-        f"LoraConfig: r={lora.r}, lora_alpha={lora.lora_alpha} (scale alpha/r = "
-        f"{lora.lora_alpha / lora.r:g}), lora_dropout={lora.lora_dropout}, "
-        f"target_modules={lora.target_modules!r}"
+        f"LoraConfig: r={cfg.lora_r}, lora_alpha={cfg.lora_alpha} (scale alpha/r = "
+        f"{cfg.lora_alpha / cfg.lora_r:g}), lora_dropout={dropout}"
+        + (" (mixture of experts)" if moe and cfg.lora_dropout is None else "")
+        + f", target_modules={cfg.target_modules!r}"
     )
-
-    # Where the model's shape comes from, without downloading weights.
-    model_config, folder, origin = None, None, ""
-    if kind == "tiny":
-        model_config, origin = tiny_model_config(formatted["tokenizer"]), "built here"
-    elif kind == "local":
-        folder, origin = source, f"{source}/config.json"
-    elif (snapshot := cached_snapshot(source)) is not None:
-        folder, origin = str(snapshot), "config.json in the local Hugging Face cache"
-    elif (preset := preset_for(source)) is not None:
-        model_config, origin = preset["config"], "known numbers for this preset"
-    elif cfg.run:
-        from transformers import AutoConfig
-
-        config = hub_call(lambda: AutoConfig.from_pretrained(source), source)
-        model_config, origin = config.to_dict(), "config.json from the Hub"
-    sizes = size_model(model_config, folder, lora) if (model_config or folder) else None
+    sizes = size_model(config, cfg, dropout) if config is not None else None
     if sizes is None:
         console.print(f"[yellow]no config for {source} on this machine: sizes on a real run")
     else:
@@ -1407,6 +1443,12 @@ def configure_model(cfg: Config, data: dict, formatted: dict) -> dict:
             "by prepare_model_for_kbit_training.\nw = 4 (fp32) or 2 (bf16); N = all parameters, "
             "T = LoRA parameters; activations come on top and grow with batch x length.[/dim]"
         )
+        if sizes["quantizable"] < 0.5 * sizes["total"]:
+            console.print(
+                f"[yellow]only {sizes['quantizable'] / sizes['total']:.0%} of these weights sit in "
+                "nn.Linear layers, the only ones bitsandbytes stores in 4-bit; the rest (here the "
+                "fused mixture-of-experts weights) stay full size, so QLoRA saves little[/yellow]"
+            )
     console.print(f"device: {device}, precision: {precision} ({why})")
     if cfg.load_in_4bit:
         q = quantization_config()
@@ -1426,7 +1468,7 @@ def configure_model(cfg: Config, data: dict, formatted: dict) -> dict:
     plan = {
         "device": device,
         "precision": precision,
-        "lora": lora,
+        "lora_dropout": dropout,
         "sizes": sizes,
         "steps": steps,
         "world": world,
@@ -1436,7 +1478,7 @@ def configure_model(cfg: Config, data: dict, formatted: dict) -> dict:
         # LoRA training: ~2N FLOPs/token forward + ~2N backward through the frozen weights
         # (no weight gradients for them); activation checkpointing re-runs the forward.
         # Training reaches 30-45% of the matmul rate here (SmolLM2-135M on 2 CPU cores).
-        flops_per_token = (6 if cfg.activation_checkpointing else 4) * sizes["total"]
+        flops_per_token = (6 if cfg.activation_checkpointing else 4) * sizes["active"]
         tokens = formatted["train_tokens"] * (steps * per_step / max(1, n_train))
         speed = measure_flops(device, precision) * world
         plan["seconds"] = tokens * flops_per_token / (0.3 * speed)
@@ -1472,7 +1514,7 @@ def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
 
     import torch
     from datasets import Dataset
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
         DataCollatorForSeq2Seq,
@@ -1551,7 +1593,7 @@ def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
         # Freezes the base, upcasts norms/embeddings to fp32 for stable training; checkpointing
         # is switched on by the Trainer (activation_checkpointing above).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, plan["lora"])
+    model = add_lora(model, cfg, plan["lora_dropout"])
     trainable, total = model.get_nb_trainable_parameters()
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})")
 
@@ -1768,7 +1810,7 @@ def compare(cfg: Config, answers: list, tuned: dict | None, plan: dict, started:
         "lora": {
             "r": cfg.lora_r,
             "alpha": cfg.lora_alpha,
-            "dropout": cfg.lora_dropout,
+            "dropout": plan["lora_dropout"],
             "target_modules": cfg.target_modules,
         },
         "trainable_params": tuned["trainable"],

@@ -23,8 +23,11 @@ import pytest
 from conftest import DATA_FILE, REPO, child_env
 
 SCRIPT = "huggingface_lora.py"
-# peft calls a transformers API that transformers 5 deprecates; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+# Library chatter the script itself silences (see quiet_library_noise); not ours to fix.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*pattern keys did not match.*:RuntimeWarning"),
+]
 # Small enough for seconds on two busy cores, long enough that the loss visibly falls.
 TINY = (
     "--model",
@@ -353,14 +356,27 @@ def test_a_template_without_a_system_role_gets_the_instructions_in_the_question(
 
 # ---------------------------------------------------------------------------- estimates
 def test_preset_sizes_match_the_published_parameter_counts(hf):
-    lora = hf.lora_config(hf.Config())
-    smol = hf.size_model(hf.PRESETS["smollm2-135m"]["config"], None, lora)
-    llama = hf.size_model(hf.PRESETS["llama2-7b"]["config"], None, lora)
+    def sizes(preset: str) -> dict:
+        config, origin = hf.model_config("hub", hf.PRESETS[preset]["id"], None, run=False)
+        return hf.size_model(config, hf.Config(), dropout=0.05)
+
+    smol, llama = sizes("smollm2-135m"), sizes("llama2-7b")
     assert smol["total"] == 134_515_008  # SmolLM2-135M, tied embeddings
     assert llama["total"] == 6_738_415_616  # Llama-2-7b
     # r=16 on every Linear but lm_head: 16 * (d_in + d_out) summed over the 7 projections
     per_layer = 16 * (3 * (4096 + 4096) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
     assert llama["trainable"] == 32 * per_layer
+
+
+def test_mixture_of_experts_adapters_refuse_dropout_with_a_one_line_fix(hf):
+    from transformers import AutoConfig
+
+    shape = hf.PRESETS["mixtral-8x7b"]["config"] | {"num_hidden_layers": 1}  # one layer is enough
+    config = AutoConfig.for_model(**shape)
+    with pytest.raises(hf.UsageError, match="pass --lora-dropout 0"):
+        hf.size_model(config, hf.Config(), dropout=0.05)
+    attention_only = 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2)
+    assert hf.size_model(config, hf.Config(), dropout=0.0)["trainable"] > attention_only
 
 
 def test_qlora_settings_are_nf4_double_quantized_and_refused_without_cuda(hf, run_script):
