@@ -92,3 +92,24 @@ def test_base_pairs_match_what_every_script_embeds(rows):
                 checked += 1
     if not checked:
         pytest.skip("no script exists yet")
+
+
+def test_any_short_prefix_of_a_split_covers_every_subject(rows):
+    """--train-limit N takes the first N of a split: the file interleaves subjects so that a
+    small limit still teaches (and tests) every subject, not the first few."""
+    subjects = {row["subject"] for row in rows}
+    for split in ("train", "test"):
+        chosen = [row for row in rows if row["split"] == split]
+        assert {row["subject"] for row in chosen[: 2 * len(subjects)]} == subjects, split
+
+
+def test_the_kept_openai_training_file_matches_the_data(run_script):
+    """openai_edu_qa_training.jsonl is committed for readers; it must be what stage 2 writes
+    from the committed data today (regenerate: python openai_finetune.py)."""
+    kept = REPO / "openai_edu_qa_training.jsonl"
+    if not (REPO / "openai_finetune.py").exists():
+        pytest.skip("openai_finetune.py does not exist yet")
+    result = run_script("openai_finetune.py")
+    assert result.returncode == 0, result.output[-2000:]
+    written = (result.cwd / "openai_edu_qa_training.jsonl").read_bytes()
+    assert written == kept.read_bytes(), "run `python openai_finetune.py` and commit the file"
