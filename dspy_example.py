@@ -598,6 +598,11 @@ def confirm_paid_step(
     what: str, estimate_usd: float | None, *, yes: bool, max_cost: float | None
 ) -> None:
     """The guard in front of anything that spends money: --max-cost, then --yes or a prompt."""
+    if max_cost is not None and estimate_usd is None:
+        raise UsageError(
+            f"{what} has no cost estimate (no known price), so --max-cost {max_cost:.4f} cannot "
+            "be checked; look the price up and drop --max-cost to go ahead"
+        )
     if max_cost is not None and estimate_usd is not None and estimate_usd > max_cost:
         raise UsageError(
             f"{what} is estimated at ${estimate_usd:.4f}, above --max-cost {max_cost:.4f}; "
@@ -1118,11 +1123,6 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
         raise UsageError(
             f"{key_variable} is not set; {cfg.model} needs it: export it or put it in .env "
             "(nothing was sent)"
-        )
-    if cfg.max_cost is not None and estimate is None:
-        raise UsageError(
-            f"--max-cost {cfg.max_cost}: LiteLLM has no price for {cfg.model}, so the cost cannot "
-            "be checked; drop --max-cost to run anyway (nothing was sent)"
         )
     if estimate == 0:
         console.print("LiteLLM prices this model at $0 (a local server): nothing to confirm.")

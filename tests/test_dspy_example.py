@@ -370,7 +370,8 @@ def test_max_cost_below_the_estimate_refuses_before_any_request(dspy_run, server
 def test_max_cost_with_a_model_without_a_price_refuses(dspy_run, server):
     result = dspy_run("--run", "--yes", "--model", "openai/fake-teacher", "--max-cost", "1")
     assert result.returncode == 2
-    assert "no price for openai/fake-teacher" in one_error_line(result)
+    line = one_error_line(result)
+    assert "openai/fake-teacher has no cost estimate" in line and "--max-cost" in line
     assert server.count == 0
 
 
