@@ -663,11 +663,10 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted: nothing half-written was kept; run the same command to resume",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as exc:
+        # A script that knows better how to resume says so: raise KeyboardInterrupt("...").
+        message = str(exc) or "nothing half-written was kept; run the same command to resume"
+        print(f"\ninterrupted: {message}", file=sys.stderr)
         return 130
 
 
@@ -685,8 +684,8 @@ def quiet_library_noise() -> None:
     """Keep library chatter that teaches nothing out of the output (call before heavy imports)."""
     # bitsandbytes logs a warning about an optional CPU kernel package on import; peft imports it.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # Deprecations raised inside peft/transformers, not by this script's own calls.
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    # peft calls a transformers API that transformers 5 deprecates: not this script's call.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")
     warnings.filterwarnings("ignore", message=".*alpha_pattern keys did not match.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -1402,9 +1401,7 @@ def configure_model(cfg: Config, data: dict, formatted: dict) -> dict:
     )
     quiet_library_noise()
     kind, source = formatted["kind"], formatted["source"]
-    device, precision, why = pick_device()
-    if cfg.load_in_4bit and device != "cuda":
-        raise UsageError("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); drop the flag here")
+    device, precision, why = pick_device()  # main() already refused --load-in-4bit without CUDA
     config, origin = model_config(kind, source, formatted["tokenizer"], run=cfg.run)
     # Mixtral-style experts are fused 3-D weights; peft wraps them as parameters, and those
     # adapters take no dropout.
@@ -1462,13 +1459,15 @@ def configure_model(cfg: Config, data: dict, formatted: dict) -> dict:
         console.print("4-bit QLoRA: off (bitsandbytes NF4 training needs a CUDA GPU)")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    n_train = len(formatted["train_part"])
+    n_train = len(formatted["train_rows"] or formatted["train_part"])
+    checkpointing = cfg.activation_checkpointing or cfg.load_in_4bit  # QLoRA's usual setting
     per_step = cfg.batch_size * cfg.grad_accum * world
     steps = cfg.max_steps or math.ceil(math.ceil(n_train / per_step) * cfg.epochs)
     plan = {
         "device": device,
         "precision": precision,
         "lora_dropout": dropout,
+        "checkpointing": checkpointing,
         "sizes": sizes,
         "steps": steps,
         "world": world,
@@ -1478,7 +1477,7 @@ def configure_model(cfg: Config, data: dict, formatted: dict) -> dict:
         # LoRA training: ~2N FLOPs/token forward + ~2N backward through the frozen weights
         # (no weight gradients for them); activation checkpointing re-runs the forward.
         # Training reaches 30-45% of the matmul rate here (SmolLM2-135M on 2 CPU cores).
-        flops_per_token = (6 if cfg.activation_checkpointing else 4) * sizes["active"]
+        flops_per_token = (6 if checkpointing else 4) * sizes["active"]
         tokens = formatted["train_tokens"] * (steps * per_step / max(1, n_train))
         speed = measure_flops(device, precision) * world
         plan["seconds"] = tokens * flops_per_token / (0.3 * speed)
@@ -1559,7 +1558,7 @@ def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
         save_total_limit=2,
         bf16=precision == "bf16",
         use_cpu=device == "cpu",
-        activation_checkpointing=cfg.activation_checkpointing or cfg.load_in_4bit,
+        activation_checkpointing=plan["checkpointing"],
         report_to="none",
         disable_tqdm=True,  # the rich progress callback below replaces tqdm
         seed=cfg.seed,
@@ -1624,13 +1623,15 @@ def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
     except KeyboardInterrupt:
         progress.close()
         kept = last_checkpoint(checkpoints)
-        where = f"{kept} is kept" if kept else "no checkpoint was saved yet"
-        print(
-            f"\ntraining interrupted at step {trainer.state.global_step}: {where}; "
-            "add --resume to the same command to continue from it",
-            file=sys.stderr,
-        )
-        raise
+        if kept is None:
+            raise KeyboardInterrupt(
+                f"training stopped at step {trainer.state.global_step} before its first "
+                "checkpoint; run the same command to start again"
+            ) from None
+        raise KeyboardInterrupt(
+            f"training stopped at step {trainer.state.global_step}; {kept} is kept: add "
+            "--resume to the same command to continue from it"
+        ) from None
     finally:
         progress.close()
     first_step = progress.first_step
@@ -1642,6 +1643,8 @@ def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
 
     # Save into a side folder, then swap: the adapter folder is complete or absent.
     adapter_dir, partial = out / "adapter", out / "adapter.partial"
+    if partial.exists() and is_main_process():
+        shutil.rmtree(partial)  # left by a run that died while saving
     trainer.save_model(str(partial))  # adapter_model.safetensors + adapter_config.json + tokenizer
     result = {"model": model, "tokenizer": tokenizer, "trainer": trainer, "source": source}
     if not is_main_process():
@@ -1690,6 +1693,7 @@ def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
         "eval_loss": eval_loss,
         "steps": trainer.state.global_step,
         "resumed_from_step": first_step,
+        "fallback_chat_template": formatted["fallback_template"],
         "trainable": trainable,
         "total": total,
         "train_seconds": time.perf_counter() - started,
@@ -1823,6 +1827,7 @@ def compare(cfg: Config, answers: list, tuned: dict | None, plan: dict, started:
         "eval_loss": None if tuned["eval_loss"] is None else round(tuned["eval_loss"], 4),
         "train_seconds": round(tuned["train_seconds"], 1),
         "processes": plan["world"],
+        "fallback_chat_template": tuned["fallback_chat_template"],
     }
     path = write_results(
         cfg.output_dir,
@@ -1856,8 +1861,11 @@ def main(argv: list[str] | None = None) -> None:
                 "so drop the flag to train a bf16/fp32 LoRA"
             )
     started = time.perf_counter()
-    mode = "ask" if cfg.ask else ("real run" if cfg.run else "dry run (add --run to train)")
-    console.print(f"[bold]huggingface_lora.py[/bold] · {mode} · model {cfg.model}")
+    if cfg.ask:
+        mode = f"--ask, with the adapter saved in {work_dir(cfg)}"
+    else:
+        mode = f"{'real run' if cfg.run else 'dry run (add --run to train)'} · model {cfg.model}"
+    console.print(f"[bold]huggingface_lora.py[/bold] · {mode}")
     console.print(key_status("HF_TOKEN") + " (only gated models such as Llama 2 need it)")
     if cfg.ask:
         answer(cfg, None, None, None)

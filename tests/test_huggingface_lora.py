@@ -266,7 +266,14 @@ def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(tmp_path):
     proc.send_signal(signal.SIGINT)  # what Ctrl-C does
     interrupted = finish(proc, workdir)
     assert interrupted.returncode == 130, interrupted.stdout[-2000:] + interrupted.stderr
-    assert "--resume" in interrupted.stderr and "Traceback" not in interrupted.stderr
+    # one piece of advice, the right one: a plain rerun would start from zero
+    assert re.search(
+        r"interrupted: training stopped at step \d+; .*checkpoint-\d+ is kept: add "
+        r"--resume",
+        interrupted.stderr,
+    ), interrupted.stderr
+    assert "run the same command to resume" not in interrupted.stderr
+    assert "Traceback" not in interrupted.stderr
     assert not (workdir / "outputs/huggingface/adapter").exists()
     kept = max(
         int(p.parent.name.split("-")[1])
