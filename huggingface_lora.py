@@ -25,7 +25,10 @@ How to run it
     python huggingface_lora.py --run               # real run, HuggingFaceTB/SmolLM2-135M-Instruct
     python huggingface_lora.py --model tiny --run  # offline smoke run: tiny random model built here
     python huggingface_lora.py --ask "Why is the sky blue?"   # baseline vs tuned (saved adapter)
-    torchrun --nproc_per_node 2 huggingface_lora.py --run    # the same script on 2 GPUs (DDP)
+    torchrun --nproc_per_node 2 huggingface_lora.py -- --run  # the same script on 2 GPUs (DDP)
+
+With torchrun, put "--" before the script's flags: torchrun would otherwise take "--run" for
+an abbreviation of its own "--run-path" (pytorch/pytorch#120601).
 
 The six stages: prepare_data -> format_data -> configure_model -> tune -> answer -> compare.
 Everything is written under --output-dir (default outputs/): huggingface/ for this script's
@@ -214,7 +217,7 @@ examples:
   python huggingface_lora.py --run                            # real run, default model
   python huggingface_lora.py --model tiny --run               # offline smoke run, tiny model
   python huggingface_lora.py --model llama2-7b --load-in-4bit --run   # QLoRA on one CUDA GPU
-  torchrun --nproc_per_node 2 huggingface_lora.py --run       # DDP on 2 GPUs
+  torchrun --nproc_per_node 2 huggingface_lora.py -- --run    # DDP on 2 GPUs ("--" first)
   python huggingface_lora.py --ask "What is a prime number?"  # answer from the saved adapter
 
 model presets: """ + ", ".join(f"{name} ({p['id']})" for name, p in PRESETS.items())
