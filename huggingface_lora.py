@@ -56,6 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -576,7 +577,7 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
             data = json.loads(path.read_text(encoding="utf-8"))
             float(data["baseline_score"]), float(data["tuned_score"]), data["approach"]
         except (OSError, ValueError, KeyError, TypeError):
-            console.print(f"[yellow]skipping {path}: not a results file[/yellow]")
+            console.print(f"[yellow]skipping {escape(str(path))}: not a results file[/yellow]")
             continue
         results.append(data)
     results.sort(key=lambda r: order.get(r["approach"], 9))
@@ -605,7 +606,7 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     for header in headers:
         table.add_column(header, justify="left" if header in ("approach", "model") else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))  # names are data, not markup
     console.print(table)
     if not write:
         return results
@@ -634,25 +635,6 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     os.replace(tmp, results_dir / "comparison.png")
     console.print(f"wrote {results_dir / 'comparison.md'} and {results_dir / 'comparison.png'}")
     return results
-
-
-def confirm_paid_step(
-    what: str, estimate_usd: float | None, *, yes: bool, max_cost: float | None
-) -> None:
-    """The guard in front of anything that spends money: --max-cost, then --yes or a prompt."""
-    if max_cost is not None and estimate_usd is not None and estimate_usd > max_cost:
-        raise UsageError(
-            f"{what} is estimated at ${estimate_usd:.4f}, above --max-cost {max_cost:.4f}; "
-            "raise --max-cost or lower --train-limit/--test-limit"
-        )
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise UsageError(f"{what} costs money and there is no terminal to confirm on; pass --yes")
-    price = "unknown" if estimate_usd is None else f"about ${estimate_usd:.4f}"
-    reply = input(f"{what}: estimated cost {price}. Go ahead? [y/N] ")
-    if reply.strip().lower() not in ("y", "yes"):
-        raise UsageError("not confirmed; nothing was sent (pass --yes to skip this question)")
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:

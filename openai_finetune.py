@@ -558,7 +558,7 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
             data = json.loads(path.read_text(encoding="utf-8"))
             float(data["baseline_score"]), float(data["tuned_score"]), data["approach"]
         except (OSError, ValueError, KeyError, TypeError):
-            console.print(f"[yellow]skipping {path}: not a results file[/yellow]")
+            console.print(f"[yellow]skipping {escape(str(path))}: not a results file[/yellow]")
             continue
         results.append(data)
     results.sort(key=lambda r: order.get(r["approach"], 9))
@@ -587,7 +587,7 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     for header in headers:
         table.add_column(header, justify="left" if header in ("approach", "model") else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))  # names are data, not markup
     console.print(table)
     if not write:
         return results
@@ -653,11 +653,10 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted: nothing half-written was kept; run the same command to resume",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as exc:
+        # A script that knows better how to resume says so: raise KeyboardInterrupt("...").
+        message = str(exc) or "nothing half-written was kept; run the same command to resume"
+        print(f"\ninterrupted: {message}", file=sys.stderr)
         return 130
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,20 @@ def _load_netblock():
 
 
 _netblock = _load_netblock()
+
+# Processes started from module- or session-scoped fixtures run before any test's own guard
+# exists; they report here, and the session fails at its end if anything was attempted.
+SESSION_LOG = Path(tempfile.mkdtemp(prefix="netblock-session-")) / "attempts.log"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_network_guard():
+    yield
+    if SESSION_LOG.exists() and SESSION_LOG.read_text(encoding="utf-8").strip():
+        pytest.fail(
+            "network access past loopback was attempted by a process started from a shared "
+            "fixture:\n" + SESSION_LOG.read_text(encoding="utf-8")
+        )
 
 
 class NetworkGuard:
@@ -100,6 +115,7 @@ class ScriptResult:
 def child_env(extra: dict | None = None) -> dict:
     """The environment of a process a test starts: blocked network, no real keys."""
     env = dict(os.environ)
+    env.setdefault("NETBLOCK_LOG", str(SESSION_LOG))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETBLOCK_DIR), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env["COLUMNS"] = "120"  # rich wraps tables at the terminal width; make it predictable
