@@ -67,9 +67,11 @@ APPROACH = (
 # Small, Apache-2.0, has a chat template, and trains on a laptop CPU in minutes.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
+# The same system prompt as openai_finetune.py, so the two fine-tuned models are compared on
+# equal terms.
 SYSTEM_PROMPT = (
-    "You are a patient teacher. Answer the student's question correctly in one to three "
-    "clear sentences."
+    "You are a patient, knowledgeable teacher. Answer the student's question correctly "
+    "in one to three clear sentences."
 )
 
 # Base models often ship without a chat template. This one is deliberately plain: the system

@@ -166,3 +166,12 @@ def test_every_script_scores_with_the_same_metric():
     first = next(iter(scores.values()))
     assert all(v == first for v in scores.values())
     assert 0 < first[0] < 100
+
+
+def test_both_fine_tuning_scripts_train_with_the_same_system_prompt():
+    """The comparison table is fair only if the two fine-tuned models saw the same instructions."""
+    fine_tuners = [s for s in ("openai_finetune.py", "huggingface_lora.py") if s in PRESENT]
+    if len(fine_tuners) < 2:
+        pytest.skip("needs both fine-tuning scripts")
+    prompts = {load_module(s).SYSTEM_PROMPT for s in fine_tuners}
+    assert len(prompts) == 1, prompts
