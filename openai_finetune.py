@@ -266,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("train_limit", "test_limit", "max_cost", "epochs"):
+    for name in ("train_limit", "test_limit", "max_cost"):
         value = getattr(args, name)
         if value is not None and value < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be at least 1")
     if args.poll_interval <= 0:
         parser.error("--poll-interval must be positive")
     if args.provider == "azure" and "." in args.suffix:
@@ -848,8 +850,9 @@ def validate_chat_file(path: Path, count_tokens, max_tokens_per_example: int) ->
                         "message_unrecognized_key", line_number, f"{where} has key {unknown[0]!r}"
                     )
                 role = message["role"]
-                if role not in ALLOWED_ROLES:
+                if not isinstance(role, str) or role not in ALLOWED_ROLES:
                     error("unrecognized_role", line_number, f"{where} has role {role!r}")
+                    role = str(role)
                 roles.add(role)
                 content = message["content"]
                 calls = message.get("function_call") or message.get("tool_calls")
@@ -864,7 +867,7 @@ def validate_chat_file(path: Path, count_tokens, max_tokens_per_example: int) ->
                         "invalid_weight", line_number, f"{where} has weight {message['weight']!r}"
                     )
                 text_tokens = count_tokens(content) if isinstance(content, str) else 0
-                tokens += TOKENS_PER_MESSAGE + count_tokens(str(role)) + text_tokens
+                tokens += TOKENS_PER_MESSAGE + count_tokens(role) + text_tokens
                 if isinstance(message.get("name"), str):
                     tokens += count_tokens(message["name"]) + 1
                 if calls:
@@ -1016,6 +1019,23 @@ def chat_messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
 
+def chat_request(model: str, question: str) -> dict:
+    """The one chat request this script sends; temperature 0 keeps the comparison repeatable."""
+    return {
+        "model": model,
+        "messages": chat_messages(question),
+        "temperature": 0,
+        "max_tokens": ANSWER_MAX_TOKENS,
+    }
+
+
+def prompt_tokens(count_tokens, messages: list[dict]) -> int:
+    """What a request's messages cost in input tokens (the same rule the validator counts by)."""
+    return PRIMING_TOKENS + sum(
+        TOKENS_PER_MESSAGE + count_tokens(m["role"]) + count_tokens(m["content"]) for m in messages
+    )
+
+
 def api_error(exc) -> str:
     """One line from an SDK error: HTTP status, code and message (never headers, never keys)."""
     status = getattr(exc, "status_code", None)
@@ -1148,13 +1168,8 @@ def format_data(cfg: Config, data: dict) -> dict:
 
     # What answering the test split will send and (roughly) get back, for the estimate.
     test = data["test"]
-    prompt_tokens = sum(
-        PRIMING_TOKENS
-        + sum(
-            TOKENS_PER_MESSAGE + count_tokens(m["role"]) + count_tokens(m["content"])
-            for m in chat_messages(e["question"])
-        )
-        for e in test
+    test_prompt_tokens = sum(
+        prompt_tokens(count_tokens, chat_messages(e["question"])) for e in test
     )
     reply_tokens = sum(count_tokens(e["answer"]) for e in test)
     return {
@@ -1165,7 +1180,7 @@ def format_data(cfg: Config, data: dict) -> dict:
         "report": report,
         "token_label": token_label,
         "n_test": len(test),
-        "test_prompt_tokens": prompt_tokens,
+        "test_prompt_tokens": test_prompt_tokens,
         "test_reply_tokens": reply_tokens,
     }
 
@@ -1343,6 +1358,12 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
     }
     if cfg.job_id:
         job = retrieve(client, cfg.job_id, cfg)
+        if job.model != cfg.model:
+            console.print(
+                f"[yellow]{job.id} fine-tunes {escape(job.model)}, not {escape(cfg.model)}: the "
+                f"baseline and the prices are {escape(cfg.model)}'s; pass --model "
+                f"{escape(job.model)} to compare the tuned model with its own base[/yellow]"
+            )
     else:
         job = find_existing_job(cfg, client, plan["run_tag"], record)
     if job is not None and record.get("job_id") != job.id:
@@ -1415,19 +1436,20 @@ def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
 
     candidates = []
     same_place = record.get("base_url") == resolve_base_url(cfg)
-    if same_place and record.get("run_tag") == run_tag and record.get("job_id"):
-        # NotFound: the record is another account's job; look it up by tag instead.
-        with contextlib.suppress(openai.NotFoundError):
-            candidates.append(client.fine_tuning.jobs.retrieve(record["job_id"]))
-    if not candidates:
-        try:
+    try:
+        if same_place and record.get("run_tag") == run_tag and record.get("job_id"):
+            # NotFound: the record is another account's job; look it up by tag instead.
+            with contextlib.suppress(openai.NotFoundError):
+                candidates.append(client.fine_tuning.jobs.retrieve(record["job_id"]))
+        if not candidates:
             page = client.fine_tuning.jobs.list(metadata={"run_tag": run_tag}, limit=10)
+            # A server that ignores the metadata filter lists every job: keep only ours.
             candidates = [j for j in page.data if (j.metadata or {}).get("run_tag") == run_tag]
-        except openai.APIStatusError as exc:
-            console.print(
-                f"[yellow]could not list jobs ({api_error(exc)}); "
-                "skipping the check for an earlier job[/yellow]"
-            )
+    except openai.APIError as exc:
+        console.print(
+            f"[yellow]could not look for an earlier job ({escape(api_error(exc))}); "
+            "going on without that check[/yellow]"
+        )
     for job in candidates:
         if job.status in ("failed", "cancelled"):
             continue
@@ -1474,8 +1496,8 @@ def create_job(cfg: Config, client, plan: dict, record: dict):
         raise ServiceError(f"creating the job was refused: {api_error(exc)}") from None
     except (openai.APIConnectionError, openai.InternalServerError) as exc:
         console.print(
-            f"[yellow]creating the job failed ({api_error(exc)}); it may have started anyway: "
-            "looking for it by its tag[/yellow]"
+            f"[yellow]creating the job failed ({escape(api_error(exc))}); it may have started "
+            "anyway: looking for it by its tag[/yellow]"
         )
         try:
             page = client.fine_tuning.jobs.list(metadata={"run_tag": plan["run_tag"]}, limit=10)
@@ -1528,11 +1550,10 @@ def watch_job(cfg: Config, client, job, record: dict):
             interval = cfg.poll_interval if fresh else min(interval * 1.5, 6 * cfg.poll_interval)
             time.sleep(interval)
     except KeyboardInterrupt:
-        console.print(f"\nstopped watching; job {job.id} keeps running on the server. Resume with:")
-        show_command(resume)
-        console.print("or cancel it with:")
-        show_command(cancel_command(cfg, job.id))
-        raise
+        raise KeyboardInterrupt(
+            f"stopped watching; job {job.id} keeps running on the server. Resume watching with:\n"
+            f"  {resume}\nor cancel it with:\n  {cancel_command(cfg, job.id)}"
+        ) from None
 
 
 def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
@@ -1542,6 +1563,8 @@ def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
         return job.fine_tuned_model
     if cfg.provider == "azure":
         if cfg.tuned_model:
+            record.update(deployed_model=cfg.tuned_model)  # what --ask answers with later
+            save_record(cfg, record)
             return cfg.tuned_model
         resource = (urlsplit(plan["base_url"]).hostname or "RESOURCE").split(".")[0]
         deployment = f"{cfg.suffix}-ft"
@@ -1602,9 +1625,7 @@ def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
 
 
 def answer_one(client, model: str, question: str) -> tuple[str, int, int]:
-    reply = client.chat.completions.create(
-        model=model, messages=chat_messages(question), temperature=0, max_tokens=ANSWER_MAX_TOKENS
-    )
+    reply = client.chat.completions.create(**chat_request(model, question))
     usage = reply.usage
     text = (reply.choices[0].message.content or "").strip()
     return text, (usage.prompt_tokens if usage else 0), (usage.completion_tokens if usage else 0)
@@ -1615,12 +1636,7 @@ def answer(cfg: Config, data: dict, plan: dict, tuned: dict | None) -> dict | No
     test = data["test"]
     base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
     if not cfg.run:
-        request = {
-            "model": base_name,
-            "messages": chat_messages(test[0]["question"]),
-            "temperature": 0,
-            "max_tokens": ANSWER_MAX_TOKENS,
-        }
+        request = chat_request(base_name, test[0]["question"])
         console.print(
             f"A real run sends {len(test)} requests like this to each model (base, then tuned):"
         )
@@ -1737,14 +1753,23 @@ def ask_question(cfg: Config) -> None:
         )
     base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
     base_url = resolve_base_url(cfg)
+    count_tokens, _ = load_token_counter(cfg.model)
+    # At most ANSWER_MAX_TOKENS come back from each model: the estimate is an upper bound.
+    estimate = estimate_costs(
+        cfg.provider,
+        cfg.model,
+        0,
+        prompt_tokens(count_tokens, chat_messages(cfg.ask)),
+        ANSWER_MAX_TOKENS,
+    )["answering"]
     if not cfg.run:
         console.print(
             f"A real run (add --run) sends to {base_url or AZURE_PLACEHOLDER}chat/completions, "
-            f"for {base_name} and for {tuned_model}:"
+            f"for {base_name} and then for {tuned_model} (at most {money(estimate)}):"
         )
-        console.print_json(json.dumps({"messages": chat_messages(cfg.ask), "temperature": 0}))
+        console.print_json(json.dumps(chat_request(base_name, cfg.ask)))
         return
-    confirm_paid_step("Answering your question twice", 0.001, yes=cfg.yes, max_cost=cfg.max_cost)
+    confirm_paid_step("Answering your question twice", estimate, yes=cfg.yes, max_cost=cfg.max_cost)
     import openai
 
     client = make_client(cfg, base_url)
@@ -1767,6 +1792,8 @@ def cancel_job(cfg: Config) -> None:
     client = make_client(cfg, resolve_base_url(cfg))
     try:
         job = client.fine_tuning.jobs.cancel(cfg.cancel)
+    except openai.NotFoundError:
+        raise UsageError(f"--cancel {cfg.cancel}: no such job on {cfg.provider}") from None
     except openai.APIError as exc:
         raise ServiceError(f"cancelling {cfg.cancel} failed: {api_error(exc)}") from None
     console.print(f"job {job.id}: {job.status}")
@@ -1780,12 +1807,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     load_env_file()
     if cfg.check_file:
-        count_tokens, label = load_token_counter(cfg.model)
         if not cfg.check_file.is_file():
             raise UsageError(f"{cfg.check_file}: file not found")
-        report = validate_chat_file(
-            cfg.check_file, count_tokens, PROVIDERS[cfg.provider]["max_tokens_per_example"]
-        )
+        count_tokens, label = load_token_counter(cfg.model)
+        max_tokens = PROVIDERS[cfg.provider]["max_tokens_per_example"]
+        try:
+            report = validate_chat_file(cfg.check_file, count_tokens, max_tokens)
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{cfg.check_file.name}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
+            ) from None
         console.print_json(json.dumps({k: v for k, v in report.items() if k != "first_error"}))
         console.print(f"tokens counted with {label}")
         problem = first_format_error(report, cfg.check_file)

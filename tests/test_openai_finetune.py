@@ -239,8 +239,9 @@ def test_ctrl_c_while_polling_exits_130_and_job_id_resumes(api, real_run, tmp_pa
     stdout, stderr = "".join(seen), proc.stderr.read()
     job = only_job(fake)
     assert job["status"] == "running"  # stopping the watch does not stop the job
-    assert f"--job-id {job['id']}" in stdout, stdout[-2000:]
-    assert "Traceback" not in stderr, stderr
+    assert "status: running" in stdout
+    assert stderr.lstrip().startswith(f"interrupted: stopped watching; job {job['id']} keeps")
+    assert f"--job-id {job['id']}" in stderr and f"--cancel {job['id']}" in stderr, stderr
 
     fake.hold_at_running = False
     resumed = real_run(fake, "--job-id", job["id"])
@@ -298,6 +299,12 @@ def test_cancel_stops_a_job(api, run_script):
     assert fake.jobs[job.id]["status"] == "cancelled"
     assert f"job {job.id}: cancelled" in result.stdout
 
+    unknown = run_script(
+        SCRIPT, "--cancel", "ftjob-nope", "--base-url", fake.base_url, env={"OPENAI_API_KEY": KEY}
+    )
+    assert unknown.returncode == 2
+    assert unknown.stderr == "error: --cancel ftjob-nope: no such job on openai\n"
+
 
 # ---------------------------------------------------------------------------- the guard
 @pytest.mark.parametrize(
@@ -306,8 +313,14 @@ def test_cancel_stops_a_job(api, run_script):
         (("--run", "--yes", "--max-cost", "0.0001"), {"OPENAI_API_KEY": KEY}, "above --max-cost"),
         (("--run",), {"OPENAI_API_KEY": KEY}, "no terminal to confirm on; pass --yes"),
         (("--run", "--yes"), {}, "OPENAI_API_KEY is not set"),
+        (
+            ("--run", "--yes", "--ask", "Why?", "--tuned-model", "ft:x", "--max-cost", "0.0001"),
+            {"OPENAI_API_KEY": KEY},
+            "Answering your question twice is estimated at $0.0",
+        ),
+        (("--epochs", "0"), {}, "--epochs must be at least 1"),
     ],
-    ids=["over max-cost", "no terminal", "no key"],
+    ids=["over max-cost", "no terminal", "no key", "ask over max-cost", "zero epochs"],
 )
 def test_a_paid_step_is_refused_before_anything_is_sent(api, run_script, args, env, message):
     fake = api()
@@ -389,6 +402,10 @@ def test_azure_v1_shape_prints_the_deploy_command_then_answers_with_the_deployme
     assert results(second)["tuned_model"] == "edu-qa-ft"
     assert len(creates(fake)) == 1
 
+    asked = real_run(fake, "--ask", "Why is the sky blue?")  # the recorded deployment answers
+    assert asked.returncode == 0, asked.output[-3000:]
+    assert chat_models(fake)[-2:] == [BASE, "edu-qa-ft"]
+
 
 def test_azure_fake_takes_the_key_in_the_api_key_header_too(api):
     import httpx2
@@ -444,6 +461,9 @@ BAD_LINES = {
         '{"messages": [{"role": "teacher", "content": "Hi"}, '
         '{"role": "assistant", "content": "4"}]}'
     ),
+    "role_not_text": (
+        '{"messages": [{"role": ["user"], "content": "Hi"}, {"role": "assistant", "content": "4"}]}'
+    ),
     "missing_content": (
         '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "4"}]}'
     ),
@@ -464,6 +484,7 @@ def write_lines(path, lines):
 def test_validator_reports_each_error_kind_with_its_line(oft, count_tokens, tmp_path, kind):
     path = write_lines(tmp_path / "chat.jsonl", [GOOD] * 3 + [BAD_LINES[kind]] + [GOOD] * 7)
     report = oft.validate_chat_file(path, count_tokens, 65536)
+    kind = kind.replace("role_not_text", "unrecognized_role")
     assert report["errors"] == {kind: 1}
     line, _ = report["first_error"][kind]
     assert line == 4
@@ -565,9 +586,21 @@ def test_fine_tuned_names_are_counted_with_their_base_models_encoding(oft, model
     assert oft.encoding_name(model) == expected
 
 
-def test_check_file_names_the_file_and_line_and_exits_2(run_script, tmp_path):
-    write_lines(tmp_path / "mine.jsonl", [GOOD] * 5 + [BAD_LINES["unrecognized_role"]] + [GOOD] * 5)
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "".join(line + "\n" for line in [GOOD] * 5 + [BAD_LINES["unrecognized_role"]]),
+            "error: mine.jsonl:6: message 1 has role 'teacher'",
+        ),
+        ("caf\xe9\n".encode("latin-1"), "error: mine.jsonl: not UTF-8 text"),
+    ],
+    ids=["bad role", "not utf-8"],
+)
+def test_check_file_names_the_file_and_line_and_exits_2(run_script, tmp_path, content, message):
+    path = tmp_path / "mine.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     result = run_script(SCRIPT, "--check-file", "mine.jsonl")
     assert result.returncode == 2
-    assert result.stderr.startswith("error: mine.jsonl:6: message 1 has role 'teacher'")
-    assert "Traceback" not in result.output
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.count("\n") == 1  # one line, no traceback
