@@ -226,8 +226,8 @@ examples:
 model presets: """ + ", ".join(f"{name} ({p['id']})" for name, p in PRESETS.items())
 
 
-def _number(kind, minimum, inclusive=True):
-    """An argparse type that refuses values below `minimum` with argparse's one-line error."""
+def _number(kind, minimum, inclusive=True, below=None):
+    """An argparse type that refuses values out of range with argparse's one-line error."""
 
     def parse(text: str):
         value = kind(text)
@@ -235,6 +235,8 @@ def _number(kind, minimum, inclusive=True):
             raise argparse.ArgumentTypeError(
                 f"must be {'at least' if inclusive else 'more than'} {minimum}, got {text}"
             )
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below}, got {text}")
         return value
 
     return parse
@@ -288,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--eval-fraction",
-        type=_number(float, 0),
+        type=_number(float, 0, below=1),
         default=d.eval_fraction,
         help="share of train held out for eval loss",
     )
@@ -724,7 +726,9 @@ def pick_device() -> tuple[str, str, str]:
     import torch
 
     if torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
+        # including_emulation=False: pre-Ampere GPUs (T4, V100) "support" bf16 only by emulation,
+        # which is slower than fp32.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return "cuda", "bf16", "this GPU supports bfloat16: half the memory of fp32"
         return "cuda", "fp32", "this GPU has no bfloat16 (fp16 would need loss scaling)"
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -1037,7 +1041,8 @@ def quantization_config():
     import torch
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    compute = torch.bfloat16 if native_bf16 else torch.float16
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",  # 16 levels placed for normally distributed weights
@@ -1128,6 +1133,13 @@ def last_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
     done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def swap_in(partial: Path, final: Path) -> None:
+    """Put a fully written `partial` folder in place of `final`: a folder is complete or absent."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
 
 
 def load_base_model(source: str, precision: str, *, four_bit: bool, device: str):
@@ -1264,9 +1276,9 @@ def format_data(cfg: Config, data: dict) -> dict:
     tokenizer = load_tokenizer(kind, source, offline=not cfg.run)
     rng = random.Random(cfg.seed)
     train = list(data["train"])
-    n_eval = round(len(train) * cfg.eval_fraction) if len(train) >= 2 else 0
-    if cfg.eval_fraction > 0 and len(train) >= 2:
-        n_eval = max(1, n_eval)
+    # At least one pair held out when asked for, and at least one left to train on.
+    n_eval = min(len(train) - 1, max(1, round(len(train) * cfg.eval_fraction)))
+    n_eval = n_eval if cfg.eval_fraction else 0
     eval_ids = {e["id"] for e in rng.sample(train, n_eval)}
     eval_part = [e for e in train if e["id"] in eval_ids]
     train_part = [e for e in train if e["id"] not in eval_ids]
@@ -1380,13 +1392,12 @@ def format_data(cfg: Config, data: dict) -> dict:
     return formatted
 
 
-def configure_model(cfg: Config, data: dict, formatted: dict) -> dict:
+def configure_model(cfg: Config, formatted: dict) -> dict:
     stage(
         3,
         "configure_model",
         "The LoRA settings, and what they cost in parameters, memory and time: before any weights.",
     )
-    quiet_library_noise()
     kind, source = formatted["kind"], formatted["source"]
     device, precision, why = pick_device()  # main() already refused --load-in-4bit without CUDA
     config, origin = model_config(kind, source, formatted["tokenizer"], run=cfg.run)
@@ -1479,7 +1490,7 @@ def configure_model(cfg: Config, data: dict, formatted: dict) -> dict:
     return plan
 
 
-def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
+def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
     stage(4, "tune", "Train the LoRA adapter with transformers' Trainer: the heavy step.")
     out = work_dir(cfg)
     if not cfg.run:
@@ -1608,7 +1619,6 @@ def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
-        progress.close()
         kept = last_checkpoint(checkpoints)
         if kept is None:
             raise KeyboardInterrupt(
@@ -1628,17 +1638,16 @@ def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
     )
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
 
-    # Save into a side folder, then swap: the adapter folder is complete or absent.
+    # Save into side folders, then swap them in (a run that died while saving leaves a
+    # .partial behind: start that one afresh).
     adapter_dir, partial = out / "adapter", out / "adapter.partial"
-    if partial.exists() and is_main_process():
-        shutil.rmtree(partial)  # left by a run that died while saving
+    if is_main_process():
+        shutil.rmtree(partial, ignore_errors=True)
     trainer.save_model(str(partial))  # adapter_model.safetensors + adapter_config.json + tokenizer
     result = {"model": model, "tokenizer": tokenizer, "trainer": trainer, "source": source}
     if not is_main_process():
         return result
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    os.replace(partial, adapter_dir)
+    swap_in(partial, adapter_dir)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     csv_path, png_path = write_loss_log(trainer.state.log_history, out)
     console.print(
@@ -1666,11 +1675,10 @@ def tune(cfg: Config, data: dict, formatted: dict, plan: dict) -> dict | None:
         base = load_base_model(source, merge_precision, four_bit=False, device="cpu")
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         merged_dir, partial = out / "merged", out / "merged.partial"
+        shutil.rmtree(partial, ignore_errors=True)
         merged.save_pretrained(str(partial))
         tokenizer.save_pretrained(str(partial))
-        if merged_dir.exists():
-            shutil.rmtree(merged_dir)
-        os.replace(partial, merged_dir)
+        swap_in(partial, merged_dir)
         console.print(f"wrote the merged model ({merge_precision}) to {merged_dir}")
         del base, merged
     result |= {
@@ -1748,7 +1756,6 @@ def ask(cfg: Config) -> list:
             "(and the same --output-dir)"
         )
     info = json.loads(info_path.read_text(encoding="utf-8"))
-    quiet_library_noise()
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -1847,6 +1854,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--load-in-4bit needs a CUDA GPU (bitsandbytes NF4 QLoRA); this machine has none, "
                 "so drop the flag to train a bf16/fp32 LoRA"
             )
+    quiet_library_noise()
     started = time.perf_counter()
     if cfg.ask:
         mode = f"--ask, with the adapter saved in {work_dir(cfg)}"
@@ -1859,8 +1867,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     data = prepare_data(cfg)
     formatted = format_data(cfg, data)
-    plan = configure_model(cfg, data, formatted)
-    tuned = tune(cfg, data, formatted, plan)
+    plan = configure_model(cfg, formatted)
+    tuned = tune(cfg, formatted, plan)
     if tuned is not None and not is_main_process():
         return  # the other ranks helped train; rank 0 answers and writes
     answers = answer(cfg, data, formatted, tuned)

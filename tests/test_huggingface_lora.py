@@ -58,8 +58,15 @@ RESULT_FIELDS = {
     "created",
     "questions",
 }
-QUESTION_FIELDS = {"id", "question", "reference", "baseline", "tuned", "baseline_score"}
-QUESTION_FIELDS |= {"tuned_score"}
+QUESTION_FIELDS = {
+    "id",
+    "question",
+    "reference",
+    "baseline",
+    "tuned",
+    "baseline_score",
+    "tuned_score",
+}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -192,13 +199,26 @@ def test_dry_run_on_tiny_shows_the_trained_tokens_and_builds_no_model(tmp_path):
     assert re.search(r"prompt, \d+ tokens, label -100", proc.stdout)
     assert re.search(r"trained, \d+ tokens: the answer and its end-of-turn token", proc.stdout)
     assert "<|im_end|>" in proc.stdout
-    rows = [
-        json.loads(line) for line in (workdir / "outputs/huggingface/formatted/train.jsonl").open()
-    ]
-    assert len(rows) == 130  # 144 train pairs minus the 10% held out for the eval loss
+    formatted = workdir / "outputs/huggingface/formatted"
+    rows = [json.loads(line) for line in (formatted / "train.jsonl").open()]
+    held_out = [json.loads(line) for line in (formatted / "eval.jsonl").open()]
+    # the default --eval-fraction 0.1 of the train split is held out, the rest is trained on
+    pairs = [json.loads(line) for line in DATA_FILE.open()]
+    train_ids = [pair["id"] for pair in pairs if pair["split"] == "train"]
+    assert len(held_out) == round(0.1 * len(train_ids))
+    assert sorted(r["id"] for r in rows + held_out) == sorted(train_ids)
     assert all(row["labels"][-1] != -100 for row in rows)
     assert not (workdir / "outputs/huggingface/tiny-base").exists()
     assert not (workdir / "outputs/results").exists()
+
+
+def test_eval_fraction_leaves_at_least_one_pair_to_train_on(tmp_path, run_script):
+    refused = run_script(SCRIPT, "--eval-fraction", "1")
+    assert refused.returncode == 2 and "--eval-fraction: must be below 1" in refused.stderr
+    args = ("--model", "tiny", "--train-limit", "2", "--eval-fraction", "0.9")
+    proc = run(new_workdir(tmp_path), *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 pairs to train on, 1 held out of train" in proc.stdout
 
 
 # ---------------------------------------------------------------------------- a real run
@@ -364,7 +384,7 @@ def test_a_template_without_a_system_role_gets_the_instructions_in_the_question(
 # ---------------------------------------------------------------------------- estimates
 def test_preset_sizes_match_the_published_parameter_counts(hf):
     def sizes(preset: str) -> dict:
-        config, origin = hf.model_config("hub", hf.PRESETS[preset]["id"], None, run=False)
+        config, _ = hf.model_config("hub", hf.PRESETS[preset]["id"], None, run=False)
         return hf.size_model(config, hf.Config(), dropout=0.05)
 
     smol, llama = sizes("smollm2-135m"), sizes("llama2-7b")
@@ -392,7 +412,8 @@ def test_qlora_settings_are_nf4_double_quantized_and_refused_without_cuda(hf, ru
     config = hf.quantization_config()
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
     assert config.bnb_4bit_use_double_quant
-    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    expected = torch.bfloat16 if native_bf16 else torch.float16
     assert config.bnb_4bit_compute_dtype == expected
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal below is for machines without it")
