@@ -1113,20 +1113,20 @@ def format_data(cfg: Config, data: dict) -> dict:
         rows["valid" if index in held_out else "train"].append(
             json.dumps(conversation, ensure_ascii=False) + "\n"
         )
-    valid_path = cfg.output_dir / "openai" / VALIDATION_NAME
     write_atomic(TRAINING_FILE, "".join(rows["train"]))
     console.print(f"wrote {TRAINING_FILE} ({len(rows['train'])} conversations, chat format)")
+    valid_path = None
     if rows["valid"]:
+        valid_path = cfg.output_dir / "openai" / VALIDATION_NAME
         write_atomic(valid_path, "".join(rows["valid"]))
         console.print(
             f"wrote {valid_path} ({len(rows['valid'])} held out from train for validation)"
         )
     else:
-        valid_path = None
         console.print("no validation file: too few training examples to hold any out")
 
     console.print("\nOne training example, as the API will read it:")
-    console.print_json(rows["train"][0] if rows["train"] else "{}")
+    console.print_json(rows["train"][0])  # never empty: a slice is held out only from 11+
 
     count_tokens, token_label = load_token_counter(cfg.model)
     console.print(f"\ntokens counted with {token_label}")
@@ -1239,6 +1239,14 @@ def configure_model(cfg: Config, formatted: dict) -> dict:
         digest.update(path.read_bytes() if path else b"")
     digest.update(json.dumps([cfg.provider, cfg.model, cfg.suffix, cfg.seed, method]).encode())
     run_tag = digest.hexdigest()[:16]
+    # What POST fine_tuning/jobs will carry besides the file ids (the dry run shows it too).
+    job = {
+        "model": cfg.model,
+        "suffix": cfg.suffix,
+        "seed": cfg.seed,
+        "method": method,
+        "metadata": {"run_tag": run_tag},
+    }
     extra_body = {"trainingType": cfg.azure_tier} if cfg.provider == "azure" else None
     base_url = resolve_base_url(cfg)
 
@@ -1281,9 +1289,7 @@ def configure_model(cfg: Config, formatted: dict) -> dict:
     )
     return {
         "base_url": base_url,
-        "epochs": epochs,
-        "method": method,
-        "billed_tokens": billed,
+        "job": job,
         "costs": costs,
         "run_tag": run_tag,
         "extra_body": extra_body,
@@ -1297,16 +1303,6 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         "Upload the files, start the fine-tuning job (once), and watch it until the model is ready",
     )
     train_path, valid_path = formatted["train_path"], formatted["valid_path"]
-    create_body = {
-        "model": cfg.model,
-        "training_file": "<id of the uploaded training file>",
-        **({"validation_file": "<id of the uploaded validation file>"} if valid_path else {}),
-        "suffix": cfg.suffix,
-        "seed": cfg.seed,
-        "method": plan["method"],
-        "metadata": {"run_tag": plan["run_tag"]},
-        **(plan["extra_body"] or {}),
-    }
     if not cfg.run:
         base = plan["base_url"] or AZURE_PLACEHOLDER
         console.print("A real run would send (nothing is sent now):")
@@ -1316,7 +1312,11 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         show_command(f"GET  {base}fine_tuning/jobs?metadata[run_tag]={plan['run_tag']}")
         console.print("       (is a job for this exact data already running? then reuse it)")
         show_command(f"POST {base}fine_tuning/jobs  (sent once, never retried)")
-        console.print_json(json.dumps(create_body))
+        files = {"training_file": "<id of the uploaded training file>"}
+        if valid_path:
+            files["validation_file"] = "<id of the uploaded validation file>"
+        body = {"model": cfg.model, **files, **plan["job"], **(plan["extra_body"] or {})}
+        console.print_json(json.dumps(body))
         show_command(f"GET  {base}fine_tuning/jobs/<id> and .../events until the job ends")
         if cfg.provider == "azure":
             console.print("  then print the `az` command that deploys the model (Azure needs it)")
@@ -1430,6 +1430,18 @@ def retrieve(client, job_id: str, cfg: Config):
         ) from None
 
 
+def live_jobs_tagged(client, run_tag: str) -> list:
+    """Jobs started with this run tag that have not failed or been cancelled, newest first."""
+    page = client.fine_tuning.jobs.list(metadata={"run_tag": run_tag}, limit=10)
+    # A server that ignores the metadata filter lists every job: keep only ours.
+    return [
+        job
+        for job in page.data
+        if (job.metadata or {}).get("run_tag") == run_tag
+        and job.status not in ("failed", "cancelled")
+    ]
+
+
 def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
     """A job this data already started (from the record, or by its metadata tag), or None."""
     import openai
@@ -1440,19 +1452,16 @@ def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
         if same_place and record.get("run_tag") == run_tag and record.get("job_id"):
             # NotFound: the record is another account's job; look it up by tag instead.
             with contextlib.suppress(openai.NotFoundError):
-                candidates.append(client.fine_tuning.jobs.retrieve(record["job_id"]))
-        if not candidates:
-            page = client.fine_tuning.jobs.list(metadata={"run_tag": run_tag}, limit=10)
-            # A server that ignores the metadata filter lists every job: keep only ours.
-            candidates = [j for j in page.data if (j.metadata or {}).get("run_tag") == run_tag]
+                job = client.fine_tuning.jobs.retrieve(record["job_id"])
+                if job.status not in ("failed", "cancelled"):
+                    candidates.append(job)
+        candidates = candidates or live_jobs_tagged(client, run_tag)
     except openai.APIError as exc:
         console.print(
             f"[yellow]could not look for an earlier job ({escape(api_error(exc))}); "
             "going on without that check[/yellow]"
         )
     for job in candidates:
-        if job.status in ("failed", "cancelled"):
-            continue
         console.print(
             f"found job {job.id} ({job.status}) started earlier with this exact data and settings"
         )
@@ -1471,20 +1480,13 @@ def create_job(cfg: Config, client, plan: dict, record: dict):
     a search for the job by its tag."""
     import openai
 
-    kwargs = {
-        "model": cfg.model,
-        "training_file": record["training_file"],
-        "suffix": cfg.suffix,
-        "seed": cfg.seed,
-        "method": plan["method"],
-        "metadata": {"run_tag": plan["run_tag"]},
-    }
+    kwargs = {**plan["job"], "training_file": record["training_file"]}
     if record.get("validation_file"):
         kwargs["validation_file"] = record["validation_file"]
-    if plan["extra_body"]:
-        kwargs["extra_body"] = plan["extra_body"]
     try:
-        return client.with_options(max_retries=0).fine_tuning.jobs.create(**kwargs)
+        return client.with_options(max_retries=0).fine_tuning.jobs.create(
+            **kwargs, extra_body=plan["extra_body"]
+        )
     except openai.PermissionDeniedError as exc:
         if exc.code == "training_not_available":
             files = ", ".join(
@@ -1499,12 +1501,8 @@ def create_job(cfg: Config, client, plan: dict, record: dict):
             f"[yellow]creating the job failed ({escape(api_error(exc))}); it may have started "
             "anyway: looking for it by its tag[/yellow]"
         )
-        try:
-            page = client.fine_tuning.jobs.list(metadata={"run_tag": plan["run_tag"]}, limit=10)
-        except openai.APIError:
-            page = None
-        for job in page.data if page else []:
-            if (job.metadata or {}).get("run_tag") == plan["run_tag"]:
+        with contextlib.suppress(openai.APIError):
+            for job in live_jobs_tagged(client, plan["run_tag"]):
                 console.print(f"found it: {job.id}")
                 return job
         raise ServiceError(
