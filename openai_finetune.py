@@ -924,8 +924,8 @@ def default_epochs(n_examples: int) -> int:
     return 3
 
 
-def usd(tokens: int, per_million: float | None) -> float | None:
-    return None if per_million is None else tokens * per_million / 1_000_000
+def usd(tokens: int | None, per_million: float | None) -> float | None:
+    return None if tokens is None or per_million is None else tokens * per_million / 1_000_000
 
 
 def add_costs(*costs: float | None) -> float | None:
@@ -1357,7 +1357,14 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         "estimated_cost_usd": plan["costs"]["total"],
     }
     if cfg.job_id:
-        job = retrieve(client, cfg.job_id, cfg)
+        try:
+            job = client.fine_tuning.jobs.retrieve(cfg.job_id)
+        except openai.NotFoundError:
+            raise UsageError(f"--job-id {cfg.job_id}: no such job on {cfg.provider}") from None
+        except openai.APIError as exc:
+            raise ServiceError(
+                f"could not read job {cfg.job_id}: {api_error(exc)}; run the same command again"
+            ) from None
         if job.model != cfg.model:
             console.print(
                 f"[yellow]{job.id} fine-tunes {escape(job.model)}, not {escape(cfg.model)}: the "
@@ -1415,19 +1422,6 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
     )
     tuned_model = deploy(cfg, client, plan, job, record)
     return {"tuned_model": tuned_model, "job_id": job.id, "trained_tokens": job.trained_tokens}
-
-
-def retrieve(client, job_id: str, cfg: Config):
-    import openai
-
-    try:
-        return client.fine_tuning.jobs.retrieve(job_id)
-    except openai.NotFoundError:
-        raise UsageError(f"--job-id {job_id}: no such job on {cfg.provider}") from None
-    except openai.APIError as exc:
-        raise ServiceError(
-            f"could not read job {job_id}: {api_error(exc)}; run the same command again"
-        ) from None
 
 
 def live_jobs_tagged(client, run_tag: str) -> list:
@@ -1677,9 +1671,8 @@ def answer(cfg: Config, data: dict, plan: dict, tuned: dict | None) -> dict | No
         usd(usage["tuned_in"], prices.get("ft_input")),
         usd(usage["tuned_out"], prices.get("ft_output")),
     )
-    training_cost = (
-        usd(tuned["trained_tokens"] or 0, prices.get("train")) if tuned["job_id"] else 0.0
-    )
+    # Billed by the job's trained tokens; a job that does not report them has no known cost.
+    training_cost = usd(tuned["trained_tokens"], prices.get("train")) if tuned["job_id"] else 0.0
     first = rows[0]
     table = Table(title=escape(f"First test question: {first['question']}"), show_lines=True)
     table.add_column("reference")
