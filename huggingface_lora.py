@@ -1567,25 +1567,25 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         dataloader_pin_memory=device == "cuda",
     )
 
+    source = formatted["source"]
     if formatted["kind"] == "tiny":
         # A 100K-parameter model gains nothing from threads and loses a lot on a busy CPU.
         torch.set_num_threads(1)
         source = str(out / "tiny-base")
         # Rank 0 builds and saves the tiny model first; the others then load the same weights.
         with args.main_process_first(desc="tiny model"):
-            if not (out / "tiny-base" / "config.json").is_file():
+            if not Path(source).is_dir():
                 from transformers import AutoConfig
 
                 torch.manual_seed(0)  # the same random network every time
                 config = AutoConfig.for_model(**tiny_model_config(formatted["tokenizer"]))
-                AutoModelForCausalLM.from_config(config).save_pretrained(source)
-                formatted["tokenizer"].save_pretrained(source)
+                partial = out / "tiny-base.partial"
+                AutoModelForCausalLM.from_config(config).save_pretrained(partial)
+                formatted["tokenizer"].save_pretrained(partial)
+                swap_in(partial, Path(source))
                 console.print(f"built the tiny random model in {source}")
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(precision))
-    else:
-        source = formatted["source"]
-        console.print(f"loading {source} ({precision}{', 4-bit NF4' if cfg.load_in_4bit else ''})")
-        model = load_base_model(source, precision, four_bit=cfg.load_in_4bit, device=device)
+    console.print(f"loading {source} ({precision}{', 4-bit NF4' if cfg.load_in_4bit else ''})")
+    model = load_base_model(source, precision, four_bit=cfg.load_in_4bit, device=device)
     if cfg.load_in_4bit:
         # Freezes the base, upcasts norms/embeddings to fp32 for stable training; checkpointing
         # is switched on by the Trainer (activation_checkpointing above).
