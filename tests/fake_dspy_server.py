@@ -9,8 +9,8 @@ one `[[ ## field ## ]]` section per output field the prompt asks for, then
   teacher's reference; it also says how many demos it saw, so a test can tell prompts apart.
 
 It records every request body, reports usage like a real server (a word count, deterministic),
-can be told to fail the next N requests with HTTP 500, and tracks how many requests were in
-flight at once (to prove the script answers in parallel).
+can be told to fail the next N requests (HTTP 500, or 404 as for an unknown model), and tracks
+how many requests were in flight at once (to prove the script answers in parallel).
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ class FakeChatServer:
         self.delay = delay  # seconds each reply takes, so parallel requests overlap
         self.requests: list[dict] = []  # every chat request body received, failed ones included
         self.usage: list[dict] = []  # the usage reported for each successful reply
-        self.failures = 0  # how many requests were answered with HTTP 500
-        self.fail_next = 0  # answer the next N requests with HTTP 500
+        self.failures = 0  # how many requests were answered with an error
+        self.fail_next = 0  # answer the next N requests with an error...
+        self.fail_status = 500  # ...of this HTTP status (404: an unknown model, as OpenAI says)
         self.api_key: str | None = None  # if set, refuse other keys with HTTP 401
         self.max_in_flight = 0
         self._in_flight = 0
@@ -112,9 +113,15 @@ class FakeChatServer:
                         owner.failures += 1
                 try:
                     time.sleep(owner.delay)
+                    if fail and owner.fail_status == 404:
+                        message = f"The model `{body.get('model')}` does not exist"
+                        error = {"message": message, "code": "model_not_found"}
+                        return self._send(
+                            404, {"error": {**error, "type": "invalid_request_error"}}
+                        )
                     if fail:
                         error = {"message": "fake overload", "type": "server_error", "code": None}
-                        return self._send(500, {"error": error})
+                        return self._send(owner.fail_status, {"error": error})
                     return self._send(200, owner._completion(body))
                 finally:
                     with owner._lock:

@@ -65,7 +65,9 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-def load_script():
+@pytest.fixture(scope="module")
+def script():
+    """The script imported as a module, for its metric, estimates and small pieces."""
     spec = importlib.util.spec_from_file_location("dspy_example_under_test", REPO / SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -95,6 +97,16 @@ def test_dry_run_sends_nothing_and_prints_the_prompt_and_the_estimate(run_script
     # the network guard (autouse) fails this test if the child process tried to connect anywhere
 
 
+def test_dry_run_of_a_local_llama_server_fetches_no_tokenizer(run_script):
+    # LiteLLM would download a Llama tokenizer from Hugging Face to count these prompts' tokens
+    model = "hosted_vllm/meta-llama/Llama-3.1-8B-Instruct"
+    result = run_script(SCRIPT, "--model", model, "--api-base", "http://localhost:8000/v1")
+    assert result.returncode == 0, result.output[-3000:]
+    assert "none needed (local server)" in result.stdout
+    assert re.search(r"│ total .*│\s+\? │", result.stdout), "no price for a model on your server"
+    # the network guard (autouse) fails this test if the child process tried to connect anywhere
+
+
 def test_help_shows_a_dry_run_a_real_run_and_an_offline_run(run_script):
     result = run_script(SCRIPT, "--help")
     assert result.returncode == 0
@@ -105,7 +117,7 @@ def test_help_shows_a_dry_run_a_real_run_and_an_offline_run(run_script):
 # ----------------------------------------------------------------------------- real runs
 
 
-def test_real_run_compiles_answers_and_writes_results(dspy_run, server, monkeypatch):
+def test_real_run_compiles_answers_and_writes_results(dspy_run, server, script, monkeypatch):
     result = dspy_run(
         "--run",
         "--yes",
@@ -131,7 +143,6 @@ def test_real_run_compiles_answers_and_writes_results(dspy_run, server, monkeypa
     assert 1 <= calls["compile"]["sent"] <= 8
 
     # the optimizer kept the model's own runs that reached the threshold, and labeled pairs
-    module = load_script()
     boot = [demo for demo in demos if demo.get("augmented")]
     assert boot and len(boot) <= 4
     for demo in boot:
@@ -143,7 +154,7 @@ def test_real_run_compiles_answers_and_writes_results(dspy_run, server, monkeypa
     ][:8]
     reference = {row["question"]: row["answer"] for row in train}
     for demo in boot:
-        assert module.rouge_l(demo["answer"], reference[demo["question"]]) >= 15
+        assert script.rouge_l(demo["answer"], reference[demo["question"]]) >= 15
 
     # baseline: no demos in the prompt; tuned: the compiled demos are in every prompt
     assert results["n_test"] == 5
@@ -227,6 +238,14 @@ def test_a_server_that_keeps_failing_exits_1_saying_what_was_kept(dspy_run, serv
     assert not (result.cwd / "outputs" / "results").exists()
 
 
+def test_an_unknown_model_is_one_line_exit_2_and_not_retried(dspy_run, server):
+    server.fail_status, server.fail_next = 404, 100
+    result = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "1")
+    assert result.returncode == 2, result.output[-3000:]
+    assert "refused the request" in one_error_line(result)
+    assert server.count == 1
+
+
 def test_a_refused_key_is_one_line_exit_2_not_retried_and_never_shown(dspy_run, server):
     server.api_key = "the-right-key"
     key = "sk-wrong-key-4711"
@@ -238,7 +257,7 @@ def test_a_refused_key_is_one_line_exit_2_not_retried_and_never_shown(dspy_run, 
     assert "sk-" not in result.output and "4711" not in result.output
 
 
-def test_random_search_compiles_within_its_estimate(dspy_run, server):
+def test_random_search_compiles_within_its_estimate(dspy_run, server, script):
     result = dspy_run(
         "--run",
         "--yes",
@@ -255,9 +274,8 @@ def test_random_search_compiles_within_its_estimate(dspy_run, server):
     )
     assert result.returncode == 0, result.output[-3000:]
     calls = results_of(result)["lm_calls"]
-    planned = load_script().planned_calls(
-        load_script().Config(data=REPO, optimizer="random-search", num_candidates=1), 4, 2, True
-    )
+    cfg = script.Config(data=script.DATA_FILE, optimizer="random-search", num_candidates=1)
+    planned = script.planned_calls(cfg, 4, 2, compile_needed=True)
     assert 0 < calls["compile"]["sent"] + calls["compile"]["cache_hits"] <= planned["compile"]
     assert sent(results_of(result)) == server.count
     assert program_of(result)["predict"]["demos"]
@@ -318,6 +336,7 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes_from_the_cache(server, tm
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
     assert "run the same command to resume" in stderr
+    assert "every answered call, in outputs/dspy/cache" in stderr
     assert not (tmp_path / "outputs" / "results").exists()
     interrupted = server.count
     assert 4 <= interrupted < 24
@@ -392,6 +411,10 @@ def test_a_missing_key_stops_before_reaching_the_real_api(run_script):
     result = run_script(SCRIPT, "--run", "--yes")
     assert result.returncode == 2
     assert "OPENAI_API_KEY is not set" in one_error_line(result)
+    # a model name without its provider/: the key of the provider LiteLLM routes it to
+    result = run_script(SCRIPT, "--run", "--yes", "--model", "claude-haiku-4-5")
+    assert result.returncode == 2
+    assert "ANTHROPIC_API_KEY is not set" in one_error_line(result)
 
 
 def test_without_a_terminal_a_paid_run_needs_yes(dspy_run, server):
@@ -408,6 +431,10 @@ BAD_INPUT = {
     "negative limit": (["--train-limit", "-1"], r"--train-limit must not be negative"),
     "threshold": (["--metric-threshold", "150"], r"--metric-threshold is a ROUGE-L score"),
     "unknown optimizer": (["--optimizer", "gepa"], r"invalid choice: 'gepa'"),
+    "no demos to search": (
+        ["--optimizer", "random-search", "--max-bootstrapped-demos", "0"],
+        r"needs --max-bootstrapped-demos of at least 1",
+    ),
     "unknown provider": (["--model", "nonsense/x"], r"--model nonsense/x: LiteLLM cannot tell"),
     "missing program": (["--load", "nowhere.json"], r"nowhere\.json: no compiled program there"),
     "ask before a run": (["--ask", "Why?"], r"program\.json: no compiled program there; run once"),
@@ -439,13 +466,12 @@ def test_mipro_without_optuna_says_so_and_exits_2(run_script):
 # ----------------------------------------------------------------------------- small pieces
 
 
-def test_the_compile_estimate_is_what_dspy_really_does_when_no_demo_passes():
+def test_the_compile_estimate_is_what_dspy_really_does_when_no_demo_passes(script):
     """planned_calls() is an upper bound; DSPy reaches it when no run scores well enough."""
     import dspy
     from dspy.utils.dummies import DummyLM
 
-    module = load_script()
-    signature = module.teacher_signature()
+    signature = script.teacher_signature()
     trainset = [
         dspy.Example(question=f"What is idea {i}?", answer=f"Idea {i} is an idea.").with_inputs(
             "question"
@@ -453,23 +479,28 @@ def test_the_compile_estimate_is_what_dspy_really_does_when_no_demo_passes():
         for i in range(5)
     ]
     lm = DummyLM([{"reasoning": "no idea", "answer": "zzz"}] * 500)
-    for optimizer in ("bootstrap", "random-search", "labeled"):
-        cfg = module.Config(data=module.DATA_FILE, optimizer=optimizer, num_candidates=2)
+    settings = [
+        {"optimizer": "bootstrap"},
+        {"optimizer": "bootstrap", "max_bootstrapped_demos": 0},
+        {"optimizer": "random-search", "num_candidates": 2},
+        {"optimizer": "labeled"},
+    ]
+    for setting in settings:
+        cfg = script.Config(data=script.DATA_FILE, **setting)
         with dspy.context(lm=lm):
             before = len(lm.history)
-            module.build_optimizer(cfg).compile(dspy.ChainOfThought(signature), trainset=trainset)
+            script.build_optimizer(cfg).compile(dspy.ChainOfThought(signature), trainset=trainset)
             made = len(lm.history) - before
-        assert made == module.planned_calls(cfg, 5, 3, compile_needed=True)["compile"], optimizer
+        assert made == script.planned_calls(cfg, 5, 3, compile_needed=True)["compile"], setting
 
 
-def test_an_unparseable_reply_scores_zero_instead_of_stopping_the_run():
+def test_an_unparseable_reply_scores_zero_instead_of_stopping_the_run(script):
     import dspy
     from dspy.utils.dummies import DummyLM
 
-    module = load_script()
-    program = dspy.ChainOfThought(module.teacher_signature())
+    program = dspy.ChainOfThought(script.teacher_signature())
     examples = [dspy.Example(question="Why?", answer="Because.").with_inputs("question")]
     with dspy.context(lm=DummyLM([{"reasoning": "no answer field"}] * 10)):
-        answers = module.answer_all(program, examples, threads=1, label="test")
+        answers = script.answer_all(program, examples, threads=1, label="test")
     assert answers[0]["answer"] == ""
-    assert module.rouge_metric(examples[0], dspy.Prediction(answer="")) == 0
+    assert script.rouge_metric(examples[0], dspy.Prediction(answer="")) == 0
