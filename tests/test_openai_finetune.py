@@ -536,7 +536,6 @@ def test_token_count_equals_a_hand_count(oft, count_tokens, tmp_path):
     report = oft.validate_chat_file(
         write_lines(tmp_path / "c.jsonl", [GOOD] * 10), count_tokens, 65536
     )
-    assert expected == 28
     assert report["total_tokens"]["min"] == report["total_tokens"]["max"] == expected
     assert report["assistant_tokens"]["max"] == 1
     assert report["billed_tokens_per_epoch"] == 10 * expected
