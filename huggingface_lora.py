@@ -1293,7 +1293,6 @@ def format_data(cfg: Config, data: dict) -> dict:
         "source": source,
         "tokenizer": tokenizer,
         "train_part": train_part,
-        "eval_part": eval_part,
         "fallback_template": False,
         "system_in_user": False,
     }
@@ -1631,11 +1630,14 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         ) from None
     finally:
         progress.close()
-    first_step = progress.first_step
-    console.print(
-        f"trained steps {first_step + 1}..{trainer.state.global_step}"
-        + (f" (resumed from step {first_step})" if first_step else "")
-    )
+    first_step, last_step = progress.first_step, trainer.state.global_step
+    if first_step == last_step:
+        console.print(f"resumed from step {first_step}: training was already complete")
+    else:
+        console.print(
+            f"trained steps {first_step + 1}..{last_step}"
+            + (f" (resumed from step {first_step})" if first_step else "")
+        )
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
 
     # Save into side folders, then swap them in (a run that died while saving leaves a
@@ -1644,7 +1646,7 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
     if is_main_process():
         shutil.rmtree(partial, ignore_errors=True)
     trainer.save_model(str(partial))  # adapter_model.safetensors + adapter_config.json + tokenizer
-    result = {"model": model, "tokenizer": tokenizer, "trainer": trainer, "source": source}
+    result = {"model": model, "tokenizer": tokenizer, "trainer": trainer}
     if not is_main_process():
         return result
     swap_in(partial, adapter_dir)
@@ -1871,7 +1873,15 @@ def main(argv: list[str] | None = None) -> None:
     tuned = tune(cfg, formatted, plan)
     if tuned is not None and not is_main_process():
         return  # the other ranks helped train; rank 0 answers and writes
-    answers = answer(cfg, data, formatted, tuned)
+    try:
+        answers = answer(cfg, data, formatted, tuned)
+    except KeyboardInterrupt:
+        if tuned is None:
+            raise
+        raise KeyboardInterrupt(
+            f"the adapter is saved in {tuned['adapter_dir']}: add --resume to the same command to "
+            "answer without training again"
+        ) from None
     compare(cfg, answers, tuned, plan, started)
 
 

@@ -271,6 +271,18 @@ def test_ask_answers_with_baseline_and_the_saved_adapter(tiny_run):
     assert "tiny-base + adapter" in proc.stdout and "noise" in proc.stdout
 
 
+def test_resume_after_a_complete_run_answers_again_without_training(tiny_run, tmp_path):
+    # what a Ctrl-C while answering advises: the final checkpoint has nothing left to train
+    _, finished = tiny_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished, workdir)
+    proc = run(workdir, *TINY, "--run", "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"resumed from step (\d+): training was already complete", proc.stdout)
+    assert results(workdir)["steps"] == results(finished)["steps"]
+    assert results(workdir)["resumed_from_step"] == results(finished)["steps"]
+
+
 # ---------------------------------------------------------------------------- resume, DDP
 def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(tmp_path):
     workdir = new_workdir(tmp_path)
