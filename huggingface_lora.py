@@ -1441,7 +1441,8 @@ def configure_model(cfg: Config, formatted: dict) -> dict:
             console.print(
                 f"[yellow]only {sizes['quantizable'] / sizes['total']:.0%} of these weights sit in "
                 "nn.Linear layers, the only ones bitsandbytes stores in 4-bit; the rest (here the "
-                "fused mixture-of-experts weights) stay full size, so QLoRA saves little[/yellow]"
+                "fused mixture-of-experts weights) stay unquantized and are upcast to fp32 for "
+                "training, so QLoRA needs more memory here than bf16 LoRA[/yellow]"
             )
     console.print(f"device: {device}, precision: {precision} ({why})")
     if cfg.load_in_4bit:
