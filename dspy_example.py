@@ -44,6 +44,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 
 from rich.console import Console
@@ -800,7 +801,8 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
 
     dspy.Evaluate does the same, but it scores a call that failed as 0 and carries on; here a
     call that still fails after DSPy's retries stops the run (exit 1) instead of writing a wrong
-    score. A reply the adapter cannot parse is a bad answer, not a failure: it scores 0.
+    score. A reply the adapter cannot parse, even after DSPy's JSON fallback (one more call, not
+    in the estimate), is a bad answer, not a failure: it scores 0.
     """
     import contextvars
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -1111,8 +1113,6 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
         style="bold",
     )
     console.print(table)
-    from importlib.metadata import version
-
     if price is None:
         console.print(
             f"LiteLLM {version('litellm')}'s price map lists no price for {cfg.model}: "

@@ -35,12 +35,11 @@ def server():
 def dspy_run(run_script, server, tmp_path):
     """Run the script against the fake server, with a key and a home directory of its own."""
 
-    def run(*args: str, key: str | None = "test", env: dict | None = None, **kwargs):
-        extra = {"HOME": str(tmp_path / "home")}
+    def run(*args: str, key: str | None = "test"):
+        env = {"HOME": str(tmp_path / "home")}
         if key is not None:
-            extra["OPENAI_API_KEY"] = key
-        extra.update(env or {})
-        return run_script(SCRIPT, "--api-base", server.url, *args, env=extra, **kwargs)
+            env["OPENAI_API_KEY"] = key
+        return run_script(SCRIPT, "--api-base", server.url, *args, env=env)
 
     return run
 
