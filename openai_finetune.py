@@ -266,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("train_limit", "test_limit", "max_cost"):
+    if args.max_cost is not None and args.max_cost < 0:
+        parser.error("--max-cost must not be negative")
+    for name in ("train_limit", "test_limit"):
         value = getattr(args, name)
-        if value is not None and value < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative")
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be at least 1")
     if args.poll_interval <= 0:
@@ -483,7 +485,7 @@ def load_examples(path: Path) -> list[dict]:
 def take(examples: list[dict], split: str, limit: int | None) -> list[dict]:
     """The first `limit` examples of one split, in file order."""
     chosen = [example for example in examples if example["split"] == split]
-    return chosen[:limit] if limit else chosen
+    return chosen if limit is None else chosen[:limit]
 
 
 _ROUGE = None
@@ -608,6 +610,9 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     ax.bar([x - 0.2 for x in xs], [r["baseline_score"] for r in results], 0.4, label="baseline")
     ax.bar([x + 0.2 for x in xs], [r["tuned_score"] for r in results], 0.4, label="tuned")
     ax.set_xticks(list(xs), [f"{r['approach']}\n{r['model']}" for r in results], fontsize=8)
+    for bars in ax.containers:
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_ylim(0, 100)  # the metric's whole scale, so small gains look small
     ax.set_ylabel("ROUGE-L F1 x100")
     ax.set_title("Baseline vs tuned on the same held-out questions")
     ax.legend()

@@ -175,3 +175,11 @@ def test_both_fine_tuning_scripts_train_with_the_same_system_prompt():
         pytest.skip("needs both fine-tuning scripts")
     prompts = {load_module(s).SYSTEM_PROMPT for s in fine_tuners}
     assert len(prompts) == 1, prompts
+
+
+@pytest.mark.parametrize("script", PRESENT)
+@pytest.mark.parametrize("flag", ["--train-limit", "--test-limit"])
+def test_a_limit_below_one_is_refused_not_read_as_all(script, flag, run_script):
+    result = run_script(script, flag, "0", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert flag in result.stderr and "at least 1" in result.stderr
