@@ -250,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
     )
     add = parser.add_argument
-    add("--data", type=Path, default=d.data, help="JSONL with question/answer per line")
+    add(
+        "--data",
+        type=Path,
+        default=d.data,
+        help="JSONL with question/answer per line (default: small_edu_qa.jsonl beside the script)",
+    )
     add(
         "--model",
         default=d.model,

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=DATA_FILE,
-        help="JSONL with question/answer per line (default: %(default)s beside the script)",
+        help="JSONL with question/answer per line (default: small_edu_qa.jsonl beside the script)",
     )
     parser.add_argument(
         "--model", help="base model to fine-tune (default: the provider's, see --provider)"
