@@ -100,6 +100,15 @@ def network_guard(tmp_path_factory, monkeypatch):
         pytest.fail("network access past loopback was attempted:\n" + "\n".join(guard.attempts()))
 
 
+def load_script(script: str):
+    """Import one of the scripts as a module (under a test-only name), for its functions."""
+    spec = importlib.util.spec_from_file_location(script[:-3] + "_under_test", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
 @dataclass
 class ScriptResult:
     returncode: int

@@ -3,26 +3,17 @@
 Each script is run as a real process in a temporary directory, the way a user runs a copy.
 """
 
-import importlib.util
 import json
 import re
 import sys
 
 import pytest
-from conftest import REPO, SCRIPTS
+from conftest import REPO, SCRIPTS, load_script
 
 PRESENT = [s for s in SCRIPTS if (REPO / s).exists()]
 STAGES = ["prepare_data", "format_data", "configure_model", "tune", "answer", "compare"]
 
 pytestmark = pytest.mark.skipif(not PRESENT, reason="no script exists yet")
-
-
-def load_module(script: str):
-    spec = importlib.util.spec_from_file_location(script[:-3] + "_under_test", REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +44,7 @@ def dry_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("script", PRESENT)
 def test_six_stages_are_top_level_functions_with_the_shared_names(script):
-    module = load_module(script)
+    module = load_script(script)
     for name in [*STAGES, "main"]:
         assert callable(getattr(module, name, None)), f"{script} has no function {name}()"
 
@@ -145,7 +136,7 @@ def test_every_script_splits_a_file_without_split_fields_the_same_way(tmp_path):
     )
     splits = {}
     for script in PRESENT:
-        module = load_module(script)
+        module = load_script(script)
         examples = module.load_examples(data)
         assert [e["id"] for e in examples] == [str(n) for n in range(1, 61)]  # line numbers
         splits[script] = [e["split"] for e in examples]
@@ -153,7 +144,7 @@ def test_every_script_splits_a_file_without_split_fields_the_same_way(tmp_path):
     assert all(s == first for s in splits.values()), splits
     assert 0.6 <= first.count("train") / len(first) <= 0.95  # about 80/20
     # stable: a second read gives the same split
-    module = load_module(PRESENT[0])
+    module = load_script(PRESENT[0])
     assert [e["split"] for e in module.load_examples(data)] == first
 
 
@@ -162,7 +153,7 @@ def test_every_script_scores_with_the_same_metric():
         ("The tilt of Earth's axis causes the seasons.", "Seasons are caused by axial tilt."),
         ("Plants make glucose from light.", "Photosynthesis turns light into chemical energy."),
     ]
-    scores = {s: [load_module(s).rouge_l(p, r) for p, r in pairs] for s in PRESENT}
+    scores = {s: [load_script(s).rouge_l(p, r) for p, r in pairs] for s in PRESENT}
     first = next(iter(scores.values()))
     assert all(v == first for v in scores.values())
     assert 0 < first[0] < 100
@@ -173,7 +164,7 @@ def test_both_fine_tuning_scripts_train_with_the_same_system_prompt():
     fine_tuners = [s for s in ("openai_finetune.py", "huggingface_lora.py") if s in PRESENT]
     if len(fine_tuners) < 2:
         pytest.skip("needs both fine-tuning scripts")
-    prompts = {load_module(s).SYSTEM_PROMPT for s in fine_tuners}
+    prompts = {load_script(s).SYSTEM_PROMPT for s in fine_tuners}
     assert len(prompts) == 1, prompts
 
 

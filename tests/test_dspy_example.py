@@ -15,7 +15,7 @@ import re
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_script
 from fake_dspy_server import BASELINE_ANSWER, FakeChatServer, question_of, tuned_answer
 
 SCRIPT = "dspy_example.py"
@@ -67,11 +67,7 @@ def one_error_line(result) -> str:
 @pytest.fixture(scope="module")
 def script():
     """The script imported as a module, for its metric, estimates and small pieces."""
-    spec = importlib.util.spec_from_file_location("dspy_example_under_test", REPO / SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 # ----------------------------------------------------------------------------- dry run

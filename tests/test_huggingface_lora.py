@@ -9,7 +9,6 @@ plumbing (loss falls, files appear, reloads agree, errors are one line).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import re
 import shutil
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA_FILE, REPO, child_env
+from conftest import DATA_FILE, REPO, child_env, load_script
 
 SCRIPT = "huggingface_lora.py"
 # Library chatter the script itself silences (see quiet_library_noise); not ours to fix.
@@ -125,11 +124,7 @@ def stage_numbers(stdout: str) -> list[int]:
 @pytest.fixture(scope="module")
 def hf():
     """The script as a module, for the functions tested directly."""
-    spec = importlib.util.spec_from_file_location("huggingface_lora_tested", REPO / SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ are also checked directly, against the real o200k_base encoding.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import queue
 import shutil
@@ -18,7 +17,7 @@ import threading
 import time
 
 import pytest
-from conftest import DATA_FILE, REPO, child_env
+from conftest import DATA_FILE, REPO, child_env, load_script
 from fake_finetune_api import FakeAPI
 
 SCRIPT = "openai_finetune.py"
@@ -32,11 +31,7 @@ BASE = "gpt-4o-mini-2024-07-18"
 @pytest.fixture(scope="module")
 def oft():
     """The script as a module, for the functions tested directly."""
-    spec = importlib.util.spec_from_file_location("openai_finetune_tested", REPO / SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture
