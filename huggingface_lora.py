@@ -1658,14 +1658,8 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
     result = {"model": model, "tokenizer": tokenizer, "trainer": trainer}
     if not is_main_process():
         return result
-    swap_in(partial, adapter_dir)
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    csv_path, png_path = write_loss_log(trainer.state.log_history, out)
-    console.print(
-        f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-        + (f", held-out loss {eval_loss:.3f}" if eval_loss is not None else "")
-    )
-    console.print(f"wrote the adapter to {adapter_dir}, {csv_path.name} and {png_path.name}")
+    # What --ask needs to rebuild this model travels inside the adapter folder, so the two
+    # are swapped in together and can never come from different runs.
     run_info = {
         "model": cfg.model,
         "base": "tiny" if formatted["kind"] == "tiny" else str(source),
@@ -1675,7 +1669,15 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         "stop_ids": formatted["stop_ids"],
         "max_new_tokens": cfg.max_new_tokens,
     }
-    write_atomic(out / "run_info.json", json.dumps(run_info, indent=2) + "\n")
+    write_atomic(partial / "run_info.json", json.dumps(run_info, indent=2) + "\n")
+    swap_in(partial, adapter_dir)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    csv_path, png_path = write_loss_log(trainer.state.log_history, out)
+    console.print(
+        f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        + (f", held-out loss {eval_loss:.3f}" if eval_loss is not None else "")
+    )
+    console.print(f"wrote the adapter to {adapter_dir}, {csv_path.name} and {png_path.name}")
 
     if cfg.merge:
         from peft import PeftModel
@@ -1760,7 +1762,8 @@ def answer(cfg: Config, data: dict | None, formatted: dict | None, tuned: dict |
 def ask(cfg: Config) -> list:
     """--ask: one question of the user's, baseline vs the adapter an earlier run saved."""
     out = work_dir(cfg)
-    info_path, adapter_dir = out / "run_info.json", out / "adapter"
+    adapter_dir = out / "adapter"
+    info_path = adapter_dir / "run_info.json"
     if not info_path.is_file() or not adapter_dir.is_dir():
         raise UsageError(
             f"--ask: no saved adapter in {out}; train one first with --run "

@@ -145,7 +145,7 @@ def reloaded(hf, tiny_run):
 
     _, workdir = tiny_run
     out = workdir / "outputs/huggingface"
-    info = json.loads((out / "run_info.json").read_text())
+    info = json.loads((out / "adapter" / "run_info.json").read_text())
     questions = [q["question"] for q in results(workdir)["questions"]]
     torch.set_num_threads(1)  # the script trains and answers the tiny model on one thread
     settings = {
