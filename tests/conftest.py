@@ -135,41 +135,64 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
+def start_script_in(
+    workdir: Path,
+    script: str,
+    *args: str,
+    env: dict | None = None,
+    copy_data: bool = True,
+    launcher: list[str] | None = None,
+    stdin_pipe: bool = False,
+) -> subprocess.Popen:
+    """Copy a script (and, by default, the shared data file) into `workdir` and start it there.
+
+    For tests that must act while it runs (send Ctrl-C, watch a checkpoint appear)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / script, workdir / script)
+    if copy_data and DATA_FILE.exists() and not (workdir / DATA_FILE.name).exists():
+        shutil.copy(DATA_FILE, workdir / DATA_FILE.name)
+    return subprocess.Popen(
+        [*(launcher or [sys.executable]), script, *args],
+        cwd=workdir,
+        env=child_env(env),
+        # Never the developer's terminal: a script must see "no terminal" unless a test
+        # gives it input, so paid-step prompts refuse the same way here as in CI.
+        stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_script_in(
+    workdir: Path,
+    script: str,
+    *args: str,
+    input: str | None = None,
+    timeout: float = 300,
+    **options,
+) -> ScriptResult:
+    """Start a script in `workdir` (see start_script_in) and wait for it to finish."""
+    proc = start_script_in(workdir, script, *args, stdin_pipe=input is not None, **options)
+    try:
+        stdout, stderr = proc.communicate(input=input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return ScriptResult(proc.returncode, stdout, stderr, workdir)
+
+
 @pytest.fixture
 def run_script(tmp_path):
-    """Copy a script (and, by default, the shared data file) into a temporary directory and run it.
+    """Run a script as a real process in the test's temporary directory.
 
     `run_script("openai_finetune.py", "--run", env={...}, input="y\\n")` returns a ScriptResult.
-    The working directory is the temporary directory, so `outputs/` and any `.env` land there.
+    The working directory is the temporary directory, so `outputs/` and any `.env` land there;
+    `cwd=` picks another one.
     """
 
-    def run(
-        script: str,
-        *args: str,
-        env: dict | None = None,
-        copy_data: bool = True,
-        input: str | None = None,
-        timeout: float = 300,
-        cwd: Path | None = None,
-        launcher: list[str] | None = None,
-    ) -> ScriptResult:
-        workdir = cwd or tmp_path
-        shutil.copy(REPO / script, workdir / script)
-        if copy_data and DATA_FILE.exists() and not (workdir / DATA_FILE.name).exists():
-            shutil.copy(DATA_FILE, workdir / DATA_FILE.name)
-        command = [*(launcher or [sys.executable]), script, *args]
-        proc = subprocess.run(
-            command,
-            cwd=workdir,
-            env=child_env(env),
-            input=input,
-            # Never the developer's terminal: a script must see "no terminal" unless a test
-            # gives it input, so paid-step prompts refuse the same way here as in CI.
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        return ScriptResult(proc.returncode, proc.stdout, proc.stderr, workdir)
+    def run(script: str, *args: str, cwd: Path | None = None, **options) -> ScriptResult:
+        return run_script_in(cwd or tmp_path, script, *args, **options)
 
     return run

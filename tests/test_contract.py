@@ -5,10 +5,9 @@ Each script is run as a real process in a temporary directory, the way a user ru
 
 import json
 import re
-import sys
 
 import pytest
-from conftest import REPO, SCRIPTS, load_script
+from conftest import REPO, SCRIPTS, load_script, run_script_in
 
 PRESENT = [s for s in SCRIPTS if (REPO / s).exists()]
 STAGES = ["prepare_data", "format_data", "configure_model", "tune", "answer", "compare"]
@@ -19,27 +18,12 @@ pytestmark = pytest.mark.skipif(not PRESENT, reason="no script exists yet")
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory):
     """One default dry run per script, shared by the tests that only read its output."""
-    import shutil
-    import subprocess
-
-    from conftest import DATA_FILE, child_env
-
-    results = {}
-    for script in PRESENT:
-        workdir = tmp_path_factory.mktemp(script[:-3])
-        shutil.copy(REPO / script, workdir / script)
-        shutil.copy(DATA_FILE, workdir / DATA_FILE.name)
-        proc = subprocess.run(
-            [sys.executable, script],
-            cwd=workdir,
-            env=child_env({"HF_HUB_OFFLINE": "1"}),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=300,
+    return {
+        script: run_script_in(
+            tmp_path_factory.mktemp(script[:-3]), script, env={"HF_HUB_OFFLINE": "1"}
         )
-        results[script] = (proc, workdir)
-    return results
+        for script in PRESENT
+    }
 
 
 @pytest.mark.parametrize("script", PRESENT)
@@ -51,18 +35,18 @@ def test_six_stages_are_top_level_functions_with_the_shared_names(script):
 
 @pytest.mark.parametrize("script", PRESENT)
 def test_dry_run_walks_all_six_stages_in_order_and_ends_with_the_real_command(script, dry_runs):
-    proc, workdir = dry_runs[script]
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = dry_runs[script]
+    assert proc.returncode == 0, proc.output[-3000:]
     headers = [int(n) for n in re.findall(r"Stage (\d)/6", proc.stdout)]
     assert headers == [1, 2, 3, 4, 5, 6], headers
     tail = proc.stdout.strip().splitlines()[-15:]
     assert any(script in line and "--run" in line for line in tail), "\n".join(tail)
-    assert not (workdir / "outputs" / "results").exists(), "a dry run wrote results"
+    assert not (proc.cwd / "outputs" / "results").exists(), "a dry run wrote results"
 
 
 @pytest.mark.parametrize("script", PRESENT)
 def test_dry_run_prints_the_data_counts_by_split(script, dry_runs):
-    proc, _ = dry_runs[script]
+    proc = dry_runs[script]
     assert "144" in proc.stdout and "36" in proc.stdout, "train/test counts of the shared data"
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import sys
 
 import pytest
-from conftest import REPO, load_script
+from conftest import load_script, run_script_in, start_script_in
 from fake_dspy_server import BASELINE_ANSWER, FakeChatServer, question_of, tuned_answer
 
 SCRIPT = "dspy_example.py"
@@ -302,28 +301,14 @@ def test_answers_are_sent_in_parallel_threads(dspy_run, server):
 
 
 def test_ctrl_c_exits_130_and_the_same_command_resumes_from_the_cache(server, tmp_path):
-    import shutil
     import signal
-    import subprocess
     import time
 
-    from conftest import DATA_FILE, child_env
-
-    shutil.copy(REPO / SCRIPT, tmp_path / SCRIPT)
-    shutil.copy(DATA_FILE, tmp_path / DATA_FILE.name)
     server.delay = 0.3
-    command = [sys.executable, SCRIPT, "--api-base", server.url, "--run", "--yes"]
-    command += ["--optimizer", "labeled", "--test-limit", "12", "--threads", "2"]
-    env = child_env({"OPENAI_API_KEY": "test", "HOME": str(tmp_path / "home")})
-    proc = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = ["--api-base", server.url, "--run", "--yes"]
+    args += ["--optimizer", "labeled", "--test-limit", "12", "--threads", "2"]
+    env = {"OPENAI_API_KEY": "test", "HOME": str(tmp_path / "home")}
+    proc = start_script_in(tmp_path, SCRIPT, *args, env=env)
     deadline = time.monotonic() + 60
     while server.count < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -336,8 +321,8 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes_from_the_cache(server, tm
     interrupted = server.count
     assert 4 <= interrupted < 24
 
-    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    rerun = run_script_in(tmp_path, SCRIPT, *args, env=env)
+    assert rerun.returncode == 0, rerun.output[-4000:]
     # every call answered before Ctrl-C came from the cache: 24 requests in all, none twice
     assert server.count == 24
     calls = json.loads((tmp_path / "outputs" / "results" / "dspy.json").read_text())["lm_calls"]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA_FILE, REPO, child_env, load_script
+from conftest import DATA_FILE, load_script, start_script_in
 
 SCRIPT = "huggingface_lora.py"
 # Library chatter the script itself silences (see quiet_library_noise); not ours to fix.
@@ -69,29 +69,13 @@ QUESTION_FIELDS = {
 
 
 # ---------------------------------------------------------------------------- helpers
-def new_workdir(path: Path) -> Path:
-    """A folder holding a copy of the script and the shared data, as a user would have it."""
-    path.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / SCRIPT, path / SCRIPT)
-    shutil.copy(DATA_FILE, path / DATA_FILE.name)
-    return path
-
-
 def start(workdir: Path, *args: str, launcher: list[str] | None = None, env: dict | None = None):
     """Start the script with the network block on and its own attempt log.
 
     The autouse guard in conftest is function-scoped; module-scoped runs need their own log.
     """
-    log = workdir / "netblock.log"
-    return subprocess.Popen(
-        [*(launcher or [sys.executable]), SCRIPT, *args],
-        cwd=workdir,
-        env=child_env({"NETBLOCK_LOG": str(log), **(env or {})}),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = {"NETBLOCK_LOG": str(workdir / "netblock.log")}
+    return start_script_in(workdir, SCRIPT, *args, env={**log, **(env or {})}, launcher=launcher)
 
 
 def finish(proc: subprocess.Popen, workdir: Path, timeout: float = 300):
@@ -130,7 +114,7 @@ def hf():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One real tiny run with --merge, shared by the tests that only read what it wrote."""
-    workdir = new_workdir(tmp_path_factory.mktemp("tiny_run"))
+    workdir = tmp_path_factory.mktemp("tiny_run")
     proc = run(workdir, *TINY, "--run", "--merge")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc, workdir
@@ -166,7 +150,7 @@ def reloaded(hf, tiny_run):
 
 # ---------------------------------------------------------------------------- dry run
 def test_dry_run_of_the_default_model_sizes_it_without_network_or_weights(tmp_path):
-    workdir = new_workdir(tmp_path / "work")
+    workdir = tmp_path / "work"
     hf_home = tmp_path / "hf-home"  # an empty cache: the model cannot be there
     # HF_HUB_OFFLINE is not set: the script itself must keep the dry run off the network.
     proc = run(workdir, env={"HF_HOME": str(hf_home)})
@@ -187,7 +171,7 @@ def test_dry_run_of_the_default_model_sizes_it_without_network_or_weights(tmp_pa
 
 
 def test_dry_run_on_tiny_shows_the_trained_tokens_and_builds_no_model(tmp_path):
-    workdir = new_workdir(tmp_path)
+    workdir = tmp_path
     proc = run(workdir, "--model", "tiny")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"prompt, \d+ tokens, label -100", proc.stdout)
@@ -210,7 +194,7 @@ def test_eval_fraction_leaves_at_least_one_pair_to_train_on(tmp_path, run_script
     refused = run_script(SCRIPT, "--eval-fraction", "1")
     assert refused.returncode == 2 and "--eval-fraction: must be below 1" in refused.stderr
     args = ("--model", "tiny", "--train-limit", "2", "--eval-fraction", "0.9")
-    proc = run(new_workdir(tmp_path), *args)
+    proc = run(tmp_path, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 pairs to train on, 1 held out of train" in proc.stdout
 
@@ -280,7 +264,7 @@ def test_resume_after_a_complete_run_answers_again_without_training(tiny_run, tm
 
 # ---------------------------------------------------------------------------- resume, DDP
 def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(tmp_path):
-    workdir = new_workdir(tmp_path)
+    workdir = tmp_path
     long_run = (*TINY, "--train-limit", "8", "--batch-size", "2", "--epochs", "25")
     args = (*long_run, "--save-steps", "2", "--test-limit", "1", "--run")
     proc = start(workdir, *args)
@@ -316,7 +300,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(tmp_path):
 
 
 def test_torchrun_with_two_processes_trains_and_writes_one_results_file(tmp_path):
-    workdir = new_workdir(tmp_path)
+    workdir = tmp_path
     torchrun = [
         sys.executable,
         "-m",

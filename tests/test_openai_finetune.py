@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import threading
 import time
 
 import pytest
-from conftest import DATA_FILE, REPO, child_env, load_script
+from conftest import REPO, child_env, load_script, start_script_in
 from fake_finetune_api import FakeAPI
 
 SCRIPT = "openai_finetune.py"
@@ -208,18 +207,8 @@ def test_a_failed_job_shows_its_error_code_and_message(api, real_run):
 def test_ctrl_c_while_polling_exits_130_and_job_id_resumes(api, real_run, tmp_path):
     fake = api()
     fake.hold_at_running = True
-    shutil.copy(REPO / SCRIPT, tmp_path / SCRIPT)
-    shutil.copy(DATA_FILE, tmp_path / DATA_FILE.name)
-    command = [sys.executable, SCRIPT, "--run", "--yes", "--base-url", fake.base_url, *FAST]
-    proc = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=child_env({"OPENAI_API_KEY": KEY}),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = ("--run", "--yes", "--base-url", fake.base_url, *FAST)
+    proc = start_script_in(tmp_path, SCRIPT, *args, env={"OPENAI_API_KEY": KEY})
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen, deadline = [], time.monotonic() + 60
