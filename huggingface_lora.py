@@ -1150,6 +1150,21 @@ def swap_in(partial: Path, final: Path) -> None:
     os.replace(partial, final)
 
 
+def leave_process_group() -> None:
+    """Under torchrun/accelerate, end this rank's part in the process group, cleanly.
+
+    Training is the only step the ranks do together. A process that exits with its gloo/NCCL
+    group still alive can abort at interpreter shutdown ("terminate called without an active
+    exception", SIGABRT: pytorch/pytorch#190489), which fails the whole launch after the work
+    is done. So every rank waits for the others here, then destroys the group.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def load_base_model(source: str, precision: str, *, four_bit: bool, device: str):
     from transformers import AutoModelForCausalLM
 
@@ -1655,6 +1670,7 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
     if is_main_process():
         shutil.rmtree(partial, ignore_errors=True)
     trainer.save_model(str(partial))  # adapter_model.safetensors + adapter_config.json + tokenizer
+    leave_process_group()  # the ranks are done together; only rank 0 goes on
     result = {"model": model, "tokenizer": tokenizer, "trainer": trainer}
     if not is_main_process():
         return result
