@@ -37,10 +37,13 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
+import re
 import shlex
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -779,6 +782,48 @@ def history_ids() -> set[str]:
     return {entry["uuid"] for entry in list(GLOBAL_HISTORY)}
 
 
+def describe_lm_error(exc: BaseException) -> str:
+    """One line about a failed LM call, without the provider's echo of the key."""
+    import dspy
+
+    if isinstance(exc, dspy.LMAuthError):
+        return "the key was refused (HTTP 401)"  # OpenAI's text quotes the key's start and end
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"\b(sk|pk|key)-\S+", "[key hidden]", first)[:200]
+
+
+FAILED_HERE = threading.local()  # the error of this thread's last LM call, or None
+
+
+def watch_lm_errors(setup: Setup):
+    """A DSPy callback that sees every LM call end, and a log filter that uses what it saw.
+
+    DSPy's parallel evaluator (random search, MIPROv2) catches a failed call, logs it with the
+    whole example and the provider's message (OpenAI's quotes the key), scores it 0, and after
+    max_errors raises a bare "Execution cancelled" that no longer says why. The callback keeps
+    the first error, so tune() can tell a refused key from a flaky server; the filter turns each
+    logged failure into one short line without the key.
+    """
+    from dspy.utils.callback import BaseCallback
+
+    class KeepErrors(BaseCallback):
+        def on_lm_end(self, call_id, outputs, exception=None):
+            FAILED_HERE.error = exception  # same thread as the log line that follows
+            if exception is not None and setup.first_lm_error is None:
+                setup.first_lm_error = exception
+
+    def shorten(record: logging.LogRecord) -> bool:
+        error = getattr(FAILED_HERE, "error", None)
+        if error is not None and record.getMessage().startswith("Error for "):
+            record.msg, record.args = f"a call failed: {describe_lm_error(error)}", ()
+        return True
+
+    parallel_log = logging.getLogger("dspy.utils.parallelizer")
+    parallel_log.filters.clear()  # one filter, however often this runs in one process
+    parallel_log.addFilter(shorten)
+    return KeepErrors()
+
+
 NO_CALLS = {"sent": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
 
 
@@ -1030,6 +1075,7 @@ class Setup:
     key_variable: str | None
     actual: dict[str, dict] = field(default_factory=dict)  # tally_since() of each phase run
     demos: int | None = None  # demos in the compiled program
+    first_lm_error: BaseException | None = None  # kept by the callback in configure_model
 
 
 def key_variable_for(cfg: Config, provider: str) -> str | None:
@@ -1173,7 +1219,7 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
         )
     except (ValueError, dspy.LMConfigurationError) as exc:
         raise UsageError(f"--model {cfg.model}: {str(exc).splitlines()[0]}") from None
-    dspy.configure(lm=lm, adapter=formatted.adapter)
+    dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[watch_lm_errors(setup)])
     console.print(f"built dspy.LM({cfg.model!r}, engine={cfg.engine!r}); key passed, not shown")
     return setup
 
@@ -1257,9 +1303,13 @@ def tune(cfg: Config, formatted: Formatted, setup: Setup):
         # calls with a plain Exception; DSPy logged each failure just above.
         if "Execution cancelled" not in str(exc):
             raise
+        if isinstance(setup.first_lm_error, (dspy.LMAuthError, dspy.LMInvalidRequestError)):
+            raise setup.first_lm_error from None  # the user's to fix: main() says how, exit 2
+        first = setup.first_lm_error
         raise ServiceError(
-            f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (logged "
-            f"above). Kept: {kept_note(cfg, setup)}; run the same command again to resume"
+            f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (the "
+            f"first: {describe_lm_error(first) if first else 'see above'}). Kept: "
+            f"{kept_note(cfg, setup)}; run the same command again to resume"
         ) from None
     setup.actual["compile"] = tally_since(before)
     # Module.save writes in place; write beside it and rename, so the file is whole or absent.
@@ -1421,15 +1471,15 @@ def main(argv: list[str] | None = None) -> None:
         # An unknown model name, a prompt too long: DSPy does not retry these, and neither
         # would running the same command again help.
         raise UsageError(
-            f"{cfg.model} refused the request: {str(exc).splitlines()[0][:200]}; check --model "
+            f"{cfg.model} refused the request: {describe_lm_error(exc)}; check --model "
             "(the request was not retried)"
         ) from None
     except dspy.LMError as exc:
         tries = f"after {cfg.num_retries} retries" if dspy.is_retryable_lm_error(exc) else "at once"
         raise ServiceError(
-            f"{cfg.model} failed {tries}: "
-            f"{str(exc).splitlines()[0][:200]}. Kept: {kept_note(cfg, setup)}; run the same "
-            "command again to resume (calls in the cache are not sent again)"
+            f"{cfg.model} failed {tries}: {describe_lm_error(exc)}. Kept: "
+            f"{kept_note(cfg, setup)}; run the same command again to resume (calls in the cache "
+            "are not sent again)"
         ) from None
     except KeyboardInterrupt:
         raise KeyboardInterrupt(

@@ -251,6 +251,20 @@ def test_a_refused_key_is_one_line_exit_2_not_retried_and_never_shown(dspy_run, 
     assert "sk-" not in result.output and "4711" not in result.output
 
 
+def test_a_refused_key_under_a_parallel_optimizer_is_exit_2_too(dspy_run, server):
+    # random search evaluates in DSPy's parallel executor, which swallows each failed call
+    server.api_key = "the-right-key"
+    key = "sk-wrong-key-4711"
+    args = ("--run", "--yes", "--optimizer", "random-search", "--train-limit", "4")
+    result = dspy_run(*args, "--test-limit", "1", key=key)
+    assert result.returncode == 2, result.output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the key in OPENAI_API_KEY was refused" in errors[0]
+    assert "Traceback" not in result.output
+    assert "sk-" not in result.output and "4711" not in result.output, result.stderr
+    assert not (result.cwd / "outputs" / "dspy" / "program.json").exists()
+
+
 def test_random_search_compiles_within_its_estimate(dspy_run, server, script):
     result = dspy_run(
         "--run",
@@ -283,7 +297,11 @@ def test_an_optimizer_stopped_by_failing_calls_exits_1(dspy_run, server):
     # DSPy logs each failed call; the script's own verdict is one line among them
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "optimizer stopped after 3 failed calls" in errors[0]
+    assert "(the first: " in errors[0]  # why, not only that: here the server's HTTP 500
     assert "Traceback" not in result.output
+    # each failed call DSPy logs is one short line, not the example and the provider's text
+    logged = [line for line in result.stderr.splitlines() if "a call failed: " in line]
+    assert logged and not any("Example(" in line for line in result.stderr.splitlines())
     assert not (result.cwd / "outputs" / "dspy" / "program.json").exists()
 
 
