@@ -1042,7 +1042,19 @@ def prompt_tokens(count_tokens, messages: list[dict]) -> int:
 
 
 def api_error(exc) -> str:
-    """One line from an SDK error: HTTP status, code and message (never headers, never keys)."""
+    """One line from an SDK error: HTTP status, code and message (never headers, never keys).
+
+    A refused key is not the service failing but the user's to fix (exit 2), wherever it shows
+    up first; and OpenAI's message for it quotes the key's start and end, so none of it is kept.
+    """
+    import openai
+
+    if isinstance(exc, openai.AuthenticationError):
+        host = exc.request.url.host if getattr(exc, "request", None) else "the server"
+        raise UsageError(
+            f"the API key was refused (HTTP 401 from {host}): check the key named at the top "
+            "of the output, then run the same command again"
+        ) from None
     status = getattr(exc, "status_code", None)
     code = getattr(exc, "code", None)
     body = getattr(exc, "body", None)

@@ -119,7 +119,11 @@ class FakeAPI:
         if route is None:
             return self._send(handler, 404, error("no such route " + url.path, "not_found"))
         if not self._authorized(handler.headers):
-            return self._send(handler, 401, error("Incorrect API key provided", "invalid_api_key"))
+            # OpenAI quotes the start and the end of the key it refused
+            sent = handler.headers.get("Authorization", "").removeprefix("Bearer ")
+            shown = f"{sent[:3]}{'*' * 8}{sent[-4:]}"
+            message = f"Incorrect API key provided: {shown}. You can find your API key at ..."
+            return self._send(handler, 401, error(message, "invalid_api_key"))
         try:
             status, payload, headers = self._route(method, route, record)
         except KeyError as exc:

@@ -391,6 +391,22 @@ def test_azure_v1_shape_prints_the_deploy_command_then_answers_with_the_deployme
     assert chat_models(fake)[-2:] == [BASE, "edu-qa-ft"]
 
 
+def test_a_refused_key_is_one_line_exit_2_and_never_shown(api, run_script):
+    fake = api()
+    wrong = "sk-wrong-" + "b2e8d1" * 6
+    result = run_script(
+        SCRIPT, "--run", "--yes", "--base-url", fake.base_url, *FAST,
+        env={"OPENAI_API_KEY": wrong}, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.output[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "the API key was refused (HTTP 401" in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert "sk-" not in result.output and wrong[-4:] not in result.output
+    # refused at the first request, before anything was uploaded or created
+    assert not fake.calls("POST", "/files") and not creates(fake)
+
+
 def test_azure_fake_takes_the_key_in_the_api_key_header_too(api):
     import httpx2
 
