@@ -69,6 +69,7 @@ SYSTEM_PROMPT = (
     "You are a patient, knowledgeable teacher. Answer the student's question correctly "
     "in one to three clear sentences."
 )
+# The repository keeps stage 2's output for its own data beside the script, for readers to see.
 TRAINING_FILE = Path(__file__).with_name("openai_edu_qa_training.jsonl")
 VALIDATION_NAME = "openai_edu_qa_validation.jsonl"
 MIN_EXAMPLES = 10  # the API refuses fewer (invalid_n_examples)
@@ -1106,6 +1107,22 @@ def prepare_data(cfg: Config) -> dict:
     return {"train": train, "test": test}
 
 
+def training_path(cfg: Config) -> Path:
+    """Where stage 2 writes the training file that tune() uploads.
+
+    The copy beside the script is the repository's own data as the default settings format it.
+    Other data, --train-limit, --seed or --valid-fraction write under the output dir instead,
+    so trying the script never rewrites that kept file with something else.
+    """
+    default = Config(data=DATA_FILE)
+    as_kept = (
+        cfg.data.resolve() == DATA_FILE.resolve()
+        and cfg.train_limit is None
+        and (cfg.seed, cfg.valid_fraction) == (default.seed, default.valid_fraction)
+    )
+    return TRAINING_FILE if as_kept else cfg.output_dir / "openai" / TRAINING_FILE.name
+
+
 def format_data(cfg: Config, data: dict) -> dict:
     stage(
         2,
@@ -1130,8 +1147,9 @@ def format_data(cfg: Config, data: dict) -> dict:
         rows["valid" if index in held_out else "train"].append(
             json.dumps(conversation, ensure_ascii=False) + "\n"
         )
-    write_atomic(TRAINING_FILE, "".join(rows["train"]))
-    console.print(f"wrote {TRAINING_FILE} ({len(rows['train'])} conversations, chat format)")
+    train_path = training_path(cfg)
+    write_atomic(train_path, "".join(rows["train"]))
+    console.print(f"wrote {train_path} ({len(rows['train'])} conversations, chat format)")
     valid_path = None
     if rows["valid"]:
         valid_path = cfg.output_dir / "openai" / VALIDATION_NAME
@@ -1148,8 +1166,8 @@ def format_data(cfg: Config, data: dict) -> dict:
     count_tokens, token_label = load_token_counter(cfg.model)
     console.print(f"\ntokens counted with {token_label}")
     max_tokens = PROVIDERS[cfg.provider]["max_tokens_per_example"]
-    report = validate_chat_file(TRAINING_FILE, count_tokens, max_tokens)
-    problem = first_format_error(report, TRAINING_FILE)
+    report = validate_chat_file(train_path, count_tokens, max_tokens)
+    problem = first_format_error(report, train_path)
     if problem:
         raise UsageError(problem)
     too_few = report["errors"].get("too_few_examples")
@@ -1190,7 +1208,7 @@ def format_data(cfg: Config, data: dict) -> dict:
     )
     reply_tokens = sum(count_tokens(e["answer"]) for e in test)
     return {
-        "train_path": TRAINING_FILE,
+        "train_path": train_path,
         "valid_path": valid_path,
         "n_train": len(rows["train"]),
         "n_valid": len(rows["valid"]),

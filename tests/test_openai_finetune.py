@@ -325,6 +325,27 @@ def test_dry_run_sends_nothing_even_with_a_key_and_a_server(api, run_script):
     assert (result.cwd / "openai_edu_qa_training.jsonl").is_file()
 
 
+def test_trying_other_data_or_limits_leaves_the_kept_training_file_alone(run_script, tmp_path):
+    kept = tmp_path / "openai_edu_qa_training.jsonl"
+    kept.write_text("the repository's copy\n")
+    mine = tmp_path / "mine.jsonl"
+    rows = [{"question": f"What is {n} + {n}?", "answer": f"It is {2 * n}."} for n in range(40)]
+    mine.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    written = tmp_path / "outputs" / "openai" / "openai_edu_qa_training.jsonl"
+    for args in (("--train-limit", "20"), ("--data", str(mine)), ("--seed", "7")):
+        result = run_script(SCRIPT, *args)
+        assert result.returncode == 0, result.output[-3000:]
+        assert kept.read_text() == "the repository's copy\n", args
+        n = len(written.read_text().splitlines())
+        assert f"wrote {written.relative_to(tmp_path)} ({n} conversations" in result.stdout
+        if args[0] == "--train-limit":
+            assert n == 20 - 2  # 10% of the 20 held out for validation
+    # the repository's own data with the default settings is what the kept file holds
+    result = run_script(SCRIPT)
+    assert result.returncode == 0, result.output[-3000:]
+    assert kept.read_text() != "the repository's copy\n"
+
+
 def test_dry_run_counts_tokens_offline_with_litellms_copy(run_script, monkeypatch, tmp_path):
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     empty = tmp_path / "no-cache"
