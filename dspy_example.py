@@ -1303,9 +1303,9 @@ def tune(cfg: Config, formatted: Formatted, setup: Setup):
         # calls with a plain Exception; DSPy logged each failure just above.
         if "Execution cancelled" not in str(exc):
             raise
-        if isinstance(setup.first_lm_error, (dspy.LMAuthError, dspy.LMInvalidRequestError)):
-            raise setup.first_lm_error from None  # the user's to fix: main() says how, exit 2
         first = setup.first_lm_error
+        if isinstance(first, (dspy.LMAuthError, dspy.LMInvalidRequestError)):
+            raise first from None  # the user's to fix: main() says how, exit 2
         raise ServiceError(
             f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (the "
             f"first: {describe_lm_error(first) if first else 'see above'}). Kept: "

@@ -21,7 +21,6 @@ Each arm runs in a fresh process, so peak memory is its own.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import resource
@@ -31,16 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "huggingface_lora.py"
+# The scripts are plain modules: import the one measured from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import huggingface_lora as hl  # noqa: E402
+
 PRESET = "smollm2-135m"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("huggingface_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def rss_bytes() -> int:
@@ -60,7 +54,6 @@ def one_arm(arm: str, batch: int, seq_len: int, steps: int, dropout: float) -> d
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hl = load_script()
     hl.quiet_library_noise()
     torch.manual_seed(0)
     config = AutoConfig.for_model(**hl.PRESETS[PRESET]["config"])
@@ -136,7 +129,6 @@ def main() -> None:
         print(f"{arm}: {arms[arm]['seconds_per_step']:.2f} s/step", file=sys.stderr)
 
     # Stage 3's estimate for the same settings, from the same functions the script uses.
-    hl = load_script()
     hl.quiet_library_noise()
     from transformers import AutoConfig
 

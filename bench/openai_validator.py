@@ -13,7 +13,6 @@ real o200k_base encoding, and prints the ratios.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import resource
@@ -24,20 +23,15 @@ import time
 import tracemalloc
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "openai_finetune.py"
+# The scripts are plain modules: import the one measured from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import openai_finetune as oft  # noqa: E402
+
 # A small vocabulary: every line gets its own random question and answer from it.
 VOCABULARY = """the a energy cell light water force atom river empire poem number graph planet heat
 motion reaction market climate fraction protein orbit voltage treaty novel algorithm mountain
 ocean carbon gravity speed species vote trade chapter equation signal"""
 WORDS = VOCABULARY.split()
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("openai_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_file(path: Path, lines: int, system_prompt: str) -> None:
@@ -58,16 +52,15 @@ def write_file(path: Path, lines: int, system_prompt: str) -> None:
 
 def measure(path: Path) -> dict:
     """In this (fresh) process: one timed pass, then one pass under tracemalloc."""
-    module = load_script()
-    count, label = module.load_token_counter("gpt-4o-mini-2024-07-18")
+    count, label = oft.load_token_counter("gpt-4o-mini-2024-07-18")
     count("warm up the encoding")  # loading the encoding is not validation
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    report = module.validate_chat_file(path, count, 65536)
+    report = oft.validate_chat_file(path, count, 65536)
     seconds = time.perf_counter() - start
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
-    module.validate_chat_file(path, count, 65536)
+    oft.validate_chat_file(path, count, 65536)
     traced_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return {
@@ -91,7 +84,7 @@ def main() -> None:
         print(json.dumps(measure(args.measure)))
         return
 
-    system_prompt = load_script().SYSTEM_PROMPT
+    system_prompt = oft.SYSTEM_PROMPT
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
