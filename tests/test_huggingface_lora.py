@@ -56,6 +56,11 @@ RESULT_FIELDS = {
     "seconds",
     "created",
     "questions",
+    "decoding",
+    "unusable",
+    "similarity",
+    "baseline_similarity",
+    "tuned_similarity",
 }
 QUESTION_FIELDS = {
     "id",
@@ -65,6 +70,8 @@ QUESTION_FIELDS = {
     "tuned",
     "baseline_score",
     "tuned_score",
+    "baseline_similarity",
+    "tuned_similarity",
 }
 
 
@@ -133,8 +140,7 @@ def reloaded(hf, tiny_run):
     questions = [q["question"] for q in results(workdir)["questions"]]
     torch.set_num_threads(1)  # the script trains and answers the tiny model on one thread
     settings = {
-        "system_in_user": info["system_in_user"],
-        "stop_ids": info["stop_ids"],
+        **info["generation"],
         "max_new_tokens": info["max_new_tokens"],
         "batch_size": hf.Config().gen_batch_size,  # the batches the script used
     }
