@@ -646,31 +646,31 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
         console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
         return results
 
-    def pair(r: dict, key: str) -> list[str]:
+    def pair(r: dict, key: str) -> str:
         base, tuned = r.get(f"baseline_{key}"), r.get(f"tuned_{key}")
         if base is None or tuned is None:
-            return ["-", "-", "-"]
-        return [f"{base:.1f}", f"{tuned:.1f}", f"{tuned - base:+.1f}"]
+            return "-"
+        return f"{base:.1f} → {tuned:.1f} ({tuned - base:+.1f})"
 
     any_unusable = any(sum((r.get("unusable") or {}).values()) for r in results)
-    headers = ["run", "model", "ROUGE-L base", "tuned", "gain", "similarity base", "tuned", "gain"]
-    headers += ["cost (USD)", "time", "n"] + (["unusable base/tuned"] if any_unusable else [])
+    headers = ["run", "model", "ROUGE-L base → tuned", "similarity base → tuned", "USD", "time"]
+    headers += ["n"] + (["unusable base/tuned"] if any_unusable else [])
     rows, notes = [], []
     for r in results:
         if "status" in r:
-            rows.append([r["run"], str(r.get("model")), r["status"], *["-"] * 5])
             estimate = r.get("estimated_cost_usd")
-            rows[-1] += ["-" if estimate is None else f"~{estimate:.4f} (est.)", "-", "-"]
+            cost = "-" if estimate is None else f"~{estimate:.4f} (estimate)"
+            rows.append([r["run"], str(r.get("model")), r["status"], "-", cost, "-", "-"])
             notes.append(f"{r['run']}: {r.get('note', r['status'])}")
         else:
             r["baseline_rouge"], r["tuned_rouge"] = r["baseline_score"], r["tuned_score"]
             cost = "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}"
-            rows.append([r["run"], str(r.get("model")), *pair(r, "rouge"), *pair(r, "similarity")])
+            rows.append([r["run"], str(r.get("model")), pair(r, "rouge"), pair(r, "similarity")])
             rows[-1] += [cost, f"{r.get('seconds', 0):.0f}s", str(r.get("n_test", ""))]
         if any_unusable:
             unusable = r.get("unusable") or {}
             rows[-1].append(f"{unusable.get('baseline', '-')}/{unusable.get('tuned', '-')}")
-    table = Table(title="The held-out test questions: ROUGE-L F1 and meaning similarity (x100)")
+    table = Table(title="Held-out test questions: ROUGE-L F1 and meaning similarity, x100")
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i < 2 else "right")
     for row in rows:

