@@ -1652,7 +1652,22 @@ def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
 
 
 def answer_one(client, model: str, question: str) -> tuple[str, int, int]:
-    reply = client.chat.completions.create(**chat_request(model, question))
+    import openai
+
+    try:
+        reply = client.chat.completions.create(**chat_request(model, question))
+    except openai.NotFoundError as exc:
+        # A name the server does not know is the user's to fix: asking again cannot help.
+        if exc.code == "DeploymentNotFound":
+            raise UsageError(
+                f"Azure has no deployment named {model} (HTTP 404 DeploymentNotFound): deploy the "
+                "model, then pass the deployment's name with --base-deployment (the base model) "
+                "or --tuned-model (the fine-tuned one)"
+            ) from None
+        raise UsageError(
+            f"the server has no model named {model} ({api_error(exc)}); check --model and "
+            "--tuned-model"
+        ) from None
     usage = reply.usage
     text = (reply.choices[0].message.content or "").strip()
     return text, (usage.prompt_tokens if usage else 0), (usage.completion_tokens if usage else 0)
