@@ -1835,6 +1835,15 @@ def cancel_job(cfg: Config) -> None:
         job = client.fine_tuning.jobs.cancel(cfg.cancel)
     except openai.NotFoundError:
         raise UsageError(f"--cancel {cfg.cancel}: no such job on {cfg.provider}") from None
+    except openai.BadRequestError as exc:
+        # The API refuses to cancel a job that has ended; say how it ended.
+        with contextlib.suppress(openai.APIError):
+            ended = client.fine_tuning.jobs.retrieve(cfg.cancel).status
+            if ended in ("succeeded", "failed", "cancelled"):
+                raise UsageError(
+                    f"--cancel {cfg.cancel}: the job already {ended}; there is nothing to cancel"
+                ) from None
+        raise UsageError(f"--cancel {cfg.cancel}: refused ({api_error(exc)})") from None
     except openai.APIError as exc:
         raise ServiceError(f"cancelling {cfg.cancel} failed: {api_error(exc)}") from None
     console.print(f"job {job.id}: {job.status}")
