@@ -178,6 +178,7 @@ class Config:
     base_deployment: str | None = None
     azure_tier: str = "developerTier"
     poll_interval: float = 10.0
+    deploy_timeout: float = 1800.0  # Nebius: how long to wait for a deployment to turn active
     check_file: Path | None = None
     argv: list[str] = field(default_factory=list)
 
@@ -259,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll-interval", type=float, default=10.0, metavar="S", help="seconds between job polls"
     )
     parser.add_argument(
+        "--deploy-timeout",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="Nebius: stop waiting for the deployment after S seconds (a rerun waits again)",
+    )
+    parser.add_argument(
         "--check-file", type=Path, metavar="JSONL", help="only validate a chat-format file and exit"
     )
     return parser
@@ -277,6 +285,8 @@ def parse_config(argv: list[str] | None) -> Config:
         parser.error("--epochs must be at least 1")
     if args.poll_interval <= 0:
         parser.error("--poll-interval must be positive")
+    if args.deploy_timeout <= 0:
+        parser.error("--deploy-timeout must be positive")
     if args.provider == "azure" and "." in args.suffix:
         parser.error("--suffix: Azure does not allow dots in the suffix")
     cfg = Config(**vars(args))
@@ -1621,21 +1631,36 @@ def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
 
     v0 = urljoin(plan["base_url"], "../v0/models")
     try:
-        checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
-        if not checkpoints:
-            raise ServiceError(f"job {job.id} has no checkpoint to deploy")
-        body = {
-            "name": f"{cfg.suffix}-{job.id.split('-')[-1][:8]}",
-            "base_model": NEBIUS_SERVING_BASE.get(job.model, job.model),
-            "source": f"{job.id}:{checkpoints[0].id}",
-        }
-        console.print("deploying the adapter:")
-        show_command(f"POST {v0} {json.dumps(body)}")
-        # Not idempotent either (the name must be unique), so it is sent once.
-        model = client.post(v0, cast_to=object, body=body, options={"max_retries": 0})
-        name = model["name"]
+        name = record.get("deploying_model")
+        if name:  # an earlier run started it and stopped waiting: wait for that one
+            console.print(f"waiting for the deployment an earlier run started: {name}")
+            model = client.get(f"{v0}/{name.rsplit(':', 1)[-1]}", cast_to=object)
+        else:
+            checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
+            if not checkpoints:
+                raise ServiceError(f"job {job.id} has no checkpoint to deploy")
+            body = {
+                "name": f"{cfg.suffix}-{job.id.split('-')[-1][:8]}",
+                "base_model": NEBIUS_SERVING_BASE.get(job.model, job.model),
+                "source": f"{job.id}:{checkpoints[0].id}",
+            }
+            console.print("deploying the adapter:")
+            show_command(f"POST {v0} {json.dumps(body)}")
+            # Not idempotent either (each call makes another model), so it is sent once and
+            # recorded: a rerun waits for this one instead of deploying a second.
+            model = client.post(v0, cast_to=object, body=body, options={"max_retries": 0})
+            name = model["name"]
+            record.update(deploying_model=name)
+            save_record(cfg, record)
         short = name.rsplit(":", 1)[-1]
+        deadline = time.monotonic() + cfg.deploy_timeout
         while model.get("status") not in ("active", "error", "deleted"):
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"Nebius is still {model.get('status')} {name} after --deploy-timeout "
+                    f"{cfg.deploy_timeout:g}s; the job {job.id} succeeded and the deployment is "
+                    f"recorded in {record_path(cfg)}: run the same command again to keep waiting"
+                )
             time.sleep(cfg.poll_interval)
             model = client.get(f"{v0}/{short}", cast_to=object)
             console.print(f"  model {name}: {model.get('status')}")
@@ -1644,8 +1669,15 @@ def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
             f"deploying the fine-tuned model failed ({api_error(exc)}); the job {job.id} succeeded "
             f"and is recorded in {record_path(cfg)}; run the same command again to retry"
         ) from None
+    record.pop("deploying_model", None)
     if model.get("status") != "active":
-        raise ServiceError(f"Nebius could not deploy {name}: {model.get('status')}")
+        save_record(cfg, record)
+        reason = model.get("status_reason")
+        raise ServiceError(
+            f"Nebius could not deploy {name}: {model.get('status')}"
+            + (f" ({reason})" if reason else "")
+            + "; run the same command again to deploy the job's checkpoint anew"
+        )
     record.update(deployed_model=name)
     save_record(cfg, record)
     return name
