@@ -655,7 +655,11 @@ def confirm_paid_step(
     if not sys.stdin.isatty():
         raise UsageError(f"{what} costs money and there is no terminal to confirm on; pass --yes")
     price = "unknown" if estimate_usd is None else f"about ${estimate_usd:.4f}"
-    reply = input(f"{what}: estimated cost {price}. Go ahead? [y/N] ")
+    try:
+        reply = input(f"{what}: estimated cost {price}. Go ahead? [y/N] ")
+    except EOFError:  # Ctrl-D: no answer is a no
+        print()
+        reply = ""
     if reply.strip().lower() not in ("y", "yes"):
         raise UsageError("not confirmed; nothing was sent (pass --yes to skip this question)")
 
