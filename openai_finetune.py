@@ -1511,7 +1511,14 @@ def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
         if cfg.yes:
             console.print("reusing it (--yes); cancel it first to start a new one")
             return job
-        reply = input("Reuse it instead of starting (and paying for) a new one? [Y/n] ")
+        try:
+            reply = input("Reuse it instead of starting (and paying for) a new one? [Y/n] ")
+        except EOFError:  # Ctrl-D: neither reuse it nor pay for another
+            print()
+            raise UsageError(
+                f"no answer; nothing new was started (job {job.id} keeps its state: --job-id "
+                f"{job.id} watches it, --yes reuses it without asking)"
+            ) from None
         if reply.strip().lower() in ("", "y", "yes"):
             return job
     return None
