@@ -143,10 +143,12 @@ def start_script_in(
     copy_data: bool = True,
     launcher: list[str] | None = None,
     stdin_pipe: bool = False,
+    stdin_fd: int | None = None,
 ) -> subprocess.Popen:
     """Copy a script (and, by default, the shared data file) into `workdir` and start it there.
 
-    For tests that must act while it runs (send Ctrl-C, watch a checkpoint appear)."""
+    For tests that must act while it runs (send Ctrl-C, watch a checkpoint appear). `stdin_fd`
+    gives it a terminal of the test's own (a pty) to answer prompts on."""
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / script, workdir / script)
     if copy_data and DATA_FILE.exists() and not (workdir / DATA_FILE.name).exists():
@@ -157,7 +159,11 @@ def start_script_in(
         env=child_env(env),
         # Never the developer's terminal: a script must see "no terminal" unless a test
         # gives it input, so paid-step prompts refuse the same way here as in CI.
-        stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+        stdin=stdin_fd
+        if stdin_fd is not None
+        else subprocess.PIPE
+        if stdin_pipe
+        else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
