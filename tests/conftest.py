@@ -24,7 +24,19 @@ NETBLOCK_DIR = Path(__file__).resolve().parent / "netblock"
 DATA_FILE = REPO / "small_edu_qa.jsonl"
 SCRIPTS = ("dspy_example.py", "openai_finetune.py", "huggingface_lora.py")
 
-# Variables that would let a script reach a real service or read a developer's real keys.
+
+def _load_netblock():
+    spec = importlib.util.spec_from_file_location("_netblock", NETBLOCK_DIR / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_netblock = _load_netblock()
+
+# Variables that would let a script reach a real service or read a developer's real keys. The
+# proxy variables matter as much: a proxy on loopback passes the block's loopback rule and would
+# carry the traffic out.
 _SECRET_OR_ROUTING_VARS = (
     "OPENAI_API_KEY",
     "OPENAI_BASE_URL",
@@ -37,17 +49,9 @@ _SECRET_OR_ROUTING_VARS = (
     "NEBIUS_API_KEY",
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
+    *_netblock.PROXY_VARS,
 )
 
-
-def _load_netblock():
-    spec = importlib.util.spec_from_file_location("_netblock", NETBLOCK_DIR / "sitecustomize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_netblock = _load_netblock()
 
 # Processes started from module- or session-scoped fixtures run before any test's own guard
 # exists; they report here, and the session fails at its end if anything was attempted.
