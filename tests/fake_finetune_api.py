@@ -40,12 +40,16 @@ Jobs (the fine_tuning.job object: https://platform.openai.com/docs/api-reference
   times the epochs. `n_epochs: "auto"` resolves by the cookbook's rule (3, more for small files).
 - Events (https://platform.openai.com/docs/api-reference/fine-tuning/list-events) come newest
   first, `limit` (default 20) per page, `after` = the id of the last event of the previous page,
-  `has_more`. They are emitted at the transitions and during `running` (training steps).
+  `has_more`. They are emitted at the transitions and during `running` (training steps); their
+  wording is modelled on the service's, not copied from it.
 - Jobs list: newest first, `limit` (default 20), `after`, `has_more`, `metadata[key]=value`.
-- Cancel works on a job that has not ended; an ended job is refused with 400.
-- Checkpoints: one per epoch once the job succeeded, newest first.
+- Cancel stops a job that has not ended (the reference: "Immediately cancel a fine-tune job");
+  an ended job is refused with 400 `invalid_request_error` (the refusal's wording is ours).
+- Checkpoints: one at the end of each epoch once the job succeeded, newest first (fine-tuning
+  guide, "Use a checkpointed model": https://platform.openai.com/docs/guides/fine-tuning).
 
-Errors: `{"error": {"message", "type", "param", "code"}}` as the API sends them. 401
+Errors: `{"error": {"message", "type", "param", "code"}}` as the API sends them (an unknown id
+is a 404 of that shape; its wording is ours). 401
 `invalid_api_key` quoting the key's start and end; 400/404 `invalid_request_error`; 429
 `rate_limit_exceeded` of type `requests` with `Retry-After` in whole seconds
 (https://learn.microsoft.com/en-us/microsoft-cloud/dev/dev-proxy/concepts/openai-rate-limit-reached);
