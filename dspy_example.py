@@ -737,7 +737,11 @@ def confirm_paid_step(
     if not sys.stdin.isatty():
         raise UsageError(f"{what} costs money and there is no terminal to confirm on; pass --yes")
     price = "unknown" if estimate_usd is None else f"about ${estimate_usd:.4f}"
-    reply = input(f"{what}: estimated cost {price}. Go ahead? [y/N] ")
+    try:
+        reply = input(f"{what}: estimated cost {price}. Go ahead? [y/N] ")
+    except EOFError:  # Ctrl-D: no answer is a no
+        print()
+        reply = ""
     if reply.strip().lower() not in ("y", "yes"):
         raise UsageError("not confirmed; nothing was sent (pass --yes to skip this question)")
 
@@ -869,12 +873,20 @@ def print_prompt(messages: list[dict]) -> None:
 
 
 def was_cache_hit(entry: dict) -> bool:
-    """DSPy records a call answered from its cache with no usage (and marks the LiteLLM reply).
+    """Whether DSPy answered this call from its cache instead of sending it.
 
-    A server that reports no usage at all would be counted as cache hits too; hosted APIs, vLLM
-    and Ollama all report it.
+    Through LiteLLM, DSPy marks the replayed reply; its own engine marks nothing, but records a
+    replayed call with no usage and the cost of the call it replays. A call with neither usage
+    nor cost counts as sent: a server that reports no usage is not a free cache hit.
     """
-    return bool(getattr(entry["response"], "cache_hit", False)) or not entry.get("usage")
+    if getattr(entry["response"], "cache_hit", False):
+        return True
+    return not entry.get("usage") and entry.get("cost") is not None
+
+
+def reported_usage(entry: dict) -> bool:
+    """Whether the server said what the call used (LiteLLM fills in zeros when it did not)."""
+    return bool((entry.get("usage") or {}).get("prompt_tokens"))
 
 
 def history_ids() -> set[str]:
@@ -939,7 +951,7 @@ def tally_since(before: set[str]) -> dict:
 
     entries = [entry for entry in list(GLOBAL_HISTORY) if entry["uuid"] not in before]
     sent = [entry for entry in entries if not was_cache_hit(entry)]
-    costs = [entry.get("cost") for entry in sent]
+    costs = [entry.get("cost") if reported_usage(entry) else None for entry in sent]
     return {
         "sent": len(sent),
         "cache_hits": len(entries) - len(sent),
@@ -948,7 +960,8 @@ def tally_since(before: set[str]) -> dict:
             (entry["usage"] or {}).get("completion_tokens") or 0 for entry in sent
         ),
         # A cache hit keeps the cost of the call it replays; it costs nothing now, so only the
-        # calls really sent are summed. One unpriced call makes the total unknown.
+        # calls really sent are summed. One unpriced call, or one whose usage the server did
+        # not report, makes the total unknown.
         "cost_usd": None if any(cost is None for cost in costs) else sum(costs),
     }
 

@@ -178,6 +178,7 @@ class Config:
     base_deployment: str | None = None
     azure_tier: str = "developerTier"
     poll_interval: float = 10.0
+    deploy_timeout: float = 1800.0  # Nebius: how long to wait for a deployment to turn active
     check_file: Path | None = None
     record_plan: bool = False
     argv: list[str] = field(default_factory=list)
@@ -260,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll-interval", type=float, default=10.0, metavar="S", help="seconds between job polls"
     )
     parser.add_argument(
+        "--deploy-timeout",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="Nebius: stop waiting for the deployment after S seconds (a rerun waits again)",
+    )
+    parser.add_argument(
         "--check-file", type=Path, metavar="JSONL", help="only validate a chat-format file and exit"
     )
     parser.add_argument(
@@ -284,6 +292,8 @@ def parse_config(argv: list[str] | None) -> Config:
         parser.error("--epochs must be at least 1")
     if args.poll_interval <= 0:
         parser.error("--poll-interval must be positive")
+    if args.deploy_timeout <= 0:
+        parser.error("--deploy-timeout must be positive")
     if args.provider == "azure" and "." in args.suffix:
         parser.error("--suffix: Azure does not allow dots in the suffix")
     cfg = Config(**vars(args))
@@ -758,7 +768,11 @@ def confirm_paid_step(
     if not sys.stdin.isatty():
         raise UsageError(f"{what} costs money and there is no terminal to confirm on; pass --yes")
     price = "unknown" if estimate_usd is None else f"about ${estimate_usd:.4f}"
-    reply = input(f"{what}: estimated cost {price}. Go ahead? [y/N] ")
+    try:
+        reply = input(f"{what}: estimated cost {price}. Go ahead? [y/N] ")
+    except EOFError:  # Ctrl-D: no answer is a no
+        print()
+        reply = ""
     if reply.strip().lower() not in ("y", "yes"):
         raise UsageError("not confirmed; nothing was sent (pass --yes to skip this question)")
 
@@ -1615,7 +1629,14 @@ def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
         if cfg.yes:
             console.print("reusing it (--yes); cancel it first to start a new one")
             return job
-        reply = input("Reuse it instead of starting (and paying for) a new one? [Y/n] ")
+        try:
+            reply = input("Reuse it instead of starting (and paying for) a new one? [Y/n] ")
+        except EOFError:  # Ctrl-D: neither reuse it nor pay for another
+            print()
+            raise UsageError(
+                f"no answer; nothing new was started (job {job.id} keeps its state: --job-id "
+                f"{job.id} watches it, --yes reuses it without asking)"
+            ) from None
         if reply.strip().lower() in ("", "y", "yes"):
             return job
     return None
@@ -1739,21 +1760,36 @@ def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
 
     v0 = urljoin(plan["base_url"], "../v0/models")
     try:
-        checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
-        if not checkpoints:
-            raise ServiceError(f"job {job.id} has no checkpoint to deploy")
-        body = {
-            "name": f"{cfg.suffix}-{job.id.split('-')[-1][:8]}",
-            "base_model": NEBIUS_SERVING_BASE.get(job.model, job.model),
-            "source": f"{job.id}:{checkpoints[0].id}",
-        }
-        console.print("deploying the adapter:")
-        show_command(f"POST {v0} {json.dumps(body)}")
-        # Not idempotent either (the name must be unique), so it is sent once.
-        model = client.post(v0, cast_to=object, body=body, options={"max_retries": 0})
-        name = model["name"]
+        name = record.get("deploying_model")
+        if name:  # an earlier run started it and stopped waiting: wait for that one
+            console.print(f"waiting for the deployment an earlier run started: {name}")
+            model = client.get(f"{v0}/{name.rsplit(':', 1)[-1]}", cast_to=object)
+        else:
+            checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
+            if not checkpoints:
+                raise ServiceError(f"job {job.id} has no checkpoint to deploy")
+            body = {
+                "name": f"{cfg.suffix}-{job.id.split('-')[-1][:8]}",
+                "base_model": NEBIUS_SERVING_BASE.get(job.model, job.model),
+                "source": f"{job.id}:{checkpoints[0].id}",
+            }
+            console.print("deploying the adapter:")
+            show_command(f"POST {v0} {json.dumps(body)}")
+            # Not idempotent either (each call makes another model), so it is sent once and
+            # recorded: a rerun waits for this one instead of deploying a second.
+            model = client.post(v0, cast_to=object, body=body, options={"max_retries": 0})
+            name = model["name"]
+            record.update(deploying_model=name)
+            save_record(cfg, record)
         short = name.rsplit(":", 1)[-1]
+        deadline = time.monotonic() + cfg.deploy_timeout
         while model.get("status") not in ("active", "error", "deleted"):
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"Nebius is still {model.get('status')} {name} after --deploy-timeout "
+                    f"{cfg.deploy_timeout:g}s; the job {job.id} succeeded and the deployment is "
+                    f"recorded in {record_path(cfg)}: run the same command again to keep waiting"
+                )
             time.sleep(cfg.poll_interval)
             model = client.get(f"{v0}/{short}", cast_to=object)
             console.print(f"  model {name}: {model.get('status')}")
@@ -1762,15 +1798,37 @@ def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
             f"deploying the fine-tuned model failed ({api_error(exc)}); the job {job.id} succeeded "
             f"and is recorded in {record_path(cfg)}; run the same command again to retry"
         ) from None
+    record.pop("deploying_model", None)
     if model.get("status") != "active":
-        raise ServiceError(f"Nebius could not deploy {name}: {model.get('status')}")
+        save_record(cfg, record)
+        reason = model.get("status_reason")
+        raise ServiceError(
+            f"Nebius could not deploy {name}: {model.get('status')}"
+            + (f" ({reason})" if reason else "")
+            + "; run the same command again to deploy the job's checkpoint anew"
+        )
     record.update(deployed_model=name)
     save_record(cfg, record)
     return name
 
 
 def answer_one(client, model: str, question: str) -> tuple[str, int, int]:
-    reply = client.chat.completions.create(**chat_request(model, question))
+    import openai
+
+    try:
+        reply = client.chat.completions.create(**chat_request(model, question))
+    except openai.NotFoundError as exc:
+        # A name the server does not know is the user's to fix: asking again cannot help.
+        if exc.code == "DeploymentNotFound":
+            raise UsageError(
+                f"Azure has no deployment named {model} (HTTP 404 DeploymentNotFound): deploy the "
+                "model, then pass the deployment's name with --base-deployment (the base model) "
+                "or --tuned-model (the fine-tuned one)"
+            ) from None
+        raise UsageError(
+            f"the server has no model named {model} ({api_error(exc)}); check --model and "
+            "--tuned-model"
+        ) from None
     usage = reply.usage
     text = (reply.choices[0].message.content or "").strip()
     return text, (usage.prompt_tokens if usage else 0), (usage.completion_tokens if usage else 0)
@@ -1976,6 +2034,15 @@ def cancel_job(cfg: Config) -> None:
         job = client.fine_tuning.jobs.cancel(cfg.cancel)
     except openai.NotFoundError:
         raise UsageError(f"--cancel {cfg.cancel}: no such job on {cfg.provider}") from None
+    except openai.BadRequestError as exc:
+        # The API refuses to cancel a job that has ended; say how it ended.
+        with contextlib.suppress(openai.APIError):
+            ended = client.fine_tuning.jobs.retrieve(cfg.cancel).status
+            if ended in ("succeeded", "failed", "cancelled"):
+                raise UsageError(
+                    f"--cancel {cfg.cancel}: the job already {ended}; there is nothing to cancel"
+                ) from None
+        raise UsageError(f"--cancel {cfg.cancel}: refused ({api_error(exc)})") from None
     except openai.APIError as exc:
         raise ServiceError(f"cancelling {cfg.cancel} failed: {api_error(exc)}") from None
     console.print(f"job {job.id}: {job.status}")

@@ -7,7 +7,7 @@ What it does, in one run:
 1. a default real run (BootstrapFewShot, first 30 train / first 30 test questions of the shared
    data, openai/gpt-4o-mini as the model name) against tests/fake_dspy_server.py on 127.0.0.1;
    counts the requests the server received, per phase, and the input tokens of every prompt it
-   received with LiteLLM's tokenizer for gpt-4o-mini (the fake's own word-count usage is not
+   received with LiteLLM's tokenizer for gpt-4o-mini (the usage the fake reports is not
    used). Output tokens depend on the model, so they are reported as the script's estimate.
    The fake model never reaches the 30 ROUGE-L threshold, so the compile phase goes through all
    30 training questions: the upper bound. A real model that bootstraps its 4 demos sooner

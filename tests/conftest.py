@@ -24,7 +24,19 @@ NETBLOCK_DIR = Path(__file__).resolve().parent / "netblock"
 DATA_FILE = REPO / "small_edu_qa.jsonl"
 SCRIPTS = ("dspy_example.py", "openai_finetune.py", "huggingface_lora.py")
 
-# Variables that would let a script reach a real service or read a developer's real keys.
+
+def _load_netblock():
+    spec = importlib.util.spec_from_file_location("_netblock", NETBLOCK_DIR / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_netblock = _load_netblock()
+
+# Variables that would let a script reach a real service or read a developer's real keys. The
+# proxy variables matter as much: a proxy on loopback passes the block's loopback rule and would
+# carry the traffic out.
 _SECRET_OR_ROUTING_VARS = (
     "OPENAI_API_KEY",
     "OPENAI_BASE_URL",
@@ -37,17 +49,9 @@ _SECRET_OR_ROUTING_VARS = (
     "NEBIUS_API_KEY",
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
+    *_netblock.PROXY_VARS,
 )
 
-
-def _load_netblock():
-    spec = importlib.util.spec_from_file_location("_netblock", NETBLOCK_DIR / "sitecustomize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_netblock = _load_netblock()
 
 # Processes started from module- or session-scoped fixtures run before any test's own guard
 # exists; they report here, and the session fails at its end if anything was attempted.
@@ -143,10 +147,12 @@ def start_script_in(
     copy_data: bool = True,
     launcher: list[str] | None = None,
     stdin_pipe: bool = False,
+    stdin_fd: int | None = None,
 ) -> subprocess.Popen:
     """Copy a script (and, by default, the shared data file) into `workdir` and start it there.
 
-    For tests that must act while it runs (send Ctrl-C, watch a checkpoint appear)."""
+    For tests that must act while it runs (send Ctrl-C, watch a checkpoint appear). `stdin_fd`
+    gives it a terminal of the test's own (a pty) to answer prompts on."""
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / script, workdir / script)
     if copy_data and DATA_FILE.exists() and not (workdir / DATA_FILE.name).exists():
@@ -157,7 +163,11 @@ def start_script_in(
         env=child_env(env),
         # Never the developer's terminal: a script must see "no terminal" unless a test
         # gives it input, so paid-step prompts refuse the same way here as in CI.
-        stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+        stdin=stdin_fd
+        if stdin_fd is not None
+        else subprocess.PIPE
+        if stdin_pipe
+        else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -1,18 +1,23 @@
-"""What the three scripts promise alike (../shared/CONVENTIONS.md), checked on each that exists.
+"""What the three scripts promise alike (../shared/CONVENTIONS.md), checked on each of them.
 
-Each script is run as a real process in a temporary directory, the way a user runs a copy.
+Each script is run as a real process in a temporary directory, the way a user runs a copy. A
+missing script fails these tests; it is never skipped.
 """
 
 import json
 import re
+from collections import Counter
 
 import pytest
-from conftest import REPO, SCRIPTS, load_script, run_script_in
+from conftest import DATA_FILE, REPO, SCRIPTS, load_script, run_script_in
 
-PRESENT = [s for s in SCRIPTS if (REPO / s).exists()]
+PRESENT = SCRIPTS  # all three, always: a deleted script must fail here, not be skipped
 STAGES = ["prepare_data", "format_data", "configure_model", "tune", "answer", "compare"]
 
-pytestmark = pytest.mark.skipif(not PRESENT, reason="no script exists yet")
+
+def test_all_three_scripts_exist():
+    missing = [script for script in SCRIPTS if not (REPO / script).is_file()]
+    assert missing == [], f"missing: {missing}"
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +51,17 @@ def test_dry_run_walks_all_six_stages_in_order_and_ends_with_the_real_command(sc
 
 @pytest.mark.parametrize("script", PRESENT)
 def test_dry_run_prints_the_data_counts_by_split(script, dry_runs):
-    proc = dry_runs[script]
-    assert "144" in proc.stdout and "36" in proc.stdout, "train/test counts of the shared data"
+    """Stage 1's table: a row per subject and a total, train then test, as in the data file."""
+    rows = [json.loads(line) for line in DATA_FILE.open(encoding="utf-8")]
+    counts = Counter((row["subject"], row["split"]) for row in rows)
+    stage_1 = dry_runs[script].stdout.split("Stage 1/6")[1].split("Stage 2/6")[0]
+    for subject in {row["subject"] for row in rows}:
+        train, test = counts[(subject, "train")], counts[(subject, "test")]
+        assert re.search(rf"│ {subject}\s+│\s+{train} │\s+{test} │", stage_1), (subject, stage_1)
+    total_train = sum(row["split"] == "train" for row in rows)
+    total_test = len(rows) - total_train
+    total = rf"│ (total|all)\s+│\s+{total_train} │\s+{total_test} │"
+    assert re.search(total, stage_1), stage_1
 
 
 @pytest.mark.parametrize("script", PRESENT)
@@ -145,9 +159,7 @@ def test_every_script_scores_with_the_same_metric():
 
 def test_both_fine_tuning_scripts_train_with_the_same_system_prompt():
     """The comparison table is fair only if the two fine-tuned models saw the same instructions."""
-    fine_tuners = [s for s in ("openai_finetune.py", "huggingface_lora.py") if s in PRESENT]
-    if len(fine_tuners) < 2:
-        pytest.skip("needs both fine-tuning scripts")
+    fine_tuners = ("openai_finetune.py", "huggingface_lora.py")
     prompts = {load_script(s).SYSTEM_PROMPT for s in fine_tuners}
     assert len(prompts) == 1, prompts
 
@@ -158,3 +170,89 @@ def test_a_limit_below_one_is_refused_not_read_as_all(script, flag, run_script):
     result = run_script(script, flag, "0", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert flag in result.stderr and "at least 1" in result.stderr
+
+
+# The comparison table: every results file present, in the contract's order, broken ones skipped.
+RESULTS = {
+    "huggingface.json": {
+        "approach": "huggingface",
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "baseline_score": 10.0,
+        "tuned_score": 8.0,
+        "cost_usd": 0.0,
+        "seconds": 300,
+        "n_test": 36,
+    },
+    "dspy.json": {
+        "approach": "dspy",
+        "model": "openai/gpt-4o-mini",
+        "baseline_score": 20.0,
+        "tuned_score": 25.5,
+        "cost_usd": 0.0123,
+        "seconds": 61,
+        "n_test": 36,
+    },
+    "openai.json": {
+        "approach": "openai",
+        "model": "gpt-4o-mini-2024-07-18",
+        "baseline_score": 22.0,
+        "tuned_score": 31.0,
+        "cost_usd": None,
+        "seconds": 900,
+        "n_test": 30,
+    },
+}
+BROKEN = {
+    "half-written.json": '{"approach": "dspy", "baseline',
+    "no-scores.json": '{"approach": "dspy", "model": "x"}',
+    "a-list.json": "[1, 2, 3]",
+}
+
+
+def markdown_rows(path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+            for line in lines[2:]]  # fmt: skip
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_the_comparison_table_lists_every_results_file_in_order_and_skips_broken_ones(
+    script, tmp_path, capsys
+):
+    module = load_script(script)
+    module.console.width = 200  # one line per row, whatever the terminal
+    results = tmp_path / "results"
+    results.mkdir()
+    for name, data in RESULTS.items():
+        (results / name).write_text(json.dumps(data), encoding="utf-8")
+    for name, text in BROKEN.items():
+        (results / name).write_text(text, encoding="utf-8")
+
+    module.compare_results(tmp_path, write=False)  # what a dry run shows: nothing written
+    assert not (results / "comparison.md").exists()
+    capsys.readouterr()
+
+    shown = module.compare_results(tmp_path)
+    printed = capsys.readouterr().out
+    assert [r["approach"] for r in shown] == ["dspy", "openai", "huggingface"]
+    for name in BROKEN:
+        assert f"skipping {results / name}: not a results file" in " ".join(printed.split())
+    table = [line for line in printed.splitlines() if line.startswith("│")]
+    assert [line.split("│")[1].strip() for line in table] == ["dspy", "openai", "huggingface"]
+
+    rows = markdown_rows(results / "comparison.md")
+    assert [row["approach"] for row in rows] == ["dspy", "openai", "huggingface"]
+    assert [row["model"] for row in rows] == [
+        "openai/gpt-4o-mini",
+        "gpt-4o-mini-2024-07-18",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ]
+    assert [(row["baseline"], row["tuned"], row["gain"]) for row in rows] == [
+        ("20.0", "25.5", "+5.5"),
+        ("22.0", "31.0", "+9.0"),
+        ("10.0", "8.0", "-2.0"),
+    ]
+    cost = next(key for key in rows[0] if key.startswith("cost"))
+    assert [row[cost] for row in rows] == ["0.0123", "-", "0.0000"]  # None is unknown, not 0
+    assert (results / "comparison.png").read_bytes()[:4] == b"\x89PNG"

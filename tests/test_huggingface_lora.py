@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -249,12 +250,31 @@ def test_merged_model_loads_with_plain_transformers_and_answers_like_the_adapter
     assert reloaded["merged"] == reloaded["adapter"]
 
 
-def test_ask_answers_with_baseline_and_the_saved_adapter(tiny_run):
+def test_ask_answers_as_the_run_did_and_the_adapter_changes_the_answer(hf, tiny_run):
+    """--ask on a test question gives the answers the results file holds for it: the adapter
+    off (baseline) and on (tuned), which differ."""
     _, workdir = tiny_run
-    proc = run(workdir, "--ask", "Why do we have day and night?", "--max-new-tokens", "8")
+    question = next(q for q in results(workdir)["questions"] if q["baseline"] != q["tuned"])
+    proc = run(workdir, "--ask", question["question"], "--max-new-tokens", "12",
+               env={"COLUMNS": "1000"})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "baseline (adapter off)" in proc.stdout and "tuned (adapter on)" in proc.stdout
+    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("│")]
+    shown = [cell.strip() for cell in row.strip().strip("│").split("│")]
+    assert shown == [hf.printable(question[side], 600) for side in ("baseline", "tuned")], row
+    assert shown[0] != shown[1]
     assert "tiny-base + adapter" in proc.stdout and "noise" in proc.stdout
+
+
+def test_the_plan_is_what_training_did(tiny_run):
+    """Stage 3's estimates, before any weights, against what the run reports."""
+    proc, workdir = tiny_run
+    result = results(workdir)
+    planned = re.search(r"plan: (\d+) optimizer steps", proc.stdout)
+    assert planned and int(planned.group(1)) == result["steps"]
+    trainable = re.search(r"LoRA trains ([\d.]+)([KMB]?) of them", proc.stdout)
+    scale = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[trainable.group(2)]
+    assert float(trainable.group(1)) * scale == pytest.approx(result["trainable_params"], rel=0.005)
 
 
 def test_resume_after_a_complete_run_answers_again_without_training(tiny_run, tmp_path):
@@ -277,7 +297,8 @@ def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(tmp_path):
     proc = start(workdir, *args)
     checkpoints = workdir / "outputs/huggingface/checkpoints"
     deadline = time.monotonic() + 120
-    while not (checkpoints / "checkpoint-2/trainer_state.json").exists():
+    # Any complete checkpoint: save_total_limit=2 deletes the early ones a few steps later.
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C does
@@ -306,7 +327,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 100  # one history, no restart at 1
 
 
-def test_torchrun_with_two_processes_trains_and_writes_one_results_file(tmp_path):
+def test_torchrun_with_two_processes_splits_the_data_and_writes_one_results_file(tmp_path):
     workdir = tmp_path
     torchrun = [
         sys.executable,
@@ -325,7 +346,16 @@ def test_torchrun_with_two_processes_trains_and_writes_one_results_file(tmp_path
     assert sorted(p.name for p in (workdir / "outputs/results").glob("*.json")) == [
         "huggingface.json"
     ]
-    assert results(workdir)["processes"] == 2
+    result = results(workdir)
+    assert result["processes"] == 2
+    # Each optimizer step takes a batch from each rank: two ranks that each trained on all of
+    # the data would need twice the steps.
+    per_rank, epochs = 4, 2
+    alone = math.ceil(result["train_examples"] / per_rank) * epochs
+    split = math.ceil(result["train_examples"] / (2 * per_rank)) * epochs
+    assert split < alone
+    assert result["steps"] == split, (result["steps"], split, alone)
+    assert f"plan: {split} optimizer steps" in proc.stdout
 
 
 # ---------------------------------------------------------------------------- labels

@@ -1,14 +1,18 @@
 """openai_finetune.py, run as a real process against a real HTTP fake of the API.
 
 The script drives the official `openai` SDK over HTTP to tests/fake_finetune_api.py on
-127.0.0.1 (the network guard refuses anything else). The validator, token counts and estimates
-are also checked directly, against the real o200k_base encoding.
+127.0.0.1 (the network guard refuses anything else). The fake is as strict as the services it
+stands for (its docstring lists each behaviour and its source): jobs move on the clock, files
+are validated and billed with the real encoding, errors have the API's bodies. The validator,
+token counts and estimates are also checked directly, against the real o200k_base encoding.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -61,7 +65,8 @@ def api():
 def real_run(run_script):
     """A real run (--run --yes) of the script against a fake, with the key in the environment."""
 
-    def run(fake: FakeAPI, *args: str, **kwargs):
+    def run(fake: FakeAPI, *args: str, key: str | None = KEY, **kwargs):
+        env = {KEY_VARS[fake.provider]: key} if key else {}
         return run_script(
             SCRIPT,
             "--run",
@@ -72,7 +77,7 @@ def real_run(run_script):
             fake.base_url,
             *FAST,
             *args,
-            env={KEY_VARS[fake.provider]: KEY, **kwargs.pop("env", {})},
+            env={**env, **kwargs.pop("env", {})},
             timeout=120,
             **kwargs,
         )
@@ -82,11 +87,15 @@ def real_run(run_script):
 
 def only_job(fake: FakeAPI) -> dict:
     assert len(fake.jobs) == 1, list(fake.jobs)
-    return next(iter(fake.jobs.values()))
+    return fake.job(next(iter(fake.jobs)))
 
 
-def results(result) -> dict:
-    return json.loads((result.cwd / "outputs" / "results" / "openai.json").read_text())
+def results(result, output_dir: str = "outputs") -> dict:
+    return json.loads((result.cwd / output_dir / "results" / "openai.json").read_text())
+
+
+def job_record(result, output_dir: str = "outputs") -> dict:
+    return json.loads((result.cwd / output_dir / "openai" / "job.json").read_text())
 
 
 def chat_models(fake: FakeAPI) -> list[str]:
@@ -95,6 +104,48 @@ def chat_models(fake: FakeAPI) -> list[str]:
 
 def creates(fake: FakeAPI) -> list[dict]:
     return fake.calls("POST", "/fine_tuning/jobs")
+
+
+def error_line(result) -> str:
+    assert "Traceback" not in result.output, result.output[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def flat(text: str) -> str:
+    """Output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def wait_for(condition, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def sdk(fake: FakeAPI):
+    from openai import OpenAI
+
+    return OpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0)
+
+
+def upload(client, lines: list[str], name: str = "t.jsonl"):
+    data = "".join(line + "\n" for line in lines).encode()
+    return client.files.create(file=(name, data, "application/jsonl"), purpose="fine-tune")
+
+
+def write_data(path, n_train: int, n_test: int, answer=lambda n: f"It is {2 * n}.") -> None:
+    rows = [
+        {"question": f"What is {n} + {n}?", "answer": answer(n), "split": "train"}
+        for n in range(n_train)
+    ]
+    rows += [
+        {"question": f"What is {n} times two?", "answer": f"{2 * n}.", "split": "test"}
+        for n in range(n_test)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------- real runs
@@ -111,7 +162,10 @@ def test_full_real_run_trains_answers_scores_and_records(api, real_run):
     assert create["model"] == BASE and create["suffix"] == "edu-qa" and create["seed"] == 42
     assert create["validation_file"] and create["metadata"]["run_tag"]
     assert {f["purpose"] for f in fake.files.values()} == {"fine-tune"}
-    assert "Job is running" in result.stdout  # events are printed as they arrive
+    # the job's own events are printed as they arrive, and every status it went through
+    assert "Fine-tuning job started" in result.stdout and "training loss=" in result.stdout
+    for status in ("validating_files", "queued", "running", "succeeded"):
+        assert f"status: {status}" in result.stdout, status
 
     out = results(result)
     assert out["approach"] == "openai" and out["n_test"] == 3
@@ -120,16 +174,39 @@ def test_full_real_run_trains_answers_scores_and_records(api, real_run):
         assert q["baseline"] == f"[{BASE}] {q['question']}"
         assert q["tuned"] == f"[{job['fine_tuned_model']}] {q['question']}"
         assert 0 <= q["baseline_score"] <= 100 and 0 <= q["tuned_score"] <= 100
+    assert out["trained_tokens"] == job["trained_tokens"]
     assert out["training_cost_usd"] == pytest.approx(job["trained_tokens"] * 3.00 / 1e6)
     total = out["training_cost_usd"] + out["answer_cost_usd"]
     assert out["cost_usd"] == pytest.approx(total, abs=1e-6)  # rounded to 6 places
-    assert out["estimated_cost_usd"] > 0
-    assert "estimated $" in result.stdout and "actual $" in result.stdout
 
-    record = json.loads((result.cwd / "outputs" / "openai" / "job.json").read_text())
+    record = job_record(result)
     assert record["job_id"] == job["id"] and record["status"] == "succeeded"
     assert record["fine_tuned_model"] == job["fine_tuned_model"]
     assert (result.cwd / "outputs" / "results" / "comparison.png").stat().st_size > 0
+
+
+def test_the_estimates_are_within_5_percent_of_what_the_service_counts(
+    api, real_run, oft, count_tokens
+):
+    """The fake bills with the real encoding, so a wrong estimate (words for tokens, a missed
+    epoch, the validation file billed) shows up here, not on a user's invoice."""
+    fake = api()
+    result = real_run(fake, env={"COLUMNS": "400"})
+    assert result.returncode == 0, result.output[-3000:]
+    out = results(result)
+    printed = re.search(r"estimate: training\s*│\s*\$(\d+\.\d+)", result.stdout)
+    assert printed, result.stdout
+    estimated_training = float(printed.group(1))
+    assert 0.95 <= estimated_training / out["training_cost_usd"] <= 1.05
+    # what the guard compares with --max-cost, against what was billed in all
+    assert 0.95 <= out["estimated_cost_usd"] / out["cost_usd"] <= 1.05
+    # the answering requests: input tokens as the script counts them, as the server billed them
+    used = ast.literal_eval(re.search(r"tokens used: (\{.*?\})", result.stdout).group(1))
+    estimated_prompts = sum(
+        oft.prompt_tokens(count_tokens, oft.chat_messages(q["question"])) for q in out["questions"]
+    )
+    for side in ("base_in", "tuned_in"):
+        assert 0.95 <= estimated_prompts / used[side] <= 1.05, (side, used)
 
 
 def test_the_uploaded_files_are_the_validated_files_byte_for_byte(api, real_run):
@@ -151,7 +228,7 @@ def test_job_create_is_sent_once_when_the_server_answers_500(api, real_run):
     assert len(creates(fake)) == 1  # the SDK would have retried it twice...
     assert "idempotency-key" not in creates(fake)[0]["headers"]  # ...with nothing to dedupe on
     assert result.returncode == 0, result.output[-3000:]
-    assert "may have started anyway" in result.stdout
+    assert "may have started anyway" in flat(result.stdout)
     assert results(result)["tuned_model"] == only_job(fake)["fine_tuned_model"]
 
 
@@ -168,7 +245,7 @@ def test_a_failed_create_exits_1_and_a_rerun_starts_exactly_one_job(api, real_ru
     assert len(fake.jobs) == 1
 
 
-def test_rate_limited_polls_are_retried_by_the_sdk(api, real_run):
+def test_rate_limited_polls_wait_as_long_as_retry_after_asks(api, real_run):
     fake = api()
     fake.rate_limit_polls = 2
     result = real_run(fake)
@@ -177,6 +254,10 @@ def test_rate_limited_polls_are_retried_by_the_sdk(api, real_run):
     polls = fake.calls("GET", f"/fine_tuning/jobs/{job['id']}")
     retried = [p for p in polls if p["headers"].get("x-stainless-retry-count") != "0"]
     assert len(retried) == 2 and fake.rate_limit_polls == 0
+    # each retry came no sooner than the 429's Retry-After (1 s) allowed
+    for retry in retried:
+        before = polls[polls.index(retry) - 1]
+        assert retry["time"] - before["time"] >= 0.9 * fake.retry_after
 
 
 def test_training_not_available_is_explained_and_nothing_more_is_sent(api, real_run):
@@ -193,15 +274,67 @@ def test_training_not_available_is_explained_and_nothing_more_is_sent(api, real_
     assert "huggingface_lora.py" in result.stderr and "Traceback" not in result.output
 
 
-def test_a_failed_job_shows_its_error_code_and_message(api, real_run):
+def test_a_file_the_service_refuses_fails_the_job_and_the_script_shows_why(api, real_run, tmp_path):
+    # Text that spells a special token passes a JSON-level check but not the service's.
+    write_data(tmp_path / "mine.jsonl", 14, 2, answer=lambda n: f"It is {2 * n}. <|endoftext|>")
     fake = api()
-    fake.fail_job_with = ("invalid_training_file", "Line 4 has no assistant message")
+    result = real_run(fake, "--data", "mine.jsonl")
+    assert result.returncode == 1, result.output[-3000:]
+    job = only_job(fake)
+    assert job["status"] == "failed" and job["trained_tokens"] is None
+    assert job["error"]["code"] == "invalid_training_file"
+    assert "status: validating_files" in result.stdout and "status: running" not in result.stdout
+    line = error_line(result)
+    assert "invalid_training_file: The job failed due to an invalid training file" in line
+    assert "invalid token: <|endoftext|>" in line
+    assert job_record(result)["status"] == "failed"
+    assert not (result.cwd / "outputs" / "results").exists()
+
+
+def test_a_job_that_fails_while_running_shows_its_error_code_and_message(api, real_run):
+    fake = api()
+    fake.fail_job_with = ("server_error", "Fine-tuning failed on our side; please retry")
     result = real_run(fake)
     assert result.returncode == 1
-    assert "invalid_training_file: Line 4 has no assistant message" in result.stderr
-    record = json.loads((result.cwd / "outputs" / "openai" / "job.json").read_text())
-    assert record["status"] == "failed"
+    assert "status: running" in result.stdout
+    assert "server_error: Fine-tuning failed on our side; please retry" in error_line(result)
+    assert job_record(result)["status"] == "failed"
     assert not (result.cwd / "outputs" / "results").exists()
+
+
+def test_a_quiet_queued_job_is_polled_less_and_less(api, real_run):
+    """While nothing happens (a queued job logs nothing) the script backs off, as it says."""
+    fake = api()
+    fake.durations["queued"] = 1.5
+    interval = 0.05
+    result = real_run(fake, "--poll-interval", str(interval))
+    assert result.returncode == 0, result.output[-3000:]
+    job = only_job(fake)
+    queued_from = fake.phase_started(job["id"], "queued")
+    queued_until = fake.phase_started(job["id"], "running")
+    polls = [
+        r["time"]
+        for r in fake.calls("GET", f"/fine_tuning/jobs/{job['id']}")
+        if queued_from <= r["time"] < queued_until
+    ]
+    gaps = [b - a for a, b in zip(polls, polls[1:], strict=False)]
+    assert gaps and max(gaps) >= 4 * interval, gaps  # the pause grew (up to 6x)
+    assert len(polls) <= (queued_until - queued_from) / interval / 2, len(polls)
+
+
+def test_events_are_printed_once_each_oldest_first(api, real_run):
+    fake = api()
+    fake.training_steps = 40  # more than one page of events (20) over the job
+    result = real_run(fake)
+    assert result.returncode == 0, result.output[-3000:]
+    steps = [int(n) for n in re.findall(r"Step (\d+): training loss", result.stdout)]
+    assert steps == sorted(set(steps)) and steps[-1] == 40, steps
+    lines = result.stdout.splitlines()
+    order = [
+        next(i for i, line in enumerate(lines) if text in line)
+        for text in ("Created fine-tuning job", "Files validated", "job started", "completed")
+    ]
+    assert order == sorted(order), order
 
 
 def test_ctrl_c_while_polling_exits_130_and_job_id_resumes(api, real_run, tmp_path):
@@ -231,7 +364,7 @@ def test_ctrl_c_while_polling_exits_130_and_job_id_resumes(api, real_run, tmp_pa
     resumed = real_run(fake, "--job-id", job["id"])
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert len(creates(fake)) == 1 and len(fake.files) == 2  # nothing uploaded or created again
-    assert results(resumed)["tuned_model"] == job["fine_tuned_model"]
+    assert results(resumed)["tuned_model"] == only_job(fake)["fine_tuned_model"]
 
 
 def test_an_identical_rerun_reuses_the_job_it_already_started(api, real_run):
@@ -256,6 +389,30 @@ def test_the_key_never_appears_in_output_or_any_written_file(api, real_run):
         assert KEY.encode() not in path.read_bytes(), path
 
 
+def test_the_key_is_read_from_dotenv_and_the_environment_wins(api, real_run, tmp_path):
+    fake = api()
+    (tmp_path / ".env").write_text(f"OPENAI_API_KEY={KEY}\n")
+    from_file = real_run(fake, key=None)
+    assert from_file.returncode == 0, from_file.output[-3000:]
+    assert "OPENAI_API_KEY is set" in from_file.stdout and KEY not in from_file.output
+    assert all(r["headers"]["authorization"] == f"Bearer {KEY}" for r in fake.requests)
+    # a variable already set is not overridden by .env (here .env holds a stale key)
+    (tmp_path / ".env").write_text("OPENAI_API_KEY=sk-stale-" + "0" * 40 + "\n")
+    both = real_run(fake)
+    assert both.returncode == 0, both.output[-3000:]
+    assert all(r["headers"]["authorization"] == f"Bearer {KEY}" for r in fake.requests)
+
+
+def test_output_dir_holds_everything_a_run_writes(api, real_run):
+    fake = api()
+    result = real_run(fake, "--output-dir", "elsewhere")
+    assert result.returncode == 0, result.output[-3000:]
+    assert results(result, "elsewhere")["tuned_model"] == only_job(fake)["fine_tuned_model"]
+    assert job_record(result, "elsewhere")["status"] == "succeeded"
+    assert (result.cwd / "elsewhere" / "results" / "comparison.md").is_file()
+    assert not (result.cwd / "outputs").exists()
+
+
 def test_ask_answers_with_the_recorded_fine_tuned_model(api, real_run):
     fake = api()
     assert real_run(fake).returncode == 0
@@ -264,30 +421,82 @@ def test_ask_answers_with_the_recorded_fine_tuned_model(api, real_run):
     assert asked.returncode == 0, asked.output[-3000:]
     assert chat_models(fake)[-2:] == [BASE, job["fine_tuned_model"]]
     assert f"[{job['fine_tuned_model']}] Why is the sky blue?" in asked.stdout
+    assert f"[{BASE}] Why is the sky blue?" in asked.stdout
     assert len(creates(fake)) == 1
 
 
-def test_cancel_stops_a_job(api, run_script):
-    from openai import OpenAI
-
+def test_cancel_stops_a_running_job_and_updates_its_record(api, run_script, tmp_path):
     fake = api()
-    client = OpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0)
-    uploaded = client.files.create(
-        file=("t.jsonl", b"{}\n", "application/jsonl"), purpose="fine-tune"
-    )
-    job = client.fine_tuning.jobs.create(model=BASE, training_file=uploaded.id)
-    result = run_script(
-        SCRIPT, "--cancel", job.id, "--base-url", fake.base_url, env={"OPENAI_API_KEY": KEY}
-    )
+    fake.hold_at_running = True
+    client = sdk(fake)
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, [GOOD] * 10).id)
+    wait_for(lambda: fake.job(job.id)["status"] == "running")
+    record = tmp_path / "outputs" / "openai" / "job.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"job_id": job.id, "status": "running"}))
+    args = ("--cancel", job.id, "--base-url", fake.base_url)
+    result = run_script(SCRIPT, *args, env={"OPENAI_API_KEY": KEY})
     assert result.returncode == 0, result.output
-    assert fake.jobs[job.id]["status"] == "cancelled"
+    assert fake.job(job.id)["status"] == "cancelled"
     assert f"job {job.id}: cancelled" in result.stdout
+    assert json.loads(record.read_text())["status"] == "cancelled"
 
     unknown = run_script(
         SCRIPT, "--cancel", "ftjob-nope", "--base-url", fake.base_url, env={"OPENAI_API_KEY": KEY}
     )
     assert unknown.returncode == 2
     assert unknown.stderr == "error: --cancel ftjob-nope: no such job on openai\n"
+
+
+def test_cancelling_a_job_that_already_ended_is_refused_in_one_line(api, run_script):
+    fake = api()
+    client = sdk(fake)
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, [GOOD] * 10).id)
+    wait_for(lambda: fake.job(job.id)["status"] == "succeeded")
+    args = ("--cancel", job.id, "--base-url", fake.base_url)
+    result = run_script(SCRIPT, *args, env={"OPENAI_API_KEY": KEY})
+    assert result.returncode == 2, result.output
+    assert "already succeeded" in error_line(result)
+    assert fake.job(job.id)["status"] == "succeeded"
+
+
+# ---------------------------------------------------------------------------- the fake itself
+def test_the_fake_validates_files_as_the_service_does(api):
+    """What the old fake accepted: a file of `{}` started a job that succeeded."""
+    import openai
+
+    fake = api()
+    client = sdk(fake)
+    bad = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, ["{}"] * 10).id)
+    few = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, [GOOD] * 9).id)
+    assert bad.status == few.status == "validating_files"
+    wait_for(lambda: fake.job(bad.id)["status"] in ("failed", "succeeded"))
+    wait_for(lambda: fake.job(few.id)["status"] in ("failed", "succeeded"))
+    assert fake.job(bad.id)["error"]["code"] == "invalid_training_file"
+    assert fake.job(bad.id)["error"]["param"] == "training_file"
+    assert fake.job(few.id)["error"]["code"] == "invalid_n_examples"
+    with pytest.raises(openai.BadRequestError, match="Must be .jsonl"):
+        upload(client, [GOOD] * 10, name="t.json")
+    with pytest.raises(openai.BadRequestError, match="not available for fine-tuning"):
+        client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=bad.training_file)
+
+
+def test_the_fake_moves_on_the_clock_and_pages_its_events(api):
+    fake = api()
+    fake.durations.update(validating_files=0.01, queued=60)  # a long quiet queue
+    client = sdk(fake)
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=upload(client, [GOOD] * 10).id)
+    wait_for(lambda: fake.job(job.id)["status"] == "queued")
+    before = len(fake.events[job.id])
+    for _ in range(5):  # polling does not move a job, nor make it talk
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
+    assert len(fake.events[job.id]) == before == 3
+    first = client.fine_tuning.jobs.list_events(job.id, limit=2)
+    assert [e.message for e in first.data][0].startswith("Files validated")  # newest first
+    assert first.has_more
+    rest = client.fine_tuning.jobs.list_events(job.id, limit=2, after=first.data[-1].id)
+    assert [e.message for e in rest.data] == [f"Created fine-tuning job: {job.id}"]
+    assert not rest.has_more
 
 
 # ---------------------------------------------------------------------------- the guard
@@ -387,13 +596,16 @@ def test_counting_tokens_does_not_import_litellm(tmp_path):
 # ---------------------------------------------------------------------------- other providers
 def test_azure_v1_shape_prints_the_deploy_command_then_answers_with_the_deployment(api, real_run):
     fake = api("azure")
-    first = real_run(fake)
+    fake.deploy("gpt-4o-mini", BASE)  # the base model, deployed under a name of the user's
+    base = ("--base-deployment", "gpt-4o-mini")
+    first = real_run(fake, *base)
     assert first.returncode == 0, first.output[-3000:]
     assert all(r["path"].startswith("/openai/v1/") for r in fake.requests)
     # With the v1 API the OpenAI client sends the Azure key as a bearer token.
     assert all(r["headers"]["authorization"] == f"Bearer {KEY}" for r in fake.requests)
     create = json.loads(creates(fake)[0]["body"])
     assert create["trainingType"] == "developerTier" and "." not in create["suffix"]
+    assert create["model"] == BASE  # a job trains a model, not a deployment
     job = only_job(fake)
     deploy = next(line for line in first.stdout.splitlines() if "az cognitiveservices" in line)
     assert f"--model-name {job['fine_tuned_model']}" in deploy
@@ -401,15 +613,27 @@ def test_azure_v1_shape_prints_the_deploy_command_then_answers_with_the_deployme
     assert chat_models(fake) == []  # nothing can answer before the deployment exists
     assert not (first.cwd / "outputs" / "results").exists()
 
-    second = real_run(fake, "--job-id", job["id"], "--tuned-model", "edu-qa-ft")
+    fake.deploy("edu-qa-ft", job["fine_tuned_model"])  # what the printed az command does
+    second = real_run(fake, "--job-id", job["id"], "--tuned-model", "edu-qa-ft", *base)
     assert second.returncode == 0, second.output[-3000:]
-    assert set(chat_models(fake)) == {BASE, "edu-qa-ft"}
+    assert set(chat_models(fake)) == {"gpt-4o-mini", "edu-qa-ft"}
     assert results(second)["tuned_model"] == "edu-qa-ft"
     assert len(creates(fake)) == 1
 
-    asked = real_run(fake, "--ask", "Why is the sky blue?")  # the recorded deployment answers
+    asked = real_run(fake, "--ask", "Why is the sky blue?", *base)  # the recorded deployment
     assert asked.returncode == 0, asked.output[-3000:]
-    assert chat_models(fake)[-2:] == [BASE, "edu-qa-ft"]
+    assert chat_models(fake)[-2:] == ["gpt-4o-mini", "edu-qa-ft"]
+
+
+def test_azure_without_a_deployment_of_that_name_says_which_and_how_in_one_line(api, real_run):
+    fake = api("azure")
+    fake.deploy("edu-qa-ft", f"{BASE}.ft-abc123")
+    # the base model's snapshot name is no deployment name: a real resource answers 404
+    result = real_run(fake, "--tuned-model", "edu-qa-ft")
+    assert result.returncode == 2, result.output[-3000:]
+    line = error_line(result)
+    assert f"no deployment named {BASE}" in line and "--base-deployment" in line, line
+    assert chat_models(fake) == [BASE] and not creates(fake)  # refused once, not retried
 
 
 def test_a_refused_key_is_one_line_exit_2_and_never_shown(api, run_script):
@@ -439,6 +663,7 @@ def test_azure_fake_takes_the_key_in_the_api_key_header_too(api):
 
 def test_nebius_shape_trains_lora_and_deploys_through_v0_models(api, real_run):
     fake = api("nebius")
+    fake.deploy_seconds = 0.2  # a deployment is not servable at once
     result = real_run(fake)
     assert result.returncode == 0, result.output[-3000:]
     assert all(r["headers"]["authorization"] == f"Bearer {KEY}" for r in fake.requests)
@@ -448,12 +673,41 @@ def test_nebius_shape_trains_lora_and_deploys_through_v0_models(api, real_run):
     job = only_job(fake)
     (deploy,) = fake.calls("POST", "/v0/models")
     body = json.loads(deploy["body"])
-    assert body["source"] == f"{job['id']}:ftckpt_{job['id'][-6:]}"
+    newest = fake.checkpoints(job["id"])[0]["id"]
+    assert body["source"] == f"{job['id']}:{newest}"
     assert body["base_model"] == "meta-llama/Meta-Llama-3.1-8B-Instruct-fast"
     (served,) = (m["name"] for m in fake.models.values())
+    assert f"model {served}: validating" in result.stdout
+    assert f"model {served}: active" in result.stdout
     assert chat_models(fake)[1::2] == [served] * 3
     out = results(result)
     assert out["tuned_model"] == served and out["cost_usd"] is None  # no known price: not faked
+
+
+def test_a_nebius_deploy_that_fails_says_why_in_one_line(api, real_run):
+    fake = api("nebius")
+    fake.deploy_fails = "the adapter's rank is not supported by this base model"
+    result = real_run(fake)
+    assert result.returncode == 1, result.output[-3000:]
+    line = error_line(result)
+    assert "could not deploy" in line and fake.deploy_fails in line, line
+    assert not (result.cwd / "outputs" / "results").exists()
+
+
+def test_a_slow_nebius_deploy_times_out_and_a_rerun_waits_for_the_same_one(api, real_run):
+    fake = api("nebius")
+    fake.deploy_never_ready = True
+    slow = real_run(fake, "--deploy-timeout", "0.5")
+    assert slow.returncode == 1, slow.output[-3000:]
+    line = error_line(slow)
+    assert "still validating" in line and "run the same command again" in line, line
+    fake.deploy_never_ready = False
+    again = real_run(fake, "--deploy-timeout", "0.5")
+    assert again.returncode == 0, again.output[-3000:]
+    assert len(fake.calls("POST", "/v0/models")) == 1  # waited for it, did not deploy twice
+    (served,) = (m["name"] for m in fake.models.values())
+    assert results(again)["tuned_model"] == served
+    assert len(creates(fake)) == 1
 
 
 # ---------------------------------------------------------------------------- the validator
@@ -624,3 +878,14 @@ def test_check_file_names_the_file_and_line_and_exits_2(run_script, tmp_path, co
     assert result.returncode == 2
     assert result.stderr.startswith(message), result.stderr
     assert result.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_check_file_accepts_a_valid_file_and_prints_its_report(run_script, tmp_path):
+    write_lines(tmp_path / "mine.jsonl", [GOOD] * 10)
+    result = run_script(SCRIPT, "--check-file", "mine.jsonl")
+    assert result.returncode == 0, result.output
+    assert result.stderr == ""
+    report = json.loads(result.stdout.split("tokens counted with")[0])
+    assert report["examples"] == 10 and report["errors"] == {}
+    assert report["billed_tokens_per_epoch"] == 10 * 28  # the hand count above, per example
+    assert "tokens counted with o200k_base" in result.stdout

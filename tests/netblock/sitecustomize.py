@@ -8,7 +8,8 @@ process itself calls `install()` through the fixture in conftest.py.
 Allowed: loopback (127.0.0.0/8, ::1, "localhost"), this machine's own host name, and Unix
 sockets. Anything else raises `ConnectionRefusedError` (an OSError, so libraries take the path
 they take for a dead network) and appends one line to NETBLOCK_LOG, which the fixture reads to
-fail the test.
+fail the test. The proxy variables are removed from the environment first: a proxy listening on
+loopback is allowed by the rule above and would carry any request out.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ import os
 import socket
 
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", ""}
+# Every spelling that urllib, requests, httpx and aiohttp read (they take either case).
+PROXY_VARS = tuple(
+    spelling
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "WS_PROXY", "WSS_PROXY", "FTP_PROXY")
+    for spelling in (name, name.lower())
+)
 
 
 def _local_names() -> set[str]:
@@ -112,4 +119,6 @@ def uninstall(originals: dict) -> None:
 
 
 if os.environ.get("NETBLOCK_LOG"):
+    for _name in PROXY_VARS:
+        os.environ.pop(_name, None)
     install(os.environ["NETBLOCK_LOG"])
