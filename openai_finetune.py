@@ -582,7 +582,7 @@ def write_error(path: Path | None, exc: OSError) -> str:
         fix = "a file is in the way of a folder; pick another --output-dir"
     else:
         fix = "pick another --output-dir, or make this one writable"
-    return f"{exc.filename or path or 'a file'}: cannot write ({exc.strerror or exc}); {fix}"
+    return f"{path or exc.filename or 'a file'}: cannot write ({exc.strerror or exc}); {fix}"
 
 
 def check_output_dir(folder: Path, keep: bool = True) -> None:
@@ -604,7 +604,9 @@ def check_output_dir(folder: Path, keep: bool = True) -> None:
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, b"\0" * 4096)
+            left = memoryview(b"\0" * 4096)
+            while left:  # a write cut short by a full disk raises only when retried
+                left = left[os.write(fd, left) :]
             os.fsync(fd)
         finally:
             os.close(fd)
