@@ -584,23 +584,19 @@ def write_error(path: Path | None, exc: OSError) -> str:
     return f"{path or exc.filename or 'a file'}: cannot write ({exc.strerror or exc}); {fix}"
 
 
-def check_output_dir(folder: Path, keep: bool = True) -> None:
+def check_output_dir(folder: Path) -> None:
     """Create the folder and write (then remove) a small file in it, before any stage writes.
 
     A folder that is a file, read-only, not ours, or on a full disk fails here, in one line,
     rather than in a library's traceback once the work is done. The probe is synced so that a
-    full disk shows now, not when the data would have been flushed. keep=False removes the
-    folders this check created, for a run that would otherwise write nothing.
+    full disk shows now, not when the data would have been flushed. The folders it had to
+    create go again: a run that stops before writing (a dry run, a refused paid step) leaves
+    nothing behind, and whatever writes later creates what it needs.
     """
     created = [part for part in (folder, *folder.parents) if not os.path.lexists(part)]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UsageError(f"{folder} is a file, not a folder; pick another --output-dir") from None
-    except OSError as exc:
-        raise UsageError(write_error(folder, exc)) from None
     probe = folder / f".write-check.{os.getpid()}"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             left = memoryview(b"\0" * 4096)
@@ -610,10 +606,12 @@ def check_output_dir(folder: Path, keep: bool = True) -> None:
         finally:
             os.close(fd)
             probe.unlink()
+    except FileExistsError:
+        raise UsageError(f"{folder} is a file, not a folder; pick another --output-dir") from None
     except OSError as exc:
         raise UsageError(write_error(folder, exc)) from None
     finally:
-        for part in [] if keep else created:  # deepest first
+        for part in created:  # deepest first
             with contextlib.suppress(OSError):
                 part.rmdir()
 
