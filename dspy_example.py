@@ -433,8 +433,8 @@ def path_arg(text: str) -> Path:
     return Path(text)
 
 
-# A question set is kilobytes to megabytes; these bounds are far above that and far below what
-# would exhaust memory, so a wrong file is refused instead of read for minutes.
+# A question set is kilobytes to megabytes; these bounds are far above that, so a wrong file (a
+# model's weights, a log, a disk image) is refused instead of read into memory for minutes.
 MAX_FILE_BYTES = 2**29
 MAX_LINE_BYTES = 2**24
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -474,7 +474,7 @@ def open_user_file(path: Path, flag: str):
                 f"{path}: {info.st_size / 2**20:,.0f} MiB, more than the "
                 f"{MAX_FILE_BYTES // 2**20} MiB this script reads; pass {flag} a smaller file"
             )
-        if hasattr(os, "set_blocking"):
+        if hasattr(os, "O_NONBLOCK"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -543,20 +543,20 @@ def json_line(text: str):
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-def write_error(path: Path | None, exc: OSError) -> str:
+def write_error(path: Path | None, exc: OSError, flag: str = "--output-dir") -> str:
     """One line for a path that cannot be written, with what to do about it."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space or pick another --output-dir"
+        fix = f"free some space or pick another {flag}"
     elif exc.errno == errno.EFBIG:
-        fix = "the file is over a file size limit; pick another --output-dir"
+        fix = f"the file is over a file size limit; pick another {flag}"
     elif isinstance(exc, FileExistsError | NotADirectoryError):
-        fix = "a file is in the way of a folder; pick another --output-dir"
+        fix = f"a file is in the way of a folder; pick another {flag}"
     else:
-        fix = "pick another --output-dir, or make this one writable"
+        fix = f"pick another {flag}, or make this one writable"
     return f"{path or exc.filename or 'a file'}: cannot write ({exc.strerror or exc}); {fix}"
 
 
-def check_output_dir(folder: Path) -> None:
+def check_output_dir(folder: Path, flag: str = "--output-dir") -> None:
     """Create the folder and write (then remove) a small file in it, before any stage writes.
 
     A folder that is a file, read-only, not ours, or on a full disk fails here, in one line,
@@ -574,14 +574,18 @@ def check_output_dir(folder: Path) -> None:
             left = memoryview(b"\0" * 4096)
             while left:  # a write cut short by a full disk raises only when retried
                 left = left[os.write(fd, left) :]
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                if exc.errno in STORAGE_ERRNOS:  # a file system that cannot sync at all is fine
+                    raise
         finally:
             os.close(fd)
             probe.unlink()
     except FileExistsError:
-        raise UsageError(f"{folder} is a file, not a folder; pick another --output-dir") from None
+        raise UsageError(f"{folder} is a file, not a folder; pick another {flag}") from None
     except OSError as exc:
-        raise UsageError(write_error(folder, exc)) from None
+        raise UsageError(write_error(folder, exc, flag)) from None
     finally:
         for part in created:  # deepest first
             with contextlib.suppress(OSError):
@@ -645,7 +649,7 @@ def load_examples(path: Path) -> list[dict]:
         for name in ("question", "answer", "id", "subject"):
             try:
                 str(row.get(name, "")).encode("utf-8")
-            except UnicodeEncodeError:  # JSON can escape half a character: "\\ud83d"
+            except UnicodeEncodeError:  # JSON can escape half a character: "\ud83d"
                 raise UsageError(
                     f'{where}: "{name}" holds a lone surrogate escape (\\ud800 to \\udfff), '
                     "half of a character; write the character itself"
@@ -1766,7 +1770,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.ask:
         check_output_dir(cfg.output_dir)  # in a dry run too: the real run must not find out late
     if cfg.run and not cfg.no_cache:
-        check_output_dir(cfg.cache_dir)
+        check_output_dir(cfg.cache_dir, "--cache-dir")
     load_env_file()
     train, test = prepare_data(cfg)
     # Ctrl-C held while the libraries load: inside an import's cleanup it is swallowed, not raised.
