@@ -34,6 +34,8 @@ How to run it
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import importlib.util
 import json
@@ -42,6 +44,8 @@ import math
 import os
 import re
 import shlex
+import signal
+import stat
 import sys
 import threading
 import time
@@ -114,7 +118,7 @@ class Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLine(
         prog="dspy_example.py",
         description="Optimize the prompt of any LLM for teacher-style answers with DSPy.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -137,12 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data",
-        type=Path,
+        type=path_arg,
         default=DATA_FILE,
         help="JSONL with question/answer per line (default: small_edu_qa.jsonl beside the script)",
     )
     parser.add_argument(
         "--model",
+        type=text_arg,
         default=DEFAULT_MODEL,
         help="LiteLLM model string, provider/model (default: %(default)s)",
     )
@@ -151,36 +156,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--yes", action="store_true", help="do not ask before a paid step")
     parser.add_argument(
-        "--max-cost", type=float, metavar="USD", help="refuse a paid step whose estimate is higher"
+        "--max-cost",
+        type=number(float, 0),
+        metavar="USD",
+        help="refuse a paid step whose estimate is higher",
     )
     parser.add_argument(
         "--train-limit",
-        type=int,
+        type=number(int, 1),
         default=30,
         metavar="N",
         help="use the first N train examples (default: %(default)s)",
     )
     parser.add_argument(
-        "--test-limit", type=int, metavar="N", help="use the first N test examples (default: all)"
+        "--test-limit",
+        type=number(int, 1),
+        metavar="N",
+        help="use the first N test examples (default: all)",
     )
     parser.add_argument(
-        "--output-dir", type=Path, default=Path("outputs"), help="where everything is written"
+        "--output-dir", type=path_arg, default=Path("outputs"), help="where everything is written"
     )
     parser.add_argument(
-        "--seed", type=int, default=42, help="seed for MIPROv2 (the other optimizers fix theirs)"
+        "--seed",
+        type=seed_arg,
+        default=42,
+        help="seed for MIPROv2 (the other optimizers fix theirs)",
     )
     parser.add_argument(
         "--ask",
+        type=text_arg,
         metavar="QUESTION",
         help="answer one question with the baseline and the compiled program (uses a saved run)",
     )
     parser.add_argument(
         "--api-base",
+        type=text_arg,
         metavar="URL",
         help="server to send the calls to (Ollama, vLLM, any OpenAI-compatible server)",
     )
     parser.add_argument(
         "--api-key-env",
+        type=text_arg,
         metavar="VAR",
         help="environment variable holding the key (default: the provider's, e.g. OPENAI_API_KEY)",
     )
@@ -201,35 +218,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metric-threshold",
-        type=float,
+        type=number(float),
         default=30.0,
         metavar="ROUGE",
         help="ROUGE-L (0-100) a bootstrapped demo must reach to be kept (default: %(default)s)",
     )
-    parser.add_argument("--max-bootstrapped-demos", type=int, default=4, metavar="N")
-    parser.add_argument("--max-labeled-demos", type=int, default=16, metavar="N")
+    parser.add_argument("--max-bootstrapped-demos", type=number(int, 0), default=4, metavar="N")
+    parser.add_argument("--max-labeled-demos", type=number(int, 1), default=16, metavar="N")
     parser.add_argument(
         "--num-candidates",
-        type=int,
+        type=number(int, 1),
         default=8,
         metavar="N",
         help="random-search: demo sets to try (default: %(default)s)",
     )
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-tokens", type=int, default=1000, metavar="N")
+    parser.add_argument("--temperature", type=number(float, 0), default=0.0)
+    parser.add_argument("--max-tokens", type=number(int, 1), default=1000, metavar="N")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=number(int, 1),
         default=8,
         help="parallel calls when answering and when random-search/mipro score candidates "
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--load", type=Path, metavar="PATH", help="use this compiled program, skip compiling"
+        "--load", type=path_arg, metavar="PATH", help="use this compiled program, skip compiling"
     )
     parser.add_argument(
         "--cache-dir",
-        type=Path,
+        type=path_arg,
         metavar="DIR",
         help="DSPy's disk cache of LM calls (default: OUTPUT_DIR/dspy/cache)",
     )
@@ -242,21 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_cost", "max_bootstrapped_demos"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative")
-    for name in ("train_limit", "test_limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_labeled_demos", "num_candidates", "threads", "max_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.metric_threshold <= 100:
         parser.error("--metric-threshold is a ROUGE-L score between 0 and 100")
-    if args.temperature < 0:
-        parser.error("--temperature must not be negative")
-    if args.ask is not None and not args.ask.strip():
-        parser.error("--ask needs a question")
     if args.optimizer in ("random-search", "mipro") and args.max_bootstrapped_demos < 1:
         # Both draw each candidate's demo count from 1..max_bootstrapped_demos.
         parser.error(f"--optimizer {args.optimizer} needs --max-bootstrapped-demos of at least 1")
@@ -266,9 +270,11 @@ def parse_config(argv: list[str] | None) -> Config:
             "--optimizer mipro needs optuna, which is not installed; install it with "
             "`pip install optuna` (or `pip install dspy[optuna]`), or pick another --optimizer"
         )
-    if cfg.load is not None and not cfg.load.is_file():
+    if cfg.load is not None and not os.path.lexists(cfg.load):
         hint = "run once with --run to compile and save one" if cfg.ask else "check the path"
         raise UsageError(f"{cfg.load}: no compiled program there; {hint}")
+    if cfg.load is not None:
+        open_user_file(cfg.load, "--load").close()  # a folder, a pipe, unreadable: say so now
     return cfg
 
 
@@ -371,18 +377,236 @@ def key_status(variable: str) -> str:
     return f"{variable} is {'set' if os.environ.get(variable) else 'not set'}"
 
 
+class CommandLine(argparse.ArgumentParser):
+    """argparse that reports a usage error as the scripts' one line, exit 2, not its usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
+
+
+def number(kind: type, low=None, high=None, *, above: bool = False, below: bool = False):
+    """An argparse type: a finite int or float within [low, high] (above/below: bound excluded).
+
+    float() reads "nan" and "inf" happily, and a NaN passes every comparison, so a plain
+    type=float lets them through to a library that fails far from the flag.
+    """
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and (value < low or (above and value == low)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'more than' if above else 'at least'} {low}, got {text}"
+            )
+        if high is not None and (value > high or (below and value == high)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'below' if below else 'at most'} {high}, got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+seed_arg = number(int, 0, 2**32 - 1)  # the range numpy's seeding accepts
+
+
+def text_arg(text: str) -> str:
+    """An argparse type for a value that must say something: "" is mostly an unset variable."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty value (an unset shell variable?)")
+    return text
+
+
+def path_arg(text: str) -> Path:
+    """An argparse type for a path; Path("") would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path (an unset shell variable?)")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("a path cannot contain a NUL character")
+    return Path(text)
+
+
+# A question set is kilobytes to megabytes; these bounds are far above that, so a wrong file (a
+# model's weights, a log, a disk image) is refused instead of read into memory for minutes.
+MAX_FILE_BYTES = 2**29
+MAX_LINE_BYTES = 2**24
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def read_error(path: Path, exc: OSError, flag: str) -> str:
+    """One line for a user's file that cannot be read, with what to do about it."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: file not found; pass {flag} the path of an existing file"
+    if isinstance(exc, PermissionError):
+        return f"{path}: cannot read it (permission denied); make it readable or pass a copy"
+    return f"{path}: cannot read it ({exc.strerror or exc}); pass {flag} a readable file"
+
+
+def open_user_file(path: Path, flag: str):
+    """Open a file the user named (data, a file to check, a saved program) to read, in binary.
+
+    Only a regular file: a pipe with no writer or a device like /dev/zero would block or never
+    end. The open itself does not block (O_NONBLOCK), so refusing a pipe cannot hang.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise UsageError(read_error(path, exc, flag)) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"{path} is a folder; pass {flag} the path of a file in it")
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a pipe" if stat.S_ISFIFO(info.st_mode) else "a device or a socket"
+            raise UsageError(
+                f"{path} is {kind}, not a file: it may never end; save what it gives to a file "
+                f"and pass {flag} that file"
+            )
+        if info.st_size > MAX_FILE_BYTES:
+            raise UsageError(
+                f"{path}: {info.st_size / 2**20:,.0f} MiB, more than the "
+                f"{MAX_FILE_BYTES // 2**20} MiB this script reads; pass {flag} a smaller file"
+            )
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_lines(path: Path, flag: str, *, bom_ok: bool = True):
+    """Yield (line number, text) for each line of a user's UTF-8 file, within the bounds above.
+
+    A byte-order mark is skipped when bom_ok (editors on Windows add one); a file that goes
+    elsewhere as it is (an upload) must not carry one, since JSON does not allow it.
+    """
+    with open_user_file(path, flag) as handle:
+        number, total = 0, 0
+        while True:
+            try:
+                raw = handle.readline(MAX_LINE_BYTES + 1)
+            except OSError as exc:
+                raise UsageError(read_error(path, exc, flag)) from None
+            if not raw:
+                return
+            number += 1
+            total += len(raw)
+            where = f"{path.name}:{number}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise UsageError(
+                    f"{where}: a line longer than {MAX_LINE_BYTES // 2**20} MiB; each line must "
+                    "be one example (is this the right file?)"
+                )
+            if total > MAX_FILE_BYTES:  # a file that grows, or says it is empty (/proc)
+                raise UsageError(
+                    f"{path}: more than {MAX_FILE_BYTES // 2**20} MiB; pass a smaller file"
+                )
+            if number == 1 and raw.startswith(UTF8_BOM):
+                if not bom_ok:
+                    raise UsageError(
+                        f"{where}: the file starts with a UTF-8 byte-order mark (BOM), which "
+                        "JSON does not allow; save it as UTF-8 without BOM"
+                    )
+                raw = raw[len(UTF8_BOM) :]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(raw[: exc.start].decode("utf-8", "replace")) + 1
+                raise UsageError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column}); "
+                    "save the file as UTF-8"
+                ) from None
+            yield number, text
+
+
+def json_line(text: str):
+    """json.loads, with every way the decoder can fail as a ValueError of one short reason."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg}, column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise ValueError(str(exc).splitlines()[0][:120]) from None
+
+
+# A full disk, a read-only file system, a file size limit: no writer can help it, the user can.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def write_error(path: Path | None, exc: OSError, flag: str = "--output-dir") -> str:
+    """One line for a path that cannot be written, with what to do about it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free some space or pick another {flag}"
+    elif exc.errno == errno.EFBIG:
+        fix = f"the file is over a file size limit; pick another {flag}"
+    elif isinstance(exc, FileExistsError | NotADirectoryError):
+        fix = f"a file is in the way of a folder; pick another {flag}"
+    else:
+        fix = f"pick another {flag}, or make this one writable"
+    return f"{path or exc.filename or 'a file'}: cannot write ({exc.strerror or exc}); {fix}"
+
+
+def check_output_dir(folder: Path, flag: str = "--output-dir") -> None:
+    """Create the folder and write (then remove) a small file in it, before any stage writes.
+
+    A folder that is a file, read-only, not ours, or on a full disk fails here, in one line,
+    rather than in a library's traceback once the work is done. The probe is synced so that a
+    full disk shows now, not when the data would have been flushed. The folders it had to
+    create go again: a run that stops before writing (a dry run, a refused paid step) leaves
+    nothing behind, and whatever writes later creates what it needs.
+    """
+    created = [part for part in (folder, *folder.parents) if not os.path.lexists(part)]
+    probe = folder / f".write-check.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            left = memoryview(b"\0" * 4096)
+            while left:  # a write cut short by a full disk raises only when retried
+                left = left[os.write(fd, left) :]
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                if exc.errno in STORAGE_ERRNOS:  # a file system that cannot sync at all is fine
+                    raise
+        finally:
+            os.close(fd)
+            probe.unlink()
+    except FileExistsError:
+        raise UsageError(f"{folder} is a file, not a folder; pick another {flag}") from None
+    except OSError as exc:
+        raise UsageError(write_error(folder, exc, flag)) from None
+    finally:
+        for part in created:  # deepest first
+            with contextlib.suppress(OSError):
+                part.rmdir()
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: a file is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, bytes):
             tmp.write_bytes(data)
         else:
             tmp.write_text(data, encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(write_error(path, exc)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def split_of(question: str) -> str:
@@ -394,9 +618,9 @@ def split_of(question: str) -> str:
 
 def load_examples(path: Path) -> list[dict]:
     """Read and check the JSONL data; every problem is one line naming the file and line."""
-    if not path.exists():
-        if path.resolve() != DATA_FILE.resolve():
-            raise UsageError(f"{path}: file not found; pass --data with the path of a JSONL file")
+    # lexists is False, never an error, for a path it may not look at; opening the file then
+    # says what is wrong with it.
+    if not os.path.lexists(path) and path.resolve() == DATA_FILE.resolve():
         lines = "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in BASE_PAIRS)
         write_atomic(path, lines)
         console.print(
@@ -405,58 +629,57 @@ def load_examples(path: Path) -> list[dict]:
     examples: list[dict] = []
     seen_ids: dict[str, int] = {}
     seen_questions: dict[str, tuple[int, str]] = {}
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path.name}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UsageError(
-                        f"{where}: not valid JSON ({exc.msg}, column {exc.colno}); "
-                        "each line must be one JSON object"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                for field in ("question", "answer"):
-                    if field not in row:
-                        raise UsageError(
-                            f'{where}: "{field}" is missing; add a non-empty "{field}" string'
-                        )
-                    if not isinstance(row[field], str) or not row[field].strip():
-                        raise UsageError(f'{where}: "{field}" must be a non-empty string')
-                split = row.get("split") or split_of(row["question"])
-                if split not in ("train", "test"):
-                    raise UsageError(f'{where}: "split" must be "train" or "test", got {split!r}')
-                example_id = str(row.get("id") or number)
-                if example_id in seen_ids:
-                    raise UsageError(
-                        f'{where}: id "{example_id}" is already used on line '
-                        f"{seen_ids[example_id]}; ids must be unique"
-                    )
-                seen_ids[example_id] = number
-                key = " ".join(row["question"].lower().split())
-                if key in seen_questions and seen_questions[key][1] != split:
-                    raise UsageError(
-                        f"{where}: the same question is on line {seen_questions[key][0]} in the "
-                        "other split; a question must not be in both train and test"
-                    )
-                seen_questions.setdefault(key, (number, split))
-                examples.append(
-                    {
-                        "id": example_id,
-                        "subject": str(row.get("subject") or "general"),
-                        "question": row["question"].strip(),
-                        "answer": row["answer"].strip(),
-                        "split": split,
-                    }
-                )
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path.name}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
-        ) from None
+    for number, line in read_lines(path, "--data"):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{number}"
+        try:
+            row = json_line(line)
+        except ValueError as exc:
+            raise UsageError(
+                f"{where}: not valid JSON ({exc}); each line must be one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for name in ("question", "answer"):
+            if name not in row:
+                raise UsageError(f'{where}: "{name}" is missing; add a non-empty "{name}" string')
+            if not isinstance(row[name], str) or not row[name].strip():
+                raise UsageError(f'{where}: "{name}" must be a non-empty string')
+        for name in ("question", "answer", "id", "subject"):
+            try:
+                str(row.get(name, "")).encode("utf-8")
+            except UnicodeEncodeError:  # JSON can escape half a character: "\ud83d"
+                raise UsageError(
+                    f'{where}: "{name}" holds a lone surrogate escape (\\ud800 to \\udfff), '
+                    "half of a character; write the character itself"
+                ) from None
+        split = row.get("split") or split_of(row["question"])
+        if split not in ("train", "test"):
+            raise UsageError(f'{where}: "split" must be "train" or "test", got {split!r}')
+        example_id = str(row.get("id") or number)
+        if example_id in seen_ids:
+            raise UsageError(
+                f'{where}: id "{example_id}" is already used on line '
+                f"{seen_ids[example_id]}; ids must be unique"
+            )
+        seen_ids[example_id] = number
+        key = " ".join(row["question"].lower().split())
+        if key in seen_questions and seen_questions[key][1] != split:
+            raise UsageError(
+                f"{where}: the same question is on line {seen_questions[key][0]} in the "
+                "other split; a question must not be in both train and test"
+            )
+        seen_questions.setdefault(key, (number, split))
+        examples.append(
+            {
+                "id": example_id,
+                "subject": str(row.get("subject") or "general"),
+                "question": row["question"].strip(),
+                "answer": row["answer"].strip(),
+                "split": split,
+            }
+        )
     if not examples:
         raise UsageError(
             f'{path.name}: no examples; add one JSON object per line with "question" and "answer"'
@@ -746,6 +969,31 @@ def confirm_paid_step(
         raise UsageError("not confirmed; nothing was sent (pass --yes to skip this question)")
 
 
+def clip(text: str, limit: int = 500) -> str:
+    """A text to show, not to send: at most `limit` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C while the block runs, then act on it: for native code that a
+    KeyboardInterrupt raised inside it aborts (importing torch: "terminate called", exit 134)."""
+    pressed: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except ValueError:  # not the main thread: signals never arrive here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed and callable(previous):
+        previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
+
+
 def run_cli(main, argv: list[str] | None = None) -> int:
     """Turn the script's exceptions into the contract's exit codes and one-line messages."""
     try:
@@ -762,6 +1010,13 @@ def run_cli(main, argv: list[str] | None = None) -> int:
         message = str(exc) or "nothing half-written was kept; run the same command to resume"
         print(f"\ninterrupted: {message}", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A library's own write (a checkpoint, a chart, a cache) meeting a full or read-only
+        # disk: the user's to fix, like any other write here.
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {write_error(None, exc)}", file=sys.stderr)
+        return 2
 
 
 # =====================================================================================
@@ -868,8 +1123,59 @@ def count_tokens(model: str, messages: list[dict]) -> int:
 def print_prompt(messages: list[dict]) -> None:
     for message in messages:
         console.rule(f"[dim]{message['role']}", align="left", style="dim")
-        console.print(message["content"], markup=False)
+        console.print(clip(message["content"], 3000), markup=False)
     console.rule(style="dim")
+
+
+def context_window(model: str) -> int | None:
+    """Input tokens the model takes, from LiteLLM's bundled map (never asks a server)."""
+    import litellm
+
+    for key in (model, model.split("/", 1)[-1]):
+        tokens = (litellm.model_cost.get(key) or {}).get("max_input_tokens")
+        if tokens:
+            return int(tokens)
+    return None
+
+
+def report_long_prompts(
+    model: str, test: list[dict], zero_shot: list[int], prompt_tokens: dict, demos: list[dict]
+) -> None:
+    """Say which prompts will not fit the model's context window, and what happens to them.
+
+    `demos` are the training pairs the tuned and compiling prompts carry (none for a loaded
+    program, whose demos are its own).
+    """
+    window = context_window(model)
+    if window is None:
+        console.print(
+            f"[dim]{escape(model)}'s context window is not in LiteLLM's map: prompt lengths are "
+            f"not checked against it (the longest prompt here: {max(prompt_tokens.values()):,} "
+            "tokens)[/dim]"
+        )
+        return
+    over = [row["id"] for row, tokens in zip(test, zero_shot, strict=True) if tokens > window]
+    if over:
+        console.print(
+            f"[yellow]{len(over)} test question(s) ({escape(', '.join(over[:5]))}) alone are over "
+            f"{escape(model)}'s {window:,}-token context window: the provider would refuse "
+            "those calls and a real run would stop there; shorten them or drop them[/yellow]"
+        )
+    longest = max(demos, key=lambda row: len(row["question"]) + len(row["answer"]), default=None)
+    culprit = (
+        f"The longest demo is training pair {escape(longest['id'])} "
+        f"({len(longest['answer']):,} characters of answer); shorten it, drop it, or lower "
+        "--max-labeled-demos"
+        if longest
+        else "Compile again with shorter training pairs"
+    )
+    for phase, what in (("compile", "compiling call"), ("tuned", "compiled call")):
+        if prompt_tokens.get(phase, 0) > window:
+            console.print(
+                f"[yellow]with its demos the {phase} prompt is about {prompt_tokens[phase]:,} "
+                f"tokens, over {escape(model)}'s {window:,}-token context window: the provider "
+                f"would refuse every {what}. {culprit}[/yellow]"
+            )
 
 
 def was_cache_hit(entry: dict) -> bool:
@@ -1116,7 +1422,8 @@ def format_data(cfg: Config, train: list[dict], test: list[dict]) -> Formatted:
     adapter = dspy.ChatAdapter()
 
     shown = (trainset or testset)[0]
-    console.print(f"one example: {shown.toDict()}", markup=False)
+    shown_fields = {key: clip(str(value), 300) for key, value in shown.toDict().items()}
+    console.print(f"one example: {shown_fields}", markup=False)
     console.print(
         f"its inputs: {list(shown.inputs().keys())}, its label: {list(shown.labels().keys())}"
     )
@@ -1178,6 +1485,16 @@ def format_data(cfg: Config, train: list[dict], test: list[dict]) -> Formatted:
     table.add_row(f"tuned: {which}", str(prompt_tokens["tuned"]))
     table.add_row("reply: reasoning + answer (estimated)", str(reply_tokens))
     console.print(table)
+    sent = {"baseline", "tuned"} | (
+        {"compile"} if loaded is None and cfg.optimizer != "labeled" else set()
+    )
+    report_long_prompts(
+        cfg.model,
+        test,
+        zero_shot,
+        {phase: n for phase, n in prompt_tokens.items() if phase in sent},
+        [] if loaded is not None else train[: len(demos)],
+    )
     test_ids = [row["id"] for row in test]
     return Formatted(
         trainset, testset, test_ids, signature, adapter, prompt_tokens, reply_tokens, loaded
@@ -1565,12 +1882,18 @@ def kept_note(cfg: Config, setup: Setup) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
+    if not cfg.ask:
+        check_output_dir(cfg.output_dir)  # in a dry run too: the real run must not find out late
+    if cfg.run and not cfg.no_cache:
+        check_output_dir(cfg.cache_dir, "--cache-dir")
     load_env_file()
     train, test = prepare_data(cfg)
+    # Ctrl-C held while the libraries load: inside an import's cleanup it is swallowed, not raised.
+    with interrupts_held():
+        import dspy  # also for its error classes: every failed LM call is raised as a dspy.LMError
+        import litellm  # noqa: F401
     formatted = format_data(cfg, train, test)
     setup = configure_model(cfg, formatted)
-
-    import dspy  # for its error classes: every failed LM call is raised as a dspy.LMError
 
     started = time.monotonic()
     try:

@@ -39,6 +39,8 @@ results file the three scripts share.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -48,6 +50,8 @@ import os
 import random
 import shlex
 import shutil
+import signal
+import stat
 import statistics
 import sys
 import time
@@ -259,25 +263,9 @@ examples:
 model presets: """ + ", ".join(f"{name} ({p['id']})" for name, p in PRESETS.items())
 
 
-def _number(kind, minimum, inclusive=True, below=None):
-    """An argparse type that refuses values out of range with argparse's one-line error."""
-
-    def parse(text: str):
-        value = kind(text)
-        if value < minimum or (not inclusive and value == minimum):
-            raise argparse.ArgumentTypeError(
-                f"must be {'at least' if inclusive else 'more than'} {minimum}, got {text}"
-            )
-        if below is not None and value >= below:
-            raise argparse.ArgumentTypeError(f"must be below {below}, got {text}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
-    parser = argparse.ArgumentParser(
+    parser = CommandLine(
         description="Local LoRA / QLoRA fine-tuning of a small open model on teacher-style Q&A.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
@@ -285,31 +273,40 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add(
         "--data",
-        type=Path,
+        type=path_arg,
         default=d.data,
         help="JSONL with question/answer per line (default: small_edu_qa.jsonl beside the script)",
     )
     add(
         "--model",
+        type=text_arg,
         default=d.model,
         help="hub id, local folder, a preset name (see below) or 'tiny' (default: %(default)s)",
     )
     add("--run", action="store_true", help="really train and generate (default: dry run)")
     add("--yes", action="store_true", help="accepted for a uniform command line: nothing is paid")
-    add("--max-cost", type=_number(float, 0), metavar="USD", help="accepted; a local run costs $0")
-    add("--train-limit", type=_number(int, 1), metavar="N", help="use the first N train examples")
-    add("--test-limit", type=_number(int, 1), metavar="N", help="use the first N test examples")
-    add("--output-dir", type=Path, default=d.output_dir, help="where everything is written")
-    add("--seed", type=int, default=d.seed)
-    add("--ask", metavar="QUESTION", help="answer one question with baseline and saved adapter")
+    add("--max-cost", type=number(float, 0), metavar="USD", help="accepted; a local run costs $0")
+    add("--train-limit", type=number(int, 1), metavar="N", help="use the first N train examples")
+    add("--test-limit", type=number(int, 1), metavar="N", help="use the first N test examples")
+    add("--output-dir", type=path_arg, default=d.output_dir, help="where everything is written")
+    add("--seed", type=seed_arg, default=d.seed)
+    add(
+        "--ask",
+        type=text_arg,
+        metavar="QUESTION",
+        help="answer one question with baseline and saved adapter",
+    )
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora-r", type=_number(int, 1), default=d.lora_r, help="adapter rank")
-    lora.add_argument("--lora-alpha", type=_number(int, 1), default=d.lora_alpha)
+    lora.add_argument("--lora-r", type=number(int, 1), default=d.lora_r, help="adapter rank")
+    lora.add_argument("--lora-alpha", type=number(int, 1), default=d.lora_alpha)
     lora.add_argument(
-        "--lora-dropout", type=_number(float, 0), help="0.05 (0 for mixture-of-experts models)"
+        "--lora-dropout",
+        type=number(float, 0, 1, below=True),
+        help="0.05 (0 for mixture-of-experts models)",
     )
     lora.add_argument(
         "--target-modules",
+        type=text_arg,
         default=d.target_modules,
         help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj",
     )
@@ -317,29 +314,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base (needs a CUDA GPU)"
     )
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=_number(float, 0, inclusive=False), default=d.epochs)
+    train.add_argument("--epochs", type=number(float, 0, above=True), default=d.epochs)
     train.add_argument(
-        "--learning-rate", type=_number(float, 0, inclusive=False), help="2e-4; tiny: 1e-2"
+        "--learning-rate", type=number(float, 0, above=True), help="2e-4; tiny: 1e-2"
     )
-    train.add_argument("--batch-size", type=_number(int, 1), default=d.batch_size)
-    train.add_argument("--grad-accum", type=_number(int, 1), default=d.grad_accum)
+    train.add_argument("--batch-size", type=number(int, 1), default=d.batch_size)
+    train.add_argument("--grad-accum", type=number(int, 1), default=d.grad_accum)
     train.add_argument(
-        "--max-length", type=_number(int, 8), default=d.max_length, help="longer examples dropped"
+        "--max-length", type=number(int, 8), default=d.max_length, help="longer examples dropped"
     )
     train.add_argument(
         "--eval-fraction",
-        type=_number(float, 0, below=1),
+        type=number(float, 0, 1, below=True),
         default=d.eval_fraction,
         help="share of train held out for eval loss",
     )
-    train.add_argument("--save-steps", type=_number(int, 1), default=d.save_steps)
-    train.add_argument("--max-steps", type=_number(int, 1), help="stop after N optimizer steps")
+    train.add_argument("--save-steps", type=number(int, 1), default=d.save_steps)
+    train.add_argument("--max-steps", type=number(int, 1), help="stop after N optimizer steps")
     train.add_argument("--activation-checkpointing", action="store_true", help="less memory")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--merge", action="store_true", help="also write a merged full model")
     gen = parser.add_argument_group("answering")
-    gen.add_argument("--max-new-tokens", type=_number(int, 1), default=d.max_new_tokens)
-    gen.add_argument("--gen-batch-size", type=_number(int, 1), default=d.gen_batch_size)
+    gen.add_argument("--max-new-tokens", type=number(int, 1), default=d.max_new_tokens)
+    gen.add_argument("--gen-batch-size", type=number(int, 1), default=d.gen_batch_size)
     return parser
 
 
@@ -441,18 +438,236 @@ def key_status(variable: str) -> str:
     return f"{variable} is {'set' if os.environ.get(variable) else 'not set'}"
 
 
+class CommandLine(argparse.ArgumentParser):
+    """argparse that reports a usage error as the scripts' one line, exit 2, not its usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
+
+
+def number(kind: type, low=None, high=None, *, above: bool = False, below: bool = False):
+    """An argparse type: a finite int or float within [low, high] (above/below: bound excluded).
+
+    float() reads "nan" and "inf" happily, and a NaN passes every comparison, so a plain
+    type=float lets them through to a library that fails far from the flag.
+    """
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and (value < low or (above and value == low)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'more than' if above else 'at least'} {low}, got {text}"
+            )
+        if high is not None and (value > high or (below and value == high)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'below' if below else 'at most'} {high}, got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+seed_arg = number(int, 0, 2**32 - 1)  # the range numpy's seeding accepts
+
+
+def text_arg(text: str) -> str:
+    """An argparse type for a value that must say something: "" is mostly an unset variable."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty value (an unset shell variable?)")
+    return text
+
+
+def path_arg(text: str) -> Path:
+    """An argparse type for a path; Path("") would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path (an unset shell variable?)")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("a path cannot contain a NUL character")
+    return Path(text)
+
+
+# A question set is kilobytes to megabytes; these bounds are far above that, so a wrong file (a
+# model's weights, a log, a disk image) is refused instead of read into memory for minutes.
+MAX_FILE_BYTES = 2**29
+MAX_LINE_BYTES = 2**24
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def read_error(path: Path, exc: OSError, flag: str) -> str:
+    """One line for a user's file that cannot be read, with what to do about it."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: file not found; pass {flag} the path of an existing file"
+    if isinstance(exc, PermissionError):
+        return f"{path}: cannot read it (permission denied); make it readable or pass a copy"
+    return f"{path}: cannot read it ({exc.strerror or exc}); pass {flag} a readable file"
+
+
+def open_user_file(path: Path, flag: str):
+    """Open a file the user named (data, a file to check, a saved program) to read, in binary.
+
+    Only a regular file: a pipe with no writer or a device like /dev/zero would block or never
+    end. The open itself does not block (O_NONBLOCK), so refusing a pipe cannot hang.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise UsageError(read_error(path, exc, flag)) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"{path} is a folder; pass {flag} the path of a file in it")
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a pipe" if stat.S_ISFIFO(info.st_mode) else "a device or a socket"
+            raise UsageError(
+                f"{path} is {kind}, not a file: it may never end; save what it gives to a file "
+                f"and pass {flag} that file"
+            )
+        if info.st_size > MAX_FILE_BYTES:
+            raise UsageError(
+                f"{path}: {info.st_size / 2**20:,.0f} MiB, more than the "
+                f"{MAX_FILE_BYTES // 2**20} MiB this script reads; pass {flag} a smaller file"
+            )
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_lines(path: Path, flag: str, *, bom_ok: bool = True):
+    """Yield (line number, text) for each line of a user's UTF-8 file, within the bounds above.
+
+    A byte-order mark is skipped when bom_ok (editors on Windows add one); a file that goes
+    elsewhere as it is (an upload) must not carry one, since JSON does not allow it.
+    """
+    with open_user_file(path, flag) as handle:
+        number, total = 0, 0
+        while True:
+            try:
+                raw = handle.readline(MAX_LINE_BYTES + 1)
+            except OSError as exc:
+                raise UsageError(read_error(path, exc, flag)) from None
+            if not raw:
+                return
+            number += 1
+            total += len(raw)
+            where = f"{path.name}:{number}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise UsageError(
+                    f"{where}: a line longer than {MAX_LINE_BYTES // 2**20} MiB; each line must "
+                    "be one example (is this the right file?)"
+                )
+            if total > MAX_FILE_BYTES:  # a file that grows, or says it is empty (/proc)
+                raise UsageError(
+                    f"{path}: more than {MAX_FILE_BYTES // 2**20} MiB; pass a smaller file"
+                )
+            if number == 1 and raw.startswith(UTF8_BOM):
+                if not bom_ok:
+                    raise UsageError(
+                        f"{where}: the file starts with a UTF-8 byte-order mark (BOM), which "
+                        "JSON does not allow; save it as UTF-8 without BOM"
+                    )
+                raw = raw[len(UTF8_BOM) :]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(raw[: exc.start].decode("utf-8", "replace")) + 1
+                raise UsageError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column}); "
+                    "save the file as UTF-8"
+                ) from None
+            yield number, text
+
+
+def json_line(text: str):
+    """json.loads, with every way the decoder can fail as a ValueError of one short reason."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg}, column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise ValueError(str(exc).splitlines()[0][:120]) from None
+
+
+# A full disk, a read-only file system, a file size limit: no writer can help it, the user can.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def write_error(path: Path | None, exc: OSError, flag: str = "--output-dir") -> str:
+    """One line for a path that cannot be written, with what to do about it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free some space or pick another {flag}"
+    elif exc.errno == errno.EFBIG:
+        fix = f"the file is over a file size limit; pick another {flag}"
+    elif isinstance(exc, FileExistsError | NotADirectoryError):
+        fix = f"a file is in the way of a folder; pick another {flag}"
+    else:
+        fix = f"pick another {flag}, or make this one writable"
+    return f"{path or exc.filename or 'a file'}: cannot write ({exc.strerror or exc}); {fix}"
+
+
+def check_output_dir(folder: Path, flag: str = "--output-dir") -> None:
+    """Create the folder and write (then remove) a small file in it, before any stage writes.
+
+    A folder that is a file, read-only, not ours, or on a full disk fails here, in one line,
+    rather than in a library's traceback once the work is done. The probe is synced so that a
+    full disk shows now, not when the data would have been flushed. The folders it had to
+    create go again: a run that stops before writing (a dry run, a refused paid step) leaves
+    nothing behind, and whatever writes later creates what it needs.
+    """
+    created = [part for part in (folder, *folder.parents) if not os.path.lexists(part)]
+    probe = folder / f".write-check.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            left = memoryview(b"\0" * 4096)
+            while left:  # a write cut short by a full disk raises only when retried
+                left = left[os.write(fd, left) :]
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                if exc.errno in STORAGE_ERRNOS:  # a file system that cannot sync at all is fine
+                    raise
+        finally:
+            os.close(fd)
+            probe.unlink()
+    except FileExistsError:
+        raise UsageError(f"{folder} is a file, not a folder; pick another {flag}") from None
+    except OSError as exc:
+        raise UsageError(write_error(folder, exc, flag)) from None
+    finally:
+        for part in created:  # deepest first
+            with contextlib.suppress(OSError):
+                part.rmdir()
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: a file is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, bytes):
             tmp.write_bytes(data)
         else:
             tmp.write_text(data, encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(write_error(path, exc)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def split_of(question: str) -> str:
@@ -464,9 +679,9 @@ def split_of(question: str) -> str:
 
 def load_examples(path: Path) -> list[dict]:
     """Read and check the JSONL data; every problem is one line naming the file and line."""
-    if not path.exists():
-        if path.resolve() != DATA_FILE.resolve():
-            raise UsageError(f"{path}: file not found; pass --data with the path of a JSONL file")
+    # lexists is False, never an error, for a path it may not look at; opening the file then
+    # says what is wrong with it.
+    if not os.path.lexists(path) and path.resolve() == DATA_FILE.resolve():
         lines = "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in BASE_PAIRS)
         write_atomic(path, lines)
         console.print(
@@ -475,58 +690,57 @@ def load_examples(path: Path) -> list[dict]:
     examples: list[dict] = []
     seen_ids: dict[str, int] = {}
     seen_questions: dict[str, tuple[int, str]] = {}
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path.name}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UsageError(
-                        f"{where}: not valid JSON ({exc.msg}, column {exc.colno}); "
-                        "each line must be one JSON object"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                for field in ("question", "answer"):
-                    if field not in row:
-                        raise UsageError(
-                            f'{where}: "{field}" is missing; add a non-empty "{field}" string'
-                        )
-                    if not isinstance(row[field], str) or not row[field].strip():
-                        raise UsageError(f'{where}: "{field}" must be a non-empty string')
-                split = row.get("split") or split_of(row["question"])
-                if split not in ("train", "test"):
-                    raise UsageError(f'{where}: "split" must be "train" or "test", got {split!r}')
-                example_id = str(row.get("id") or number)
-                if example_id in seen_ids:
-                    raise UsageError(
-                        f'{where}: id "{example_id}" is already used on line '
-                        f"{seen_ids[example_id]}; ids must be unique"
-                    )
-                seen_ids[example_id] = number
-                key = " ".join(row["question"].lower().split())
-                if key in seen_questions and seen_questions[key][1] != split:
-                    raise UsageError(
-                        f"{where}: the same question is on line {seen_questions[key][0]} in the "
-                        "other split; a question must not be in both train and test"
-                    )
-                seen_questions.setdefault(key, (number, split))
-                examples.append(
-                    {
-                        "id": example_id,
-                        "subject": str(row.get("subject") or "general"),
-                        "question": row["question"].strip(),
-                        "answer": row["answer"].strip(),
-                        "split": split,
-                    }
-                )
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path.name}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
-        ) from None
+    for number, line in read_lines(path, "--data"):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{number}"
+        try:
+            row = json_line(line)
+        except ValueError as exc:
+            raise UsageError(
+                f"{where}: not valid JSON ({exc}); each line must be one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for name in ("question", "answer"):
+            if name not in row:
+                raise UsageError(f'{where}: "{name}" is missing; add a non-empty "{name}" string')
+            if not isinstance(row[name], str) or not row[name].strip():
+                raise UsageError(f'{where}: "{name}" must be a non-empty string')
+        for name in ("question", "answer", "id", "subject"):
+            try:
+                str(row.get(name, "")).encode("utf-8")
+            except UnicodeEncodeError:  # JSON can escape half a character: "\ud83d"
+                raise UsageError(
+                    f'{where}: "{name}" holds a lone surrogate escape (\\ud800 to \\udfff), '
+                    "half of a character; write the character itself"
+                ) from None
+        split = row.get("split") or split_of(row["question"])
+        if split not in ("train", "test"):
+            raise UsageError(f'{where}: "split" must be "train" or "test", got {split!r}')
+        example_id = str(row.get("id") or number)
+        if example_id in seen_ids:
+            raise UsageError(
+                f'{where}: id "{example_id}" is already used on line '
+                f"{seen_ids[example_id]}; ids must be unique"
+            )
+        seen_ids[example_id] = number
+        key = " ".join(row["question"].lower().split())
+        if key in seen_questions and seen_questions[key][1] != split:
+            raise UsageError(
+                f"{where}: the same question is on line {seen_questions[key][0]} in the "
+                "other split; a question must not be in both train and test"
+            )
+        seen_questions.setdefault(key, (number, split))
+        examples.append(
+            {
+                "id": example_id,
+                "subject": str(row.get("subject") or "general"),
+                "question": row["question"].strip(),
+                "answer": row["answer"].strip(),
+                "split": split,
+            }
+        )
     if not examples:
         raise UsageError(
             f'{path.name}: no examples; add one JSON object per line with "question" and "answer"'
@@ -788,6 +1002,31 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     return results
 
 
+def clip(text: str, limit: int = 500) -> str:
+    """A text to show, not to send: at most `limit` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C while the block runs, then act on it: for native code that a
+    KeyboardInterrupt raised inside it aborts (importing torch: "terminate called", exit 134)."""
+    pressed: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except ValueError:  # not the main thread: signals never arrive here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed and callable(previous):
+        previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
+
+
 def run_cli(main, argv: list[str] | None = None) -> int:
     """Turn the script's exceptions into the contract's exit codes and one-line messages."""
     try:
@@ -804,6 +1043,13 @@ def run_cli(main, argv: list[str] | None = None) -> int:
         message = str(exc) or "nothing half-written was kept; run the same command to resume"
         print(f"\ninterrupted: {message}", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A library's own write (a checkpoint, a chart, a cache) meeting a full or read-only
+        # disk: the user's to fix, like any other write here.
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {write_error(None, exc)}", file=sys.stderr)
+        return 2
 
 
 # =====================================================================================
@@ -830,6 +1076,14 @@ def quiet_library_noise() -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+
+
+def import_libraries() -> None:
+    """Import the heavy libraries up front with Ctrl-C held: a Ctrl-C landing inside torch's
+    import aborted the process ("terminate called ... KeyboardInterrupt", exit 134), and one
+    landing in an import's cleanup was swallowed, so the run went on."""
+    with interrupts_held():
+        import peft  # noqa: F401  (it imports torch and transformers)
 
 
 def work_dir(cfg: Config) -> Path:
@@ -1506,6 +1760,20 @@ def printable(text: str, limit: int = 160) -> str:
     return clean if len(clean) <= limit else clean[: limit - 1] + "…"
 
 
+def report_dropped(train_ids: list[str], eval_ids: list[str], max_length: int, estimated: bool):
+    """Name the examples --max-length leaves out, so that the plan's numbers hold no surprise."""
+    if not train_ids and not eval_ids:
+        return
+    how = ", estimated at ~4 characters per token" if estimated else ""
+    console.print(
+        f"[yellow]{len(train_ids)} training and {len(eval_ids)} held-out examples are longer "
+        f"than --max-length {max_length} tokens{how} "
+        f"({escape(', '.join([*train_ids, *eval_ids][:5]))}): a run leaves them out "
+        "(truncating would cut off the end-of-turn token); raise --max-length to keep "
+        "them[/yellow]"
+    )
+
+
 def last_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
     done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
@@ -1738,11 +2006,27 @@ def format_data(cfg: Config, data: dict) -> dict:
             f"[yellow]{source}'s tokenizer is not on this machine (a dry run downloads "
             "nothing): token counts below are estimates at ~4 characters per token[/yellow]"
         )
-        lengths = [
-            (len(SYSTEM_PROMPT) + len(e["question"]) + len(e["answer"])) // 4 + 12
-            for e in train_part
-        ]
-        formatted |= {"train_rows": None, "eval_rows": None, "train_tokens": sum(lengths)}
+
+        def estimate(e: dict) -> int:
+            return (len(SYSTEM_PROMPT) + len(e["question"]) + len(e["answer"])) // 4 + 12
+
+        # What a real run would drop, so that the plan below counts only what it would train on.
+        dropped = [e["id"] for e in train_part if estimate(e) > cfg.max_length]
+        dropped_eval = [e["id"] for e in eval_part if estimate(e) > cfg.max_length]
+        report_dropped(dropped, dropped_eval, cfg.max_length, estimated=True)
+        train_part = [e for e in train_part if estimate(e) <= cfg.max_length]
+        if not train_part:
+            raise UsageError(
+                f"every training example is longer than --max-length {cfg.max_length} tokens "
+                "(estimated); raise --max-length"
+            )
+        lengths = [estimate(e) for e in train_part]
+        formatted |= {
+            "train_part": train_part,
+            "train_rows": None,
+            "eval_rows": None,
+            "train_tokens": sum(lengths),
+        }
         console.print(
             f"estimated tokens per example: min {min(lengths)}, median "
             f"{statistics.median(lengths):.0f}, max {max(lengths)}; total {sum(lengths)}"
@@ -1768,23 +2052,19 @@ def format_data(cfg: Config, data: dict) -> dict:
     if system_in_user:
         console.print("this chat template has no system role: the instructions go in the question")
 
-    def encode(examples: list[dict]) -> tuple[list[dict], int]:
-        rows, dropped = [], 0
+    def encode(examples: list[dict]) -> tuple[list[dict], list[str]]:
+        rows, dropped = [], []
         for e in examples:
             row = encode_example(tokenizer, e["question"], e["answer"], system_in_user)
             if len(row["input_ids"]) > cfg.max_length:
-                dropped += 1  # truncating would cut off the end-of-turn token
+                dropped.append(e["id"])  # truncating would cut off the end-of-turn token
                 continue
             rows.append({"id": e["id"], **row})
         return rows, dropped
 
     train_rows, dropped = encode(train_part)
     eval_rows, dropped_eval = encode(eval_part)
-    if dropped + dropped_eval:
-        console.print(
-            f"[yellow]dropped {dropped + dropped_eval} examples longer than --max-length "
-            f"{cfg.max_length} tokens (truncating would cut off the end-of-turn token)[/yellow]"
-        )
+    report_dropped(dropped, dropped_eval, cfg.max_length, estimated=False)
     if not train_rows:
         raise UsageError(
             f"every training example is longer than --max-length {cfg.max_length} tokens; "
@@ -2267,7 +2547,10 @@ def compare(cfg: Config, answers: list, tuned: dict | None, plan: dict, started:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.target_modules != "all-linear" and not args.target_modules.strip(", "):
+        parser.error("--target-modules: no module names; pass all-linear or e.g. q_proj,v_proj")
     cfg = Config(**vars(args))
     if not is_main_process():
         console.quiet = True  # under torchrun/accelerate only rank 0 prints
@@ -2276,6 +2559,10 @@ def main(argv: list[str] | None = None) -> None:
         # Belt and braces for the dry run: no Hugging Face library may touch the network.
         os.environ["HF_HUB_OFFLINE"] = "1"
     resolve_model(cfg.model)  # a bad --model fails now, not after the data work
+    # In a dry run too: the real run must not find out late. Rank 0 only: a rank removing the
+    # folder it checked would pull it away from under another rank's check.
+    if not cfg.ask and is_main_process():  # --ask writes nothing
+        check_output_dir(cfg.output_dir)
     if cfg.load_in_4bit:
         import torch
 
@@ -2294,9 +2581,11 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"[bold]huggingface_lora.py[/bold] · {mode}")
     console.print(key_status("HF_TOKEN") + " (only gated models such as Llama 2 need it)")
     if cfg.ask:
+        import_libraries()
         answer(cfg, None, None, None)
         return
     data = prepare_data(cfg)
+    import_libraries()
     formatted = format_data(cfg, data)
     plan = configure_model(cfg, formatted)
     tuned = tune(cfg, formatted, plan)

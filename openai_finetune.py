@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -49,6 +50,8 @@ import math
 import os
 import random
 import shlex
+import signal
+import stat
 import sys
 import tempfile
 import time
@@ -185,7 +188,7 @@ class Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLine(
         description="Fine-tune a model on educational Q/A pairs with the OpenAI fine-tuning API.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -199,30 +202,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data",
-        type=Path,
+        type=path_arg,
         default=DATA_FILE,
         help="JSONL with question/answer per line (default: small_edu_qa.jsonl beside the script)",
     )
     parser.add_argument(
-        "--model", help="base model to fine-tune (default: the provider's, see --provider)"
+        "--model",
+        type=text_arg,
+        help="base model to fine-tune (default: the provider's, see --provider)",
     )
     parser.add_argument(
         "--run", action="store_true", help="really do the paid steps (default: dry run)"
     )
     parser.add_argument("--yes", action="store_true", help="do not ask before a paid step")
     parser.add_argument(
-        "--max-cost", type=float, metavar="USD", help="refuse a paid step whose estimate is higher"
+        "--max-cost",
+        type=number(float, 0),
+        metavar="USD",
+        help="refuse a paid step whose estimate is higher",
     )
     parser.add_argument(
-        "--train-limit", type=int, metavar="N", help="use the first N train examples"
+        "--train-limit", type=number(int, 1), metavar="N", help="use the first N train examples"
     )
-    parser.add_argument("--test-limit", type=int, metavar="N", help="use the first N test examples")
     parser.add_argument(
-        "--output-dir", type=Path, default=Path("outputs"), help="where everything is written"
+        "--test-limit", type=number(int, 1), metavar="N", help="use the first N test examples"
     )
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
-        "--ask", metavar="QUESTION", help="answer one question with the base and tuned model"
+        "--output-dir", type=path_arg, default=Path("outputs"), help="where everything is written"
+    )
+    parser.add_argument("--seed", type=seed_arg, default=42)
+    parser.add_argument(
+        "--ask",
+        type=text_arg,
+        metavar="QUESTION",
+        help="answer one question with the base and tuned model",
     )
     # ----- this script's own flags
     parser.add_argument(
@@ -233,21 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--base-url",
+        type=text_arg,
         help="any server that speaks this API (default: the provider's, or $OPENAI_BASE_URL)",
     )
     parser.add_argument(
-        "--epochs", type=int, help="training epochs (default: chosen as OpenAI does)"
+        "--epochs", type=number(int, 1), help="training epochs (default: chosen as OpenAI does)"
     )
-    parser.add_argument("--suffix", default="edu-qa", help="added to the fine-tuned model's name")
-    parser.add_argument("--job-id", metavar="FTJOB", help="watch this job instead of creating one")
-    parser.add_argument("--cancel", metavar="FTJOB", help="cancel this job and exit")
+    parser.add_argument(
+        "--suffix", type=text_arg, default="edu-qa", help="added to the fine-tuned model's name"
+    )
+    parser.add_argument(
+        "--job-id", type=text_arg, metavar="FTJOB", help="watch this job instead of creating one"
+    )
+    parser.add_argument("--cancel", type=text_arg, metavar="FTJOB", help="cancel this job and exit")
     parser.add_argument(
         "--tuned-model",
+        type=text_arg,
         metavar="NAME",
         help="answer with this fine-tuned model (ft:..., an Azure deployment, a Nebius model)",
     )
     parser.add_argument(
         "--base-deployment",
+        type=text_arg,
         metavar="NAME",
         help="Azure: the deployment that serves the base model (default: the model name)",
     )
@@ -258,17 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="Azure trainingType",
     )
     parser.add_argument(
-        "--poll-interval", type=float, default=10.0, metavar="S", help="seconds between job polls"
+        "--poll-interval",
+        type=number(float, 0, 3600, above=True),
+        default=10.0,
+        metavar="S",
+        help="seconds between job polls",
     )
     parser.add_argument(
         "--deploy-timeout",
-        type=float,
+        type=number(float, 0, above=True),
         default=1800.0,
         metavar="S",
         help="Nebius: stop waiting for the deployment after S seconds (a rerun waits again)",
     )
     parser.add_argument(
-        "--check-file", type=Path, metavar="JSONL", help="only validate a chat-format file and exit"
+        "--check-file",
+        type=path_arg,
+        metavar="JSONL",
+        help="only validate a chat-format file and exit",
     )
     parser.add_argument(
         "--record-plan",
@@ -282,18 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.max_cost is not None and args.max_cost < 0:
-        parser.error("--max-cost must not be negative")
-    for name in ("train_limit", "test_limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.epochs is not None and args.epochs < 1:
-        parser.error("--epochs must be at least 1")
-    if args.poll_interval <= 0:
-        parser.error("--poll-interval must be positive")
-    if args.deploy_timeout <= 0:
-        parser.error("--deploy-timeout must be positive")
+    if args.base_url:
+        parts = urlsplit(args.base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            parser.error(f"--base-url {args.base_url}: not an http(s) URL like https://HOST/v1/")
     if args.provider == "azure" and "." in args.suffix:
         parser.error("--suffix: Azure does not allow dots in the suffix")
     cfg = Config(**vars(args))
@@ -402,18 +421,236 @@ def key_status(variable: str) -> str:
     return f"{variable} is {'set' if os.environ.get(variable) else 'not set'}"
 
 
+class CommandLine(argparse.ArgumentParser):
+    """argparse that reports a usage error as the scripts' one line, exit 2, not its usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
+
+
+def number(kind: type, low=None, high=None, *, above: bool = False, below: bool = False):
+    """An argparse type: a finite int or float within [low, high] (above/below: bound excluded).
+
+    float() reads "nan" and "inf" happily, and a NaN passes every comparison, so a plain
+    type=float lets them through to a library that fails far from the flag.
+    """
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and (value < low or (above and value == low)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'more than' if above else 'at least'} {low}, got {text}"
+            )
+        if high is not None and (value > high or (below and value == high)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'below' if below else 'at most'} {high}, got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+seed_arg = number(int, 0, 2**32 - 1)  # the range numpy's seeding accepts
+
+
+def text_arg(text: str) -> str:
+    """An argparse type for a value that must say something: "" is mostly an unset variable."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty value (an unset shell variable?)")
+    return text
+
+
+def path_arg(text: str) -> Path:
+    """An argparse type for a path; Path("") would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path (an unset shell variable?)")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("a path cannot contain a NUL character")
+    return Path(text)
+
+
+# A question set is kilobytes to megabytes; these bounds are far above that, so a wrong file (a
+# model's weights, a log, a disk image) is refused instead of read into memory for minutes.
+MAX_FILE_BYTES = 2**29
+MAX_LINE_BYTES = 2**24
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def read_error(path: Path, exc: OSError, flag: str) -> str:
+    """One line for a user's file that cannot be read, with what to do about it."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: file not found; pass {flag} the path of an existing file"
+    if isinstance(exc, PermissionError):
+        return f"{path}: cannot read it (permission denied); make it readable or pass a copy"
+    return f"{path}: cannot read it ({exc.strerror or exc}); pass {flag} a readable file"
+
+
+def open_user_file(path: Path, flag: str):
+    """Open a file the user named (data, a file to check, a saved program) to read, in binary.
+
+    Only a regular file: a pipe with no writer or a device like /dev/zero would block or never
+    end. The open itself does not block (O_NONBLOCK), so refusing a pipe cannot hang.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise UsageError(read_error(path, exc, flag)) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"{path} is a folder; pass {flag} the path of a file in it")
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a pipe" if stat.S_ISFIFO(info.st_mode) else "a device or a socket"
+            raise UsageError(
+                f"{path} is {kind}, not a file: it may never end; save what it gives to a file "
+                f"and pass {flag} that file"
+            )
+        if info.st_size > MAX_FILE_BYTES:
+            raise UsageError(
+                f"{path}: {info.st_size / 2**20:,.0f} MiB, more than the "
+                f"{MAX_FILE_BYTES // 2**20} MiB this script reads; pass {flag} a smaller file"
+            )
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_lines(path: Path, flag: str, *, bom_ok: bool = True):
+    """Yield (line number, text) for each line of a user's UTF-8 file, within the bounds above.
+
+    A byte-order mark is skipped when bom_ok (editors on Windows add one); a file that goes
+    elsewhere as it is (an upload) must not carry one, since JSON does not allow it.
+    """
+    with open_user_file(path, flag) as handle:
+        number, total = 0, 0
+        while True:
+            try:
+                raw = handle.readline(MAX_LINE_BYTES + 1)
+            except OSError as exc:
+                raise UsageError(read_error(path, exc, flag)) from None
+            if not raw:
+                return
+            number += 1
+            total += len(raw)
+            where = f"{path.name}:{number}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise UsageError(
+                    f"{where}: a line longer than {MAX_LINE_BYTES // 2**20} MiB; each line must "
+                    "be one example (is this the right file?)"
+                )
+            if total > MAX_FILE_BYTES:  # a file that grows, or says it is empty (/proc)
+                raise UsageError(
+                    f"{path}: more than {MAX_FILE_BYTES // 2**20} MiB; pass a smaller file"
+                )
+            if number == 1 and raw.startswith(UTF8_BOM):
+                if not bom_ok:
+                    raise UsageError(
+                        f"{where}: the file starts with a UTF-8 byte-order mark (BOM), which "
+                        "JSON does not allow; save it as UTF-8 without BOM"
+                    )
+                raw = raw[len(UTF8_BOM) :]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(raw[: exc.start].decode("utf-8", "replace")) + 1
+                raise UsageError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column}); "
+                    "save the file as UTF-8"
+                ) from None
+            yield number, text
+
+
+def json_line(text: str):
+    """json.loads, with every way the decoder can fail as a ValueError of one short reason."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg}, column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise ValueError(str(exc).splitlines()[0][:120]) from None
+
+
+# A full disk, a read-only file system, a file size limit: no writer can help it, the user can.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def write_error(path: Path | None, exc: OSError, flag: str = "--output-dir") -> str:
+    """One line for a path that cannot be written, with what to do about it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free some space or pick another {flag}"
+    elif exc.errno == errno.EFBIG:
+        fix = f"the file is over a file size limit; pick another {flag}"
+    elif isinstance(exc, FileExistsError | NotADirectoryError):
+        fix = f"a file is in the way of a folder; pick another {flag}"
+    else:
+        fix = f"pick another {flag}, or make this one writable"
+    return f"{path or exc.filename or 'a file'}: cannot write ({exc.strerror or exc}); {fix}"
+
+
+def check_output_dir(folder: Path, flag: str = "--output-dir") -> None:
+    """Create the folder and write (then remove) a small file in it, before any stage writes.
+
+    A folder that is a file, read-only, not ours, or on a full disk fails here, in one line,
+    rather than in a library's traceback once the work is done. The probe is synced so that a
+    full disk shows now, not when the data would have been flushed. The folders it had to
+    create go again: a run that stops before writing (a dry run, a refused paid step) leaves
+    nothing behind, and whatever writes later creates what it needs.
+    """
+    created = [part for part in (folder, *folder.parents) if not os.path.lexists(part)]
+    probe = folder / f".write-check.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            left = memoryview(b"\0" * 4096)
+            while left:  # a write cut short by a full disk raises only when retried
+                left = left[os.write(fd, left) :]
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                if exc.errno in STORAGE_ERRNOS:  # a file system that cannot sync at all is fine
+                    raise
+        finally:
+            os.close(fd)
+            probe.unlink()
+    except FileExistsError:
+        raise UsageError(f"{folder} is a file, not a folder; pick another {flag}") from None
+    except OSError as exc:
+        raise UsageError(write_error(folder, exc, flag)) from None
+    finally:
+        for part in created:  # deepest first
+            with contextlib.suppress(OSError):
+                part.rmdir()
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: a file is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, bytes):
             tmp.write_bytes(data)
         else:
             tmp.write_text(data, encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(write_error(path, exc)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def split_of(question: str) -> str:
@@ -425,9 +662,9 @@ def split_of(question: str) -> str:
 
 def load_examples(path: Path) -> list[dict]:
     """Read and check the JSONL data; every problem is one line naming the file and line."""
-    if not path.exists():
-        if path.resolve() != DATA_FILE.resolve():
-            raise UsageError(f"{path}: file not found; pass --data with the path of a JSONL file")
+    # lexists is False, never an error, for a path it may not look at; opening the file then
+    # says what is wrong with it.
+    if not os.path.lexists(path) and path.resolve() == DATA_FILE.resolve():
         lines = "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in BASE_PAIRS)
         write_atomic(path, lines)
         console.print(
@@ -436,58 +673,57 @@ def load_examples(path: Path) -> list[dict]:
     examples: list[dict] = []
     seen_ids: dict[str, int] = {}
     seen_questions: dict[str, tuple[int, str]] = {}
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path.name}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UsageError(
-                        f"{where}: not valid JSON ({exc.msg}, column {exc.colno}); "
-                        "each line must be one JSON object"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                for field in ("question", "answer"):
-                    if field not in row:
-                        raise UsageError(
-                            f'{where}: "{field}" is missing; add a non-empty "{field}" string'
-                        )
-                    if not isinstance(row[field], str) or not row[field].strip():
-                        raise UsageError(f'{where}: "{field}" must be a non-empty string')
-                split = row.get("split") or split_of(row["question"])
-                if split not in ("train", "test"):
-                    raise UsageError(f'{where}: "split" must be "train" or "test", got {split!r}')
-                example_id = str(row.get("id") or number)
-                if example_id in seen_ids:
-                    raise UsageError(
-                        f'{where}: id "{example_id}" is already used on line '
-                        f"{seen_ids[example_id]}; ids must be unique"
-                    )
-                seen_ids[example_id] = number
-                key = " ".join(row["question"].lower().split())
-                if key in seen_questions and seen_questions[key][1] != split:
-                    raise UsageError(
-                        f"{where}: the same question is on line {seen_questions[key][0]} in the "
-                        "other split; a question must not be in both train and test"
-                    )
-                seen_questions.setdefault(key, (number, split))
-                examples.append(
-                    {
-                        "id": example_id,
-                        "subject": str(row.get("subject") or "general"),
-                        "question": row["question"].strip(),
-                        "answer": row["answer"].strip(),
-                        "split": split,
-                    }
-                )
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path.name}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
-        ) from None
+    for number, line in read_lines(path, "--data"):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{number}"
+        try:
+            row = json_line(line)
+        except ValueError as exc:
+            raise UsageError(
+                f"{where}: not valid JSON ({exc}); each line must be one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for name in ("question", "answer"):
+            if name not in row:
+                raise UsageError(f'{where}: "{name}" is missing; add a non-empty "{name}" string')
+            if not isinstance(row[name], str) or not row[name].strip():
+                raise UsageError(f'{where}: "{name}" must be a non-empty string')
+        for name in ("question", "answer", "id", "subject"):
+            try:
+                str(row.get(name, "")).encode("utf-8")
+            except UnicodeEncodeError:  # JSON can escape half a character: "\ud83d"
+                raise UsageError(
+                    f'{where}: "{name}" holds a lone surrogate escape (\\ud800 to \\udfff), '
+                    "half of a character; write the character itself"
+                ) from None
+        split = row.get("split") or split_of(row["question"])
+        if split not in ("train", "test"):
+            raise UsageError(f'{where}: "split" must be "train" or "test", got {split!r}')
+        example_id = str(row.get("id") or number)
+        if example_id in seen_ids:
+            raise UsageError(
+                f'{where}: id "{example_id}" is already used on line '
+                f"{seen_ids[example_id]}; ids must be unique"
+            )
+        seen_ids[example_id] = number
+        key = " ".join(row["question"].lower().split())
+        if key in seen_questions and seen_questions[key][1] != split:
+            raise UsageError(
+                f"{where}: the same question is on line {seen_questions[key][0]} in the "
+                "other split; a question must not be in both train and test"
+            )
+        seen_questions.setdefault(key, (number, split))
+        examples.append(
+            {
+                "id": example_id,
+                "subject": str(row.get("subject") or "general"),
+                "question": row["question"].strip(),
+                "answer": row["answer"].strip(),
+                "split": split,
+            }
+        )
     if not examples:
         raise UsageError(
             f'{path.name}: no examples; add one JSON object per line with "question" and "answer"'
@@ -777,6 +1013,31 @@ def confirm_paid_step(
         raise UsageError("not confirmed; nothing was sent (pass --yes to skip this question)")
 
 
+def clip(text: str, limit: int = 500) -> str:
+    """A text to show, not to send: at most `limit` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C while the block runs, then act on it: for native code that a
+    KeyboardInterrupt raised inside it aborts (importing torch: "terminate called", exit 134)."""
+    pressed: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except ValueError:  # not the main thread: signals never arrive here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed and callable(previous):
+        previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
+
+
 def run_cli(main, argv: list[str] | None = None) -> int:
     """Turn the script's exceptions into the contract's exit codes and one-line messages."""
     try:
@@ -793,6 +1054,13 @@ def run_cli(main, argv: list[str] | None = None) -> int:
         message = str(exc) or "nothing half-written was kept; run the same command to resume"
         print(f"\ninterrupted: {message}", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A library's own write (a checkpoint, a chart, a cache) meeting a full or read-only
+        # disk: the user's to fix, like any other write here.
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {write_error(None, exc)}", file=sys.stderr)
+        return 2
 
 
 # =====================================================================================
@@ -929,7 +1197,9 @@ def distribution(counter: Counter) -> dict:
     }
 
 
-def validate_chat_file(path: Path, count_tokens, max_tokens_per_example: int) -> dict:
+def validate_chat_file(
+    path: Path, count_tokens, max_tokens_per_example: int, flag: str = "--check-file"
+) -> dict:
     """Check a chat-format JSONL line by line, count its tokens, and summarise it.
 
     Streams: memory holds histograms of token counts (bounded by the distinct values), never
@@ -945,79 +1215,74 @@ def validate_chat_file(path: Path, count_tokens, max_tokens_per_example: int) ->
     assistant_tokens: Counter = Counter()
     messages_per_example: Counter = Counter()
     n_examples = too_long = billed = 0
+    too_long_lines: list[int] = []  # the first few, to name them
 
     def error(kind: str, line: int, detail: str) -> None:
         errors[kind] += 1
         first_error.setdefault(kind, (line, detail))
 
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+    # The file is uploaded as it is, so a byte-order mark is an error here, not skipped.
+    for line_number, line in read_lines(path, flag, bom_ok=False):
+        if not line.strip():
+            continue
+        n_examples += 1
+        try:
+            example = json_line(line)
+        except ValueError as exc:
+            error("invalid_json", line_number, f"not valid JSON ({exc})")
+            continue
+        if not isinstance(example, dict):
+            error("data_type", line_number, f"expected an object, got {type(example).__name__}")
+            continue
+        messages = example.get("messages")
+        if not isinstance(messages, list) or not messages:
+            error("missing_messages_list", line_number, '"messages" is missing or empty')
+            continue
+        tokens, trained, roles = PRIMING_TOKENS, 0, set()
+        for index, message in enumerate(messages, start=1):
+            where = f"message {index}"
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                error("message_missing_key", line_number, f'{where} lacks "role" or "content"')
                 continue
-            n_examples += 1
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as exc:
-                error("invalid_json", line_number, f"not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(example, dict):
-                error("data_type", line_number, f"expected an object, got {type(example).__name__}")
-                continue
-            messages = example.get("messages")
-            if not isinstance(messages, list) or not messages:
-                error("missing_messages_list", line_number, '"messages" is missing or empty')
-                continue
-            tokens, trained, roles = PRIMING_TOKENS, 0, set()
-            for index, message in enumerate(messages, start=1):
-                where = f"message {index}"
-                if (
-                    not isinstance(message, dict)
-                    or "role" not in message
-                    or "content" not in message
-                ):
-                    error("message_missing_key", line_number, f'{where} lacks "role" or "content"')
-                    continue
-                unknown = sorted(set(message) - ALLOWED_MESSAGE_KEYS)
-                if unknown:
-                    error(
-                        "message_unrecognized_key", line_number, f"{where} has key {unknown[0]!r}"
-                    )
-                role = message["role"]
-                if not isinstance(role, str) or role not in ALLOWED_ROLES:
-                    error("unrecognized_role", line_number, f"{where} has role {role!r}")
-                    role = str(role)
-                roles.add(role)
-                content = message["content"]
-                calls = message.get("function_call") or message.get("tool_calls")
-                if not calls and (not isinstance(content, str) or not content.strip()):
-                    error("missing_content", line_number, f"{where} has no text content")
-                if "weight" in message and (
-                    role != "assistant"
-                    or type(message["weight"]) is not int
-                    or message["weight"] not in (0, 1)
-                ):
-                    error(
-                        "invalid_weight", line_number, f"{where} has weight {message['weight']!r}"
-                    )
-                text_tokens = count_tokens(content) if isinstance(content, str) else 0
-                tokens += TOKENS_PER_MESSAGE + count_tokens(role) + text_tokens
-                if isinstance(message.get("name"), str):
-                    tokens += count_tokens(message["name"]) + 1
-                if calls:
-                    tokens += count_tokens(json.dumps(calls))
-                if role == "assistant" and message.get("weight", 1) == 1:
-                    trained += text_tokens
-            if "assistant" not in roles:
-                error("example_missing_assistant_message", line_number, "no assistant message")
-            if "system" not in roles:
-                warnings["missing_system_message"] += 1
-            if "user" not in roles:
-                warnings["missing_user_message"] += 1
-            total_tokens[tokens] += 1
-            assistant_tokens[trained] += 1
-            messages_per_example[len(messages)] += 1
-            too_long += tokens > max_tokens_per_example
-            billed += min(tokens, max_tokens_per_example)
+            unknown = sorted(set(message) - ALLOWED_MESSAGE_KEYS)
+            if unknown:
+                error("message_unrecognized_key", line_number, f"{where} has key {unknown[0]!r}")
+            role = message["role"]
+            if not isinstance(role, str) or role not in ALLOWED_ROLES:
+                error("unrecognized_role", line_number, f"{where} has role {role!r}")
+                role = str(role)
+            roles.add(role)
+            content = message["content"]
+            calls = message.get("function_call") or message.get("tool_calls")
+            if not calls and (not isinstance(content, str) or not content.strip()):
+                error("missing_content", line_number, f"{where} has no text content")
+            if "weight" in message and (
+                role != "assistant"
+                or type(message["weight"]) is not int
+                or message["weight"] not in (0, 1)
+            ):
+                error("invalid_weight", line_number, f"{where} has weight {message['weight']!r}")
+            text_tokens = count_tokens(content) if isinstance(content, str) else 0
+            tokens += TOKENS_PER_MESSAGE + count_tokens(role) + text_tokens
+            if isinstance(message.get("name"), str):
+                tokens += count_tokens(message["name"]) + 1
+            if calls:
+                tokens += count_tokens(json.dumps(calls))
+            if role == "assistant" and message.get("weight", 1) == 1:
+                trained += text_tokens
+        if "assistant" not in roles:
+            error("example_missing_assistant_message", line_number, "no assistant message")
+        if "system" not in roles:
+            warnings["missing_system_message"] += 1
+        if "user" not in roles:
+            warnings["missing_user_message"] += 1
+        total_tokens[tokens] += 1
+        assistant_tokens[trained] += 1
+        messages_per_example[len(messages)] += 1
+        too_long += tokens > max_tokens_per_example
+        if tokens > max_tokens_per_example and len(too_long_lines) < 5:
+            too_long_lines.append(line_number)
+        billed += min(tokens, max_tokens_per_example)
     if n_examples < MIN_EXAMPLES:
         error("too_few_examples", 0, f"{n_examples} examples, at least {MIN_EXAMPLES} needed")
     return {
@@ -1026,6 +1291,7 @@ def validate_chat_file(path: Path, count_tokens, max_tokens_per_example: int) ->
         "first_error": first_error,
         "warnings": dict(warnings),
         "too_long": too_long,
+        "too_long_lines": too_long_lines,
         "billed_tokens_per_epoch": billed,
         "total_tokens": distribution(total_tokens),
         "assistant_tokens": distribution(assistant_tokens),
@@ -1075,10 +1341,12 @@ def money(cost: float | None) -> str:
 
 
 def resolve_base_url(cfg: Config) -> str | None:
+    # With a trailing slash, as the SDK makes it: the paths below are joined onto it.
     if cfg.base_url:
-        return cfg.base_url
+        return cfg.base_url.rstrip("/") + "/"
     if cfg.provider == "openai":
-        return os.environ.get("OPENAI_BASE_URL") or PROVIDERS["openai"]["base_url"]
+        url = os.environ.get("OPENAI_BASE_URL") or PROVIDERS["openai"]["base_url"]
+        return url.rstrip("/") + "/"
     if cfg.provider == "azure":
         endpoint = os.environ.get("AZURE_OPENAI_ENDPOINT")
         return endpoint.rstrip("/") + "/openai/v1/" if endpoint else None
@@ -1268,7 +1536,8 @@ def format_data(cfg: Config, data: dict) -> dict:
     if len(train) - n_valid < MIN_EXAMPLES or n_valid < 1:
         n_valid = 0
     held_out = set(random.Random(cfg.seed).sample(range(len(train)), n_valid))
-    rows = {"train": [], "valid": []}
+    rows: dict[str, list[str]] = {"train": [], "valid": []}
+    ids: dict[str, list[str]] = {"train": [], "valid": []}  # line n of a file is ids[...][n - 1]
     for index, example in enumerate(train):
         conversation = {
             "messages": [
@@ -1279,6 +1548,7 @@ def format_data(cfg: Config, data: dict) -> dict:
         rows["valid" if index in held_out else "train"].append(
             json.dumps(conversation, ensure_ascii=False) + "\n"
         )
+        ids["valid" if index in held_out else "train"].append(example["id"])
     train_path = training_path(cfg)
     write_atomic(train_path, "".join(rows["train"]))
     console.print(f"wrote {train_path} ({len(rows['train'])} conversations, chat format)")
@@ -1293,13 +1563,20 @@ def format_data(cfg: Config, data: dict) -> dict:
         console.print("no validation file: too few training examples to hold any out")
 
     console.print("\nOne training example, as the API will read it:")
-    console.print_json(rows["train"][0])  # never empty: a slice is held out only from 11+
+    shown = json.loads(rows["train"][0])  # never empty: a slice is held out only from 11+
+    for message in shown["messages"]:
+        message["content"] = clip(message["content"])
+    console.print_json(json.dumps(shown, ensure_ascii=False))
 
     count_tokens, token_label = load_token_counter(cfg.model)
     console.print(f"\ntokens counted with {token_label}")
     max_tokens = PROVIDERS[cfg.provider]["max_tokens_per_example"]
     report = validate_chat_file(train_path, count_tokens, max_tokens)
-    problem = first_format_error(report, train_path)
+    # The validation file goes up too, and the job reads it under the same limits.
+    valid_report = validate_chat_file(valid_path, count_tokens, max_tokens) if valid_path else None
+    problem = first_format_error(report, train_path) or (
+        valid_report and first_format_error(valid_report, valid_path)
+    )
     if problem:
         raise UsageError(problem)
     too_few = report["errors"].get("too_few_examples")
@@ -1328,10 +1605,22 @@ def format_data(cfg: Config, data: dict) -> dict:
             title, *(str(stats.get(c, "-")) for c in ("min", "p10", "median", "mean", "p90", "max"))
         )
     console.print(table)
-    console.print(
-        f"{report['too_long']} examples over the {max_tokens:,}-token limit (they would be "
-        f"truncated); {report['billed_tokens_per_epoch']:,} billable tokens per epoch"
-    )
+    console.print(f"{report['billed_tokens_per_epoch']:,} billable tokens per epoch")
+    for name, checked, named in (
+        ("training", report, ids["train"]),
+        ("validation", valid_report, ids["valid"]),
+    ):
+        if checked is None:
+            continue
+        if not checked["too_long"]:
+            console.print(f"{name} file: no example over the {max_tokens:,}-token limit")
+            continue
+        first = ", ".join(named[line - 1] for line in checked["too_long_lines"])
+        console.print(
+            f"[yellow]{name} file: {checked['too_long']} example(s) over the {max_tokens:,}-token "
+            f"limit ({escape(first)}): fine-tuning truncates each to the limit, so the end of its "
+            "answer is never learned; shorten them or drop them from the data[/yellow]"
+        )
 
     # What answering the test split will send and (roughly) get back, for the estimate.
     test = data["test"]
@@ -2056,22 +2345,18 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     load_env_file()
     if cfg.check_file:
-        if not cfg.check_file.is_file():
-            raise UsageError(f"{cfg.check_file}: file not found")
+        open_user_file(cfg.check_file, "--check-file").close()  # before loading the encoding
         count_tokens, label = load_token_counter(cfg.model)
         max_tokens = PROVIDERS[cfg.provider]["max_tokens_per_example"]
-        try:
-            report = validate_chat_file(cfg.check_file, count_tokens, max_tokens)
-        except UnicodeDecodeError as exc:
-            raise UsageError(
-                f"{cfg.check_file.name}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
-            ) from None
+        report = validate_chat_file(cfg.check_file, count_tokens, max_tokens)
         console.print_json(json.dumps({k: v for k, v in report.items() if k != "first_error"}))
         console.print(f"tokens counted with {label}")
         problem = first_format_error(report, cfg.check_file)
         if problem or report["errors"]:
             raise UsageError(problem or f"{cfg.check_file.name}: {ERROR_HELP['too_few_examples']}")
         return
+    if cfg.cancel or not cfg.ask:  # --ask alone writes nothing
+        check_output_dir(cfg.output_dir)  # in a dry run too: the real run must not find out late
     if cfg.cancel:
         cancel_job(cfg)
         return

@@ -574,7 +574,7 @@ def test_without_a_terminal_a_paid_run_needs_yes(dspy_run, server):
 
 
 BAD_INPUT = {
-    "negative limit": (["--train-limit", "-1"], r"--train-limit must be at least 1"),
+    "negative limit": (["--train-limit", "-1"], r"--train-limit: must be at least 1"),
     "threshold": (["--metric-threshold", "150"], r"--metric-threshold is a ROUGE-L score"),
     "unknown optimizer": (["--optimizer", "gepa"], r"invalid choice: 'gepa'"),
     "no demos to search": (

@@ -511,7 +511,7 @@ def test_the_fake_moves_on_the_clock_and_pages_its_events(api):
             {"OPENAI_API_KEY": KEY},
             "Answering your question twice is estimated at $0.0",
         ),
-        (("--epochs", "0"), {}, "--epochs must be at least 1"),
+        (("--epochs", "0"), {}, "--epochs: must be at least 1"),
     ],
     ids=["over max-cost", "no terminal", "no key", "ask over max-cost", "zero epochs"],
 )
@@ -867,7 +867,7 @@ def test_fine_tuned_names_are_counted_with_their_base_models_encoding(oft, model
             "".join(line + "\n" for line in [GOOD] * 5 + [BAD_LINES["unrecognized_role"]]),
             "error: mine.jsonl:6: message 1 has role 'teacher'",
         ),
-        ("caf\xe9\n".encode("latin-1"), "error: mine.jsonl: not UTF-8 text"),
+        ("caf\xe9\n".encode("latin-1"), "error: mine.jsonl:1: not UTF-8 text (byte 0xe9"),
     ],
     ids=["bad role", "not utf-8"],
 )
