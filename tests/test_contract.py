@@ -213,7 +213,7 @@ def markdown_rows(path) -> list[dict]:
     lines = path.read_text(encoding="utf-8").splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
-            for line in lines[2:]]  # fmt: skip
+            for line in lines[2:] if line.startswith("|")]  # fmt: skip
 
 
 @pytest.mark.parametrize("script", PRESENT)
@@ -257,3 +257,53 @@ def test_the_comparison_table_lists_every_results_file_in_order_and_skips_broken
     assert [row["similarity base → tuned"] for row in rows] == ["-", "-", "-"]
     assert [row["USD"] for row in rows] == ["0.0123", "-", "0.0000"]  # None is unknown, not 0
     assert (results / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_the_comparison_shows_similarity_unusable_replies_and_a_not_run_row(
+    script, tmp_path, capsys
+):
+    module = load_script(script)
+    module.console.width = 200
+    results = tmp_path / "results"
+    results.mkdir()
+    scored = {
+        "approach": "huggingface",
+        "model": "smollm2-offline",
+        "baseline_score": 24.5,
+        "tuned_score": 30.3,
+        "baseline_similarity": 78.7,
+        "tuned_similarity": 79.2,
+        "unusable": {"baseline": 2, "tuned": 0},
+        "cost_usd": 0.0,
+        "seconds": 300,
+        "n_test": 36,
+    }
+    (results / "huggingface.json").write_text(json.dumps(scored), encoding="utf-8")
+    (results / "dspy+lora.json").write_text(
+        json.dumps({**scored, "approach": "dspy", "unusable": {"baseline": 0, "tuned": 0}}),
+        encoding="utf-8",
+    )
+    plan = {
+        "approach": "openai",
+        "model": "gpt-4o-mini",
+        "status": "not run",
+        "note": "not run (OPENAI_API_KEY is not set)",
+        "estimated_cost_usd": 0.1168,
+    }
+    (results / "openai.json").write_text(json.dumps(plan), encoding="utf-8")
+    module.compare_results(tmp_path)
+    printed = " ".join(capsys.readouterr().out.split())
+    rows = markdown_rows(results / "comparison.md")
+    assert [row["run"] for row in rows] == ["dspy+lora", "openai", "huggingface"]
+    assert rows[2]["similarity base → tuned"] == "78.7 → 79.2 (+0.5)"
+    assert [row["unusable base/tuned"] for row in rows] == ["0/0", "-/-", "2/0"]
+    assert rows[1]["ROUGE-L base → tuned"] == "not run"
+    assert rows[1]["USD"] == "~0.1168 (estimate)"
+    assert "openai: not run (OPENAI_API_KEY is not set)" in printed
+    assert (
+        (results / "comparison.md")
+        .read_text()
+        .rstrip()
+        .endswith("- openai: not run (OPENAI_API_KEY is not set)")
+    )
