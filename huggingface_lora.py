@@ -890,20 +890,22 @@ def write_results(
 
 
 def show_side_by_side(questions: list[dict], n: int = 3) -> None:
-    """The first held-out questions: the teacher's answer beside the baseline's and the tuned."""
-    table = Table(title=f"{min(n, len(questions))} test questions side by side", show_lines=True)
-    for column in ("question", "teacher (reference)", "baseline", "tuned"):
-        table.add_column(column, ratio=1)
+    """The first held-out questions: the teacher's answer above the baseline's and the tuned,
+    each with its two scores (ROUGE-L, similarity), one question to a table."""
+    console.print(f"[bold]{min(n, len(questions))} test questions, answered both ways[/bold]")
     for q in questions[:n]:
-        cells = [q["question"], q["reference"]]
+        table = Table(title=escape(q["question"]), show_header=False, show_lines=True)
+        table.add_column("who", style="bold", no_wrap=True)
+        table.add_column("answer")
+        table.add_row("teacher", escape(q["reference"]))
         for side in ("baseline", "tuned"):
-            score = f"ROUGE-L {q[f'{side}_score']:.0f}" if f"{side}_score" in q else ""
+            scores = [f"ROUGE-L {q[f'{side}_score']:.0f}"] if f"{side}_score" in q else []
             if f"{side}_similarity" in q:
-                score += f", similarity {q[f'{side}_similarity']:.0f}"
-            text = q[side].strip() or "(unusable: empty or unparseable)"
-            cells.append(f"{text}\n[{score}]" if score else text)
-        table.add_row(*(escape(cell) for cell in cells))
-    console.print(table)
+                scores.append(f"similarity {q[f'{side}_similarity']:.0f}")
+            label = "\n".join([side, *scores])
+            text = q[side].strip() or "(unusable: empty or could not be parsed)"
+            table.add_row(escape(label), escape(text))
+        console.print(table)
 
 
 def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
@@ -981,7 +983,9 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
         panels.append(("similarity", "meaning similarity x100 (all-MiniLM-L6-v2)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     xs = range(len(scored))
-    labels = [f"{r['run']}\n{r['model']}" for r in scored]
+    import textwrap
+
+    labels = [f"{r['run']}\n{textwrap.fill(str(r['model']), 24)}" for r in scored]
     for ax, (key, title) in zip(axes[0], panels, strict=True):
         for offset, side in ((-0.2, "baseline"), (0.2, "tuned")):
             values = [r.get(f"{side}_{key}") or 0 for r in scored]
