@@ -11,9 +11,10 @@ What this approach changes
 
 When to pick it
     You have 10 to 50 good question/answer pairs, you use a hosted model (OpenAI, Anthropic,
-    Mistral, ...) or a local server (Ollama, vLLM), and you want a better answer style today for
-    cents. Pick fine-tuning (openai_finetune.py, huggingface_lora.py) when you have hundreds of
-    pairs, or when every call must stay short: the demos make each prompt longer, for ever.
+    Mistral, ...), a local server (Ollama, vLLM) or a model folder (--serve), and you want a
+    better answer style today for cents. Pick fine-tuning (openai_finetune.py,
+    huggingface_lora.py) when you have hundreds of pairs, or when every call must stay short:
+    the demos make each prompt longer, for ever.
 
 What it costs
     A default real run (the first 30 train and all 36 test questions, BootstrapFewShot) makes
@@ -28,6 +29,8 @@ How to run it
     python dspy_example.py --run                   # real run (OPENAI_API_KEY in env or .env)
     python dspy_example.py --run --model ollama_chat/llama3.2 \\
         --api-base http://localhost:11434 --train-limit 5 --test-limit 5   # offline, local model
+    python dspy_example.py --run --serve path/to/model-folder \\
+        --train-limit 10 --test-limit 6    # starts and stops `transformers serve` for the run
     python dspy_example.py --run --ask "Why is the sky blue?"   # ask the compiled program
 """
 
@@ -1071,8 +1074,10 @@ def watch_lm_errors(setup: Setup):
                 tally["replies"] += 1
                 if exception is not None:
                     tally["not_in_format"] += 1
-                    if tally["first_unparsed"] is None:
-                        tally["first_unparsed"] = shorten(str(text or ""), 400)
+                    # the first reply that shows why; one cut at a stop string shows little
+                    text = shorten(str(text or ""), 400)
+                    if tally["first_unparsed"] in (None, *STOP) and text:
+                        tally["first_unparsed"] = text
 
     def one_line(record: logging.LogRecord) -> bool:
         error = getattr(FAILED_HERE, "error", None)
@@ -1194,8 +1199,14 @@ def say_replies(cfg: Config, setup: Setup, phase: str) -> None:
             f"{tally['json_rescued']} of those parsed; [bold]{tally['unparsed']} unparsed[/]: "
             "an empty answer, scored 0"
         )
+        first = tally["first_unparsed"] or "(empty)"
         console.print("  the first reply it could not read, as the model wrote it:")
-        console.print(f"  [dim]{escape(tally['first_unparsed'] or '(empty)')}[/]")
+        console.print(f"  [dim]{escape(first)}[/]")
+        if first in STOP:
+            console.print(
+                f"  (the model began by writing {first}, a stop string: it was echoing the "
+                "prompt, so the reply ends there and DSPy asks again in JSON)"
+            )
     if cut:
         console.print(
             f"  {cut} of {calls} calls ran to --max-tokens {cfg.max_tokens} before a stop "
@@ -1313,6 +1324,13 @@ def check_context(folder: Path, phases: list[Phase], max_tokens: int) -> None:
     )
 
 
+SERVE_PACKAGES = ("fastapi", "uvicorn", "pydantic", "openai")  # what `transformers serve` needs
+
+
+def missing_serve_packages() -> list[str]:
+    return [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 def context_window(folder: Path) -> int | None:
     """How many tokens the served model reads at most, from its config.json (None: unknown)."""
     try:
@@ -1350,12 +1368,13 @@ class LocalServer:
 
     Measured with SmolLM2-135M on 2 busy CPU cores (transformers 5.24). Without continuous
     batching the server writes one reply at a time: 4 short questions took 23.5 s one at a
-    time and 24.0 s two at a time, hence SERVE_THREADS = 1. With --continuous-batching, 4 at a
-    time took 16.1 s against 39.7 s one at a time, but that mode ignores `stop`: every reply ran
-    on, and the same small run (4 train, 3 test questions, --max-tokens 128) took 168 s and
-    2,000 reply tokens, against 108 s and 1,121 without it, with the same scores. So it is off.
-    On a machine busy with other work, OMP_NUM_THREADS=1 in the environment (passed on to the
-    server) ran 4.9 times faster than torch's default of one thread a core (23.5 s vs 114 s).
+    time and 24.0 s two at a time, hence SERVE_THREADS = 1. With --continuous-batching, 8 took
+    29.9 s four at a time against 43.7 s one at a time, but that mode ignores `stop`: every
+    reply ran on, and the same small run (4 train, 3 test questions, --max-tokens 128) took
+    168 s and 2,000 reply tokens, against 108 s and 1,121 without it, with the same scores. So
+    it is off. On a machine busy with other work, OMP_NUM_THREADS=1 in the environment (passed
+    on to the server) ran 4.9 times faster than torch's default of a thread a core (23.5 s
+    against 114 s).
     """
 
     def __init__(self, folder: Path, log_path: Path):
@@ -1670,6 +1689,12 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
     ]
     if cfg.serve is not None:
         check_context(cfg.serve, phases, cfg.max_tokens)
+        if missing := missing_serve_packages():
+            need = f"transformers serve needs {', '.join(missing)}: "
+            need += "pip install 'transformers[serving]'"
+            if cfg.run:
+                raise UsageError(f"--serve: {need} (nothing was started)")
+            console.print(f"[yellow]a real run with --serve would stop here: {need}[/]")
     price = (0.0, 0.0) if cfg.serve is not None else price_per_token(cfg.model)
     estimate = None if price is None else sum(phase_cost(phase, price) or 0 for phase in phases)
     table = Table(title="calls and cost of a real run (estimate)")

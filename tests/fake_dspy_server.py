@@ -10,7 +10,9 @@ one `[[ ## field ## ]]` section per output field the prompt asks for, then
 
 It records every request body, reports usage like a real server (a word count, deterministic),
 can be told to fail the next N requests (HTTP 500, or 404 as for an unknown model), and tracks
-how many requests were in flight at once (to prove the script answers in parallel).
+how many requests were in flight at once (to prove the script answers in parallel). For the
+questions in `free_text_for` it answers as a small model often does: plain prose in no format
+(`FREE_TEXT`), which neither ChatAdapter nor DSPy's JSON fallback can parse.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BASELINE_ANSWER = "I am not sure, sorry."
+FREE_TEXT = "The answer to this question is a question of its own, and so on, and so on."
 QUESTION_PATTERN = re.compile(r"\[\[ ## question ## \]\]\n(.*?)(?:\n\n|\Z)", re.DOTALL)
 REQUIRED_FIELDS_PATTERN = re.compile(r"`\[\[ ## (\w+) ## \]\]`")
 
@@ -72,6 +75,7 @@ class FakeChatServer:
         self.fail_next = 0  # answer the next N requests with an error...
         self.fail_status = 500  # ...of this HTTP status (404: an unknown model, as OpenAI says)
         self.api_key: str | None = None  # if set, refuse other keys with HTTP 401
+        self.free_text_for: set[str] = set()  # questions answered in prose, in no format
         self.max_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -144,7 +148,7 @@ class FakeChatServer:
 
     def _completion(self, body: dict) -> dict:
         messages = body.get("messages") or []
-        text = reply_for(messages)
+        text = FREE_TEXT if question_of(messages) in self.free_text_for else reply_for(messages)
         prompt_tokens = sum(word_count(str(m.get("content", ""))) for m in messages)
         usage = {
             "prompt_tokens": prompt_tokens,
