@@ -1186,6 +1186,27 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
     return results
 
 
+def show_calls(setup: Setup) -> None:
+    """Stage 6's table of LM calls, phase by phase: estimated, sent, cached, tokens, USD."""
+    table = Table(title="LM calls: estimated vs actual")
+    columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase in setup.phases:
+        actual = setup.actual.get(phase.name, NO_CALLS)
+        est = phase_cost(phase, setup.price)
+        table.add_row(
+            phase.name,
+            str(phase.calls),
+            str(actual["sent"]),
+            str(actual["cache_hits"]),
+            f"{actual['prompt_tokens']:,} / {actual['completion_tokens']:,}",
+            "?" if est is None else f"{est:.4f}",
+            "?" if actual["cost_usd"] is None else f"{actual['cost_usd']:.4f}",
+        )
+    console.print(table)
+
+
 def say_replies(cfg: Config, setup: Setup, phase: str) -> None:
     """After a phase: how many replies DSPy could not read, and the first of them."""
     tally = setup.replies.get(phase, new_reply_tally())
@@ -1630,24 +1651,10 @@ def key_variable_for(cfg: Config, provider: str) -> str | None:
     return missing[0] if missing else None
 
 
-def configure_model(cfg: Config, formatted: Formatted) -> Setup:
-    stage(
-        3, "configure_model", "Pick the LM, check its key, estimate calls and cost before sending."
-    )
-    import litellm
-
-    litellm.suppress_debug_info = True  # its provider-list banner is noise next to our error line
-    try:
-        _, provider, _, _ = litellm.get_llm_provider(cfg.model, api_base=cfg.api_base)
-    except Exception:  # LiteLLM raises BadRequestError for a string it cannot route
-        raise UsageError(
-            f"--model {cfg.model}: LiteLLM cannot tell which provider this is; write it as "
-            "provider/model, e.g. openai/gpt-4o-mini, anthropic/claude-haiku-4-5, "
-            "mistral/mistral-small-latest, ollama_chat/llama3.2"
-        ) from None
-    key_variable = key_variable_for(cfg, provider)
-    server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log") if cfg.serve else None
-
+def show_settings(
+    cfg: Config, provider: str, key_variable: str | None, server: LocalServer | None
+) -> None:
+    """Stage 3's table of what the LM client will be: model, server, key, decoding, cache."""
     settings = Table(show_header=False, box=None)
     settings.add_row("model", f"{cfg.model} (provider: {provider})")
     if server is not None:
@@ -1669,6 +1676,48 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
     )
     console.print(settings)
 
+
+def check_serve(cfg: Config, phases: list[Phase]) -> None:
+    """--serve: the prompts fit the model, and transformers serve can run here."""
+    check_context(cfg.serve, phases, cfg.max_tokens)
+    if missing := missing_serve_packages():
+        need = f"transformers serve needs {', '.join(missing)}: "
+        need += "pip install 'transformers[serving]'"
+        if cfg.run:
+            raise UsageError(f"--serve: {need} (nothing was started)")
+        console.print(f"[yellow]a real run with --serve would stop here: {need}[/]")
+
+
+def start_server(cfg: Config, setup: Setup, server: LocalServer) -> None:
+    """Start --serve's server and point the run at it (main() stops it when the run ends)."""
+    seconds = server.start(cfg.serve_timeout)
+    setup.server, cfg.api_base = server, server.api_base
+    console.print(
+        f"the server answered after {seconds:.0f} s; --model {cfg.model} --api-base "
+        f"{cfg.api_base} (stopped when this run ends)"
+    )
+
+
+def configure_model(cfg: Config, formatted: Formatted) -> Setup:
+    stage(
+        3, "configure_model", "Pick the LM, check its key, estimate calls and cost before sending."
+    )
+    import litellm
+
+    litellm.suppress_debug_info = True  # its provider-list banner is noise next to our error line
+    try:
+        _, provider, _, _ = litellm.get_llm_provider(cfg.model, api_base=cfg.api_base)
+    except Exception:  # LiteLLM raises BadRequestError for a string it cannot route
+        raise UsageError(
+            f"--model {cfg.model}: LiteLLM cannot tell which provider this is; write it as "
+            "provider/model, e.g. openai/gpt-4o-mini, anthropic/claude-haiku-4-5, "
+            "mistral/mistral-small-latest, ollama_chat/llama3.2"
+        ) from None
+    key_variable = key_variable_for(cfg, provider)
+    server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log") if cfg.serve else None
+
+    show_settings(cfg, provider, key_variable, server)
+
     calls = planned_calls(
         cfg, len(formatted.trainset), len(formatted.testset), formatted.loaded is None
     )
@@ -1688,13 +1737,7 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
         for name in ("baseline", "compile", "tuned")
     ]
     if cfg.serve is not None:
-        check_context(cfg.serve, phases, cfg.max_tokens)
-        if missing := missing_serve_packages():
-            need = f"transformers serve needs {', '.join(missing)}: "
-            need += "pip install 'transformers[serving]'"
-            if cfg.run:
-                raise UsageError(f"--serve: {need} (nothing was started)")
-            console.print(f"[yellow]a real run with --serve would stop here: {need}[/]")
+        check_serve(cfg, phases)
     price = (0.0, 0.0) if cfg.serve is not None else price_per_token(cfg.model)
     estimate = None if price is None else sum(phase_cost(phase, price) or 0 for phase in phases)
     table = Table(title="calls and cost of a real run (estimate)")
@@ -1756,12 +1799,7 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
         )
 
     if server is not None:
-        seconds = server.start(cfg.serve_timeout)
-        setup.server, cfg.api_base = server, server.api_base
-        console.print(
-            f"the server answered after {seconds:.0f} s; --model {cfg.model} --api-base "
-            f"{cfg.api_base} (stopped when this run ends)"
-        )
+        start_server(cfg, setup, server)
     import dspy
 
     # DSPy caches every call on disk, keyed on the model and the messages but NOT on api_base:
@@ -1963,23 +2001,7 @@ def compare(
     if cfg.serve is not None:  # your own machine: LiteLLM has no price for a folder, none is due
         for actual in setup.actual.values():
             actual["cost_usd"] = 0.0
-    table = Table(title="LM calls: estimated vs actual")
-    columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "phase" else "right")
-    for phase in setup.phases:
-        actual = setup.actual.get(phase.name, NO_CALLS)
-        est = phase_cost(phase, setup.price)
-        table.add_row(
-            phase.name,
-            str(phase.calls),
-            str(actual["sent"]),
-            str(actual["cache_hits"]),
-            f"{actual['prompt_tokens']:,} / {actual['completion_tokens']:,}",
-            "?" if est is None else f"{est:.4f}",
-            "?" if actual["cost_usd"] is None else f"{actual['cost_usd']:.4f}",
-        )
-    console.print(table)
+    show_calls(setup)
     actuals = [
         setup.actual[name] for name in ("baseline", "compile", "tuned") if name in setup.actual
     ]
