@@ -11,9 +11,10 @@ What this approach changes
 
 When to pick it
     You have 10 to 50 good question/answer pairs, you use a hosted model (OpenAI, Anthropic,
-    Mistral, ...) or a local server (Ollama, vLLM), and you want a better answer style today for
-    cents. Pick fine-tuning (openai_finetune.py, huggingface_lora.py) when you have hundreds of
-    pairs, or when every call must stay short: the demos make each prompt longer, for ever.
+    Mistral, ...), a local server (Ollama, vLLM) or a model folder (--serve), and you want a
+    better answer style today for cents. Pick fine-tuning (openai_finetune.py,
+    huggingface_lora.py) when you have hundreds of pairs, or when every call must stay short:
+    the demos make each prompt longer, for ever.
 
 What it costs
     A default real run (the first 30 train and all 36 test questions, BootstrapFewShot) makes
@@ -28,6 +29,8 @@ How to run it
     python dspy_example.py --run                   # real run (OPENAI_API_KEY in env or .env)
     python dspy_example.py --run --model ollama_chat/llama3.2 \\
         --api-base http://localhost:11434 --train-limit 5 --test-limit 5   # offline, local model
+    python dspy_example.py --run --serve path/to/model-folder \\
+        --train-limit 10 --test-limit 6    # starts and stops `transformers serve` for the run
     python dspy_example.py --run --ask "Why is the sky blue?"   # ask the compiled program
 """
 
@@ -45,7 +48,9 @@ import os
 import re
 import shlex
 import signal
+import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -77,6 +82,31 @@ KEY_VARIABLES = {
 # Servers that run on your own machine and need no key.
 LOCAL_PROVIDERS = ("ollama", "ollama_chat", "hosted_vllm", "lm_studio")
 
+# Where a reply ends, the same for every call (baseline, compile and tuned alike):
+# - "[[ ## completed ## ]]": ChatAdapter asks the model to close its reply with this marker. The
+#   parser needs nothing after the last field (it reads the first section of each field and
+#   ignores the marker), so whatever follows it is only time.
+# - "[[ ## question ## ]]": the header of the input. A reply never needs it; a small model that
+#   writes it is echoing the prompt, and what follows it never parsed in the replies measured.
+#   Cut there, the reply fails to parse at once, and DSPy asks again in JSON, which a small
+#   model answers far better (8 of its 9 JSON replies parsed, in the run measured below).
+# Measured with SmolLM2-135M, 19 distinct replies over ChatAdapter (6 zero-shot, 13 with 3 to 16
+# demos): 10 began by echoing the question's header, and none of those gave an answer (one
+# copied the prompt's placeholder, "{answer}"); 3 parsed into an answer, its section ending 39 to
+# 75 tokens in; 15 ran on to the token limit, repeating a paragraph or, twice, the answer section
+# (the parser keeps the first). No stop string can cut a repeated answer section (its header
+# reads exactly like the first one), nor a paragraph said again and again: --max-tokens bounds
+# those (below).
+STOP = ["[[ ## completed ## ]]", "[[ ## question ## ]]"]
+# A hosted model follows the format and stops at the marker: 1000 tokens is only a safety net
+# that never cuts a long reasoning short. A small model on your own CPU loops instead, and every
+# runaway reply costs the whole limit (about 60 ms a token for SmolLM2-135M on 2 cores): 256 is
+# three times the longest well-formed reply measured and about twice the reply stage 2 estimates.
+HOSTED_MAX_TOKENS = 1000
+LOCAL_MAX_TOKENS = 256
+HOSTED_THREADS = 8  # parallel calls a hosted API (or vLLM, Ollama) serves at once
+SERVE_THREADS = 1  # `transformers serve` writes one reply at a time: more only queue (LocalServer)
+
 
 @dataclass
 class Config:
@@ -100,17 +130,34 @@ class Config:
     max_labeled_demos: int = 16  # demos in all: training pairs as written fill the rest
     num_candidates: int = 8  # random-search: how many demo sets to try
     temperature: float = 0.0  # set explicitly: DSPy's defaults changed in 3.0.4
-    max_tokens: int = 1000  # room for the reasoning and the answer
-    threads: int = 8  # parallel calls: answering, and scoring candidates (random-search, mipro)
+    max_tokens: int | None = None  # None: HOSTED_MAX_TOKENS, or LOCAL_MAX_TOKENS on your machine
+    threads: int | None = None  # parallel calls (answering, scoring candidates); None: above
     num_retries: int = 3  # DSPy retries a failed call this often, backing off 1, 2, 4 s
     max_errors: int = 3  # failed examples an optimizer tolerates before it stops
     load: Path | None = None  # a compiled program to use instead of compiling
     cache_dir: Path | None = None  # default OUTPUT_DIR/dspy/cache
     no_cache: bool = False
+    serve: Path | None = None  # a local model folder: run `transformers serve` on it for this run
+    serve_timeout: float = 300.0  # seconds the server may take to load the model and answer
+    results_name: str | None = None  # results/<name>.json; None: the approach's name, "dspy"
     program_path: Path = field(init=False)  # where the compiled program is saved
 
     def __post_init__(self):
-        self.program_path = self.output_dir / "dspy" / "program.json"
+        if self.results_name is None:
+            self.results_name = APPROACH
+        # One compiled program per results name, so two runs side by side keep their own.
+        program = "program" if self.results_name == APPROACH else f"program-{self.results_name}"
+        self.program_path = self.output_dir / "dspy" / f"{program}.json"
+        if self.serve is not None:
+            self.serve = self.serve.resolve()
+            # transformers serve names the model after the folder it was given, and refuses
+            # any other name; "openai/" tells LiteLLM to speak the OpenAI chat API to it.
+            self.model = f"openai/{self.serve}"
+        local = self.serve is not None or self.model.split("/", 1)[0] in LOCAL_PROVIDERS
+        if self.max_tokens is None:
+            self.max_tokens = LOCAL_MAX_TOKENS if local else HOSTED_MAX_TOKENS
+        if self.threads is None:
+            self.threads = SERVE_THREADS if self.serve is not None else HOSTED_THREADS
         if self.cache_dir is None:
             self.cache_dir = self.output_dir / "dspy" / "cache"
         if self.ask and self.load is None:
@@ -130,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
   real run with Anthropic or Mistral:
     python dspy_example.py --run --model anthropic/claude-haiku-4-5
     python dspy_example.py --run --model mistral/mistral-small-latest
+  offline run against a model folder on this machine (starts and stops `transformers serve`):
+    python dspy_example.py --run --serve path/to/SmolLM2-135M-Instruct --train-limit 10 \\
+        --test-limit 6
   offline smoke run against a local Ollama or vLLM server:
     python dspy_example.py --run --model ollama_chat/llama3.2 --api-base http://localhost:11434 \\
         --train-limit 5 --test-limit 5
@@ -148,8 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         type=text_arg,
-        default=DEFAULT_MODEL,
-        help="LiteLLM model string, provider/model (default: %(default)s)",
+        help=f"LiteLLM model string, provider/model (default: {DEFAULT_MODEL})",
     )
     parser.add_argument(
         "--run", action="store_true", help="really send the calls (default: dry run)"
@@ -233,13 +282,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="random-search: demo sets to try (default: %(default)s)",
     )
     parser.add_argument("--temperature", type=number(float, 0), default=0.0)
-    parser.add_argument("--max-tokens", type=number(int, 1), default=1000, metavar="N")
+    parser.add_argument(
+        "--max-tokens",
+        type=number(int, 1),
+        metavar="N",
+        help=f"longest reply (default: {HOSTED_MAX_TOKENS} for a hosted API, {LOCAL_MAX_TOKENS} "
+        f"for a local server: --serve, {', '.join(LOCAL_PROVIDERS)})",
+    )
     parser.add_argument(
         "--threads",
         type=number(int, 1),
-        default=8,
         help="parallel calls when answering and when random-search/mipro score candidates "
-        "(default: %(default)s)",
+        f"(default: {HOSTED_THREADS}, or {SERVE_THREADS} with --serve)",
+    )
+    parser.add_argument(
+        "--serve",
+        type=path_arg,
+        metavar="FOLDER",
+        help="a local transformers model folder: start `transformers serve FOLDER` on a free "
+        "127.0.0.1 port for this run, use it as the model, stop it at the end",
+    )
+    parser.add_argument(
+        "--serve-timeout",
+        type=number(float, 0, above=True),
+        default=300.0,
+        metavar="SECONDS",
+        help="how long --serve waits for the server to load the model (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--results-name",
+        type=text_arg,
+        metavar="NAME",
+        help="write OUTPUT_DIR/results/NAME.json (default: dspy), e.g. to keep a run on a base "
+        "model and one on a fine-tuned model side by side",
     )
     parser.add_argument(
         "--load", type=path_arg, metavar="PATH", help="use this compiled program, skip compiling"
@@ -259,6 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.serve is not None:
+        for name in ("model", "api_base", "api_key_env"):
+            if getattr(args, name) is not None:
+                parser.error(
+                    f"--serve sets the model and its server; drop --{name.replace('_', '-')}"
+                )
+    plain = r"[A-Za-z0-9][\w.+-]*"  # a file stem: no folder, no hidden file
+    if args.results_name is not None and not re.fullmatch(plain, args.results_name):
+        parser.error(
+            f"--results-name {args.results_name!r}: use a plain file name without folder or "
+            "extension (letters, digits, '.', '_', '+', '-'), e.g. dspy-smollm2"
+        )
+    if args.results_name is not None and args.results_name.endswith(".json"):
+        parser.error(f"--results-name {args.results_name}: leave out .json, the script adds it")
+    if args.model is None:
+        args.model = DEFAULT_MODEL
     if not 0 <= args.metric_threshold <= 100:
         parser.error("--metric-threshold is a ROUGE-L score between 0 and 100")
     if args.optimizer in ("random-search", "mipro") and args.max_bootstrapped_demos < 1:
@@ -275,6 +366,8 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError(f"{cfg.load}: no compiled program there; {hint}")
     if cfg.load is not None:
         open_user_file(cfg.load, "--load").close()  # a folder, a pipe, unreadable: say so now
+    if cfg.serve is not None:
+        check_model_folder(cfg.serve)
     return cfg
 
 
@@ -1045,6 +1138,36 @@ def teacher_signature():
     return TeacherAnswer
 
 
+UNPARSED = "(the reply did not follow the format)"
+_TOLERANT = None
+
+
+def chain_of_thought(signature):
+    """dspy.ChainOfThought, where a reply that cannot be parsed is an empty answer, not an error.
+
+    DSPy raises AdapterParseError when a reply does not follow the format even after its JSON
+    fallback. BootstrapFewShot counts that as a failed example and stops compiling after
+    max_errors of them, as it does for a server that fails. From a small model such a reply is
+    a bad answer, not a broken server: here it scores 0 like any bad answer (and is never kept
+    as a demo), while a failing server still stops the run. The callback in configure_model
+    counts every such reply, so none goes unseen. Saved and loaded like ChainOfThought.
+    """
+    global _TOLERANT
+    import dspy
+
+    if _TOLERANT is None:
+
+        class TolerantChainOfThought(dspy.ChainOfThought):
+            def forward(self, **kwargs):
+                try:
+                    return super().forward(**kwargs)
+                except dspy.AdapterParseError:
+                    return dspy.Prediction(reasoning=UNPARSED, answer="")
+
+        _TOLERANT = TolerantChainOfThought
+    return _TOLERANT(signature)
+
+
 def rouge_metric(example, prediction, trace=None) -> float:
     """The optimizer's metric: the shared ROUGE-L, on the 0-1 scale DSPy's optimizers use.
 
@@ -1223,16 +1346,36 @@ def describe_lm_error(exc: BaseException) -> str:
 FAILED_HERE = threading.local()  # the error of this thread's last LM call, or None
 
 
+def new_reply_tally() -> dict:
+    return {
+        "replies": 0,  # replies ChatAdapter read (JSON fallback replies not included)
+        "not_in_format": 0,  # of those, replies it could not parse: each one asked again in JSON
+        "json_rescued": 0,  # JSON fallback replies that did parse
+        "unparsed": 0,  # neither parsed: the answer is "" and scores 0
+        "first_unparsed": None,  # the first reply ChatAdapter could not parse, shortened
+    }
+
+
+PARSE_LOCK = threading.Lock()
+
+
 def watch_lm_errors(setup: Setup):
-    """A DSPy callback that sees every LM call end, and a log filter that uses what it saw.
+    """A DSPy callback that sees every LM call and every parse end; a log filter that uses it.
 
     DSPy's parallel evaluator (random search, MIPROv2) catches a failed call, logs it with the
     whole example and the provider's message (OpenAI's quotes the key), scores it 0, and after
     max_errors raises a bare "Execution cancelled" that no longer says why. The callback keeps
     the first error, so tune() can tell a refused key from a flaky server; the filter turns each
     logged failure into one short line without the key.
+
+    It also counts, phase by phase, the replies ChatAdapter could not parse. DSPy then asks the
+    same question again with JSONAdapter (one more LM call); a reply neither can parse becomes
+    an empty answer, scored 0, and the first such reply is kept to show the user why.
     """
+    from dspy.adapters.json_adapter import JSONAdapter
     from dspy.utils.callback import BaseCallback
+
+    parsing: dict[str, tuple[bool, str]] = {}  # call id -> (JSON fallback?, the reply text)
 
     class KeepErrors(BaseCallback):
         def on_lm_end(self, call_id, outputs, exception=None):
@@ -1240,19 +1383,66 @@ def watch_lm_errors(setup: Setup):
             if exception is not None and setup.first_lm_error is None:
                 setup.first_lm_error = exception
 
-    def shorten(record: logging.LogRecord) -> bool:
+        def on_adapter_parse_start(self, call_id, instance, inputs):
+            with PARSE_LOCK:
+                parsing[call_id] = (isinstance(instance, JSONAdapter), inputs.get("completion"))
+
+        def on_adapter_parse_end(self, call_id, outputs, exception=None):
+            with PARSE_LOCK:
+                fallback, text = parsing.pop(call_id, (False, None))
+                tally = setup.replies.setdefault(setup.phase, new_reply_tally())
+                if fallback:
+                    tally["json_rescued" if exception is None else "unparsed"] += 1
+                    return
+                tally["replies"] += 1
+                if exception is not None:
+                    tally["not_in_format"] += 1
+                    # the first reply that shows why; one cut at a stop string shows little
+                    text = shorten(str(text or ""), 400)
+                    if tally["first_unparsed"] in (None, *STOP) and text:
+                        tally["first_unparsed"] = text
+
+    def one_line(record: logging.LogRecord) -> bool:
         error = getattr(FAILED_HERE, "error", None)
         if error is not None and record.getMessage().startswith("Error for "):
             record.msg, record.args = f"a call failed: {describe_lm_error(error)}", ()
         return True
 
+    def counted_instead(record: logging.LogRecord) -> bool:
+        # DSPy warns about every reply cut at max_tokens; stages 4 to 6 count them by phase.
+        return not record.getMessage().startswith("LM response was truncated")
+
     parallel_log = logging.getLogger("dspy.utils.parallelizer")
     parallel_log.filters.clear()  # one filter, however often this runs in one process
-    parallel_log.addFilter(shorten)
+    parallel_log.addFilter(one_line)
+    lm_log = logging.getLogger("dspy.clients.lm")
+    lm_log.filters.clear()
+    lm_log.addFilter(counted_instead)
     return KeepErrors()
 
 
-NO_CALLS = {"sent": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+def shorten(text: str, limit: int) -> str:
+    """At most `limit` characters of a reply, its line breaks shown as ⏎."""
+    flat = text.strip().replace("\n", " ⏎ ")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+NO_CALLS = {
+    "sent": 0,
+    "cache_hits": 0,
+    "prompt_tokens": 0,
+    "completion_tokens": 0,
+    "cost_usd": 0.0,
+    "cut_at_max_tokens": 0,
+}
+
+
+def finish_reason(entry: dict) -> str | None:
+    """Why the reply ended: "stop" (end of turn or a stop string) or "length" (--max-tokens)."""
+    response = entry["response"]
+    choices = getattr(response, "choices", None) or []
+    reason = getattr(choices[0], "finish_reason", None) if choices else None
+    return reason or getattr(response, "finish_reason", None)
 
 
 def tally_since(before: set[str]) -> dict:
@@ -1273,6 +1463,8 @@ def tally_since(before: set[str]) -> dict:
         # calls really sent are summed. One unpriced call, or one whose usage the server did
         # not report, makes the total unknown.
         "cost_usd": None if any(cost is None for cost in costs) else sum(costs),
+        # replies that ran to --max-tokens, cached ones included: the same replies either way
+        "cut_at_max_tokens": sum(finish_reason(entry) == "length" for entry in entries),
     }
 
 
@@ -1293,8 +1485,8 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
     def one(example) -> dict:
         try:
             prediction = program(**example.inputs())
-        except dspy.AdapterParseError:
-            return {"answer": "", "reasoning": "(the reply did not follow the format)"}
+        except dspy.AdapterParseError:  # a program that is not chain_of_thought()'s
+            return {"answer": "", "reasoning": UNPARSED}
         return {"answer": prediction.answer or "", "reasoning": prediction.reasoning or ""}
 
     results: list[dict] = [{} for _ in examples]
@@ -1318,11 +1510,85 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
     return results
 
 
+def show_calls(setup: Setup) -> None:
+    """Stage 6's table of LM calls, phase by phase: estimated, sent, cached, tokens, USD."""
+    table = Table(title="LM calls: estimated vs actual")
+    columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase in setup.phases:
+        actual = setup.actual.get(phase.name, NO_CALLS)
+        est = phase_cost(phase, setup.price)
+        table.add_row(
+            phase.name,
+            str(phase.calls),
+            str(actual["sent"]),
+            str(actual["cache_hits"]),
+            f"{actual['prompt_tokens']:,} / {actual['completion_tokens']:,}",
+            "?" if est is None else f"{est:.4f}",
+            "?" if actual["cost_usd"] is None else f"{actual['cost_usd']:.4f}",
+        )
+    console.print(table)
+
+
+def say_replies(cfg: Config, setup: Setup, phase: str) -> None:
+    """After a phase: how many replies DSPy could not read, and the first of them."""
+    tally = setup.replies.get(phase, new_reply_tally())
+    actual = setup.actual.get(phase, NO_CALLS)
+    calls, cut = actual["sent"] + actual["cache_hits"], actual["cut_at_max_tokens"]
+    n, bad = tally["replies"], tally["not_in_format"]
+    console.print(f"{phase}: {n - bad} of {n} replies in DSPy's [[ ## field ## ]] format")
+    if bad:
+        console.print(
+            f"  {bad} not in it: DSPy asked each again in JSON (+{bad} calls), "
+            f"{tally['json_rescued']} of those parsed; [bold]{tally['unparsed']} unparsed[/]: "
+            "an empty answer, scored 0"
+        )
+        first = tally["first_unparsed"] or "(empty)"
+        console.print("  the first reply it could not read, as the model wrote it:")
+        console.print(f"  [dim]{escape(first)}[/]")
+        if first in STOP:
+            console.print(
+                f"  (the model began by writing {first}, a stop string: it was echoing the "
+                "prompt, so the reply ends there and DSPy asks again in JSON)"
+            )
+    if cut:
+        console.print(
+            f"  {cut} of {calls} calls ran to --max-tokens {cfg.max_tokens} before a stop "
+            f"string {STOP} (a model repeating itself; raise it if answers look cut short)"
+        )
+
+
+def show_replies(cfg: Config, setup: Setup) -> dict[str, dict]:
+    """Stage 6's account of every reply: read, asked again in JSON, or unparsed (scored 0)."""
+    table = Table(title="replies, by phase: what DSPy could read")
+    columns = ("phase", "replies", "in format", "not: asked in JSON", "JSON parsed")
+    columns += ("unparsed (scored 0)", f"calls cut at {cfg.max_tokens} tokens")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    replies = {}
+    for name in ("baseline", "compile", "tuned"):
+        if name not in setup.actual:
+            continue
+        tally = replies[name] = setup.replies.get(name, new_reply_tally())
+        actual = setup.actual[name]
+        cut = f"{actual['cut_at_max_tokens']} of {actual['sent'] + actual['cache_hits']}"
+        n, bad = tally["replies"], tally["not_in_format"]
+        cells = (n, n - bad, bad, tally["json_rescued"], tally["unparsed"])
+        table.add_row(name, *map(str, cells), cut)
+    console.print(table)
+    console.print(
+        "[dim]in format: ChatAdapter read every field from the reply. Each other reply is asked "
+        "again in JSON (one more call, counted in 'sent' above); unparsed: neither reply could "
+        "be read, so the answer is empty and scores 0. Cut: the calls (JSON ones included) that "
+        f"ran to --max-tokens before a stop string {STOP}.[/]"
+    )
+    return replies
+
+
 def load_program(path: Path, signature):
     """A ChainOfThought program with the demos and instructions saved in `path`."""
-    import dspy
-
-    program = dspy.ChainOfThought(signature)
+    program = chain_of_thought(signature)
     try:
         program.load(str(path))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -1362,6 +1628,197 @@ def show_program(program, original_instructions: str, threshold: float) -> None:
     else:
         console.print("instructions, as the optimizer rewrote them:")
     console.print(f"  {instructions}", markup=False)
+
+
+# -------------------------------------------------------------------------------------
+# --serve: a local model folder behind `transformers serve`, for the length of one run
+# -------------------------------------------------------------------------------------
+
+
+def check_model_folder(folder: Path) -> None:
+    """A folder `transformers serve` can load: save_pretrained's config.json in it, at least."""
+    if not folder.is_dir():
+        raise UsageError(f"--serve {folder}: no such folder; pass a local model folder")
+    if not (folder / "config.json").is_file():
+        raise UsageError(
+            f"--serve {folder}: not a transformers model folder (no config.json); pass a folder "
+            "written by save_pretrained(), with the model's weights and tokenizer"
+        )
+
+
+def check_context(folder: Path, phases: list[Phase], max_tokens: int) -> None:
+    """The longest prompt plus the longest reply must fit what the served model can read.
+
+    Past its context window a model does not fail: transformers serve answers anyway, with
+    positions the model never saw in training, which reads as nonsense. Refuse that up front.
+    """
+    window = served_context_window(folder)
+    longest = max((phase.prompt_tokens for phase in phases if phase.calls), default=0)
+    if window is None:
+        console.print(f"[yellow]{folder}/config.json names no context window; not checked[/]")
+        return
+    if longest + max_tokens > window:
+        raise UsageError(
+            f"--serve {folder}: the model reads at most {window} tokens, but the longest prompt "
+            f"is about {longest} and --max-tokens is {max_tokens}; lower --max-labeled-demos "
+            "or --max-tokens"
+        )
+    console.print(
+        f"fits the model: the longest prompt (~{longest} tokens) plus --max-tokens {max_tokens} "
+        f"is within its context window of {window} tokens (max_position_embeddings)"
+    )
+
+
+SERVE_PACKAGES = ("fastapi", "uvicorn", "pydantic", "openai")  # what `transformers serve` needs
+
+
+def missing_serve_packages() -> list[str]:
+    return [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def served_label(folder: Path) -> str:
+    """The served model as the comparison names it: its folder, relative when it is nearby."""
+    try:
+        return f"{folder.relative_to(Path.cwd())} (transformers serve)"
+    except ValueError:
+        return f"{folder} (transformers serve)"
+
+
+def served_context_window(folder: Path) -> int | None:
+    """How many tokens the served model reads at most, from its config.json (None: unknown)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)  # a multimodal model keeps it one level down
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+# The child process: `transformers serve` itself, run by this script's own Python so it comes
+# from the same environment. On Linux it first asks the kernel to send it SIGTERM when this
+# script dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no server outlives its run.
+SERVE_LAUNCHER = """
+import ctypes, os, signal, sys
+parent = int(sys.argv.pop(1))
+if sys.platform == "linux":
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+if os.getppid() != parent:
+    sys.exit("the script that started this server is gone")
+from transformers.cli.transformers import main
+sys.argv[0] = "transformers"
+sys.exit(main())
+"""
+
+
+class LocalServer:
+    """`transformers serve FOLDER` on a free 127.0.0.1 port, a child of this process.
+
+    Started in stage 3 of a real run; main() stops it however the run ends: finished, failed,
+    Ctrl-C or SIGTERM. Its log goes to OUTPUT_DIR/dspy/serve.log. It sends nothing past
+    loopback: the model comes from the folder (HF_HUB_OFFLINE=1), and the CLI's daily
+    new-version check on PyPI is switched off (HF_HUB_DISABLE_UPDATE_CHECK=1).
+
+    Measured with SmolLM2-135M on 2 busy CPU cores (transformers 5.24). Without continuous
+    batching the server writes one reply at a time: 4 short questions took 23.5 s one at a
+    time and 24.0 s two at a time, hence SERVE_THREADS = 1. With --continuous-batching, 8 took
+    29.9 s four at a time against 43.7 s one at a time, but that mode ignores `stop`: every
+    reply ran on, and the same small run (4 train, 3 test questions, --max-tokens 128) took
+    168 s and 2,000 reply tokens, against 108 s and 1,121 without it, with the same scores. So
+    it is off. On a machine busy with other work, OMP_NUM_THREADS=1 in the environment (passed
+    on to the server) ran 4.9 times faster than torch's default of a thread a core (23.5 s
+    against 114 s).
+    """
+
+    def __init__(self, folder: Path, log_path: Path):
+        self.folder, self.log_path = folder, log_path
+        with socket.socket() as probe:  # a port nobody uses now; the server takes it next
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.args = ["serve", str(folder), "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc: subprocess.Popen | None = None
+
+    running: list[LocalServer] = []  # every server started and not stopped yet: main() stops them
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def command(self) -> str:
+        """The same server as one command a user can run in another terminal."""
+        return "HF_HUB_OFFLINE=1 " + shlex.join(["transformers", *self.args])
+
+    def start(self, timeout: float) -> float:
+        """Start the server, wait until it lists the model; return the seconds it took."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        started = time.monotonic()
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", SERVE_LAUNCHER, str(os.getpid()), *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches this script, which then stops it
+            )
+        LocalServer.running.append(self)
+        console.print(f"started `{self.command()}` (pid {self.proc.pid}); log: {self.log_path}")
+        with console.status(f"loading {self.folder.name} into the server (up to {timeout:g} s)"):
+            while not self._answers():
+                if self.proc.poll() is not None:
+                    reason = self._last_log_line()
+                    self.stop()
+                    raise UsageError(
+                        f"--serve {self.folder}: transformers serve stopped before it answered "
+                        f"({reason}); the whole log is in {self.log_path}"
+                    )
+                if time.monotonic() - started > timeout:
+                    self.stop()
+                    raise ServiceError(
+                        f"--serve {self.folder}: the server did not answer within {timeout:g} s "
+                        f"(log: {self.log_path}); raise --serve-timeout on a slow machine. "
+                        "Kept: nothing was sent yet"
+                    )
+                time.sleep(0.5)
+        return time.monotonic() - started
+
+    def _answers(self) -> bool:
+        """True once the server lists the model: `transformers serve` loads it before that."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.api_base}/models", timeout=2) as response:
+                listed = json.loads(response.read())
+        except (OSError, ValueError):
+            return False
+        return any(model.get("id") == str(self.folder) for model in listed.get("data", []))
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        lines = [line.strip() for line in lines if line.strip()]
+        return lines[-1][:200] if lines else "it printed nothing"
+
+    def stop(self) -> None:
+        """Stop the server: SIGTERM, then SIGKILL if it is still there after 10 s."""
+        if self in LocalServer.running:
+            LocalServer.running.remove(self)
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is not None:
+            return  # it stopped by itself; start() said why
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        console.print(f"stopped the local server (pid {proc.pid})")
 
 
 # =====================================================================================
@@ -1516,12 +1973,17 @@ class Setup:
     actual: dict[str, dict] = field(default_factory=dict)  # tally_since() of each phase run
     demos: int | None = None  # demos in the compiled program
     first_lm_error: BaseException | None = None  # kept by the callback in configure_model
+    server: LocalServer | None = None  # --serve: the server this run started
+    phase: str = "baseline"  # the phase whose replies are being parsed now
+    replies: dict[str, dict] = field(default_factory=dict)  # parse outcomes, by phase
 
 
 def key_variable_for(cfg: Config, provider: str) -> str | None:
     """The environment variable the model's key must come from, or None when none is needed."""
     if cfg.api_key_env:
         return cfg.api_key_env
+    if cfg.serve is not None:
+        return None  # the server this script starts takes any key
     if provider in KEY_VARIABLES:
         return KEY_VARIABLES[provider]
     if provider in LOCAL_PROVIDERS:
@@ -1530,6 +1992,53 @@ def key_variable_for(cfg: Config, provider: str) -> str | None:
 
     missing = litellm.validate_environment(model=cfg.model, api_base=cfg.api_base)["missing_keys"]
     return missing[0] if missing else None
+
+
+def show_settings(
+    cfg: Config, provider: str, key_variable: str | None, server: LocalServer | None
+) -> None:
+    """Stage 3's table of what the LM client will be: model, server, key, decoding, cache."""
+    settings = Table(show_header=False, box=None)
+    settings.add_row("model", f"{cfg.model} (provider: {provider})")
+    if server is not None:
+        settings.add_row("server", f"{server.api_base}, started for this run: {server.command()}")
+    else:
+        settings.add_row("server", cfg.api_base or "the provider's own API")
+    settings.add_row(
+        "key", key_status(key_variable) if key_variable else "none needed (local server)"
+    )
+    settings.add_row("engine", f"{cfg.engine} (dspy.LM(engine=...))")
+    settings.add_row(
+        "decoding",
+        f"temperature={cfg.temperature}, max_tokens={cfg.max_tokens}, stop={STOP} "
+        "(the same for baseline, compile and tuned)",
+    )
+    settings.add_row("retries", f"{cfg.num_retries} per call, with exponential backoff")
+    settings.add_row(
+        "cache", "off (--no-cache)" if cfg.no_cache else f"{cfg.cache_dir} (a re-run costs nothing)"
+    )
+    console.print(settings)
+
+
+def check_serve(cfg: Config, phases: list[Phase]) -> None:
+    """--serve: the prompts fit the model, and transformers serve can run here."""
+    check_context(cfg.serve, phases, cfg.max_tokens)
+    if missing := missing_serve_packages():
+        need = f"transformers serve needs {', '.join(missing)}: "
+        need += "pip install 'transformers[serving]'"
+        if cfg.run:
+            raise UsageError(f"--serve: {need} (nothing was started)")
+        console.print(f"[yellow]a real run with --serve would stop here: {need}[/]")
+
+
+def start_server(cfg: Config, setup: Setup, server: LocalServer) -> None:
+    """Start --serve's server and point the run at it (main() stops it when the run ends)."""
+    seconds = server.start(cfg.serve_timeout)
+    setup.server, cfg.api_base = server, server.api_base
+    console.print(
+        f"the server answered after {seconds:.0f} s; --model {cfg.model} --api-base "
+        f"{cfg.api_base} (stopped when this run ends)"
+    )
 
 
 def configure_model(cfg: Config, formatted: Formatted) -> Setup:
@@ -1548,20 +2057,9 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
             "mistral/mistral-small-latest, ollama_chat/llama3.2"
         ) from None
     key_variable = key_variable_for(cfg, provider)
+    server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log") if cfg.serve else None
 
-    settings = Table(show_header=False, box=None)
-    settings.add_row("model", f"{cfg.model} (provider: {provider})")
-    settings.add_row("server", cfg.api_base or "the provider's own API")
-    settings.add_row(
-        "key", key_status(key_variable) if key_variable else "none needed (local server)"
-    )
-    settings.add_row("engine", f"{cfg.engine} (dspy.LM(engine=...))")
-    settings.add_row("sampling", f"temperature={cfg.temperature}, max_tokens={cfg.max_tokens}")
-    settings.add_row("retries", f"{cfg.num_retries} per call, with exponential backoff")
-    settings.add_row(
-        "cache", "off (--no-cache)" if cfg.no_cache else f"{cfg.cache_dir} (a re-run costs nothing)"
-    )
-    console.print(settings)
+    show_settings(cfg, provider, key_variable, server)
 
     calls = planned_calls(
         cfg, len(formatted.trainset), len(formatted.testset), formatted.loaded is None
@@ -1581,7 +2079,9 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
         )
         for name in ("baseline", "compile", "tuned")
     ]
-    price = price_per_token(cfg.model)
+    if cfg.serve is not None:
+        check_serve(cfg, phases)
+    price = (0.0, 0.0) if cfg.serve is not None else price_per_token(cfg.model)
     estimate = None if price is None else sum(phase_cost(phase, price) or 0 for phase in phases)
     table = Table(title="calls and cost of a real run (estimate)")
     for column in ("phase", "what", "calls", "tokens in/out per call", "USD"):
@@ -1605,7 +2105,9 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
         style="bold",
     )
     console.print(table)
-    if price is None:
+    if cfg.serve is not None:
+        console.print("a model on this machine: no price per token, only electricity.")
+    elif price is None:
         console.print(
             f"LiteLLM {version('litellm')}'s price map lists no price for {cfg.model}: "
             "the cost is unknown (a model on your own server costs only its electricity)."
@@ -1619,6 +2121,8 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
     setup = Setup(phases, price, estimate, key_variable)
 
     if not cfg.run:
+        if server is not None:
+            console.print(f"dry run: would start `{server.command()}`; nothing is started.")
         console.print("dry run: no LM client is built and nothing is sent.")
         return setup
 
@@ -1628,13 +2132,17 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
             f"{key_variable} is not set; {cfg.model} needs it: export it or put it in .env "
             "(nothing was sent)"
         )
-    if estimate == 0:
+    if server is not None:
+        console.print("your own machine: nothing to pay, nothing to confirm.")
+    elif estimate == 0:
         console.print("LiteLLM prices this model at $0 (a local server): nothing to confirm.")
     else:
         confirm_paid_step(
             f"{total_calls} LM calls to {cfg.model}", estimate, yes=cfg.yes, max_cost=cfg.max_cost
         )
 
+    if server is not None:
+        start_server(cfg, setup, server)
     import dspy
 
     # DSPy caches every call on disk, keyed on the model and the messages but NOT on api_base:
@@ -1647,12 +2155,15 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
     client = {"api_base": cfg.api_base} if cfg.api_base else {}
     if key_variable:
         client["api_key"] = os.environ[key_variable]
+    elif server is not None:
+        client["api_key"] = "local"  # the OpenAI client wants one; transformers serve reads none
     try:
         lm = dspy.LM(
             cfg.model,
             engine=cfg.engine,
             temperature=cfg.temperature,
             max_tokens=cfg.max_tokens,
+            stop=STOP,
             cache=not cfg.no_cache,
             num_retries=cfg.num_retries,
             **client,
@@ -1728,14 +2239,15 @@ def tune(cfg: Config, formatted: Formatted, setup: Setup):
         console.print(f"dry run: would compile and save the program to {cfg.program_path}")
         return None
 
-    student = dspy.ChainOfThought(formatted.signature)
+    student = chain_of_thought(formatted.signature)
     before = history_ids()
+    setup.phase = "compile"
     try:
         program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
-    except dspy.AdapterParseError:
+    except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
         raise ServiceError(
-            f"{cfg.model} answered {cfg.max_errors} times in a form DSPy could not read while "
-            "compiling; try a stronger model or --optimizer labeled (it makes no calls). "
+            f"{cfg.model} answered MIPROv2's instruction proposer in a form DSPy could not "
+            "read; try a stronger model or another --optimizer. "
             f"Kept: {kept_note(cfg, setup)}"
         ) from None
     except Exception as exc:
@@ -1752,6 +2264,7 @@ def tune(cfg: Config, formatted: Formatted, setup: Setup):
             f"{kept_note(cfg, setup)}; run the same command again to resume"
         ) from None
     setup.actual["compile"] = tally_since(before)
+    say_replies(cfg, setup, "compile")
     # Module.save writes in place; write beside it and rename, so the file is whole or absent.
     tmp = cfg.program_path.with_name(f".program.{os.getpid()}.tmp.json")
     cfg.program_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1768,8 +2281,6 @@ def tune(cfg: Config, formatted: Formatted, setup: Setup):
 
 def answer(cfg: Config, formatted: Formatted, setup: Setup, program) -> list[dict] | None:
     stage(5, "answer", "Answer the held-out questions with the baseline and the compiled program.")
-    import dspy
-
     n = len(formatted.testset)
     if not cfg.run:
         console.print(
@@ -1780,12 +2291,14 @@ def answer(cfg: Config, formatted: Formatted, setup: Setup, program) -> list[dic
 
     answers = {}
     for name, predictor in (
-        ("baseline", dspy.ChainOfThought(formatted.signature)),
+        ("baseline", chain_of_thought(formatted.signature)),
         ("tuned", program),
     ):
         before = history_ids()
+        setup.phase = name
         answers[name] = answer_all(predictor, formatted.testset, cfg.threads, name)
         setup.actual[name] = tally_since(before)
+        say_replies(cfg, setup, name)
     base, tuned = answers["baseline"], answers["tuned"]
 
     rows = [
@@ -1828,23 +2341,10 @@ def compare(
         compare_results(cfg.output_dir, write=False)
         return
 
-    table = Table(title="LM calls: estimated vs actual")
-    columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "phase" else "right")
-    for phase in setup.phases:
-        actual = setup.actual.get(phase.name, NO_CALLS)
-        est = phase_cost(phase, setup.price)
-        table.add_row(
-            phase.name,
-            str(phase.calls),
-            str(actual["sent"]),
-            str(actual["cache_hits"]),
-            f"{actual['prompt_tokens']:,} / {actual['completion_tokens']:,}",
-            "?" if est is None else f"{est:.4f}",
-            "?" if actual["cost_usd"] is None else f"{actual['cost_usd']:.4f}",
-        )
-    console.print(table)
+    if cfg.serve is not None:  # your own machine: LiteLLM has no price for a folder, none is due
+        for actual in setup.actual.values():
+            actual["cost_usd"] = 0.0
+    show_calls(setup)
     actuals = [
         setup.actual[name] for name in ("baseline", "compile", "tuned") if name in setup.actual
     ]
@@ -1856,21 +2356,28 @@ def compare(
         f"actual cost: {'unknown' if cost is None else f'${cost:.4f}'} for {sent} calls sent; "
         f"{cached} answered from the cache at no cost (DSPy's history, cache hits counted apart)."
     )
+    replies = show_replies(cfg, setup)
 
     result = write_results(
         cfg.output_dir,
-        model=cfg.model,
+        model=served_label(cfg.serve) if cfg.serve else cfg.model,
         tuned_model=f"{cfg.model} + {cfg.program_path if cfg.load is None else cfg.load}",
         questions=rows,
         cost_usd=cost,
         seconds=seconds,
-        decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens},
+        decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "stop": STOP},
         extra={
             "optimizer": "loaded" if cfg.load else cfg.optimizer,
             "demos": setup.demos,
             "lm_calls": setup.actual,
             "estimated_cost_usd": setup.estimate_usd,
+            # replies neither ChatAdapter nor its JSON fallback could parse, by phase: each is an
+            # answer of "" (scored 0; counted as unusable above for baseline and tuned)
+            "unparsed": {name: tally["unparsed"] for name, tally in replies.items()},
+            "replies": replies,
+            "server": setup.server.command() if setup.server else None,
         },
+        name=cfg.results_name,
     )
     compare_results(cfg.output_dir)
     show_side_by_side(result["questions"])
@@ -1894,10 +2401,31 @@ def main(argv: list[str] | None = None) -> None:
     train, test = prepare_data(cfg)
     # Ctrl-C held while the libraries load: inside an import's cleanup it is swallowed, not raised.
     with interrupts_held():
-        import dspy  # also for its error classes: every failed LM call is raised as a dspy.LMError
+        import dspy  # noqa: F401
         import litellm  # noqa: F401
     formatted = format_data(cfg, train, test)
-    setup = configure_model(cfg, formatted)
+    try:
+        if threading.current_thread() is threading.main_thread():
+            # `kill PID` ends the run through the finally below, which stops the server
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        setup = configure_model(cfg, formatted)  # with --serve, a real run starts the server
+        run_stages(cfg, formatted, setup)
+    finally:
+        for server in list(LocalServer.running):
+            server.stop()
+    if not cfg.run:
+        command = shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
+        need = setup.key_variable and not os.environ.get(setup.key_variable)
+        console.print()
+        console.print("Real run (sends the calls above):", style="bold")
+        if need:
+            console.print(f"  export {setup.key_variable}=...   # or put it in .env")
+        console.print(f"  python {command} --run", markup=False)
+
+
+def run_stages(cfg: Config, formatted: Formatted, setup: Setup) -> None:
+    """Stages 4 to 6, with every failed LM call turned into one line and its exit code."""
+    import dspy  # for its error classes: every failed LM call is raised as a dspy.LMError
 
     started = time.monotonic()
     try:
@@ -1928,14 +2456,6 @@ def main(argv: list[str] | None = None) -> None:
             f"kept {kept_note(cfg, setup)}; run the same command to resume"
         ) from None
     compare(cfg, formatted, setup, rows, time.monotonic() - started)
-    if not cfg.run:
-        command = shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
-        need = setup.key_variable and not os.environ.get(setup.key_variable)
-        console.print()
-        console.print("Real run (sends the calls above):", style="bold")
-        if need:
-            console.print(f"  export {setup.key_variable}=...   # or put it in .env")
-        console.print(f"  python {command} --run", markup=False)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ DSPy. What it does, and where each behaviour comes from:
   some self-hosted servers do), a delay per reply (`delay`, so parallel requests overlap).
 
 It records every request body and the usage it reported, and how many requests were in flight
-at once (to prove the script answers in parallel).
+at once (to prove the script answers in parallel). For the questions in `free_text_for` it
+answers, every time, as a small model often does: plain prose in no format (`FREE_TEXT`), which
+neither ChatAdapter nor DSPy's JSON fallback can parse.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+FREE_TEXT = "The answer to this question is a question of its own, and so on, and so on."
 QUESTION_PATTERN = re.compile(r"\[\[ ## question ## \]\]\n(.*?)(?:\n\n|\Z)", re.DOTALL)
 CHAT_FIELDS_PATTERN = re.compile(r"`\[\[ ## (\w+) ## \]\]`")
 JSON_FIELDS_PATTERN = re.compile(
@@ -260,7 +263,10 @@ class FakeChatServer:
 
     def _completion(self, body: dict, prose: bool = False) -> dict:
         messages = body.get("messages") or []
-        text, finish = reply_for(body, prose), "stop"
+        if question_of(messages) in self.free_text_for:
+            text, finish = FREE_TEXT, "stop"
+        else:
+            text, finish = reply_for(body, prose), "stop"
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         tokens = encoding().encode_ordinary(text)
         if limit is not None and len(tokens) > limit:

@@ -1,0 +1,416 @@
+"""dspy_example.py against a model on this machine, the way a small local model behaves.
+
+- Stop strings: every call, baseline, compile and tuned alike, carries the same `stop` list, and
+  the results file records it.
+- Unparseable replies: a reply in no format (as a small model often writes) is counted per
+  phase, scored 0, shown with its raw text, and recorded; it never stops the run.
+- `--results-name`: results/NAME.json, beside the other runs.
+- `--serve FOLDER`: the script starts `transformers serve` on a free 127.0.0.1 port and stops it
+  however the run ends (done, bad model, Ctrl-C, killed); a dry run starts nothing. These use a
+  tiny random model folder built here in a second (its replies are noise, which is the point:
+  nothing parses), so only the server's own start-up (importing transformers) takes time.
+- One test with the real SmolLM2-135M-Instruct (tests/real_model.py builds it from a wheel):
+  it compiles, answers, and its numbers are those a user would see.
+
+Nothing leaves the machine: the network guard in conftest.py fails any test whose process, or
+any child of it (the server too), reaches past loopback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import load_script, start_script_in
+from fake_dspy_server import FREE_TEXT, FakeChatServer
+from real_model import smollm2_folder  # noqa: F401  (the fixture, found by its name)
+
+SCRIPT = "dspy_example.py"
+SEASONS = "What causes the seasons on Earth?"  # the first test question
+PHOTOSYNTHESIS = "What is photosynthesis?"  # the first training question
+STOP = ["[[ ## completed ## ]]", "[[ ## question ## ]]"]
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script(SCRIPT)
+
+
+@pytest.fixture
+def server():
+    fake = FakeChatServer()
+    fake.url = fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def dspy_run(run_script, server, tmp_path):
+    """Run the script against the fake server, with a key and a home directory of its own."""
+
+    def run(*args: str):
+        env = {"HOME": str(tmp_path / "home"), "OPENAI_API_KEY": "test"}
+        return run_script(SCRIPT, "--api-base", server.url, *args, env=env)
+
+    return run
+
+
+def results_of(result, name: str = "dspy") -> dict:
+    return json.loads((result.cwd / "outputs" / "results" / f"{name}.json").read_text())
+
+
+def one_error_line(result) -> str:
+    assert "Traceback" not in result.output, result.output[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def flat(text: str) -> str:
+    """Output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- stop strings
+
+
+def test_every_call_carries_the_same_stop_strings_and_the_results_record_them(
+    dspy_run, server, script
+):
+    assert script.STOP == STOP
+    server.free_text_for = {SEASONS}  # so DSPy's JSON fallback sends a call too
+    result = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2")
+    assert result.returncode == 0, result.output[-3000:]
+    assert server.count == 2 + 1 + 2 + 1  # baseline, its JSON retry, tuned, its JSON retry
+    for body in server.requests:
+        assert body["stop"] == STOP
+        assert body["max_tokens"] == 1000  # a hosted API's default
+        assert body["temperature"] == 0
+    decoding = results_of(result)["decoding"]
+    assert decoding == {"temperature": 0.0, "max_tokens": 1000, "stop": STOP}
+
+
+def test_a_local_server_gets_a_small_token_limit_and_serve_one_thread(script, tmp_path):
+    def config(**kwargs):
+        return script.Config(data=script.DATA_FILE, **kwargs)
+
+    hosted = config()
+    assert (hosted.max_tokens, hosted.threads) == (1000, 8)
+    ollama = config(model="ollama_chat/llama3.2")
+    assert (ollama.max_tokens, ollama.threads) == (256, 8)  # Ollama batches parallel calls
+    served = config(serve=tmp_path)
+    assert (served.max_tokens, served.threads) == (256, 1)
+    assert served.model == f"openai/{tmp_path.resolve()}"  # the name transformers serve wants
+    assert config(serve=tmp_path, max_tokens=64, threads=3).max_tokens == 64
+
+
+# ----------------------------------------------------------------------------- unparsed replies
+
+
+def test_an_unparseable_reply_is_counted_scored_zero_shown_and_recorded_per_phase(dspy_run, server):
+    server.free_text_for = {SEASONS, PHOTOSYNTHESIS}
+    args = ("--run", "--yes", "--train-limit", "8", "--test-limit", "3", "--metric-threshold", "15")
+    result = dspy_run(*args)
+    assert result.returncode == 0, result.output[-3000:]  # a bad reply never stops the run
+    results = results_of(result)
+
+    # per phase: one reply in no format, asked again in JSON, still unreadable
+    assert results["unparsed"] == {"baseline": 1, "compile": 1, "tuned": 1}
+    for phase, replies in (("baseline", 3), ("tuned", 3)):
+        assert results["replies"][phase] == {
+            "replies": replies,
+            "not_in_format": 1,
+            "json_rescued": 0,
+            "unparsed": 1,
+            "first_unparsed": FREE_TEXT,
+        }
+        # the JSON retry is a call of its own, counted with the phase
+        calls = results["lm_calls"][phase]
+        assert calls["sent"] + calls["cache_hits"] == replies + 1
+    # scored 0 and counted as unusable, while the other answers are untouched
+    assert results["unusable"] == {"baseline": 1, "tuned": 1}
+    seasons = next(q for q in results["questions"] if q["question"] == SEASONS)
+    assert seasons["baseline"] == seasons["tuned"] == ""
+    assert seasons["baseline_score"] == seasons["tuned_score"] == 0
+    assert all(q["tuned"] for q in results["questions"] if q["question"] != SEASONS)
+
+    # compiling went on, and the unreadable run is not a demo
+    program = json.loads((result.cwd / "outputs" / "dspy" / "program.json").read_text())
+    boot = [demo for demo in program["predict"]["demos"] if demo.get("augmented")]
+    assert boot and PHOTOSYNTHESIS not in {demo["question"] for demo in boot}
+
+    # shown: after each phase (stages 4 and 5) with the raw reply, and in stage 6's table
+    out = flat(result.stdout)
+    for phase in ("compile", "baseline", "tuned"):
+        assert f"{phase}: " in out and "1 unparsed: an empty answer, scored 0" in out
+    assert out.count(FREE_TEXT) >= 3
+    table = re.search(r"replies, by phase.*?└", result.stdout, re.DOTALL).group(0)
+    assert re.search(r"│ baseline │\s+3 │\s+2 │\s+1 │\s+0 │\s+1 │", table), table
+    assert re.search(r"│ tuned\s+│\s+3 │\s+2 │\s+1 │\s+0 │\s+1 │", table), table
+    assert "(unusable:" in result.stdout  # the side-by-side view
+
+
+# ----------------------------------------------------------------------------- --results-name
+
+
+def test_results_name_writes_its_own_file_beside_the_others(dspy_run, server):
+    args = ("--run", "--yes", "--optimizer", "labeled", "--test-limit", "1")
+    result = dspy_run(*args, "--results-name", "dspy-smollm2")
+    assert result.returncode == 0, result.output[-3000:]
+    results = result.cwd / "outputs" / "results"
+    assert (results / "dspy-smollm2.json").is_file()
+    assert not (results / "dspy.json").exists()
+    assert results_of(result, "dspy-smollm2")["approach"] == "dspy"
+    assert "| dspy-smollm2 |" in (results / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "dspy.json", ".hidden", ""])
+def test_a_results_name_that_is_not_a_plain_file_stem_is_exit_2(run_script, name):
+    result = run_script(SCRIPT, f"--results-name={name}")
+    assert result.returncode == 2, result.output[-2000:]
+    assert "--results-name" in result.stderr and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- --serve
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pid)
+
+
+def server_pid(output: str) -> int:
+    match = re.search(r"started `.*?` \(pid (\d+)\)", flat(output))
+    assert match, output[-3000:]
+    return int(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with a 300-token tokenizer, saved as a model folder (~1 s)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(["[[ ## question ## ]] What causes the seasons on Earth?"], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+        "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16384,  # a byte-level 300-token vocabulary makes long prompts
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+SERVE_ENV = {"OMP_NUM_THREADS": "1"}  # 4.9 times faster on a busy 2-core machine (measured)
+SERVE_PACKAGES = ("fastapi", "uvicorn", "pydantic", "openai")
+needs_serve = pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in SERVE_PACKAGES),
+    reason="transformers serve needs fastapi, uvicorn: pip install 'transformers[serving]'",
+)
+
+
+def test_serve_of_a_folder_that_is_no_model_is_one_line_and_starts_nothing(run_script, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("not a model")
+    result = run_script(SCRIPT, "--serve", "notes", "--run")
+    assert result.returncode == 2
+    assert "not a transformers model folder (no config.json)" in one_error_line(result)
+    assert "started `" not in result.stdout
+
+    result = run_script(SCRIPT, "--serve", "nowhere", "--run")
+    assert result.returncode == 2
+    assert "--serve" in one_error_line(result) and "no such folder" in result.stderr
+
+    result = run_script(SCRIPT, "--serve", "notes", "--model", "openai/gpt-4o-mini")
+    assert result.returncode == 2
+    assert "--serve sets the model and its server; drop --model" in result.stderr
+
+
+def test_serve_dry_run_says_what_it_would_start_and_starts_nothing(run_script, tiny_folder):
+    result = run_script(SCRIPT, "--serve", str(tiny_folder), "--test-limit", "2")
+    assert result.returncode == 0, result.output[-3000:]
+    out = flat(result.stdout)
+    match = re.search(
+        r"dry run: would start `HF_HUB_OFFLINE=1 transformers serve (\S+) --host 127\.0\.0\.1 "
+        r"--port (\d+)`; nothing is started\.",
+        out,
+    )
+    assert match, out[-3000:]
+    assert match.group(1) == str(tiny_folder)
+    assert f"openai/{tiny_folder}" in out  # the model string a real run uses
+    assert "fits the model" in out and "16384 tokens" in out
+    assert "started `" not in out and not (result.cwd / "outputs" / "dspy" / "serve.log").exists()
+    with socket.socket() as probe:  # nobody listens on the port it named
+        assert probe.connect_ex(("127.0.0.1", int(match.group(2)))) != 0
+
+
+@needs_serve
+def test_serve_of_a_broken_model_is_one_line_exit_2_and_leaves_no_process(run_script, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')  # no weights, no tokenizer
+    result = run_script(SCRIPT, "--serve", "broken", "--run", env=SERVE_ENV, timeout=240)
+    assert result.returncode == 2, result.output[-3000:]
+    line = one_error_line(result)
+    assert "transformers serve stopped before it answered" in line
+    assert "outputs/dspy/serve.log" in line
+    assert not alive(server_pid(result.stdout))
+    assert not (result.cwd / "outputs" / "results").exists()
+
+
+@needs_serve
+def test_serve_runs_a_tiny_model_and_stops_the_server_at_the_end(run_script, tiny_folder):
+    args = ["--serve", str(tiny_folder), "--run", "--optimizer", "labeled", "--test-limit", "2"]
+    args += ["--max-tokens", "8", "--results-name", "dspy-tiny"]
+    result = run_script(SCRIPT, *args, env=SERVE_ENV, timeout=240)
+    assert result.returncode == 0, result.output[-3000:]
+    pid = server_pid(result.stdout)
+    assert f"stopped the local server (pid {pid})" in result.stdout
+    assert not alive(pid)
+    out = flat(result.stdout)
+    assert re.search(r"the server answered after \d+ s; --model openai/\S+ --api-base", out)
+
+    results = results_of(result, "dspy-tiny")
+    assert results["model"] == f"openai/{tiny_folder}"
+    assert results["server"].startswith("HF_HUB_OFFLINE=1 transformers serve ")
+    assert results["decoding"] == {"temperature": 0.0, "max_tokens": 8, "stop": STOP}
+    assert results["cost_usd"] == 0
+    # a random model writes noise: every reply is counted, none silently
+    for phase in ("baseline", "tuned"):
+        replies = results["replies"][phase]
+        assert replies["replies"] == 2
+        assert replies["unparsed"] == replies["not_in_format"] - replies["json_rescued"]
+        assert results["unusable"][phase] >= results["unparsed"][phase]
+    assert not (result.cwd / "outputs" / "results" / "dspy.json").exists()
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, seconds: float) -> str:
+    """Read the script's stdout until a line holds `text`; return what was read."""
+    seen, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"no {text!r} within {seconds} s:\n" + "".join(seen)[-3000:])
+
+
+@needs_serve
+@pytest.mark.parametrize("how", ["ctrl-c", "kill -9"])
+def test_serve_stops_the_server_when_the_run_is_interrupted(how, tiny_folder, tmp_path):
+    if how == "kill -9" and not sys.platform.startswith("linux"):
+        pytest.skip("the server's parent-death signal (prctl) is Linux's")
+    args = ["--serve", str(tiny_folder), "--run", "--optimizer", "labeled"]
+    args += ["--test-limit", "30", "--max-tokens", "200", "--no-cache"]
+    proc = start_script_in(tmp_path, SCRIPT, *args, env=SERVE_ENV)
+    seen = wait_for_line(proc, "the server answered after", 240)
+    pid = server_pid(seen)
+    assert alive(pid)
+    proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=60)
+    if how == "ctrl-c":
+        assert proc.returncode == 130, stderr[-2000:]
+        assert "interrupted: " in stderr and "run the same command to resume" in stderr
+        assert f"stopped the local server (pid {pid})" in stdout
+        assert not alive(pid)
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert gone_within(pid, 20), "the server outlived the script that started it"
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+@needs_serve
+def test_dspy_compiles_and_answers_with_the_real_smollm2_through_transformers_serve(
+    request, tmp_path
+):
+    """The whole run against SmolLM2-135M-Instruct, served by `transformers serve`.
+
+    Measured on 2 busy CPU cores with these arguments (greedy decoding, so the same every
+    run): 127 s in all, 22 s of it building the folder and 74 s compiling, answering and
+    scoring; the first training question's run scored above 30 ROUGE-L and became the one
+    bootstrapped demo; baseline ROUGE-L 13 and similarity 43 (one of the 2 replies unreadable
+    even in JSON), compiled ROUGE-L 25 and similarity 86, both replies read. The thresholds
+    below leave room for another CPU's rounding (tuned ROUGE-L >= 15, similarity >= 60), and
+    check what a user sees: it compiled with the model's own run, it answered, the compiled
+    prompt answered better, and every unreadable reply is counted.
+    """
+    folder = request.getfixturevalue("smollm2_folder")  # built once per session; skips without
+    args = ["--serve", str(folder), "--run", "--train-limit", "4", "--test-limit", "2"]
+    args += ["--max-bootstrapped-demos", "1", "--max-tokens", "128"]
+    started = time.monotonic()
+    proc = start_script_in(tmp_path, SCRIPT, *args, env=SERVE_ENV)
+    stdout, stderr = proc.communicate(timeout=600)
+    seconds = time.monotonic() - started
+    assert proc.returncode == 0, (stdout + stderr)[-4000:]
+    assert not alive(server_pid(stdout)), "the server outlived the run"
+
+    program = json.loads((tmp_path / "outputs" / "dspy" / "program.json").read_text())
+    boot = [demo for demo in program["predict"]["demos"] if demo.get("augmented")]
+    assert len(boot) == 1, "compiling kept the model's own run on a training question"
+
+    results = json.loads((tmp_path / "outputs" / "results" / "dspy.json").read_text())
+    assert results["n_test"] == 2
+    assert results["decoding"] == {"temperature": 0.0, "max_tokens": 128, "stop": STOP}
+    assert all(q["tuned"].strip() for q in results["questions"]), "real answers, none empty"
+    assert results["tuned_score"] >= 15 and results["tuned_similarity"] >= 60
+    assert results["tuned_score"] > results["baseline_score"]
+    for phase in ("baseline", "compile", "tuned"):
+        replies = results["replies"][phase]
+        assert replies["unparsed"] == replies["not_in_format"] - replies["json_rescued"]
+        assert results["unparsed"][phase] == replies["unparsed"]
+    assert results["unusable"]["tuned"] == results["unparsed"]["tuned"] == 0
+    print(f"real SmolLM2 run: {seconds:.0f} s, {json.dumps(results['replies'])}")
