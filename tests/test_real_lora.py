@@ -20,25 +20,28 @@ import pytest
 from conftest import start_script_in
 
 SCRIPT = "huggingface_lora.py"
-# 48 training pairs, 24 optimizer steps of 4 (2 epochs), 12 test questions answered twice.
+# 64 training pairs, 32 optimizer steps of 4 (2 epochs) at a learning rate of 1e-3 (a short run
+# needs a larger step than the default 2e-4 to move), 12 test questions answered twice.
 REAL = (
     "--model",
     "smollm2-offline",
     "--run",
     "--train-limit",
-    "48",
+    "64",
     "--test-limit",
     "12",
     "--max-steps",
-    "24",
+    "32",
+    "--learning-rate",
+    "1e-3",
     "--eval-fraction",
     "0",
     "--save-steps",
     "1000",
 )
-# Measured here (2 cores, 2026-12-01): see the note in the closing report; the test asks for
-# a clear share of it.
-MARGIN = 3.0
+# Measured with these settings (2 cores, 2026-12-01, 3 min 24 s): ROUGE-L 26.2 -> 34.0, +7.8.
+# At the default rate, 24 steps moved it by +0.1: the margin tells a trained adapter from none.
+MARGIN = 4.0
 
 
 def run(workdir: Path, *args: str, timeout: float = 900):
