@@ -12,13 +12,16 @@ with one thing changed:
   position ids restarting per example (attention stays within each example: checked below);
 - dropout 0: --lora-dropout 0;
 - 1 thread: torch.set_num_threads(1);
+- OMP_WAIT_POLICY=PASSIVE: OpenMP's waiting threads sleep instead of spinning (on a CPU shared
+  with other work, spinning threads burn the time slices the working ones need);
 - and the levers that helped, together.
 
 Tokens are the real (unpadded) tokens of the training batches, counted by the collator; the
 time is the optimizer steps after the first (a warm-up), from the Trainer's step callbacks.
 Model FLOP utilisation = tokens/s x stage 3's FLOPs per token (4 x parameters for LoRA: forward
 and backward through the frozen weights) / the 1024x1024 matmul rate measured in this run (the
-script's measure_flops, median of 5). Arms alternate within each repeat; medians of the repeats.
+script's measure_flops, median of 5, in this process before each arm). Each arm runs in its own
+process; arms alternate within each repeat; medians of the repeats.
 
     python bench/throughput.py                           # 8 timed steps per arm, 3 repeats
     python bench/throughput.py --steps 20 --repeats 5
@@ -28,6 +31,9 @@ script's measure_flops, median of 5). Arms alternate within each repeat; medians
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 
 import common
@@ -39,6 +45,8 @@ LEVERS = {
     "padding-free batches": {"flatten": True},
     "dropout 0": {"lora_dropout": 0.0},
     "1 thread": {"threads": 1},
+    # OpenMP threads that sleep at a barrier instead of spinning: read once, at process start.
+    "OMP_WAIT_POLICY=PASSIVE": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}},
 }
 
 
@@ -93,6 +101,17 @@ def check_padding_free(source, work) -> float:
     return worst
 
 
+def child_arm(args, lever: dict) -> dict:
+    """One arm in a fresh process: its own memory, and environment levers take effect."""
+    child = [sys.executable, __file__, "--arm-json", json.dumps(lever), "--steps", str(args.steps)]
+    child += ["--model", args.model, "--output-dir", str(args.output_dir)]
+    env = {**os.environ, **lever.get("env", {})}
+    done = subprocess.run(child, capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"arm {lever} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def matmul_rate(repeats: int = 5) -> float:
     return common.median(hl.measure_flops("cpu", "fp32") for _ in range(repeats))
 
@@ -105,16 +124,22 @@ def main() -> None:
     parser.add_argument(
         "--levers", nargs="*", choices=list(LEVERS), help="arms to run (default: all)"
     )
+    parser.add_argument("--arm-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     import torch
 
     default_threads = torch.get_num_threads()
+    work = args.output_dir / "bench" / "throughput"
+    if args.arm_json:  # a child process: one arm, JSON on the last line
+        source = common.model_source(args.model, args.output_dir)
+        lever = json.loads(args.arm_json)
+        print(json.dumps(train_arm(source, work / "arm", lever, args.steps, default_threads)))
+        return
     levers = {name: LEVERS[name] for name in (args.levers or LEVERS)}
     if default_threads == 1:
         levers.pop("1 thread", None)
     source = common.model_source(args.model, args.output_dir)
-    work = args.output_dir / "bench" / "throughput"
 
     gap = check_padding_free(source, work)
     print(f"padding-free check: loss of padded vs flattened batches differs by {gap:.2e}")
@@ -128,7 +153,7 @@ def main() -> None:
             names = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in names:
                 rates.append(matmul_rate())
-                arm = train_arm(source, work / "arm", arms[name], args.steps, default_threads)
+                arm = child_arm(args, arms[name])
                 results.setdefault(name, []).append(arm)
                 print(
                     f"repeat {repeat + 1} {name}: {arm['tokens_per_second']:.0f} tokens/s",
