@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -125,6 +126,8 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    # A terminated bench still stops the servers it started (the with-blocks run on exit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     import dspy
     from transformers import AutoTokenizer

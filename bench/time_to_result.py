@@ -28,6 +28,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,8 @@ def main() -> None:
         "--keep", type=Path, help="run in this folder and keep it (default: a temporary copy)"
     )
     args = parser.parse_args()
+    # A terminated bench still stops the servers it started (the with-blocks run on exit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     # A fresh copy of the scripts and data: no earlier outputs/ to reuse, as after a clone.
     cwd = args.keep or Path(tempfile.mkdtemp(prefix="time-to-result-"))
