@@ -93,6 +93,8 @@ RECOMMENDED_EXAMPLES = 50  # OpenAI suggests starting with 50 well-crafted examp
 
 @dataclass
 class Config:
+    """Every setting of a run. The command line fills it in and takes its defaults from here."""
+
     # Written out rather than DATA_FILE: that name is defined in the shared helpers at the end
     # of the file, after this class is built. Both are small_edu_qa.jsonl beside the script.
     data: Path = Path(__file__).with_name("small_edu_qa.jsonl")
@@ -109,7 +111,7 @@ class Config:
     base_url: str | None = None  # any other server that speaks it (a proxy, a local one)
     epochs: int | None = None  # None: the number OpenAI itself picks for this many examples
     suffix: str = "edu-qa"  # part of the tuned model's name, to tell your models apart
-    valid_fraction: float = 0.1  # train held out for validation loss (test is never shown)
+    valid_fraction: float = 0.1  # of train, held out for validation loss (test stays unseen)
     job_id: str | None = None  # watch a job already started instead of starting another
     cancel: str | None = None  # a job to stop: it stops spending
     tuned_model: str | None = None  # answer with a model tuned earlier, without a new job
@@ -428,7 +430,8 @@ def compare(
 
 # ----- Stage 2 · format_data: the chat files
 
-# The repository keeps stage 2's output for its own data beside the script, for readers to see.
+# Stage 2's output for the data beside the script, with the default settings, is kept beside
+# the script too, for readers to see.
 TRAINING_FILE = Path(__file__).with_name("openai_edu_qa_training.jsonl")
 VALIDATION_NAME = "openai_edu_qa_validation.jsonl"
 
