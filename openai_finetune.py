@@ -8,8 +8,8 @@ What this approach changes
 When to pick it
     You have 50 or more good question/answer pairs, you want the answers in one consistent
     voice and length, and you are happy for a cloud provider to hold the data and the model.
-    Pick `dspy_example.py` to change only the prompt (cheaper, no training), or
-    `huggingface_lora.py` to train an open model on your own machine.
+    Changing only the prompt (DSPy) is cheaper and trains nothing; training a LoRA adapter on
+    an open model keeps the data and the model on your own machine.
 
 What it costs (prices as of 2026-11-25; the table PRICES below has the links)
     gpt-4o-mini-2024-07-18: training $3.00 per million tokens; the tuned model then costs
@@ -25,7 +25,7 @@ The wind-down of self-serve fine-tuning (facts checked 2026-11)
     gpt-4.1-2025-04-14, gpt-4.1-mini-2025-04-14, gpt-4o-2024-08-06, gpt-4o-mini-2024-07-18.
     Three ways forward: an account that still has access (before 2027-01-06); another cloud
     that speaks this API (`--provider azure` or `--provider nebius`, or any `--base-url`);
-    or `huggingface_lora.py` on your own hardware.
+    or a LoRA adapter on an open model, trained on your own hardware.
 
 How to run
     python openai_finetune.py                          # dry run: sends nothing, spends nothing
@@ -35,7 +35,11 @@ How to run
     Offline smoke run: the dry run above needs no network and no key (tokens are counted with
     tiktoken's cache, or the copy of the encoding that litellm ships).
 
-The six stages are the same functions, in the same order, as in the two other scripts.
+How to read it
+    main() is the table of contents: six stages, one function each, in the order they run
+    (prepare_data, format_data, configure_model, tune, answer, compare). Each stage shows the
+    calls that matter; below the marked line "How each stage does it" come the helpers, stage by
+    stage, then --ask, --cancel and --check-file, the reference tables and the command line.
 """
 
 from __future__ import annotations
@@ -65,21 +69,1481 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-# ----------------------------------------------------------------------------------------------
-# Configuration: every knob in one place
+# =====================================================================================
+# Settings: each default is written here, once
+# =====================================================================================
 
+APPROACH = "openai"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
+
+# The smallest, cheapest snapshot OpenAI still fine-tunes (Azure tunes the same one).
+DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
+# The same instruction opens every conversation, in the training file and in every question
+# asked later: the tuned model learns to answer under exactly this prompt.
 SYSTEM_PROMPT = (
     "You are a patient, knowledgeable teacher. Answer the student's question correctly "
     "in one to three clear sentences."
 )
-# The repository keeps stage 2's output for its own data beside the script, for readers to see.
+ANSWER_MAX_TOKENS = 300  # far more than three sentences need; a runaway reply stops here
+# What produces every answer, base and tuned alike: temperature 0 keeps the comparison
+# repeatable; the model's own end of turn is the only stop rule.
+DECODING = {"temperature": 0, "max_tokens": ANSWER_MAX_TOKENS, "stop": "the model's end of turn"}
+MIN_EXAMPLES = 10  # the API refuses fewer (invalid_n_examples)
+RECOMMENDED_EXAMPLES = 50  # OpenAI suggests starting with 50 well-crafted examples
+
+
+@dataclass
+class Config:
+    """Every setting of a run. The command line fills it in and takes its defaults from here."""
+
+    # Written out rather than DATA_FILE: that name is defined in the shared helpers at the end
+    # of the file, after this class is built. Both are small_edu_qa.jsonl beside the script.
+    data: Path = Path(__file__).with_name("small_edu_qa.jsonl")
+    model: str | None = None  # None: the provider's default_model (see PROVIDERS)
+    run: bool = False  # a dry run unless asked: nothing is sent or spent by accident
+    yes: bool = False  # a paid step asks first; --yes is for scripts that cannot answer
+    max_cost: float | None = None  # a ceiling in USD, checked against stage 3's estimate
+    train_limit: int | None = None  # a smaller, cheaper job while trying things out
+    test_limit: int | None = None  # fewer test questions: each one is two paid requests
+    output_dir: Path = Path("outputs")  # everything a run writes, in one folder to delete
+    seed: int = 42  # the job's seed and the validation slice: the same run twice is the same
+    ask: str | None = None  # one question of your own, to the models an earlier run recorded
+    provider: str = "openai"  # any cloud in PROVIDERS: they all speak this API
+    base_url: str | None = None  # any other server that speaks it (a proxy, a local one)
+    epochs: int | None = None  # None: the number OpenAI itself picks for this many examples
+    suffix: str = "edu-qa"  # part of the tuned model's name, to tell your models apart
+    valid_fraction: float = 0.1  # of train, held out for validation loss (test stays unseen)
+    job_id: str | None = None  # watch a job already started instead of starting another
+    cancel: str | None = None  # a job to stop: it stops spending
+    tuned_model: str | None = None  # answer with a model tuned earlier, without a new job
+    base_deployment: str | None = None  # Azure serves each model under a deployment name
+    azure_tier: str = "developerTier"  # the cheapest Azure training, with no hosting fee
+    poll_interval: float = 10.0  # seconds between looks at the job: a job takes minutes
+    deploy_timeout: float = 1800.0  # Nebius: how long to wait for a deployment to turn active
+    check_file: Path | None = None  # check a chat file of your own, without a run
+    record_plan: bool = False  # a dry run that leaves its estimate in the comparison table
+    argv: list[str] = field(default_factory=list)  # this run's flags, for resume commands
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The table of contents: the six stages in order, unless another entry point is asked for."""
+    cfg = parse_config(argv)
+    load_env_file()
+    if cfg.check_file:
+        check_file(cfg)
+        return
+    if cfg.cancel or not cfg.ask:  # --ask alone writes nothing
+        check_output_dir(cfg.output_dir)  # in a dry run too: the real run must not find out late
+    if cfg.cancel:
+        cancel_job(cfg)
+        return
+    if cfg.ask:
+        ask(cfg)
+        return
+    started = time.monotonic()
+    data = prepare_data(cfg)
+    formatted = format_data(cfg, data)
+    plan = configure_model(cfg, formatted)
+    tuned = tune(cfg, formatted, plan)
+    answers = answer(cfg, data, formatted, plan, tuned)
+    compare(cfg, plan, tuned, answers, time.monotonic() - started)
+    if not cfg.run:
+        show_real_run_command(cfg, plan)
+
+
+# =====================================================================================
+# The six stages
+# =====================================================================================
+
+
+def prepare_data(cfg: Config) -> dict:
+    stage(
+        1, "prepare_data", "Load the question/answer pairs, check them, and split train from test."
+    )
+    examples = load_examples(cfg.data)
+    train = take(examples, "train", cfg.train_limit)
+    test = take(examples, "test", cfg.test_limit)
+    table = Table(title=f"{cfg.data.name}: examples by subject and split")
+    table.add_column("subject")
+    table.add_column("train", justify="right")
+    table.add_column("test", justify="right")
+    subjects = sorted({e["subject"] for e in train + test})
+    for subject in subjects:
+        table.add_row(
+            escape(subject),
+            str(sum(e["subject"] == subject for e in train)),
+            str(sum(e["subject"] == subject for e in test)),
+        )
+    table.add_row("[bold]total", f"[bold]{len(train)}", f"[bold]{len(test)}")
+    console.print(table)
+    return {"train": train, "test": test}
+
+
+def format_data(cfg: Config, data: dict) -> dict:
+    stage(
+        2,
+        "format_data",
+        "Write the train split as chat conversations, hold a slice out for validation, and check "
+        "the file the way the API will.",
+    )
+    train = data["train"]
+    # A held-out slice of train (never test) lets the job report validation loss.
+    held_out = validation_slice(cfg, len(train))
+    rows: dict[str, list[str]] = {"train": [], "valid": []}
+    ids: dict[str, list[str]] = {"train": [], "valid": []}  # line n of a file is ids[...][n - 1]
+    for index, example in enumerate(train):
+        conversation = {
+            "messages": [
+                *chat_messages(example["question"]),
+                {"role": "assistant", "content": example["answer"]},
+            ]
+        }
+        side = "valid" if index in held_out else "train"
+        rows[side].append(json.dumps(conversation, ensure_ascii=False) + "\n")
+        ids[side].append(example["id"])
+    train_path, valid_path = write_chat_files(cfg, rows)
+    show_first_example(rows["train"][0])  # never empty: a slice is held out only from 11+
+
+    count_tokens, token_label = load_token_counter(cfg.model)
+    console.print(f"\ntokens counted with {token_label}")
+    max_tokens = PROVIDERS[cfg.provider]["max_tokens_per_example"]
+    report = validate_chat_file(train_path, count_tokens, max_tokens)
+    # The validation file goes up too, and the job reads it under the same limits.
+    valid_report = validate_chat_file(valid_path, count_tokens, max_tokens) if valid_path else None
+    problem = first_format_error(report, train_path) or (
+        valid_report and first_format_error(valid_report, valid_path)
+    )
+    if problem:
+        raise UsageError(problem)
+    show_format_report(report, valid_report, ids, max_tokens)
+
+    # What answering the test split will send and (roughly) get back, for the estimate.
+    test = data["test"]
+    return {
+        "train_path": train_path,
+        "valid_path": valid_path,
+        "n_train": len(rows["train"]),
+        "n_valid": len(rows["valid"]),
+        "report": report,
+        "token_label": token_label,
+        "n_test": len(test),
+        "test_prompt_tokens": sum(
+            prompt_tokens(count_tokens, chat_messages(e["question"])) for e in test
+        ),
+        "test_reply_tokens": sum(count_tokens(e["answer"]) for e in test),
+    }
+
+
+def configure_model(cfg: Config, formatted: dict) -> dict:
+    stage(
+        3,
+        "configure_model",
+        "Choose the base model and the job's settings, and estimate what it will cost.",
+    )
+    epochs, why = choose_epochs(cfg, formatted["n_train"])
+    hyperparameters: dict = {"n_epochs": cfg.epochs} if cfg.epochs else {}
+    if cfg.provider == "nebius":
+        hyperparameters = {"n_epochs": epochs, "lora": True}  # LoRA adapters are what it serves
+    method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+    billed = epochs * formatted["report"]["billed_tokens_per_epoch"]
+    costs = estimate_costs(
+        cfg.provider,
+        cfg.model,
+        billed,
+        formatted["test_prompt_tokens"],
+        formatted["test_reply_tokens"],
+    )
+    # A tag derived from exactly what would be trained: the same data and settings give the same
+    # tag, which is how a rerun finds the job an earlier run already started.
+    run_tag = run_tag_of(cfg, formatted, method)
+    # What POST fine_tuning/jobs will carry besides the file ids (the dry run shows it too).
+    job = {
+        "model": cfg.model,
+        "suffix": cfg.suffix,
+        "seed": cfg.seed,
+        "method": method,
+        "metadata": {"run_tag": run_tag},
+    }
+    extra_body = {"trainingType": cfg.azure_tier} if cfg.provider == "azure" else None
+    base_url = resolve_base_url(cfg)
+    show_job_settings(cfg, formatted, base_url, method, extra_body, (epochs, why), billed, costs)
+    return {
+        "base_url": base_url,
+        "job": job,
+        "costs": costs,
+        "run_tag": run_tag,
+        "extra_body": extra_body,
+    }
+
+
+def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
+    stage(
+        4,
+        "tune",
+        "Upload the files, start the fine-tuning job (once), and watch it until the model is ready",
+    )
+    if not cfg.run:
+        show_tune_requests(cfg, formatted, plan)
+        return None
+    client, record = confirm_tuning(cfg, formatted, plan)
+    if cfg.tuned_model and not cfg.job_id:
+        console.print(f"using --tuned-model {cfg.tuned_model}: no job is created")
+        return {"tuned_model": cfg.tuned_model, "job_id": None, "trained_tokens": None}
+    import openai
+
+    job, record = job_started_earlier(cfg, client, plan, record)
+    if job is None:
+        record = new_record(cfg, plan)
+        train_path, valid_path = formatted["train_path"], formatted["valid_path"]
+        for role, path in (("training_file", train_path), ("validation_file", valid_path)):
+            if path is None:
+                continue
+            try:
+                uploaded = client.files.create(  # the very bytes that were validated
+                    file=(path.name, path.read_bytes(), "application/jsonl"), purpose="fine-tune"
+                )
+            except openai.APIError as exc:
+                raise ServiceError(upload_failed(path, exc)) from None
+            record[role] = uploaded.id
+            console.print(f"uploaded {path.name} as {uploaded.id}")
+            save_record(cfg, record)
+        # Sent once, never retried: a retry after a lost answer could start a second paid job.
+        try:
+            job = client.with_options(max_retries=0).fine_tuning.jobs.create(
+                **job_request(plan, record), extra_body=plan["extra_body"]
+            )
+        except (openai.APIConnectionError, openai.APIStatusError) as exc:
+            job = job_after_failed_create(cfg, client, plan, record, exc)
+    show_job_started(cfg, job, record)
+    # Poll until the job ends, printing new events; while nothing changes, back off up to 6x.
+    seen, last_status, interval, started = set(), None, cfg.poll_interval, time.monotonic()
+    try:
+        while True:
+            try:
+                job = client.fine_tuning.jobs.retrieve(job.id)
+                events = client.fine_tuning.jobs.list_events(job.id, limit=50).data
+            except openai.APIError as exc:
+                raise ServiceError(lost_contact(cfg, job.id, exc)) from None
+            fresh = show_new_events(events, seen)
+            last_status = show_status_change(cfg, job, last_status, record, started)
+            if job.status in ("succeeded", "failed", "cancelled"):
+                break
+            interval = cfg.poll_interval if fresh else min(interval * 1.5, 6 * cfg.poll_interval)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(stopped_watching(cfg, job.id)) from None
+    check_job_succeeded(cfg, job, record)
+    tuned_model = deploy(cfg, client, plan, job, record)
+    return {"tuned_model": tuned_model, "job_id": job.id, "trained_tokens": job.trained_tokens}
+
+
+def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | None) -> dict | None:
+    stage(5, "answer", "Ask the base model and the fine-tuned model the held-out test questions.")
+    test = data["test"]
+    base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
+    if not cfg.run:
+        show_answer_request(plan, base_name, test)
+        return None
+    if not tuned or not tuned["tuned_model"]:
+        console.print("skipped: the fine-tuned model is not deployed yet (see stage 4)")
+        return None
+    import openai
+
+    client = make_client(cfg, plan["base_url"])
+    models = (("baseline", "base", base_name), ("tuned", "tuned", tuned["tuned_model"]))
+    usage, rows = Counter(), []
+    try:
+        for number, example in enumerate(test, start=1):
+            question = example["question"]
+            row = {"id": example["id"], "question": question, "reference": example["answer"]}
+            for side, short, model in models:
+                try:
+                    reply = client.chat.completions.create(**chat_request(model, question))
+                except openai.NotFoundError as exc:
+                    raise UsageError(no_such_model(model, exc)) from None
+                row[side] = reply_text(reply)
+                used_in, used_out = reply_usage(reply)
+                usage.update({f"{short}_in": used_in, f"{short}_out": used_out})
+            rows.append(row)
+            console.print(f"  [{number}/{len(test)}] {example['id']}")
+    except openai.APIError as exc:
+        raise ServiceError(
+            f"answering failed after the SDK's retries ({api_error(exc)}); the tuned model is "
+            f"{tuned['tuned_model']} (recorded in {record_path(cfg)}); rerun with --tuned-model "
+            f"{tuned['tuned_model']} to answer again without training"
+        ) from None
+    answer_cost, training_cost = answering_costs(plan, tuned, usage)
+    show_first_answers(rows[0], base_name, tuned["tuned_model"])
+    console.print(f"tokens used: {dict(usage)}; answering cost {money(answer_cost)}")
+    return {
+        "questions": rows,
+        "answer_cost": answer_cost,
+        "training_cost": training_cost,
+        "usage": dict(usage),
+    }
+
+
+def compare(
+    cfg: Config, plan: dict, tuned: dict | None, answers: dict | None, seconds: float
+) -> None:
+    stage(
+        6,
+        "compare",
+        "Score both sets of answers with ROUGE-L and compare with the other approaches.",
+    )
+    if not answers:
+        if cfg.record_plan and not cfg.run:
+            record_plan(cfg, plan)
+        compare_results(cfg.output_dir, write=cfg.record_plan)
+        return
+    actual = add_costs(answers["training_cost"], answers["answer_cost"])
+    # Without a job (--tuned-model alone) nothing was trained, so only answering was estimated.
+    estimated = plan["costs"]["total" if tuned["job_id"] else "answering"]
+    result = write_results(
+        cfg.output_dir,
+        model=cfg.model,
+        tuned_model=tuned["tuned_model"],
+        questions=answers["questions"],
+        cost_usd=actual,
+        seconds=seconds,
+        decoding=DECODING,
+        extra={
+            "provider": cfg.provider,
+            "job_id": tuned["job_id"],
+            "trained_tokens": tuned["trained_tokens"],
+            "estimated_cost_usd": estimated,
+            "training_cost_usd": answers["training_cost"],
+            "answer_cost_usd": answers["answer_cost"],
+            "prices_as_of": PRICES[cfg.provider]["as_of"],
+        },
+    )
+    console.print(
+        f"cost: estimated {money(estimated)}, actual {money(actual)} "
+        "(from the job's trained tokens and each reply's usage)"
+    )
+    compare_results(cfg.output_dir)
+    show_side_by_side(result["questions"])
+
+
+# =====================================================================================
+# How each stage does it
+# =====================================================================================
+
+# ----- Stage 2 · format_data: the chat files
+
+# Stage 2's output for the data beside the script, with the default settings, is kept beside
+# the script too, for readers to see.
 TRAINING_FILE = Path(__file__).with_name("openai_edu_qa_training.jsonl")
 VALIDATION_NAME = "openai_edu_qa_validation.jsonl"
-MIN_EXAMPLES = 10  # the API refuses fewer (invalid_n_examples)
-RECOMMENDED_EXAMPLES = 50
+
+
+def chat_messages(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def validation_slice(cfg: Config, n_train: int) -> set[int]:
+    """Which train examples go to the validation file: --valid-fraction of them, picked by
+    --seed, or none where that would leave fewer than the API's minimum to train on."""
+    n_valid = round(n_train * cfg.valid_fraction)
+    if n_train - n_valid < MIN_EXAMPLES or n_valid < 1:
+        n_valid = 0
+    return set(random.Random(cfg.seed).sample(range(n_train), n_valid))
+
+
+def training_path(cfg: Config) -> Path:
+    """Where stage 2 writes the training file that tune() uploads.
+
+    The copy beside the script is the repository's own data as the default settings format it.
+    Other data, --train-limit, --seed or --valid-fraction write under the output dir instead,
+    so trying the script never rewrites that kept file with something else.
+    """
+    default = Config()
+    as_kept = (
+        cfg.data.resolve() == DATA_FILE.resolve()
+        and cfg.train_limit is None
+        and (cfg.seed, cfg.valid_fraction) == (default.seed, default.valid_fraction)
+    )
+    return TRAINING_FILE if as_kept else cfg.output_dir / "openai" / TRAINING_FILE.name
+
+
+def write_chat_files(cfg: Config, rows: dict[str, list[str]]) -> tuple[Path, Path | None]:
+    """Write the training file, and the validation file when a slice was held out."""
+    train_path = training_path(cfg)
+    write_atomic(train_path, "".join(rows["train"]))
+    console.print(f"wrote {train_path} ({len(rows['train'])} conversations, chat format)")
+    valid_path = None
+    if rows["valid"]:
+        valid_path = cfg.output_dir / "openai" / VALIDATION_NAME
+        write_atomic(valid_path, "".join(rows["valid"]))
+        console.print(
+            f"wrote {valid_path} ({len(rows['valid'])} held out from train for validation)"
+        )
+    else:
+        console.print("no validation file: too few training examples to hold any out")
+    return train_path, valid_path
+
+
+def show_first_example(line: str) -> None:
+    console.print("\nOne training example, as the API will read it:")
+    shown = json.loads(line)
+    for message in shown["messages"]:
+        message["content"] = clip(message["content"])
+    console.print_json(json.dumps(shown, ensure_ascii=False))
+
+
+def show_format_report(
+    report: dict, valid_report: dict | None, ids: dict[str, list[str]], max_tokens: int
+) -> None:
+    """What the validator found: warnings, the per-example distributions, examples too long."""
+    too_few = report["errors"].get("too_few_examples")
+    console.print(
+        f"{report['examples']} examples, format errors: none"
+        + (f"; [yellow]only {report['examples']} examples[/yellow]" if too_few else "")
+    )
+    for kind, count in report["warnings"].items():
+        console.print(f"[yellow]warning: {count} examples with {kind.replace('_', ' ')}[/yellow]")
+    if too_few:
+        console.print(f"[yellow]{ERROR_HELP['too_few_examples']}: a real run will refuse[/yellow]")
+    elif report["examples"] < RECOMMENDED_EXAMPLES:
+        console.print(f"[yellow]{RECOMMENDED_EXAMPLES}+ examples are recommended[/yellow]")
+
+    table = Table(title="Per-example distributions (training file)")
+    table.add_column("")
+    for column in ("min", "p10", "median", "mean", "p90", "max"):
+        table.add_column(column, justify="right")
+    for title, key in (
+        ("messages", "messages"),
+        ("tokens, whole example", "total_tokens"),
+        ("tokens, assistant (trained)", "assistant_tokens"),
+    ):
+        stats = report[key]
+        table.add_row(
+            title, *(str(stats.get(c, "-")) for c in ("min", "p10", "median", "mean", "p90", "max"))
+        )
+    console.print(table)
+    console.print(f"{report['billed_tokens_per_epoch']:,} billable tokens per epoch")
+    for name, checked, named in (
+        ("training", report, ids["train"]),
+        ("validation", valid_report, ids["valid"]),
+    ):
+        if checked is None:
+            continue
+        if not checked["too_long"]:
+            console.print(f"{name} file: no example over the {max_tokens:,}-token limit")
+            continue
+        first = ", ".join(named[line - 1] for line in checked["too_long_lines"])
+        console.print(
+            f"[yellow]{name} file: {checked['too_long']} example(s) over the {max_tokens:,}-token "
+            f"limit ({escape(first)}): fine-tuning truncates each to the limit, so the end of its "
+            "answer is never learned; shorten them or drop them from the data[/yellow]"
+        )
+
+
+# ----- Stage 2 · format_data: tokens, counted with the model's own encoding, offline
+
+ENCODING_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
 TOKENS_PER_MESSAGE = 3  # each message is wrapped in a few format tokens
 PRIMING_TOKENS = 3  # the reply is primed with <|start|>assistant<|message|>
-ANSWER_MAX_TOKENS = 300
+
+
+def encoding_name(model: str) -> tuple[str, bool]:
+    """The tiktoken encoding for a model, and whether it is the model's real one.
+
+    tiktoken's encoding_for_model maps every "ft:gpt-4..." name to cl100k_base, which is wrong
+    for ft:gpt-4o-... and ft:gpt-4.1-... (they use o200k_base), so a fine-tuned name is first
+    reduced to its base model.
+    """
+    import tiktoken.model
+
+    base = model.removeprefix("ft:").split(":")[0]
+    if base.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "o1", "o3", "o4")):
+        return "o200k_base", True
+    try:
+        return tiktoken.model.encoding_name_for_model(base), True
+    except KeyError:
+        # An open model (Llama on Nebius) has its own tokenizer; o200k_base is a close stand-in.
+        return "o200k_base", False
+
+
+def litellm_tokenizer_dir() -> Path | None:
+    """litellm's bundled copies of the encodings, found without importing litellm.
+
+    `import litellm` is slow and tries to fetch a price map from the network; find_spec only
+    locates the package on disk.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "litellm_core_utils" / "tokenizers"
+    return folder if folder.is_dir() else None
+
+
+def load_token_counter(model: str):
+    """Return (count(text) -> int, label saying how exact the counts are). Never downloads."""
+    name, exact_for_model = encoding_name(model)
+    cache_key = hashlib.sha1(ENCODING_URL.format(name=name).encode()).hexdigest()
+    # Where tiktoken itself looks, in its own order.
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    bundled = litellm_tokenizer_dir()
+    if cache_dir and Path(cache_dir, cache_key).is_file():
+        source = f"tiktoken's cache ({cache_dir})"
+    elif "TIKTOKEN_CACHE_DIR" not in os.environ and bundled and (bundled / cache_key).is_file():
+        # Same file name, same bytes (tiktoken checks the sha256): point tiktoken at it.
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(bundled)
+        source = "the copy litellm ships"
+    else:
+        return (
+            lambda text: math.ceil(len(text) / 4),
+            f"APPROXIMATE (~4 characters per token): {name} is not on this machine; run "
+            f"python -c \"import tiktoken; tiktoken.get_encoding('{name}')\" once online",
+        )
+    import tiktoken
+
+    encoding = tiktoken.get_encoding(name)
+    label = f"{name} from {source}"
+    if not exact_for_model:
+        label += f"; APPROXIMATE for {model}, which uses its own tokenizer"
+    # encode_ordinary: text like "<|endoftext|>" in a question is text, not a special token.
+    # The cache makes the system prompt and role names, repeated on every line, cost nothing.
+    return functools.lru_cache(maxsize=4096)(
+        lambda text: len(encoding.encode_ordinary(text))
+    ), label
+
+
+def prompt_tokens(count_tokens, messages: list[dict]) -> int:
+    """What a request's messages cost in input tokens (the same rule the validator counts by)."""
+    return PRIMING_TOKENS + sum(
+        TOKENS_PER_MESSAGE + count_tokens(m["role"]) + count_tokens(m["content"]) for m in messages
+    )
+
+
+# ----- Stage 2 · format_data: the validator, the checks of OpenAI's data-prep notebook
+
+
+def distribution(counter: Counter) -> dict:
+    """min, p10, median, mean, p90, max of a histogram {value: how many} (nearest rank)."""
+    n = sum(counter.values())
+    if not n:
+        return {}
+    values = sorted(counter)
+
+    def rank(q: float) -> int:
+        target, seen = max(1, math.ceil(q * n)), 0
+        for value in values:
+            seen += counter[value]
+            if seen >= target:
+                return value
+        return values[-1]
+
+    mean = sum(value * count for value, count in counter.items()) / n
+    return {
+        "min": values[0],
+        "p10": rank(0.1),
+        "median": rank(0.5),
+        "mean": round(mean, 1),
+        "p90": rank(0.9),
+        "max": values[-1],
+    }
+
+
+def validate_chat_file(
+    path: Path, count_tokens, max_tokens_per_example: int, flag: str = "--check-file"
+) -> dict:
+    """Check a chat-format JSONL line by line, count its tokens, and summarise it.
+
+    Streams: memory holds histograms of token counts (bounded by the distinct values), never
+    the examples, so a 100k-line file validates in the memory a 10k-line one needs.
+    The cookbook notebook's checks, without its defects: it crashes on a line that is not
+    JSON, on a non-text special token, and on a "weight" key; it counts tokens with
+    cl100k_base whatever the model; and it never checks weight's value or the minimum count.
+    """
+    errors: Counter = Counter()
+    first_error: dict[str, tuple[int, str]] = {}
+    warnings: Counter = Counter()
+    total_tokens: Counter = Counter()
+    assistant_tokens: Counter = Counter()
+    messages_per_example: Counter = Counter()
+    n_examples = too_long = billed = 0
+    too_long_lines: list[int] = []  # the first few, to name them
+
+    def error(kind: str, line: int, detail: str) -> None:
+        errors[kind] += 1
+        first_error.setdefault(kind, (line, detail))
+
+    # The file is uploaded as it is, so a byte-order mark is an error here, not skipped.
+    for line_number, line in read_lines(path, flag, bom_ok=False):
+        if not line.strip():
+            continue
+        n_examples += 1
+        try:
+            example = json_line(line)
+        except ValueError as exc:
+            error("invalid_json", line_number, f"not valid JSON ({exc})")
+            continue
+        if not isinstance(example, dict):
+            error("data_type", line_number, f"expected an object, got {type(example).__name__}")
+            continue
+        messages = example.get("messages")
+        if not isinstance(messages, list) or not messages:
+            error("missing_messages_list", line_number, '"messages" is missing or empty')
+            continue
+        tokens, trained, roles = PRIMING_TOKENS, 0, set()
+        for index, message in enumerate(messages, start=1):
+            where = f"message {index}"
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                error("message_missing_key", line_number, f'{where} lacks "role" or "content"')
+                continue
+            unknown = sorted(set(message) - ALLOWED_MESSAGE_KEYS)
+            if unknown:
+                error("message_unrecognized_key", line_number, f"{where} has key {unknown[0]!r}")
+            role = message["role"]
+            if not isinstance(role, str) or role not in ALLOWED_ROLES:
+                error("unrecognized_role", line_number, f"{where} has role {role!r}")
+                role = str(role)
+            roles.add(role)
+            content = message["content"]
+            calls = message.get("function_call") or message.get("tool_calls")
+            if not calls and (not isinstance(content, str) or not content.strip()):
+                error("missing_content", line_number, f"{where} has no text content")
+            if "weight" in message and (
+                role != "assistant"
+                or type(message["weight"]) is not int
+                or message["weight"] not in (0, 1)
+            ):
+                error("invalid_weight", line_number, f"{where} has weight {message['weight']!r}")
+            text_tokens = count_tokens(content) if isinstance(content, str) else 0
+            tokens += TOKENS_PER_MESSAGE + count_tokens(role) + text_tokens
+            if isinstance(message.get("name"), str):
+                tokens += count_tokens(message["name"]) + 1
+            if calls:
+                tokens += count_tokens(json.dumps(calls))
+            if role == "assistant" and message.get("weight", 1) == 1:
+                trained += text_tokens
+        if "assistant" not in roles:
+            error("example_missing_assistant_message", line_number, "no assistant message")
+        if "system" not in roles:
+            warnings["missing_system_message"] += 1
+        if "user" not in roles:
+            warnings["missing_user_message"] += 1
+        total_tokens[tokens] += 1
+        assistant_tokens[trained] += 1
+        messages_per_example[len(messages)] += 1
+        too_long += tokens > max_tokens_per_example
+        if tokens > max_tokens_per_example and len(too_long_lines) < 5:
+            too_long_lines.append(line_number)
+        billed += min(tokens, max_tokens_per_example)
+    if n_examples < MIN_EXAMPLES:
+        error("too_few_examples", 0, f"{n_examples} examples, at least {MIN_EXAMPLES} needed")
+    return {
+        "examples": n_examples,
+        "errors": dict(errors),
+        "first_error": first_error,
+        "warnings": dict(warnings),
+        "too_long": too_long,
+        "too_long_lines": too_long_lines,
+        "billed_tokens_per_epoch": billed,
+        "total_tokens": distribution(total_tokens),
+        "assistant_tokens": distribution(assistant_tokens),
+        "messages": distribution(messages_per_example),
+    }
+
+
+def first_format_error(report: dict, path: Path) -> str | None:
+    """One line for the earliest format error (file, line, what, fix), or None."""
+    found = [
+        (line, kind, detail)
+        for kind, (line, detail) in report["first_error"].items()
+        if kind != "too_few_examples"
+    ]
+    if not found:
+        return None
+    line, kind, detail = min(found)
+    more = sum(report["errors"].values()) - 1
+    also = f" ({more} more problem{'s' if more != 1 else ''} in the file)" if more > 0 else ""
+    return f"{path.name}:{line}: {detail} [{kind}]; {ERROR_HELP[kind]}{also}"
+
+
+# ----- Stage 3 · configure_model: the job's settings and what they cost
+
+
+def choose_epochs(cfg: Config, n_examples: int) -> tuple[int, str]:
+    """The number of epochs the job will train for, and why that number."""
+    if cfg.epochs:
+        return cfg.epochs, "from --epochs"
+    if cfg.provider == "nebius":
+        return 3, "Nebius's default n_epochs"
+    why = f"n_epochs auto: the rule OpenAI uses for {n_examples} examples"
+    return default_epochs(n_examples), why
+
+
+def default_epochs(n_examples: int) -> int:
+    """The number of epochs OpenAI picks when n_epochs is "auto" (the cookbook's rule)."""
+    if n_examples * 3 < 100:
+        return min(25, 100 // max(1, n_examples))
+    if n_examples * 3 > 25000:
+        return max(1, 25000 // n_examples)
+    return 3
+
+
+def run_tag_of(cfg: Config, formatted: dict, method: dict) -> str:
+    """16 hex digits of a hash over the files to upload and the job's settings."""
+    digest = hashlib.sha256()
+    for path in (formatted["train_path"], formatted["valid_path"]):
+        digest.update(path.read_bytes() if path else b"")
+    digest.update(json.dumps([cfg.provider, cfg.model, cfg.suffix, cfg.seed, method]).encode())
+    return digest.hexdigest()[:16]
+
+
+def resolve_base_url(cfg: Config) -> str | None:
+    # With a trailing slash, as the SDK makes it: the paths below are joined onto it.
+    if cfg.base_url:
+        return cfg.base_url.rstrip("/") + "/"
+    if cfg.provider == "openai":
+        url = os.environ.get("OPENAI_BASE_URL") or PROVIDERS["openai"]["base_url"]
+        return url.rstrip("/") + "/"
+    if cfg.provider == "azure":
+        endpoint = os.environ.get("AZURE_OPENAI_ENDPOINT")
+        return endpoint.rstrip("/") + "/openai/v1/" if endpoint else None
+    return PROVIDERS[cfg.provider]["base_url"]
+
+
+def estimate_costs(
+    provider: str, model: str, billed_tokens: int, prompt_tokens: int, reply_tokens: int
+) -> dict:
+    """Training and answering cost from the price table (None where a price is unknown)."""
+    price = PRICES[provider]["models"].get(model, {})
+    training = usd(billed_tokens, price.get("train"))
+    baseline = add_costs(
+        usd(prompt_tokens, price.get("input")), usd(reply_tokens, price.get("output"))
+    )
+    tuned = add_costs(
+        usd(prompt_tokens, price.get("ft_input")), usd(reply_tokens, price.get("ft_output"))
+    )
+    answering = add_costs(baseline, tuned)
+    return {
+        "training": training,
+        "answering": answering,
+        "total": add_costs(training, answering),
+        "price": price,
+    }
+
+
+def usd(tokens: int | None, per_million: float | None) -> float | None:
+    return None if tokens is None or per_million is None else tokens * per_million / 1_000_000
+
+
+def add_costs(*costs: float | None) -> float | None:
+    return None if any(cost is None for cost in costs) else sum(costs)
+
+
+def money(cost: float | None) -> str:
+    return "unknown" if cost is None else f"${cost:.4f}"
+
+
+def show_job_settings(
+    cfg: Config,
+    formatted: dict,
+    base_url: str | None,
+    method: dict,
+    extra_body: dict | None,
+    epochs_why: tuple[int, str],
+    billed: int,
+    costs: dict,
+) -> None:
+    """Stage 3's table: where the job goes, what it trains, and what it is estimated to cost."""
+    epochs, why = epochs_why
+    provider = PROVIDERS[cfg.provider]
+    prices = PRICES[cfg.provider]
+    table = Table(title="The fine-tuning job", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("provider", f"{cfg.provider} ({key_status(provider['key_var'])})")
+    table.add_row("base URL", base_url or AZURE_PLACEHOLDER)
+    table.add_row("base model", cfg.model)
+    table.add_row("suffix / seed", f"{cfg.suffix} / {cfg.seed}")
+    table.add_row("method", json.dumps(method))
+    if extra_body:
+        table.add_row("extra body", json.dumps(extra_body))
+    table.add_row("epochs", f"{epochs} ({why})")
+    table.add_row(
+        "billed tokens",
+        f"{epochs} epochs x {formatted['report']['billed_tokens_per_epoch']:,} = {billed:,}",
+    )
+    price = costs["price"]
+    if price:
+        table.add_row(
+            "prices (USD / 1M tokens)",
+            f"training {price['train']:.2f}; base in/out {price['input']:.2f}/"
+            f"{price['output']:.2f}; tuned in/out {price['ft_input']:.2f}/{price['ft_output']:.2f}",
+        )
+    else:
+        table.add_row("prices", f"[yellow]not in this script's table for {cfg.model}[/yellow]")
+    table.add_row("price table", f"as of {prices['as_of']}; check {prices['source']}")
+    table.add_row("estimate: training", money(costs["training"]))
+    table.add_row(
+        "estimate: answering",
+        f"{money(costs['answering'])} ({formatted['n_test']} questions x 2 models)",
+    )
+    table.add_row("[bold]estimate: total", f"[bold]{money(costs['total'])}")
+    console.print(table)
+    console.print(
+        "[dim]The answering estimate assumes replies as long as the reference answers; "
+        f"tokens: {formatted['token_label']}.[/dim]"
+    )
+
+
+# ----- Stage 4 · tune: the client, the job's record, the job, the deployment
+
+
+def show_tune_requests(cfg: Config, formatted: dict, plan: dict) -> None:
+    """The dry run of stage 4: each request a real run would send, in order."""
+    train_path, valid_path = formatted["train_path"], formatted["valid_path"]
+    base = plan["base_url"] or AZURE_PLACEHOLDER
+    console.print("A real run would send (nothing is sent now):")
+    for path in filter(None, (train_path, valid_path)):
+        size = path.stat().st_size
+        show_command(f"POST {base}files  purpose=fine-tune  {path.name} ({size:,} bytes)")
+    show_command(f"GET  {base}fine_tuning/jobs?metadata[run_tag]={plan['run_tag']}")
+    console.print("       (is a job for this exact data already running? then reuse it)")
+    show_command(f"POST {base}fine_tuning/jobs  (sent once, never retried)")
+    files = {"training_file": "<id of the uploaded training file>"}
+    if valid_path:
+        files["validation_file"] = "<id of the uploaded validation file>"
+    body = {"model": cfg.model, **files, **plan["job"], **(plan["extra_body"] or {})}
+    console.print_json(json.dumps(body))
+    show_command(f"GET  {base}fine_tuning/jobs/<id> and .../events until the job ends")
+    if cfg.provider == "azure":
+        console.print("  then print the `az` command that deploys the model (Azure needs it)")
+    if cfg.provider == "nebius":
+        show_command(f"POST {urljoin(base, '../v0/models')}  (deploy the LoRA adapter)")
+
+
+def confirm_tuning(cfg: Config, formatted: dict, plan: dict) -> tuple:
+    """Refuse what cannot work, then guard the spending. Returns the client and the job record."""
+    if formatted["report"]["errors"].get("too_few_examples") and not (
+        cfg.job_id or cfg.tuned_model
+    ):
+        raise UsageError(
+            f"{formatted['train_path'].name}: {ERROR_HELP['too_few_examples']}; "
+            "add more train examples"
+        )
+    record = load_record(cfg)
+    if cfg.tuned_model and not cfg.job_id:
+        what, estimate = "Answering the test questions", plan["costs"]["answering"]
+    elif cfg.job_id:
+        what, estimate = (
+            f"Watching {cfg.job_id}, then answering the test questions",
+            plan["costs"]["answering"],
+        )
+    else:
+        what, estimate = "The fine-tuning job and the answers", plan["costs"]["total"]
+    client = make_client(cfg, plan["base_url"])  # checks the key and URL before asking
+    confirm_paid_step(what, estimate, yes=cfg.yes, max_cost=cfg.max_cost)
+    return client, record
+
+
+def make_client(cfg: Config, base_url: str | None):
+    """The SDK client (imported here: a dry run never loads it and never builds a client)."""
+    key_var = PROVIDERS[cfg.provider]["key_var"]
+    if not os.environ.get(key_var):
+        raise UsageError(f"{key_var} is not set; put it in the environment or in .env")
+    if not base_url:
+        raise UsageError(
+            "no Azure endpoint: set AZURE_OPENAI_ENDPOINT (https://RESOURCE.openai.azure.com) "
+            "or pass --base-url https://RESOURCE.openai.azure.com/openai/v1/"
+        )
+    from openai import OpenAI
+
+    # All three clouds take the key the same way with their v1 API (Authorization: Bearer),
+    # which is how Microsoft's v1 examples use this same client with an Azure key.
+    return OpenAI(api_key=os.environ[key_var], base_url=base_url, max_retries=4, timeout=120)
+
+
+def api_error(exc) -> str:
+    """One line from an SDK error: HTTP status, code and message (never headers, never keys).
+
+    A refused key is not the service failing but the user's to fix (exit 2), wherever it shows
+    up first; and OpenAI's message for it quotes the key's start and end, so none of it is kept.
+    """
+    import openai
+
+    if isinstance(exc, openai.AuthenticationError):
+        host = exc.request.url.host if getattr(exc, "request", None) else "the server"
+        raise UsageError(
+            f"the API key was refused (HTTP 401 from {host}): check the key named at the top "
+            "of the output, then run the same command again"
+        ) from None
+    status = getattr(exc, "status_code", None)
+    code = getattr(exc, "code", None)
+    body = getattr(exc, "body", None)
+    text = body.get("message") if isinstance(body, dict) else None
+    text = text or getattr(exc, "message", None) or str(exc)
+    parts = [f"HTTP {status}" if status else None, code, text]
+    return " ".join(filter(None, parts))
+
+
+def record_path(cfg: Config) -> Path:
+    return cfg.output_dir / "openai" / "job.json"
+
+
+def load_record(cfg: Config) -> dict:
+    path = record_path(cfg)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UsageError(f"{path}: not a job record (not JSON); delete it to start over") from None
+
+
+def save_record(cfg: Config, record: dict) -> None:
+    record["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+    write_atomic(record_path(cfg), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def new_record(cfg: Config, plan: dict) -> dict:
+    """The record of a job about to start: where, on which model, for which data."""
+    return {
+        "provider": cfg.provider,
+        "base_url": plan["base_url"],
+        "model": cfg.model,
+        "run_tag": plan["run_tag"],
+        "estimated_cost_usd": plan["costs"]["total"],
+    }
+
+
+def job_started_earlier(cfg: Config, client, plan: dict, record: dict) -> tuple:
+    """The job to watch instead of starting one (--job-id, or one this exact data started
+    earlier) and the record to keep for it; (None, record) when a new job is needed."""
+    import openai
+
+    if cfg.job_id:
+        try:
+            job = client.fine_tuning.jobs.retrieve(cfg.job_id)
+        except openai.NotFoundError:
+            raise UsageError(f"--job-id {cfg.job_id}: no such job on {cfg.provider}") from None
+        except openai.APIError as exc:
+            raise ServiceError(
+                f"could not read job {cfg.job_id}: {api_error(exc)}; run the same command again"
+            ) from None
+        if job.model != cfg.model:
+            console.print(
+                f"[yellow]{job.id} fine-tunes {escape(job.model)}, not {escape(cfg.model)}: the "
+                f"baseline and the prices are {escape(cfg.model)}'s; pass --model "
+                f"{escape(job.model)} to compare the tuned model with its own base[/yellow]"
+            )
+    else:
+        job = find_existing_job(cfg, client, plan["run_tag"], record)
+    if job is not None and record.get("job_id") != job.id:
+        # Adopting a job this record does not know (found by tag, or given with --job-id).
+        record = {
+            **new_record(cfg, plan),
+            "run_tag": (job.metadata or {}).get("run_tag"),
+            "training_file": job.training_file,
+            "validation_file": job.validation_file,
+        }
+    return job, record
+
+
+def live_jobs_tagged(client, run_tag: str) -> list:
+    """Jobs started with this run tag that have not failed or been cancelled, newest first."""
+    page = client.fine_tuning.jobs.list(metadata={"run_tag": run_tag}, limit=10)
+    # A server that ignores the metadata filter lists every job: keep only ours.
+    return [
+        job
+        for job in page.data
+        if (job.metadata or {}).get("run_tag") == run_tag
+        and job.status not in ("failed", "cancelled")
+    ]
+
+
+def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
+    """A job this data already started (from the record, or by its metadata tag), or None."""
+    import openai
+
+    candidates = []
+    same_place = record.get("base_url") == resolve_base_url(cfg)
+    try:
+        if same_place and record.get("run_tag") == run_tag and record.get("job_id"):
+            # NotFound: the record is another account's job; look it up by tag instead.
+            with contextlib.suppress(openai.NotFoundError):
+                job = client.fine_tuning.jobs.retrieve(record["job_id"])
+                if job.status not in ("failed", "cancelled"):
+                    candidates.append(job)
+        candidates = candidates or live_jobs_tagged(client, run_tag)
+    except openai.APIError as exc:
+        console.print(
+            f"[yellow]could not look for an earlier job ({escape(api_error(exc))}); "
+            "going on without that check[/yellow]"
+        )
+    for job in candidates:
+        console.print(
+            f"found job {job.id} ({job.status}) started earlier with this exact data and settings"
+        )
+        if cfg.yes:
+            console.print("reusing it (--yes); cancel it first to start a new one")
+            return job
+        try:
+            reply = input("Reuse it instead of starting (and paying for) a new one? [Y/n] ")
+        except EOFError:  # Ctrl-D: neither reuse it nor pay for another
+            print()
+            raise UsageError(
+                f"no answer; nothing new was started (job {job.id} keeps its state: --job-id "
+                f"{job.id} watches it, --yes reuses it without asking)"
+            ) from None
+        if reply.strip().lower() in ("", "y", "yes"):
+            return job
+    return None
+
+
+def upload_failed(path: Path, exc) -> str:
+    return f"uploading {path.name} failed: {api_error(exc)}; nothing was started"
+
+
+def job_request(plan: dict, record: dict) -> dict:
+    """POST fine_tuning/jobs: the job's settings and the ids of the files uploaded for it."""
+    kwargs = {**plan["job"], "training_file": record["training_file"]}
+    if record.get("validation_file"):
+        kwargs["validation_file"] = record["validation_file"]
+    return kwargs
+
+
+def job_after_failed_create(cfg: Config, client, plan: dict, record: dict, exc):
+    """Creating the job failed. The SDK sends no idempotency key for it, so the create is
+    never retried; where the answer may just have been lost, the job is looked for by its tag
+    instead. Returns the job found, or raises saying what was kept."""
+    import openai
+
+    if isinstance(exc, openai.PermissionDeniedError):
+        if exc.code == "training_not_available":
+            files = ", ".join(
+                filter(None, (record.get("training_file"), record.get("validation_file")))
+            )
+            raise ServiceError(
+                TRAINING_NOT_AVAILABLE.format(files=files, record=record_path(cfg))
+            ) from None
+        raise ServiceError(f"creating the job was refused: {api_error(exc)}") from None
+    if isinstance(exc, openai.APIConnectionError | openai.InternalServerError):
+        console.print(
+            f"[yellow]creating the job failed ({escape(api_error(exc))}); it may have started "
+            "anyway: looking for it by its tag[/yellow]"
+        )
+        with contextlib.suppress(openai.APIError):
+            for job in live_jobs_tagged(client, plan["run_tag"]):
+                console.print(f"found it: {job.id}")
+                return job
+        raise ServiceError(
+            f"creating the job failed ({api_error(exc)}) and no job with tag {plan['run_tag']} "
+            f"exists yet; the uploaded files are recorded in {record_path(cfg)}. Run the same "
+            "command again: it looks for the job before creating one"
+        ) from None
+    raise ServiceError(f"creating the job was refused: {api_error(exc)}") from None
+
+
+def show_job_started(cfg: Config, job, record: dict) -> None:
+    """Record the job, and say how to stop watching it and how to cancel it."""
+    record.update(job_id=job.id, model=job.model, status=job.status)
+    save_record(cfg, record)
+    console.print(f"job {job.id} on {job.model}; recorded in {record_path(cfg)}")
+    console.print("[dim]Ctrl-C stops watching (the job keeps running); cancel it with:[/dim]")
+    show_command(cancel_command(cfg, job.id))
+
+
+def show_new_events(events: list, seen: set[str]) -> list:
+    """Print the events not printed yet, oldest first; return them."""
+    fresh = [e for e in reversed(events) if e.id not in seen]
+    for event in fresh:
+        seen.add(event.id)
+        when = datetime.fromtimestamp(event.created_at, UTC).strftime("%H:%M:%S")
+        console.print(f"  [dim]{when}[/dim] {escape(event.message)}")
+    return fresh
+
+
+def show_status_change(cfg: Config, job, last_status: str | None, record: dict, started: float):
+    """Print and record the job's status when it changed; return the status now."""
+    if job.status != last_status:
+        elapsed = time.monotonic() - started
+        console.print(f"status: [bold]{job.status}[/bold] after {elapsed:.0f}s")
+        record["status"] = job.status
+        save_record(cfg, record)
+    return job.status
+
+
+def resume_command(cfg: Config, job_id: str) -> str:
+    return command_line(cfg, ("--job-id",), ("--job-id", job_id))
+
+
+def lost_contact(cfg: Config, job_id: str, exc) -> str:
+    return (
+        f"lost contact while watching {job_id} ({api_error(exc)}); the job keeps "
+        f"running. Resume with: {resume_command(cfg, job_id)}"
+    )
+
+
+def stopped_watching(cfg: Config, job_id: str) -> str:
+    return (
+        f"stopped watching; job {job_id} keeps running on the server. Resume watching with:\n"
+        f"  {resume_command(cfg, job_id)}\nor cancel it with:\n  {cancel_command(cfg, job_id)}"
+    )
+
+
+def check_job_succeeded(cfg: Config, job, record: dict) -> None:
+    """Record how the job ended; a job that did not succeed ends the run, saying why."""
+    record.update(
+        status=job.status, fine_tuned_model=job.fine_tuned_model, trained_tokens=job.trained_tokens
+    )
+    save_record(cfg, record)
+    if job.status != "succeeded":
+        err = job.error
+        detail = f"{err.code}: {err.message}" if err and err.code else "no error details given"
+        raise ServiceError(
+            f"job {job.id} {job.status}: {detail}. The job is recorded in {record_path(cfg)}; "
+            "fix what the message names and run again (that starts a new job)"
+        )
+    trained = job.trained_tokens or 0
+    console.print(
+        f"[green]fine-tuned model: {job.fine_tuned_model}[/green] ({trained:,} trained tokens)"
+    )
+
+
+def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
+    """Make the fine-tuned model servable. OpenAI: nothing to do. Azure: a management-plane
+    call (your Azure login, not the API key), so print it. Nebius: POST /v0/models."""
+    if cfg.provider == "openai":
+        return job.fine_tuned_model
+    if cfg.provider == "azure":
+        if cfg.tuned_model:
+            record.update(deployed_model=cfg.tuned_model)  # what --ask answers with later
+            save_record(cfg, record)
+            return cfg.tuned_model
+        resource = (urlsplit(plan["base_url"]).hostname or "RESOURCE").split(".")[0]
+        deployment = f"{cfg.suffix}-ft"
+        command = (
+            "az cognitiveservices account deployment create "
+            f"--resource-group <RESOURCE_GROUP> --name {resource} --deployment-name {deployment} "
+            f"--model-name {job.fine_tuned_model} --model-version 1 --model-format OpenAI "
+            f"--sku-name {AZURE_TIERS[cfg.azure_tier]} --sku-capacity 1"
+        )
+        record.update(deploy_command=command)
+        save_record(cfg, record)
+        console.print("Azure serves a fine-tuned model only once it is deployed. Deploy it with:")
+        show_command(command)
+        if cfg.azure_tier == "developerTier":
+            console.print(
+                "  (developer tier: no hosting fee; Azure deletes the deployment after 24 h)"
+            )
+        console.print("then answer with it:")
+        add = ("--job-id", job.id, "--tuned-model", deployment)
+        show_command(command_line(cfg, ("--job-id", "--tuned-model"), add))
+        return None
+    # Nebius: the newest checkpoint of the job becomes a served LoRA model (once).
+    if record.get("deployed_model"):
+        console.print(f"already deployed as {record['deployed_model']}")
+        return record["deployed_model"]
+    import openai
+
+    v0 = urljoin(plan["base_url"], "../v0/models")
+    try:
+        name = record.get("deploying_model")
+        if name:  # an earlier run started it and stopped waiting: wait for that one
+            console.print(f"waiting for the deployment an earlier run started: {name}")
+            model = client.get(f"{v0}/{name.rsplit(':', 1)[-1]}", cast_to=object)
+        else:
+            checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
+            if not checkpoints:
+                raise ServiceError(f"job {job.id} has no checkpoint to deploy")
+            body = {
+                "name": f"{cfg.suffix}-{job.id.split('-')[-1][:8]}",
+                "base_model": NEBIUS_SERVING_BASE.get(job.model, job.model),
+                "source": f"{job.id}:{checkpoints[0].id}",
+            }
+            console.print("deploying the adapter:")
+            show_command(f"POST {v0} {json.dumps(body)}")
+            # Not idempotent either (each call makes another model), so it is sent once and
+            # recorded: a rerun waits for this one instead of deploying a second.
+            model = client.post(v0, cast_to=object, body=body, options={"max_retries": 0})
+            name = model["name"]
+            record.update(deploying_model=name)
+            save_record(cfg, record)
+        short = name.rsplit(":", 1)[-1]
+        deadline = time.monotonic() + cfg.deploy_timeout
+        while model.get("status") not in ("active", "error", "deleted"):
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"Nebius is still {model.get('status')} {name} after --deploy-timeout "
+                    f"{cfg.deploy_timeout:g}s; the job {job.id} succeeded and the deployment is "
+                    f"recorded in {record_path(cfg)}: run the same command again to keep waiting"
+                )
+            time.sleep(cfg.poll_interval)
+            model = client.get(f"{v0}/{short}", cast_to=object)
+            console.print(f"  model {name}: {model.get('status')}")
+    except openai.APIError as exc:
+        raise ServiceError(
+            f"deploying the fine-tuned model failed ({api_error(exc)}); the job {job.id} succeeded "
+            f"and is recorded in {record_path(cfg)}; run the same command again to retry"
+        ) from None
+    record.pop("deploying_model", None)
+    if model.get("status") != "active":
+        save_record(cfg, record)
+        reason = model.get("status_reason")
+        raise ServiceError(
+            f"Nebius could not deploy {name}: {model.get('status')}"
+            + (f" ({reason})" if reason else "")
+            + "; run the same command again to deploy the job's checkpoint anew"
+        )
+    record.update(deployed_model=name)
+    save_record(cfg, record)
+    return name
+
+
+def command_line(cfg: Config, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
+    """This run's command line with some flags (and their values) dropped and others added."""
+    takes_value = {"--job-id", "--cancel", "--max-cost", "--tuned-model"}
+    kept, skip = [], False
+    for arg in cfg.argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in drop:
+            skip = name in takes_value and "=" not in arg
+            continue
+        kept.append(arg)
+    return shlex.join(["python", Path(sys.argv[0]).name, *kept, *add])
+
+
+def show_command(command: str) -> None:
+    """A command or request to copy: one line however narrow the terminal, never markup."""
+    console.print(f"  {command}", soft_wrap=True, markup=False)
+
+
+def cancel_command(cfg: Config, job_id: str) -> str:
+    return command_line(cfg, ("--job-id", "--cancel", "--run", "--yes"), ("--cancel", job_id))
+
+
+# ----- Stage 5 · answer: the chat requests and what they cost
+
+
+def chat_request(model: str, question: str) -> dict:
+    """The one chat request this script sends, for the base and the tuned model alike."""
+    return {
+        "model": model,
+        "messages": chat_messages(question),
+        "temperature": DECODING["temperature"],
+        "max_tokens": DECODING["max_tokens"],
+    }
+
+
+def show_answer_request(plan: dict, base_name: str, test: list[dict]) -> None:
+    """The dry run of stage 5: the request each test question would be sent as."""
+    request = chat_request(base_name, test[0]["question"])
+    console.print(
+        f"A real run sends {len(test)} requests like this to each model (base, then tuned):"
+    )
+    show_command(f"POST {plan['base_url'] or AZURE_PLACEHOLDER}chat/completions")
+    console.print_json(json.dumps(request))
+
+
+def no_such_model(model: str, exc) -> str:
+    """A model name the server does not know is the user's to fix: asking again cannot help."""
+    if exc.code == "DeploymentNotFound":
+        return (
+            f"Azure has no deployment named {model} (HTTP 404 DeploymentNotFound): deploy the "
+            "model, then pass the deployment's name with --base-deployment (the base model) "
+            "or --tuned-model (the fine-tuned one)"
+        )
+    return (
+        f"the server has no model named {model} ({api_error(exc)}); check --model and --tuned-model"
+    )
+
+
+def reply_text(reply) -> str:
+    return (reply.choices[0].message.content or "").strip()
+
+
+def reply_usage(reply) -> tuple[int, int]:
+    """Input and output tokens of one reply, as the server counted them (0 where it did not)."""
+    usage = reply.usage
+    return (usage.prompt_tokens if usage else 0), (usage.completion_tokens if usage else 0)
+
+
+def answering_costs(plan: dict, tuned: dict, usage: Counter) -> tuple:
+    """What the answers cost (from each reply's usage) and what the training cost."""
+    prices = plan["costs"]["price"]
+    answer_cost = add_costs(
+        usd(usage["base_in"], prices.get("input")),
+        usd(usage["base_out"], prices.get("output")),
+        usd(usage["tuned_in"], prices.get("ft_input")),
+        usd(usage["tuned_out"], prices.get("ft_output")),
+    )
+    # Billed by the job's trained tokens; a job that does not report them has no known cost.
+    training_cost = usd(tuned["trained_tokens"], prices.get("train")) if tuned["job_id"] else 0.0
+    return answer_cost, training_cost
+
+
+def show_first_answers(first: dict, base_name: str, tuned_model: str) -> None:
+    table = Table(title=escape(f"First test question: {first['question']}"), show_lines=True)
+    table.add_column("reference")
+    table.add_column(f"base: {base_name}")
+    table.add_column(f"tuned: {tuned_model}")
+    table.add_row(*(escape(first[key]) for key in ("reference", "baseline", "tuned")))
+    console.print(table)
+
+
+# ----- Stage 6 · compare: a plan in place of results, the command for a real run
+
+
+def record_plan(cfg: Config, plan: dict) -> None:
+    """--record-plan: a row for the comparison that says this approach was not run, and what it
+    would cost, so a table of measured runs shows the cloud option too. A real run's results
+    are never replaced by it."""
+    path = cfg.output_dir / "results" / f"{APPROACH}.json"
+    try:
+        if "status" not in json.loads(path.read_text(encoding="utf-8")):
+            console.print(f"{path} holds a real run's results: kept, no plan written")
+            return
+    except (OSError, ValueError):
+        pass  # no results yet, or not a results file: the plan takes its place
+    closed = datetime.now(UTC).date().isoformat() >= "2027-01-06"
+    why = key_status(PROVIDERS[cfg.provider]["key_var"])
+    note = (
+        f"not run ({why}); a real run is estimated at {money(plan['costs']['total'])} to train "
+        f"and answer (prices as of {PRICES[cfg.provider]['as_of']}). "
+        + (
+            "OpenAI takes no new fine-tuning jobs since 2027-01-06"
+            if closed
+            else "OpenAI takes no new fine-tuning jobs from 2027-01-06"
+        )
+        + ": Azure OpenAI (--provider azure) and Nebius (--provider nebius) take the same calls"
+    )
+    row = {
+        "approach": APPROACH,
+        "model": f"{cfg.model} ({cfg.provider})",
+        "status": "not run",
+        "note": note,
+        "estimated_cost_usd": plan["costs"]["total"],
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_atomic(path, json.dumps(row, indent=2) + "\n")
+    console.print(f"wrote {path}: {note}", markup=False)
+
+
+def show_real_run_command(cfg: Config, plan: dict) -> None:
+    """The end of a dry run: the command that does it for real, capped a little above the
+    estimate."""
+    total = plan["costs"]["total"]
+    cap = () if total is None else ("--max-cost", f"{math.ceil(total * 125) / 100:.2f}")
+    console.print("\nDry run: nothing was sent and nothing was spent. To run it for real:")
+    show_command(command_line(cfg, ("--max-cost", "--record-plan"), ("--run", *cap)))
+
+
+# =====================================================================================
+# The other entry points: --ask, --cancel, --check-file
+# =====================================================================================
+
+
+def ask(cfg: Config) -> None:
+    """--ask: one question of the user's, base and tuned model side by side, no tuning."""
+    stage(
+        5,
+        "answer (--ask)",
+        "Ask your question to the base model and the recorded fine-tuned model.",
+    )
+    record = load_record(cfg)
+    tuned_model = cfg.tuned_model or record.get("deployed_model") or record.get("fine_tuned_model")
+    if not tuned_model:
+        raise UsageError(
+            f"no fine-tuned model recorded in {record_path(cfg)}: finish a real run first, "
+            "or pass --tuned-model"
+        )
+    base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
+    base_url = resolve_base_url(cfg)
+    count_tokens, _ = load_token_counter(cfg.model)
+    # At most ANSWER_MAX_TOKENS come back from each model: the estimate is an upper bound.
+    estimate = estimate_costs(
+        cfg.provider,
+        cfg.model,
+        0,
+        prompt_tokens(count_tokens, chat_messages(cfg.ask)),
+        ANSWER_MAX_TOKENS,
+    )["answering"]
+    if not cfg.run:
+        console.print(
+            f"A real run (add --run) sends to {base_url or AZURE_PLACEHOLDER}chat/completions, "
+            f"for {base_name} and then for {tuned_model} (at most {money(estimate)}):"
+        )
+        console.print_json(json.dumps(chat_request(base_name, cfg.ask)))
+        return
+    confirm_paid_step("Answering your question twice", estimate, yes=cfg.yes, max_cost=cfg.max_cost)
+    import openai
+
+    client = make_client(cfg, base_url)
+    table = Table(title=escape(cfg.ask), show_lines=True)
+    try:
+        for label, model in (("base", base_name), ("tuned", tuned_model)):
+            table.add_column(f"{label}: {model}")
+        replies = []
+        for model in (base_name, tuned_model):
+            try:
+                reply = client.chat.completions.create(**chat_request(model, cfg.ask))
+            except openai.NotFoundError as exc:
+                raise UsageError(no_such_model(model, exc)) from None
+            replies.append(escape(reply_text(reply)))
+        table.add_row(*replies)
+    except openai.APIError as exc:
+        raise ServiceError(f"asking failed after the SDK's retries: {api_error(exc)}") from None
+    console.print(table)
+
+
+def cancel_job(cfg: Config) -> None:
+    """--cancel: stop a job (it stops spending); the record is updated if it is this job."""
+    import openai
+
+    client = make_client(cfg, resolve_base_url(cfg))
+    try:
+        job = client.fine_tuning.jobs.cancel(cfg.cancel)
+    except openai.NotFoundError:
+        raise UsageError(f"--cancel {cfg.cancel}: no such job on {cfg.provider}") from None
+    except openai.BadRequestError as exc:
+        # The API refuses to cancel a job that has ended; say how it ended.
+        with contextlib.suppress(openai.APIError):
+            ended = client.fine_tuning.jobs.retrieve(cfg.cancel).status
+            if ended in ("succeeded", "failed", "cancelled"):
+                raise UsageError(
+                    f"--cancel {cfg.cancel}: the job already {ended}; there is nothing to cancel"
+                ) from None
+        raise UsageError(f"--cancel {cfg.cancel}: refused ({api_error(exc)})") from None
+    except openai.APIError as exc:
+        raise ServiceError(f"cancelling {cfg.cancel} failed: {api_error(exc)}") from None
+    console.print(f"job {job.id}: {job.status}")
+    record = load_record(cfg)
+    if record.get("job_id") == job.id:
+        record["status"] = job.status
+        save_record(cfg, record)
+
+
+def check_file(cfg: Config) -> None:
+    """--check-file: validate a chat-format file of the user's, print its report, and exit."""
+    open_user_file(cfg.check_file, "--check-file").close()  # before loading the encoding
+    count_tokens, label = load_token_counter(cfg.model)
+    max_tokens = PROVIDERS[cfg.provider]["max_tokens_per_example"]
+    report = validate_chat_file(cfg.check_file, count_tokens, max_tokens)
+    console.print_json(json.dumps({k: v for k, v in report.items() if k != "first_error"}))
+    console.print(f"tokens counted with {label}")
+    problem = first_format_error(report, cfg.check_file)
+    if problem or report["errors"]:
+        raise UsageError(problem or f"{cfg.check_file.name}: {ERROR_HELP['too_few_examples']}")
+
+
+# =====================================================================================
+# Reference tables: the providers, their prices, the validator's messages
+# =====================================================================================
 
 # Each provider speaks the same API; only these facts differ. Read from their docs 2026-11.
 AZURE_PLACEHOLDER = "https://YOUR-RESOURCE.openai.azure.com/openai/v1/"  # until an endpoint is set
@@ -87,7 +1551,7 @@ PROVIDERS = {
     "openai": {
         "base_url": "https://api.openai.com/v1/",
         "key_var": "OPENAI_API_KEY",
-        "default_model": "gpt-4o-mini-2024-07-18",
+        "default_model": DEFAULT_MODEL,
         "max_tokens_per_example": 65536,
         "docs": "https://developers.openai.com/api/docs/guides/supervised-fine-tuning",
     },
@@ -95,7 +1559,7 @@ PROVIDERS = {
         # https://RESOURCE.openai.azure.com/openai/v1/ (from AZURE_OPENAI_ENDPOINT or --base-url)
         "base_url": None,
         "key_var": "AZURE_OPENAI_API_KEY",
-        "default_model": "gpt-4o-mini-2024-07-18",
+        "default_model": DEFAULT_MODEL,
         "max_tokens_per_example": 65536,
         "docs": "https://learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle",
     },
@@ -157,37 +1621,53 @@ NEBIUS_SERVING_BASE = {
     "meta-llama/Meta-Llama-3.1-8B-Instruct": "meta-llama/Meta-Llama-3.1-8B-Instruct-fast"
 }
 
+ALLOWED_MESSAGE_KEYS = {
+    "role",
+    "content",
+    "name",
+    "weight",
+    "function_call",
+    "tool_calls",
+    "tool_call_id",
+}
+ALLOWED_ROLES = {"system", "user", "assistant", "function", "tool"}
+ERROR_HELP = {
+    "invalid_json": "each line must be one JSON object",
+    "data_type": "each line must be a JSON object",
+    "missing_messages_list": 'each line needs a non-empty "messages" list',
+    "message_missing_key": 'every message needs "role" and "content"',
+    "message_unrecognized_key": f"message keys allowed: {', '.join(sorted(ALLOWED_MESSAGE_KEYS))}",
+    "unrecognized_role": f"roles allowed: {', '.join(sorted(ALLOWED_ROLES))}",
+    "missing_content": "content must be a non-empty string (or the message must call a tool)",
+    "example_missing_assistant_message": "each example needs at least one assistant message",
+    "invalid_weight": "weight may only be 0 or 1, and only on assistant messages",
+    "too_few_examples": (
+        f"the API needs at least {MIN_EXAMPLES} examples ({RECOMMENDED_EXAMPLES} recommended)"
+    ),
+}
 
-@dataclass
-class Config:
-    data: Path
-    model: str | None = None
-    run: bool = False
-    yes: bool = False
-    max_cost: float | None = None
-    train_limit: int | None = None
-    test_limit: int | None = None
-    output_dir: Path = Path("outputs")
-    seed: int = 42
-    ask: str | None = None
-    provider: str = "openai"
-    base_url: str | None = None
-    epochs: int | None = None
-    suffix: str = "edu-qa"
-    valid_fraction: float = 0.1
-    job_id: str | None = None
-    cancel: str | None = None
-    tuned_model: str | None = None
-    base_deployment: str | None = None
-    azure_tier: str = "developerTier"
-    poll_interval: float = 10.0
-    deploy_timeout: float = 1800.0  # Nebius: how long to wait for a deployment to turn active
-    check_file: Path | None = None
-    record_plan: bool = False
-    argv: list[str] = field(default_factory=list)
+
+TRAINING_NOT_AVAILABLE = """\
+the fine-tuning job was refused: 403 training_not_available.
+OpenAI is winding down self-serve fine-tuning: organisations that never fine-tuned lost it on
+2026-05-07, inactive ones on 2026-07-02, and everyone loses it on 2027-01-06 (models already
+tuned keep serving until their base model retires). Nothing was trained and nothing was billed;
+the ids of the uploaded files ({files}) are recorded in {record}.
+Three ways forward:
+  1. an OpenAI organisation that still has access, before 2027-01-06: set its OPENAI_API_KEY
+     and run the same command again;
+  2. another cloud that speaks this API: --provider azure (Azure OpenAI v1), --provider nebius
+     (open models such as Llama 3.1 8B), or any server with --base-url URL;
+  3. train an open model yourself: python huggingface_lora.py"""
+
+
+# =====================================================================================
+# The command line
+# =====================================================================================
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = Config()  # every default below is the one written in Config
     parser = CommandLine(
         description="Fine-tune a model on educational Q/A pairs with the OpenAI fine-tuning API.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -203,37 +1683,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         type=path_arg,
-        default=DATA_FILE,
+        default=d.data,
         help="JSONL with question/answer per line (default: small_edu_qa.jsonl beside the script)",
     )
     parser.add_argument(
         "--model",
         type=text_arg,
+        default=d.model,
         help="base model to fine-tune (default: the provider's, see --provider)",
     )
     parser.add_argument(
-        "--run", action="store_true", help="really do the paid steps (default: dry run)"
+        "--run",
+        action="store_true",
+        default=d.run,
+        help="really do the paid steps (default: dry run)",
     )
-    parser.add_argument("--yes", action="store_true", help="do not ask before a paid step")
+    parser.add_argument(
+        "--yes", action="store_true", default=d.yes, help="do not ask before a paid step"
+    )
     parser.add_argument(
         "--max-cost",
         type=number(float, 0),
+        default=d.max_cost,
         metavar="USD",
         help="refuse a paid step whose estimate is higher",
     )
     parser.add_argument(
-        "--train-limit", type=number(int, 1), metavar="N", help="use the first N train examples"
+        "--train-limit",
+        type=number(int, 1),
+        default=d.train_limit,
+        metavar="N",
+        help="use the first N train examples",
     )
     parser.add_argument(
-        "--test-limit", type=number(int, 1), metavar="N", help="use the first N test examples"
+        "--test-limit",
+        type=number(int, 1),
+        default=d.test_limit,
+        metavar="N",
+        help="use the first N test examples",
     )
     parser.add_argument(
-        "--output-dir", type=path_arg, default=Path("outputs"), help="where everything is written"
+        "--output-dir", type=path_arg, default=d.output_dir, help="where everything is written"
     )
-    parser.add_argument("--seed", type=seed_arg, default=42)
+    parser.add_argument("--seed", type=seed_arg, default=d.seed)
     parser.add_argument(
         "--ask",
         type=text_arg,
+        default=d.ask,
         metavar="QUESTION",
         help="answer one question with the base and tuned model",
     )
@@ -241,65 +1737,94 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--provider",
         choices=sorted(PROVIDERS),
-        default="openai",
+        default=d.provider,
         help="the cloud: sets base URL, key variable, default model, prices, deploy step",
     )
     parser.add_argument(
         "--base-url",
         type=text_arg,
+        default=d.base_url,
         help="any server that speaks this API (default: the provider's, or $OPENAI_BASE_URL)",
     )
     parser.add_argument(
-        "--epochs", type=number(int, 1), help="training epochs (default: chosen as OpenAI does)"
+        "--epochs",
+        type=number(int, 1),
+        default=d.epochs,
+        help="training epochs (default: chosen as OpenAI does)",
     )
     parser.add_argument(
-        "--suffix", type=text_arg, default="edu-qa", help="added to the fine-tuned model's name"
+        "--suffix",
+        type=text_arg,
+        default=d.suffix,
+        help="added to the fine-tuned model's name",
     )
     parser.add_argument(
-        "--job-id", type=text_arg, metavar="FTJOB", help="watch this job instead of creating one"
+        "--valid-fraction",
+        type=number(float, 0, 1, below=True),
+        default=d.valid_fraction,
+        metavar="F",
+        help="share of the train split held out as the job's validation file "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--cancel", type=text_arg, metavar="FTJOB", help="cancel this job and exit")
+    parser.add_argument(
+        "--job-id",
+        type=text_arg,
+        default=d.job_id,
+        metavar="FTJOB",
+        help="watch this job instead of creating one",
+    )
+    parser.add_argument(
+        "--cancel",
+        type=text_arg,
+        default=d.cancel,
+        metavar="FTJOB",
+        help="cancel this job and exit",
+    )
     parser.add_argument(
         "--tuned-model",
         type=text_arg,
+        default=d.tuned_model,
         metavar="NAME",
         help="answer with this fine-tuned model (ft:..., an Azure deployment, a Nebius model)",
     )
     parser.add_argument(
         "--base-deployment",
         type=text_arg,
+        default=d.base_deployment,
         metavar="NAME",
         help="Azure: the deployment that serves the base model (default: the model name)",
     )
     parser.add_argument(
         "--azure-tier",
         choices=sorted(AZURE_TIERS),
-        default="developerTier",
+        default=d.azure_tier,
         help="Azure trainingType",
     )
     parser.add_argument(
         "--poll-interval",
         type=number(float, 0, 3600, above=True),
-        default=10.0,
+        default=d.poll_interval,
         metavar="S",
         help="seconds between job polls",
     )
     parser.add_argument(
         "--deploy-timeout",
         type=number(float, 0, above=True),
-        default=1800.0,
+        default=d.deploy_timeout,
         metavar="S",
         help="Nebius: stop waiting for the deployment after S seconds (a rerun waits again)",
     )
     parser.add_argument(
         "--check-file",
         type=path_arg,
+        default=d.check_file,
         metavar="JSONL",
         help="only validate a chat-format file and exit",
     )
     parser.add_argument(
         "--record-plan",
         action="store_true",
+        default=d.record_plan,
         help="dry run: write results/openai.json as a 'not run' row with the estimate, for the "
         "comparison table (a real run's results are kept)",
     )
@@ -322,10 +1847,8 @@ def parse_config(argv: list[str] | None) -> Config:
 
 
 # =====================================================================================
-# The helpers all three scripts share (kept identical in each; only APPROACH differs)
+# Shared helpers: data, metric, results, comparison, errors (the same text in each approach)
 # =====================================================================================
-
-APPROACH = "openai"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
 
 console = Console(highlight=False)
 
@@ -1065,1320 +2588,6 @@ def run_cli(main, argv: list[str] | None = None) -> int:
             raise
         print(f"error: {write_error(None, exc)}", file=sys.stderr)
         return 2
-
-
-# =====================================================================================
-# Tokens: the model's own encoding, offline if at all possible
-# =====================================================================================
-
-ENCODING_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
-
-
-def encoding_name(model: str) -> tuple[str, bool]:
-    """The tiktoken encoding for a model, and whether it is the model's real one.
-
-    tiktoken's encoding_for_model maps every "ft:gpt-4..." name to cl100k_base, which is wrong
-    for ft:gpt-4o-... and ft:gpt-4.1-... (they use o200k_base), so a fine-tuned name is first
-    reduced to its base model.
-    """
-    import tiktoken.model
-
-    base = model.removeprefix("ft:").split(":")[0]
-    if base.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "o1", "o3", "o4")):
-        return "o200k_base", True
-    try:
-        return tiktoken.model.encoding_name_for_model(base), True
-    except KeyError:
-        # An open model (Llama on Nebius) has its own tokenizer; o200k_base is a close stand-in.
-        return "o200k_base", False
-
-
-def litellm_tokenizer_dir() -> Path | None:
-    """litellm's bundled copies of the encodings, found without importing litellm.
-
-    `import litellm` is slow and tries to fetch a price map from the network; find_spec only
-    locates the package on disk.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("litellm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "litellm_core_utils" / "tokenizers"
-    return folder if folder.is_dir() else None
-
-
-def load_token_counter(model: str):
-    """Return (count(text) -> int, label saying how exact the counts are). Never downloads."""
-    name, exact_for_model = encoding_name(model)
-    cache_key = hashlib.sha1(ENCODING_URL.format(name=name).encode()).hexdigest()
-    # Where tiktoken itself looks, in its own order.
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
-    elif "DATA_GYM_CACHE_DIR" in os.environ:
-        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
-    else:
-        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    bundled = litellm_tokenizer_dir()
-    if cache_dir and Path(cache_dir, cache_key).is_file():
-        source = f"tiktoken's cache ({cache_dir})"
-    elif "TIKTOKEN_CACHE_DIR" not in os.environ and bundled and (bundled / cache_key).is_file():
-        # Same file name, same bytes (tiktoken checks the sha256): point tiktoken at it.
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(bundled)
-        source = "the copy litellm ships"
-    else:
-        return (
-            lambda text: math.ceil(len(text) / 4),
-            f"APPROXIMATE (~4 characters per token): {name} is not on this machine; run "
-            f"python -c \"import tiktoken; tiktoken.get_encoding('{name}')\" once online",
-        )
-    import tiktoken
-
-    encoding = tiktoken.get_encoding(name)
-    label = f"{name} from {source}"
-    if not exact_for_model:
-        label += f"; APPROXIMATE for {model}, which uses its own tokenizer"
-    # encode_ordinary: text like "<|endoftext|>" in a question is text, not a special token.
-    # The cache makes the system prompt and role names, repeated on every line, cost nothing.
-    return functools.lru_cache(maxsize=4096)(
-        lambda text: len(encoding.encode_ordinary(text))
-    ), label
-
-
-# =====================================================================================
-# The validator: what OpenAI's cookbook data-prep notebook checks, streamed
-# =====================================================================================
-
-ALLOWED_MESSAGE_KEYS = {
-    "role",
-    "content",
-    "name",
-    "weight",
-    "function_call",
-    "tool_calls",
-    "tool_call_id",
-}
-ALLOWED_ROLES = {"system", "user", "assistant", "function", "tool"}
-ERROR_HELP = {
-    "invalid_json": "each line must be one JSON object",
-    "data_type": "each line must be a JSON object",
-    "missing_messages_list": 'each line needs a non-empty "messages" list',
-    "message_missing_key": 'every message needs "role" and "content"',
-    "message_unrecognized_key": f"message keys allowed: {', '.join(sorted(ALLOWED_MESSAGE_KEYS))}",
-    "unrecognized_role": f"roles allowed: {', '.join(sorted(ALLOWED_ROLES))}",
-    "missing_content": "content must be a non-empty string (or the message must call a tool)",
-    "example_missing_assistant_message": "each example needs at least one assistant message",
-    "invalid_weight": "weight may only be 0 or 1, and only on assistant messages",
-    "too_few_examples": (
-        f"the API needs at least {MIN_EXAMPLES} examples ({RECOMMENDED_EXAMPLES} recommended)"
-    ),
-}
-
-
-def distribution(counter: Counter) -> dict:
-    """min, p10, median, mean, p90, max of a histogram {value: how many} (nearest rank)."""
-    n = sum(counter.values())
-    if not n:
-        return {}
-    values = sorted(counter)
-
-    def rank(q: float) -> int:
-        target, seen = max(1, math.ceil(q * n)), 0
-        for value in values:
-            seen += counter[value]
-            if seen >= target:
-                return value
-        return values[-1]
-
-    mean = sum(value * count for value, count in counter.items()) / n
-    return {
-        "min": values[0],
-        "p10": rank(0.1),
-        "median": rank(0.5),
-        "mean": round(mean, 1),
-        "p90": rank(0.9),
-        "max": values[-1],
-    }
-
-
-def validate_chat_file(
-    path: Path, count_tokens, max_tokens_per_example: int, flag: str = "--check-file"
-) -> dict:
-    """Check a chat-format JSONL line by line, count its tokens, and summarise it.
-
-    Streams: memory holds histograms of token counts (bounded by the distinct values), never
-    the examples, so a 100k-line file validates in the memory a 10k-line one needs.
-    The cookbook notebook's checks, without its defects: it crashes on a line that is not
-    JSON, on a non-text special token, and on a "weight" key; it counts tokens with
-    cl100k_base whatever the model; and it never checks weight's value or the minimum count.
-    """
-    errors: Counter = Counter()
-    first_error: dict[str, tuple[int, str]] = {}
-    warnings: Counter = Counter()
-    total_tokens: Counter = Counter()
-    assistant_tokens: Counter = Counter()
-    messages_per_example: Counter = Counter()
-    n_examples = too_long = billed = 0
-    too_long_lines: list[int] = []  # the first few, to name them
-
-    def error(kind: str, line: int, detail: str) -> None:
-        errors[kind] += 1
-        first_error.setdefault(kind, (line, detail))
-
-    # The file is uploaded as it is, so a byte-order mark is an error here, not skipped.
-    for line_number, line in read_lines(path, flag, bom_ok=False):
-        if not line.strip():
-            continue
-        n_examples += 1
-        try:
-            example = json_line(line)
-        except ValueError as exc:
-            error("invalid_json", line_number, f"not valid JSON ({exc})")
-            continue
-        if not isinstance(example, dict):
-            error("data_type", line_number, f"expected an object, got {type(example).__name__}")
-            continue
-        messages = example.get("messages")
-        if not isinstance(messages, list) or not messages:
-            error("missing_messages_list", line_number, '"messages" is missing or empty')
-            continue
-        tokens, trained, roles = PRIMING_TOKENS, 0, set()
-        for index, message in enumerate(messages, start=1):
-            where = f"message {index}"
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                error("message_missing_key", line_number, f'{where} lacks "role" or "content"')
-                continue
-            unknown = sorted(set(message) - ALLOWED_MESSAGE_KEYS)
-            if unknown:
-                error("message_unrecognized_key", line_number, f"{where} has key {unknown[0]!r}")
-            role = message["role"]
-            if not isinstance(role, str) or role not in ALLOWED_ROLES:
-                error("unrecognized_role", line_number, f"{where} has role {role!r}")
-                role = str(role)
-            roles.add(role)
-            content = message["content"]
-            calls = message.get("function_call") or message.get("tool_calls")
-            if not calls and (not isinstance(content, str) or not content.strip()):
-                error("missing_content", line_number, f"{where} has no text content")
-            if "weight" in message and (
-                role != "assistant"
-                or type(message["weight"]) is not int
-                or message["weight"] not in (0, 1)
-            ):
-                error("invalid_weight", line_number, f"{where} has weight {message['weight']!r}")
-            text_tokens = count_tokens(content) if isinstance(content, str) else 0
-            tokens += TOKENS_PER_MESSAGE + count_tokens(role) + text_tokens
-            if isinstance(message.get("name"), str):
-                tokens += count_tokens(message["name"]) + 1
-            if calls:
-                tokens += count_tokens(json.dumps(calls))
-            if role == "assistant" and message.get("weight", 1) == 1:
-                trained += text_tokens
-        if "assistant" not in roles:
-            error("example_missing_assistant_message", line_number, "no assistant message")
-        if "system" not in roles:
-            warnings["missing_system_message"] += 1
-        if "user" not in roles:
-            warnings["missing_user_message"] += 1
-        total_tokens[tokens] += 1
-        assistant_tokens[trained] += 1
-        messages_per_example[len(messages)] += 1
-        too_long += tokens > max_tokens_per_example
-        if tokens > max_tokens_per_example and len(too_long_lines) < 5:
-            too_long_lines.append(line_number)
-        billed += min(tokens, max_tokens_per_example)
-    if n_examples < MIN_EXAMPLES:
-        error("too_few_examples", 0, f"{n_examples} examples, at least {MIN_EXAMPLES} needed")
-    return {
-        "examples": n_examples,
-        "errors": dict(errors),
-        "first_error": first_error,
-        "warnings": dict(warnings),
-        "too_long": too_long,
-        "too_long_lines": too_long_lines,
-        "billed_tokens_per_epoch": billed,
-        "total_tokens": distribution(total_tokens),
-        "assistant_tokens": distribution(assistant_tokens),
-        "messages": distribution(messages_per_example),
-    }
-
-
-def first_format_error(report: dict, path: Path) -> str | None:
-    """One line for the earliest format error (file, line, what, fix), or None."""
-    found = [
-        (line, kind, detail)
-        for kind, (line, detail) in report["first_error"].items()
-        if kind != "too_few_examples"
-    ]
-    if not found:
-        return None
-    line, kind, detail = min(found)
-    more = sum(report["errors"].values()) - 1
-    also = f" ({more} more problem{'s' if more != 1 else ''} in the file)" if more > 0 else ""
-    return f"{path.name}:{line}: {detail} [{kind}]; {ERROR_HELP[kind]}{also}"
-
-
-def default_epochs(n_examples: int) -> int:
-    """The number of epochs OpenAI picks when n_epochs is "auto" (the cookbook's rule)."""
-    if n_examples * 3 < 100:
-        return min(25, 100 // max(1, n_examples))
-    if n_examples * 3 > 25000:
-        return max(1, 25000 // n_examples)
-    return 3
-
-
-def usd(tokens: int | None, per_million: float | None) -> float | None:
-    return None if tokens is None or per_million is None else tokens * per_million / 1_000_000
-
-
-def add_costs(*costs: float | None) -> float | None:
-    return None if any(cost is None for cost in costs) else sum(costs)
-
-
-def money(cost: float | None) -> str:
-    return "unknown" if cost is None else f"${cost:.4f}"
-
-
-# =====================================================================================
-# The API side: one client, one record of the job on disk
-# =====================================================================================
-
-
-def resolve_base_url(cfg: Config) -> str | None:
-    # With a trailing slash, as the SDK makes it: the paths below are joined onto it.
-    if cfg.base_url:
-        return cfg.base_url.rstrip("/") + "/"
-    if cfg.provider == "openai":
-        url = os.environ.get("OPENAI_BASE_URL") or PROVIDERS["openai"]["base_url"]
-        return url.rstrip("/") + "/"
-    if cfg.provider == "azure":
-        endpoint = os.environ.get("AZURE_OPENAI_ENDPOINT")
-        return endpoint.rstrip("/") + "/openai/v1/" if endpoint else None
-    return PROVIDERS[cfg.provider]["base_url"]
-
-
-def make_client(cfg: Config, base_url: str | None):
-    """The SDK client (imported here: a dry run never loads it and never builds a client)."""
-    key_var = PROVIDERS[cfg.provider]["key_var"]
-    if not os.environ.get(key_var):
-        raise UsageError(
-            f"{key_var} is not set; put it in the environment or in .env (see .env.example)"
-        )
-    if not base_url:
-        raise UsageError(
-            "no Azure endpoint: set AZURE_OPENAI_ENDPOINT (https://RESOURCE.openai.azure.com) "
-            "or pass --base-url https://RESOURCE.openai.azure.com/openai/v1/"
-        )
-    from openai import OpenAI
-
-    # All three clouds take the key the same way with their v1 API (Authorization: Bearer),
-    # which is how Microsoft's v1 examples use this same client with an Azure key.
-    return OpenAI(api_key=os.environ[key_var], base_url=base_url, max_retries=4, timeout=120)
-
-
-def record_path(cfg: Config) -> Path:
-    return cfg.output_dir / "openai" / "job.json"
-
-
-def load_record(cfg: Config) -> dict:
-    path = record_path(cfg)
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise UsageError(f"{path}: not a job record (not JSON); delete it to start over") from None
-
-
-def save_record(cfg: Config, record: dict) -> None:
-    record["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
-    write_atomic(record_path(cfg), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-
-
-def command_line(cfg: Config, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
-    """This run's command line with some flags (and their values) dropped and others added."""
-    takes_value = {"--job-id", "--cancel", "--max-cost", "--tuned-model"}
-    kept, skip = [], False
-    for arg in cfg.argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in drop:
-            skip = name in takes_value and "=" not in arg
-            continue
-        kept.append(arg)
-    return shlex.join(["python", Path(sys.argv[0]).name, *kept, *add])
-
-
-def show_command(command: str) -> None:
-    """A command or request to copy: one line however narrow the terminal, never markup."""
-    console.print(f"  {command}", soft_wrap=True, markup=False)
-
-
-def cancel_command(cfg: Config, job_id: str) -> str:
-    return command_line(cfg, ("--job-id", "--cancel", "--run", "--yes"), ("--cancel", job_id))
-
-
-def chat_messages(question: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-
-
-# What produces every answer, base and tuned alike: temperature 0 keeps the comparison
-# repeatable; the model's own end of turn is the only stop rule.
-DECODING = {"temperature": 0, "max_tokens": ANSWER_MAX_TOKENS, "stop": "the model's end of turn"}
-
-
-def chat_request(model: str, question: str) -> dict:
-    """The one chat request this script sends, for the base and the tuned model alike."""
-    return {
-        "model": model,
-        "messages": chat_messages(question),
-        "temperature": DECODING["temperature"],
-        "max_tokens": DECODING["max_tokens"],
-    }
-
-
-def prompt_tokens(count_tokens, messages: list[dict]) -> int:
-    """What a request's messages cost in input tokens (the same rule the validator counts by)."""
-    return PRIMING_TOKENS + sum(
-        TOKENS_PER_MESSAGE + count_tokens(m["role"]) + count_tokens(m["content"]) for m in messages
-    )
-
-
-def api_error(exc) -> str:
-    """One line from an SDK error: HTTP status, code and message (never headers, never keys).
-
-    A refused key is not the service failing but the user's to fix (exit 2), wherever it shows
-    up first; and OpenAI's message for it quotes the key's start and end, so none of it is kept.
-    """
-    import openai
-
-    if isinstance(exc, openai.AuthenticationError):
-        host = exc.request.url.host if getattr(exc, "request", None) else "the server"
-        raise UsageError(
-            f"the API key was refused (HTTP 401 from {host}): check the key named at the top "
-            "of the output, then run the same command again"
-        ) from None
-    status = getattr(exc, "status_code", None)
-    code = getattr(exc, "code", None)
-    body = getattr(exc, "body", None)
-    text = body.get("message") if isinstance(body, dict) else None
-    text = text or getattr(exc, "message", None) or str(exc)
-    parts = [f"HTTP {status}" if status else None, code, text]
-    return " ".join(filter(None, parts))
-
-
-TRAINING_NOT_AVAILABLE = """\
-the fine-tuning job was refused: 403 training_not_available.
-OpenAI is winding down self-serve fine-tuning: organisations that never fine-tuned lost it on
-2026-05-07, inactive ones on 2026-07-02, and everyone loses it on 2027-01-06 (models already
-tuned keep serving until their base model retires). Nothing was trained and nothing was billed;
-the ids of the uploaded files ({files}) are recorded in {record}.
-Three ways forward:
-  1. an OpenAI organisation that still has access, before 2027-01-06: set its OPENAI_API_KEY
-     and run the same command again;
-  2. another cloud that speaks this API: --provider azure (Azure OpenAI v1), --provider nebius
-     (open models such as Llama 3.1 8B), or any server with --base-url URL;
-  3. train an open model yourself: python huggingface_lora.py"""
-
-
-# =====================================================================================
-# The six stages
-# =====================================================================================
-
-
-def prepare_data(cfg: Config) -> dict:
-    stage(
-        1, "prepare_data", "Load the question/answer pairs, check them, and split train from test."
-    )
-    examples = load_examples(cfg.data)
-    train = take(examples, "train", cfg.train_limit)
-    test = take(examples, "test", cfg.test_limit)
-    table = Table(title=f"{cfg.data.name}: examples by subject and split")
-    table.add_column("subject")
-    table.add_column("train", justify="right")
-    table.add_column("test", justify="right")
-    subjects = sorted({e["subject"] for e in train + test})
-    for subject in subjects:
-        table.add_row(
-            escape(subject),
-            str(sum(e["subject"] == subject for e in train)),
-            str(sum(e["subject"] == subject for e in test)),
-        )
-    table.add_row("[bold]total", f"[bold]{len(train)}", f"[bold]{len(test)}")
-    console.print(table)
-    return {"train": train, "test": test}
-
-
-def training_path(cfg: Config) -> Path:
-    """Where stage 2 writes the training file that tune() uploads.
-
-    The copy beside the script is the repository's own data as the default settings format it.
-    Other data, --train-limit, --seed or --valid-fraction write under the output dir instead,
-    so trying the script never rewrites that kept file with something else.
-    """
-    default = Config(data=DATA_FILE)
-    as_kept = (
-        cfg.data.resolve() == DATA_FILE.resolve()
-        and cfg.train_limit is None
-        and (cfg.seed, cfg.valid_fraction) == (default.seed, default.valid_fraction)
-    )
-    return TRAINING_FILE if as_kept else cfg.output_dir / "openai" / TRAINING_FILE.name
-
-
-def format_data(cfg: Config, data: dict) -> dict:
-    stage(
-        2,
-        "format_data",
-        "Write the train split as chat conversations, hold a slice out for validation, and check "
-        "the file the way the API will.",
-    )
-    train = data["train"]
-    # A held-out slice of train (never test) lets the job report validation loss.
-    n_valid = round(len(train) * cfg.valid_fraction)
-    if len(train) - n_valid < MIN_EXAMPLES or n_valid < 1:
-        n_valid = 0
-    held_out = set(random.Random(cfg.seed).sample(range(len(train)), n_valid))
-    rows: dict[str, list[str]] = {"train": [], "valid": []}
-    ids: dict[str, list[str]] = {"train": [], "valid": []}  # line n of a file is ids[...][n - 1]
-    for index, example in enumerate(train):
-        conversation = {
-            "messages": [
-                *chat_messages(example["question"]),
-                {"role": "assistant", "content": example["answer"]},
-            ]
-        }
-        rows["valid" if index in held_out else "train"].append(
-            json.dumps(conversation, ensure_ascii=False) + "\n"
-        )
-        ids["valid" if index in held_out else "train"].append(example["id"])
-    train_path = training_path(cfg)
-    write_atomic(train_path, "".join(rows["train"]))
-    console.print(f"wrote {train_path} ({len(rows['train'])} conversations, chat format)")
-    valid_path = None
-    if rows["valid"]:
-        valid_path = cfg.output_dir / "openai" / VALIDATION_NAME
-        write_atomic(valid_path, "".join(rows["valid"]))
-        console.print(
-            f"wrote {valid_path} ({len(rows['valid'])} held out from train for validation)"
-        )
-    else:
-        console.print("no validation file: too few training examples to hold any out")
-
-    console.print("\nOne training example, as the API will read it:")
-    shown = json.loads(rows["train"][0])  # never empty: a slice is held out only from 11+
-    for message in shown["messages"]:
-        message["content"] = clip(message["content"])
-    console.print_json(json.dumps(shown, ensure_ascii=False))
-
-    count_tokens, token_label = load_token_counter(cfg.model)
-    console.print(f"\ntokens counted with {token_label}")
-    max_tokens = PROVIDERS[cfg.provider]["max_tokens_per_example"]
-    report = validate_chat_file(train_path, count_tokens, max_tokens)
-    # The validation file goes up too, and the job reads it under the same limits.
-    valid_report = validate_chat_file(valid_path, count_tokens, max_tokens) if valid_path else None
-    problem = first_format_error(report, train_path) or (
-        valid_report and first_format_error(valid_report, valid_path)
-    )
-    if problem:
-        raise UsageError(problem)
-    too_few = report["errors"].get("too_few_examples")
-    console.print(
-        f"{report['examples']} examples, format errors: none"
-        + (f"; [yellow]only {report['examples']} examples[/yellow]" if too_few else "")
-    )
-    for kind, count in report["warnings"].items():
-        console.print(f"[yellow]warning: {count} examples with {kind.replace('_', ' ')}[/yellow]")
-    if too_few:
-        console.print(f"[yellow]{ERROR_HELP['too_few_examples']}: a real run will refuse[/yellow]")
-    elif report["examples"] < RECOMMENDED_EXAMPLES:
-        console.print(f"[yellow]{RECOMMENDED_EXAMPLES}+ examples are recommended[/yellow]")
-
-    table = Table(title="Per-example distributions (training file)")
-    table.add_column("")
-    for column in ("min", "p10", "median", "mean", "p90", "max"):
-        table.add_column(column, justify="right")
-    for title, key in (
-        ("messages", "messages"),
-        ("tokens, whole example", "total_tokens"),
-        ("tokens, assistant (trained)", "assistant_tokens"),
-    ):
-        stats = report[key]
-        table.add_row(
-            title, *(str(stats.get(c, "-")) for c in ("min", "p10", "median", "mean", "p90", "max"))
-        )
-    console.print(table)
-    console.print(f"{report['billed_tokens_per_epoch']:,} billable tokens per epoch")
-    for name, checked, named in (
-        ("training", report, ids["train"]),
-        ("validation", valid_report, ids["valid"]),
-    ):
-        if checked is None:
-            continue
-        if not checked["too_long"]:
-            console.print(f"{name} file: no example over the {max_tokens:,}-token limit")
-            continue
-        first = ", ".join(named[line - 1] for line in checked["too_long_lines"])
-        console.print(
-            f"[yellow]{name} file: {checked['too_long']} example(s) over the {max_tokens:,}-token "
-            f"limit ({escape(first)}): fine-tuning truncates each to the limit, so the end of its "
-            "answer is never learned; shorten them or drop them from the data[/yellow]"
-        )
-
-    # What answering the test split will send and (roughly) get back, for the estimate.
-    test = data["test"]
-    test_prompt_tokens = sum(
-        prompt_tokens(count_tokens, chat_messages(e["question"])) for e in test
-    )
-    reply_tokens = sum(count_tokens(e["answer"]) for e in test)
-    return {
-        "train_path": train_path,
-        "valid_path": valid_path,
-        "n_train": len(rows["train"]),
-        "n_valid": len(rows["valid"]),
-        "report": report,
-        "token_label": token_label,
-        "n_test": len(test),
-        "test_prompt_tokens": test_prompt_tokens,
-        "test_reply_tokens": reply_tokens,
-    }
-
-
-def estimate_costs(
-    provider: str, model: str, billed_tokens: int, prompt_tokens: int, reply_tokens: int
-) -> dict:
-    """Training and answering cost from the price table (None where a price is unknown)."""
-    price = PRICES[provider]["models"].get(model, {})
-    training = usd(billed_tokens, price.get("train"))
-    baseline = add_costs(
-        usd(prompt_tokens, price.get("input")), usd(reply_tokens, price.get("output"))
-    )
-    tuned = add_costs(
-        usd(prompt_tokens, price.get("ft_input")), usd(reply_tokens, price.get("ft_output"))
-    )
-    answering = add_costs(baseline, tuned)
-    return {
-        "training": training,
-        "answering": answering,
-        "total": add_costs(training, answering),
-        "price": price,
-    }
-
-
-def configure_model(cfg: Config, formatted: dict) -> dict:
-    stage(
-        3,
-        "configure_model",
-        "Choose the base model and the job's settings, and estimate what it will cost.",
-    )
-    provider = PROVIDERS[cfg.provider]
-    n = formatted["n_train"]
-    if cfg.epochs:
-        epochs, why = cfg.epochs, "from --epochs"
-    elif cfg.provider == "nebius":
-        epochs, why = 3, "Nebius's default n_epochs"
-    else:
-        epochs, why = default_epochs(n), f"n_epochs auto: the rule OpenAI uses for {n} examples"
-    hyperparameters: dict = {"n_epochs": cfg.epochs} if cfg.epochs else {}
-    if cfg.provider == "nebius":
-        hyperparameters = {"n_epochs": epochs, "lora": True}  # LoRA adapters are what it serves
-    method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
-    billed = epochs * formatted["report"]["billed_tokens_per_epoch"]
-    costs = estimate_costs(
-        cfg.provider,
-        cfg.model,
-        billed,
-        formatted["test_prompt_tokens"],
-        formatted["test_reply_tokens"],
-    )
-    # A tag derived from exactly what would be trained: the same data and settings give the same
-    # tag, which is how a rerun finds the job an earlier run already started.
-    digest = hashlib.sha256()
-    for path in (formatted["train_path"], formatted["valid_path"]):
-        digest.update(path.read_bytes() if path else b"")
-    digest.update(json.dumps([cfg.provider, cfg.model, cfg.suffix, cfg.seed, method]).encode())
-    run_tag = digest.hexdigest()[:16]
-    # What POST fine_tuning/jobs will carry besides the file ids (the dry run shows it too).
-    job = {
-        "model": cfg.model,
-        "suffix": cfg.suffix,
-        "seed": cfg.seed,
-        "method": method,
-        "metadata": {"run_tag": run_tag},
-    }
-    extra_body = {"trainingType": cfg.azure_tier} if cfg.provider == "azure" else None
-    base_url = resolve_base_url(cfg)
-
-    prices = PRICES[cfg.provider]
-    table = Table(title="The fine-tuning job", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("provider", f"{cfg.provider} ({key_status(provider['key_var'])})")
-    table.add_row("base URL", base_url or AZURE_PLACEHOLDER)
-    table.add_row("base model", cfg.model)
-    table.add_row("suffix / seed", f"{cfg.suffix} / {cfg.seed}")
-    table.add_row("method", json.dumps(method))
-    if extra_body:
-        table.add_row("extra body", json.dumps(extra_body))
-    table.add_row("epochs", f"{epochs} ({why})")
-    table.add_row(
-        "billed tokens",
-        f"{epochs} epochs x {formatted['report']['billed_tokens_per_epoch']:,} = {billed:,}",
-    )
-    price = costs["price"]
-    if price:
-        table.add_row(
-            "prices (USD / 1M tokens)",
-            f"training {price['train']:.2f}; base in/out {price['input']:.2f}/"
-            f"{price['output']:.2f}; tuned in/out {price['ft_input']:.2f}/{price['ft_output']:.2f}",
-        )
-    else:
-        table.add_row("prices", f"[yellow]not in this script's table for {cfg.model}[/yellow]")
-    table.add_row("price table", f"as of {prices['as_of']}; check {prices['source']}")
-    table.add_row("estimate: training", money(costs["training"]))
-    table.add_row(
-        "estimate: answering",
-        f"{money(costs['answering'])} ({formatted['n_test']} questions x 2 models)",
-    )
-    table.add_row("[bold]estimate: total", f"[bold]{money(costs['total'])}")
-    console.print(table)
-    console.print(
-        "[dim]The answering estimate assumes replies as long as the reference answers; "
-        f"tokens: {formatted['token_label']}.[/dim]"
-    )
-    return {
-        "base_url": base_url,
-        "job": job,
-        "costs": costs,
-        "run_tag": run_tag,
-        "extra_body": extra_body,
-    }
-
-
-def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
-    stage(
-        4,
-        "tune",
-        "Upload the files, start the fine-tuning job (once), and watch it until the model is ready",
-    )
-    train_path, valid_path = formatted["train_path"], formatted["valid_path"]
-    if not cfg.run:
-        base = plan["base_url"] or AZURE_PLACEHOLDER
-        console.print("A real run would send (nothing is sent now):")
-        for path in filter(None, (train_path, valid_path)):
-            size = path.stat().st_size
-            show_command(f"POST {base}files  purpose=fine-tune  {path.name} ({size:,} bytes)")
-        show_command(f"GET  {base}fine_tuning/jobs?metadata[run_tag]={plan['run_tag']}")
-        console.print("       (is a job for this exact data already running? then reuse it)")
-        show_command(f"POST {base}fine_tuning/jobs  (sent once, never retried)")
-        files = {"training_file": "<id of the uploaded training file>"}
-        if valid_path:
-            files["validation_file"] = "<id of the uploaded validation file>"
-        body = {"model": cfg.model, **files, **plan["job"], **(plan["extra_body"] or {})}
-        console.print_json(json.dumps(body))
-        show_command(f"GET  {base}fine_tuning/jobs/<id> and .../events until the job ends")
-        if cfg.provider == "azure":
-            console.print("  then print the `az` command that deploys the model (Azure needs it)")
-        if cfg.provider == "nebius":
-            show_command(f"POST {urljoin(base, '../v0/models')}  (deploy the LoRA adapter)")
-        return None
-
-    if formatted["report"]["errors"].get("too_few_examples") and not (
-        cfg.job_id or cfg.tuned_model
-    ):
-        raise UsageError(
-            f"{train_path.name}: {ERROR_HELP['too_few_examples']}; add more train examples"
-        )
-    record = load_record(cfg)
-    tuned_given = cfg.tuned_model and not cfg.job_id
-    if tuned_given:
-        what, estimate = "Answering the test questions", plan["costs"]["answering"]
-    elif cfg.job_id:
-        what, estimate = (
-            f"Watching {cfg.job_id}, then answering the test questions",
-            plan["costs"]["answering"],
-        )
-    else:
-        what, estimate = "The fine-tuning job and the answers", plan["costs"]["total"]
-    client = make_client(cfg, plan["base_url"])  # checks the key and URL before asking
-    confirm_paid_step(what, estimate, yes=cfg.yes, max_cost=cfg.max_cost)
-    if tuned_given:
-        console.print(f"using --tuned-model {cfg.tuned_model}: no job is created")
-        return {"tuned_model": cfg.tuned_model, "job_id": None, "trained_tokens": None}
-
-    import openai
-
-    fresh_record = {
-        "provider": cfg.provider,
-        "base_url": plan["base_url"],
-        "model": cfg.model,
-        "run_tag": plan["run_tag"],
-        "estimated_cost_usd": plan["costs"]["total"],
-    }
-    if cfg.job_id:
-        try:
-            job = client.fine_tuning.jobs.retrieve(cfg.job_id)
-        except openai.NotFoundError:
-            raise UsageError(f"--job-id {cfg.job_id}: no such job on {cfg.provider}") from None
-        except openai.APIError as exc:
-            raise ServiceError(
-                f"could not read job {cfg.job_id}: {api_error(exc)}; run the same command again"
-            ) from None
-        if job.model != cfg.model:
-            console.print(
-                f"[yellow]{job.id} fine-tunes {escape(job.model)}, not {escape(cfg.model)}: the "
-                f"baseline and the prices are {escape(cfg.model)}'s; pass --model "
-                f"{escape(job.model)} to compare the tuned model with its own base[/yellow]"
-            )
-    else:
-        job = find_existing_job(cfg, client, plan["run_tag"], record)
-    if job is not None and record.get("job_id") != job.id:
-        # Adopting a job this record does not know (found by tag, or given with --job-id).
-        record = {
-            **fresh_record,
-            "run_tag": (job.metadata or {}).get("run_tag"),
-            "training_file": job.training_file,
-            "validation_file": job.validation_file,
-        }
-    if job is None:
-        record = dict(fresh_record)
-        for role, path in (("training_file", train_path), ("validation_file", valid_path)):
-            if path is None:
-                continue
-            # The exact bytes that were validated are the bytes uploaded.
-            try:
-                uploaded = client.files.create(
-                    file=(path.name, path.read_bytes(), "application/jsonl"), purpose="fine-tune"
-                )
-            except openai.APIError as exc:
-                raise ServiceError(
-                    f"uploading {path.name} failed: {api_error(exc)}; nothing was started"
-                ) from None
-            record[role] = uploaded.id
-            console.print(f"uploaded {path.name} as {uploaded.id}")
-            save_record(cfg, record)
-        job = create_job(cfg, client, plan, record)
-    record.update(job_id=job.id, model=job.model, status=job.status)
-    save_record(cfg, record)
-    console.print(f"job {job.id} on {job.model}; recorded in {record_path(cfg)}")
-    console.print("[dim]Ctrl-C stops watching (the job keeps running); cancel it with:[/dim]")
-    show_command(cancel_command(cfg, job.id))
-    job = watch_job(cfg, client, job, record)
-    record.update(
-        status=job.status, fine_tuned_model=job.fine_tuned_model, trained_tokens=job.trained_tokens
-    )
-    save_record(cfg, record)
-    if job.status != "succeeded":
-        err = job.error
-        detail = f"{err.code}: {err.message}" if err and err.code else "no error details given"
-        raise ServiceError(
-            f"job {job.id} {job.status}: {detail}. The job is recorded in {record_path(cfg)}; "
-            "fix what the message names and run again (that starts a new job)"
-        )
-    trained = job.trained_tokens or 0
-    console.print(
-        f"[green]fine-tuned model: {job.fine_tuned_model}[/green] ({trained:,} trained tokens)"
-    )
-    tuned_model = deploy(cfg, client, plan, job, record)
-    return {"tuned_model": tuned_model, "job_id": job.id, "trained_tokens": job.trained_tokens}
-
-
-def live_jobs_tagged(client, run_tag: str) -> list:
-    """Jobs started with this run tag that have not failed or been cancelled, newest first."""
-    page = client.fine_tuning.jobs.list(metadata={"run_tag": run_tag}, limit=10)
-    # A server that ignores the metadata filter lists every job: keep only ours.
-    return [
-        job
-        for job in page.data
-        if (job.metadata or {}).get("run_tag") == run_tag
-        and job.status not in ("failed", "cancelled")
-    ]
-
-
-def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
-    """A job this data already started (from the record, or by its metadata tag), or None."""
-    import openai
-
-    candidates = []
-    same_place = record.get("base_url") == resolve_base_url(cfg)
-    try:
-        if same_place and record.get("run_tag") == run_tag and record.get("job_id"):
-            # NotFound: the record is another account's job; look it up by tag instead.
-            with contextlib.suppress(openai.NotFoundError):
-                job = client.fine_tuning.jobs.retrieve(record["job_id"])
-                if job.status not in ("failed", "cancelled"):
-                    candidates.append(job)
-        candidates = candidates or live_jobs_tagged(client, run_tag)
-    except openai.APIError as exc:
-        console.print(
-            f"[yellow]could not look for an earlier job ({escape(api_error(exc))}); "
-            "going on without that check[/yellow]"
-        )
-    for job in candidates:
-        console.print(
-            f"found job {job.id} ({job.status}) started earlier with this exact data and settings"
-        )
-        if cfg.yes:
-            console.print("reusing it (--yes); cancel it first to start a new one")
-            return job
-        try:
-            reply = input("Reuse it instead of starting (and paying for) a new one? [Y/n] ")
-        except EOFError:  # Ctrl-D: neither reuse it nor pay for another
-            print()
-            raise UsageError(
-                f"no answer; nothing new was started (job {job.id} keeps its state: --job-id "
-                f"{job.id} watches it, --yes reuses it without asking)"
-            ) from None
-        if reply.strip().lower() in ("", "y", "yes"):
-            return job
-    return None
-
-
-def create_job(cfg: Config, client, plan: dict, record: dict):
-    """POST the job exactly once. The SDK sends no idempotency key for it, so its automatic
-    retry after a lost answer could start a second paid job; instead a failure is followed by
-    a search for the job by its tag."""
-    import openai
-
-    kwargs = {**plan["job"], "training_file": record["training_file"]}
-    if record.get("validation_file"):
-        kwargs["validation_file"] = record["validation_file"]
-    try:
-        return client.with_options(max_retries=0).fine_tuning.jobs.create(
-            **kwargs, extra_body=plan["extra_body"]
-        )
-    except openai.PermissionDeniedError as exc:
-        if exc.code == "training_not_available":
-            files = ", ".join(
-                filter(None, (record.get("training_file"), record.get("validation_file")))
-            )
-            raise ServiceError(
-                TRAINING_NOT_AVAILABLE.format(files=files, record=record_path(cfg))
-            ) from None
-        raise ServiceError(f"creating the job was refused: {api_error(exc)}") from None
-    except (openai.APIConnectionError, openai.InternalServerError) as exc:
-        console.print(
-            f"[yellow]creating the job failed ({escape(api_error(exc))}); it may have started "
-            "anyway: looking for it by its tag[/yellow]"
-        )
-        with contextlib.suppress(openai.APIError):
-            for job in live_jobs_tagged(client, plan["run_tag"]):
-                console.print(f"found it: {job.id}")
-                return job
-        raise ServiceError(
-            f"creating the job failed ({api_error(exc)}) and no job with tag {plan['run_tag']} "
-            f"exists yet; the uploaded files are recorded in {record_path(cfg)}. Run the same "
-            "command again: it looks for the job before creating one"
-        ) from None
-    except openai.APIStatusError as exc:
-        raise ServiceError(f"creating the job was refused: {api_error(exc)}") from None
-
-
-def watch_job(cfg: Config, client, job, record: dict):
-    """Poll until the job ends, printing new events; back off while nothing changes."""
-    import openai
-
-    seen: set[str] = set()
-    resume = command_line(cfg, ("--job-id",), ("--job-id", job.id))
-    interval, last_status, started = cfg.poll_interval, None, time.monotonic()
-    try:
-        while True:
-            try:
-                job = client.fine_tuning.jobs.retrieve(job.id)
-                events = client.fine_tuning.jobs.list_events(job.id, limit=50).data
-            except openai.APIError as exc:
-                raise ServiceError(
-                    f"lost contact while watching {job.id} ({api_error(exc)}); the job keeps "
-                    f"running. Resume with: {resume}"
-                ) from None
-            fresh = [e for e in reversed(events) if e.id not in seen]
-            for event in fresh:
-                seen.add(event.id)
-                when = datetime.fromtimestamp(event.created_at, UTC).strftime("%H:%M:%S")
-                console.print(f"  [dim]{when}[/dim] {escape(event.message)}")
-            if job.status != last_status:
-                elapsed = time.monotonic() - started
-                console.print(f"status: [bold]{job.status}[/bold] after {elapsed:.0f}s")
-                last_status = job.status
-                record["status"] = job.status
-                save_record(cfg, record)
-            if job.status in ("succeeded", "failed", "cancelled"):
-                return job
-            # Back off while nothing happens (up to 6x, a minute at the default); reset on news.
-            interval = cfg.poll_interval if fresh else min(interval * 1.5, 6 * cfg.poll_interval)
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(
-            f"stopped watching; job {job.id} keeps running on the server. Resume watching with:\n"
-            f"  {resume}\nor cancel it with:\n  {cancel_command(cfg, job.id)}"
-        ) from None
-
-
-def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
-    """Make the fine-tuned model servable. OpenAI: nothing to do. Azure: a management-plane
-    call (your Azure login, not the API key), so print it. Nebius: POST /v0/models."""
-    if cfg.provider == "openai":
-        return job.fine_tuned_model
-    if cfg.provider == "azure":
-        if cfg.tuned_model:
-            record.update(deployed_model=cfg.tuned_model)  # what --ask answers with later
-            save_record(cfg, record)
-            return cfg.tuned_model
-        resource = (urlsplit(plan["base_url"]).hostname or "RESOURCE").split(".")[0]
-        deployment = f"{cfg.suffix}-ft"
-        command = (
-            "az cognitiveservices account deployment create "
-            f"--resource-group <RESOURCE_GROUP> --name {resource} --deployment-name {deployment} "
-            f"--model-name {job.fine_tuned_model} --model-version 1 --model-format OpenAI "
-            f"--sku-name {AZURE_TIERS[cfg.azure_tier]} --sku-capacity 1"
-        )
-        record.update(deploy_command=command)
-        save_record(cfg, record)
-        console.print("Azure serves a fine-tuned model only once it is deployed. Deploy it with:")
-        show_command(command)
-        if cfg.azure_tier == "developerTier":
-            console.print(
-                "  (developer tier: no hosting fee; Azure deletes the deployment after 24 h)"
-            )
-        console.print("then answer with it:")
-        add = ("--job-id", job.id, "--tuned-model", deployment)
-        show_command(command_line(cfg, ("--job-id", "--tuned-model"), add))
-        return None
-    # Nebius: the newest checkpoint of the job becomes a served LoRA model (once).
-    if record.get("deployed_model"):
-        console.print(f"already deployed as {record['deployed_model']}")
-        return record["deployed_model"]
-    import openai
-
-    v0 = urljoin(plan["base_url"], "../v0/models")
-    try:
-        name = record.get("deploying_model")
-        if name:  # an earlier run started it and stopped waiting: wait for that one
-            console.print(f"waiting for the deployment an earlier run started: {name}")
-            model = client.get(f"{v0}/{name.rsplit(':', 1)[-1]}", cast_to=object)
-        else:
-            checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
-            if not checkpoints:
-                raise ServiceError(f"job {job.id} has no checkpoint to deploy")
-            body = {
-                "name": f"{cfg.suffix}-{job.id.split('-')[-1][:8]}",
-                "base_model": NEBIUS_SERVING_BASE.get(job.model, job.model),
-                "source": f"{job.id}:{checkpoints[0].id}",
-            }
-            console.print("deploying the adapter:")
-            show_command(f"POST {v0} {json.dumps(body)}")
-            # Not idempotent either (each call makes another model), so it is sent once and
-            # recorded: a rerun waits for this one instead of deploying a second.
-            model = client.post(v0, cast_to=object, body=body, options={"max_retries": 0})
-            name = model["name"]
-            record.update(deploying_model=name)
-            save_record(cfg, record)
-        short = name.rsplit(":", 1)[-1]
-        deadline = time.monotonic() + cfg.deploy_timeout
-        while model.get("status") not in ("active", "error", "deleted"):
-            if time.monotonic() > deadline:
-                raise ServiceError(
-                    f"Nebius is still {model.get('status')} {name} after --deploy-timeout "
-                    f"{cfg.deploy_timeout:g}s; the job {job.id} succeeded and the deployment is "
-                    f"recorded in {record_path(cfg)}: run the same command again to keep waiting"
-                )
-            time.sleep(cfg.poll_interval)
-            model = client.get(f"{v0}/{short}", cast_to=object)
-            console.print(f"  model {name}: {model.get('status')}")
-    except openai.APIError as exc:
-        raise ServiceError(
-            f"deploying the fine-tuned model failed ({api_error(exc)}); the job {job.id} succeeded "
-            f"and is recorded in {record_path(cfg)}; run the same command again to retry"
-        ) from None
-    record.pop("deploying_model", None)
-    if model.get("status") != "active":
-        save_record(cfg, record)
-        reason = model.get("status_reason")
-        raise ServiceError(
-            f"Nebius could not deploy {name}: {model.get('status')}"
-            + (f" ({reason})" if reason else "")
-            + "; run the same command again to deploy the job's checkpoint anew"
-        )
-    record.update(deployed_model=name)
-    save_record(cfg, record)
-    return name
-
-
-def answer_one(client, model: str, question: str) -> tuple[str, int, int]:
-    import openai
-
-    try:
-        reply = client.chat.completions.create(**chat_request(model, question))
-    except openai.NotFoundError as exc:
-        # A name the server does not know is the user's to fix: asking again cannot help.
-        if exc.code == "DeploymentNotFound":
-            raise UsageError(
-                f"Azure has no deployment named {model} (HTTP 404 DeploymentNotFound): deploy the "
-                "model, then pass the deployment's name with --base-deployment (the base model) "
-                "or --tuned-model (the fine-tuned one)"
-            ) from None
-        raise UsageError(
-            f"the server has no model named {model} ({api_error(exc)}); check --model and "
-            "--tuned-model"
-        ) from None
-    usage = reply.usage
-    text = (reply.choices[0].message.content or "").strip()
-    return text, (usage.prompt_tokens if usage else 0), (usage.completion_tokens if usage else 0)
-
-
-def answer(cfg: Config, data: dict, plan: dict, tuned: dict | None) -> dict | None:
-    stage(5, "answer", "Ask the base model and the fine-tuned model the held-out test questions.")
-    test = data["test"]
-    base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
-    if not cfg.run:
-        request = chat_request(base_name, test[0]["question"])
-        console.print(
-            f"A real run sends {len(test)} requests like this to each model (base, then tuned):"
-        )
-        show_command(f"POST {plan['base_url'] or AZURE_PLACEHOLDER}chat/completions")
-        console.print_json(json.dumps(request))
-        return None
-    if not tuned or not tuned["tuned_model"]:
-        console.print("skipped: the fine-tuned model is not deployed yet (see stage 4)")
-        return None
-    import openai
-
-    client = make_client(cfg, plan["base_url"])
-    prices = plan["costs"]["price"]
-    usage = Counter()
-    rows = []
-    try:
-        for number, example in enumerate(test, start=1):
-            baseline, p1, c1 = answer_one(client, base_name, example["question"])
-            answer_tuned, p2, c2 = answer_one(client, tuned["tuned_model"], example["question"])
-            usage.update(base_in=p1, base_out=c1, tuned_in=p2, tuned_out=c2)
-            rows.append(
-                {
-                    "id": example["id"],
-                    "question": example["question"],
-                    "reference": example["answer"],
-                    "baseline": baseline,
-                    "tuned": answer_tuned,
-                }
-            )
-            console.print(f"  [{number}/{len(test)}] {example['id']}")
-    except openai.APIError as exc:
-        raise ServiceError(
-            f"answering failed after the SDK's retries ({api_error(exc)}); the tuned model is "
-            f"{tuned['tuned_model']} (recorded in {record_path(cfg)}); rerun with --tuned-model "
-            f"{tuned['tuned_model']} to answer again without training"
-        ) from None
-    answer_cost = add_costs(
-        usd(usage["base_in"], prices.get("input")),
-        usd(usage["base_out"], prices.get("output")),
-        usd(usage["tuned_in"], prices.get("ft_input")),
-        usd(usage["tuned_out"], prices.get("ft_output")),
-    )
-    # Billed by the job's trained tokens; a job that does not report them has no known cost.
-    training_cost = usd(tuned["trained_tokens"], prices.get("train")) if tuned["job_id"] else 0.0
-    first = rows[0]
-    table = Table(title=escape(f"First test question: {first['question']}"), show_lines=True)
-    table.add_column("reference")
-    table.add_column(f"base: {base_name}")
-    table.add_column(f"tuned: {tuned['tuned_model']}")
-    table.add_row(*(escape(first[key]) for key in ("reference", "baseline", "tuned")))
-    console.print(table)
-    console.print(f"tokens used: {dict(usage)}; answering cost {money(answer_cost)}")
-    return {
-        "questions": rows,
-        "answer_cost": answer_cost,
-        "training_cost": training_cost,
-        "usage": dict(usage),
-    }
-
-
-def compare(
-    cfg: Config, plan: dict, tuned: dict | None, answers: dict | None, seconds: float
-) -> None:
-    stage(
-        6,
-        "compare",
-        "Score both sets of answers with ROUGE-L and compare with the other approaches.",
-    )
-    if not answers:
-        if cfg.record_plan and not cfg.run:
-            record_plan(cfg, plan)
-        compare_results(cfg.output_dir, write=cfg.record_plan)
-        return
-    actual = add_costs(answers["training_cost"], answers["answer_cost"])
-    # Without a job (--tuned-model alone) nothing was trained, so only answering was estimated.
-    estimated = plan["costs"]["total" if tuned["job_id"] else "answering"]
-    result = write_results(
-        cfg.output_dir,
-        model=cfg.model,
-        tuned_model=tuned["tuned_model"],
-        questions=answers["questions"],
-        cost_usd=actual,
-        seconds=seconds,
-        decoding=DECODING,
-        extra={
-            "provider": cfg.provider,
-            "job_id": tuned["job_id"],
-            "trained_tokens": tuned["trained_tokens"],
-            "estimated_cost_usd": estimated,
-            "training_cost_usd": answers["training_cost"],
-            "answer_cost_usd": answers["answer_cost"],
-            "prices_as_of": PRICES[cfg.provider]["as_of"],
-        },
-    )
-    console.print(
-        f"cost: estimated {money(estimated)}, actual {money(actual)} "
-        "(from the job's trained tokens and each reply's usage)"
-    )
-    compare_results(cfg.output_dir)
-    show_side_by_side(result["questions"])
-
-
-def record_plan(cfg: Config, plan: dict) -> None:
-    """--record-plan: a row for the comparison that says this approach was not run, and what it
-    would cost, so a table of measured runs shows the cloud option too. A real run's results
-    are never replaced by it."""
-    path = cfg.output_dir / "results" / f"{APPROACH}.json"
-    try:
-        if "status" not in json.loads(path.read_text(encoding="utf-8")):
-            console.print(f"{path} holds a real run's results: kept, no plan written")
-            return
-    except (OSError, ValueError):
-        pass  # no results yet, or not a results file: the plan takes its place
-    closed = datetime.now(UTC).date().isoformat() >= "2027-01-06"
-    why = key_status(PROVIDERS[cfg.provider]["key_var"])
-    note = (
-        f"not run ({why}); a real run is estimated at {money(plan['costs']['total'])} to train "
-        f"and answer (prices as of {PRICES[cfg.provider]['as_of']}). "
-        + (
-            "OpenAI takes no new fine-tuning jobs since 2027-01-06"
-            if closed
-            else "OpenAI takes no new fine-tuning jobs from 2027-01-06"
-        )
-        + ": Azure OpenAI (--provider azure) and Nebius (--provider nebius) take the same calls"
-    )
-    row = {
-        "approach": APPROACH,
-        "model": f"{cfg.model} ({cfg.provider})",
-        "status": "not run",
-        "note": note,
-        "estimated_cost_usd": plan["costs"]["total"],
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    write_atomic(path, json.dumps(row, indent=2) + "\n")
-    console.print(f"wrote {path}: {note}", markup=False)
-
-
-def ask_question(cfg: Config) -> None:
-    """--ask: one question of the user's, base and tuned model side by side, no tuning."""
-    stage(
-        5,
-        "answer (--ask)",
-        "Ask your question to the base model and the recorded fine-tuned model.",
-    )
-    record = load_record(cfg)
-    tuned_model = cfg.tuned_model or record.get("deployed_model") or record.get("fine_tuned_model")
-    if not tuned_model:
-        raise UsageError(
-            f"no fine-tuned model recorded in {record_path(cfg)}: finish a real run first, "
-            "or pass --tuned-model"
-        )
-    base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
-    base_url = resolve_base_url(cfg)
-    count_tokens, _ = load_token_counter(cfg.model)
-    # At most ANSWER_MAX_TOKENS come back from each model: the estimate is an upper bound.
-    estimate = estimate_costs(
-        cfg.provider,
-        cfg.model,
-        0,
-        prompt_tokens(count_tokens, chat_messages(cfg.ask)),
-        ANSWER_MAX_TOKENS,
-    )["answering"]
-    if not cfg.run:
-        console.print(
-            f"A real run (add --run) sends to {base_url or AZURE_PLACEHOLDER}chat/completions, "
-            f"for {base_name} and then for {tuned_model} (at most {money(estimate)}):"
-        )
-        console.print_json(json.dumps(chat_request(base_name, cfg.ask)))
-        return
-    confirm_paid_step("Answering your question twice", estimate, yes=cfg.yes, max_cost=cfg.max_cost)
-    import openai
-
-    client = make_client(cfg, base_url)
-    table = Table(title=escape(cfg.ask), show_lines=True)
-    try:
-        for label, model in (("base", base_name), ("tuned", tuned_model)):
-            table.add_column(f"{label}: {model}")
-        table.add_row(
-            *(escape(answer_one(client, m, cfg.ask)[0]) for m in (base_name, tuned_model))
-        )
-    except openai.APIError as exc:
-        raise ServiceError(f"asking failed after the SDK's retries: {api_error(exc)}") from None
-    console.print(table)
-
-
-def cancel_job(cfg: Config) -> None:
-    """--cancel: stop a job (it stops spending); the record is updated if it is this job."""
-    import openai
-
-    client = make_client(cfg, resolve_base_url(cfg))
-    try:
-        job = client.fine_tuning.jobs.cancel(cfg.cancel)
-    except openai.NotFoundError:
-        raise UsageError(f"--cancel {cfg.cancel}: no such job on {cfg.provider}") from None
-    except openai.BadRequestError as exc:
-        # The API refuses to cancel a job that has ended; say how it ended.
-        with contextlib.suppress(openai.APIError):
-            ended = client.fine_tuning.jobs.retrieve(cfg.cancel).status
-            if ended in ("succeeded", "failed", "cancelled"):
-                raise UsageError(
-                    f"--cancel {cfg.cancel}: the job already {ended}; there is nothing to cancel"
-                ) from None
-        raise UsageError(f"--cancel {cfg.cancel}: refused ({api_error(exc)})") from None
-    except openai.APIError as exc:
-        raise ServiceError(f"cancelling {cfg.cancel} failed: {api_error(exc)}") from None
-    console.print(f"job {job.id}: {job.status}")
-    record = load_record(cfg)
-    if record.get("job_id") == job.id:
-        record["status"] = job.status
-        save_record(cfg, record)
-
-
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv)
-    load_env_file()
-    if cfg.check_file:
-        open_user_file(cfg.check_file, "--check-file").close()  # before loading the encoding
-        count_tokens, label = load_token_counter(cfg.model)
-        max_tokens = PROVIDERS[cfg.provider]["max_tokens_per_example"]
-        report = validate_chat_file(cfg.check_file, count_tokens, max_tokens)
-        console.print_json(json.dumps({k: v for k, v in report.items() if k != "first_error"}))
-        console.print(f"tokens counted with {label}")
-        problem = first_format_error(report, cfg.check_file)
-        if problem or report["errors"]:
-            raise UsageError(problem or f"{cfg.check_file.name}: {ERROR_HELP['too_few_examples']}")
-        return
-    if cfg.cancel or not cfg.ask:  # --ask alone writes nothing
-        check_output_dir(cfg.output_dir)  # in a dry run too: the real run must not find out late
-    if cfg.cancel:
-        cancel_job(cfg)
-        return
-    if cfg.ask:
-        ask_question(cfg)
-        return
-    started = time.monotonic()
-    data = prepare_data(cfg)
-    formatted = format_data(cfg, data)
-    plan = configure_model(cfg, formatted)
-    tuned = tune(cfg, formatted, plan)
-    answers = answer(cfg, data, plan, tuned)
-    compare(cfg, plan, tuned, answers, time.monotonic() - started)
-    if not cfg.run:
-        total = plan["costs"]["total"]
-        cap = () if total is None else ("--max-cost", f"{math.ceil(total * 125) / 100:.2f}")
-        console.print("\nDry run: nothing was sent and nothing was spent. To run it for real:")
-        show_command(command_line(cfg, ("--max-cost", "--record-plan"), ("--run", *cap)))
 
 
 if __name__ == "__main__":

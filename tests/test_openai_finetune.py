@@ -555,6 +555,24 @@ def test_trying_other_data_or_limits_leaves_the_kept_training_file_alone(run_scr
     assert kept.read_text() != "the repository's copy\n"
 
 
+def test_valid_fraction_sets_how_much_of_train_is_held_out_for_validation(run_script, tmp_path):
+    folder = tmp_path / "outputs" / "openai"
+    sizes = {}
+    for fraction in ("0.1", "0.3"):
+        result = run_script(SCRIPT, "--train-limit", "20", "--valid-fraction", fraction)
+        assert result.returncode == 0, result.output[-3000:]
+        sizes[fraction] = tuple(
+            len((folder / name).read_text().splitlines())
+            for name in ("openai_edu_qa_training.jsonl", "openai_edu_qa_validation.jsonl")
+        )
+    assert sizes == {"0.1": (18, 2), "0.3": (14, 6)}
+    for wrong in ("1", "-0.1", "nan"):
+        result = run_script(SCRIPT, "--valid-fraction", wrong)
+        assert result.returncode == 2, result.output[-3000:]
+        assert result.stderr.startswith("error: --valid-fraction: must be"), result.stderr
+        assert result.stderr.count("\n") == 1  # one line, no traceback
+
+
 def test_dry_run_counts_tokens_offline_with_litellms_copy(run_script, monkeypatch, tmp_path):
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     empty = tmp_path / "no-cache"
