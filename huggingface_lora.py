@@ -145,7 +145,7 @@ class Config:
     merge: bool = False  # also write base + adapter as one model, for tools that know no LoRA
     # answering
     max_new_tokens: int = 128  # three sentences fit; a runaway answer stops here
-    gen_batch_size: int = 8  # questions answered together, left-padded: faster on any device
+    gen_batch_size: int = 8  # questions answered together (left-padded): fewer, larger steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1283,7 +1283,7 @@ def human(count: float) -> str:
     return str(int(count))
 
 
-# ----- Stage 4 · tune: the base weights (built, dequantized once, or downloaded)
+# ----- Stage 4 · tune: checkpoints, the base weights (built, dequantized once, or downloaded)
 
 
 def show_training_plan(cfg: Config, plan: dict) -> None:
@@ -1302,6 +1302,30 @@ def show_training_plan(cfg: Config, plan: dict) -> None:
             "(activations on top)"
         )
     console.print("no weights were loaded.")
+
+
+def checkpoint_to_resume(cfg: Config) -> tuple[Path, Path | None]:
+    """The checkpoints folder and, with --resume, the checkpoint to continue from."""
+    checkpoints = work_dir(cfg) / "checkpoints"
+    if cfg.resume:
+        resume_from = last_checkpoint(checkpoints)
+        if resume_from is None:
+            raise UsageError(
+                f"--resume: no complete checkpoint in {checkpoints}; run without --resume"
+            )
+        console.print(f"resuming from {resume_from.name}")
+        return checkpoints, resume_from
+    if checkpoints.exists() and is_main_process():
+        # Stale checkpoints from an earlier run would be picked up by a later --resume.
+        console.print(f"starting from zero: removing the earlier run's {checkpoints}")
+        shutil.rmtree(checkpoints)
+    return checkpoints, None
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def base_model_folder(cfg: Config, formatted: dict, args) -> str:
@@ -1422,31 +1446,7 @@ def load_for_training(cfg: Config, source: str, plan: dict):
     return model
 
 
-# ----- Stage 4 · tune: checkpoints, the training data, progress, saving the adapter
-
-
-def checkpoint_to_resume(cfg: Config) -> tuple[Path, Path | None]:
-    """The checkpoints folder and, with --resume, the checkpoint to continue from."""
-    checkpoints = work_dir(cfg) / "checkpoints"
-    if cfg.resume:
-        resume_from = last_checkpoint(checkpoints)
-        if resume_from is None:
-            raise UsageError(
-                f"--resume: no complete checkpoint in {checkpoints}; run without --resume"
-            )
-        console.print(f"resuming from {resume_from.name}")
-        return checkpoints, resume_from
-    if checkpoints.exists() and is_main_process():
-        # Stale checkpoints from an earlier run would be picked up by a later --resume.
-        console.print(f"starting from zero: removing the earlier run's {checkpoints}")
-        shutil.rmtree(checkpoints)
-    return checkpoints, None
-
-
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+# ----- Stage 4 · tune: the training data, progress, saving the adapter
 
 
 def show_trainable(model) -> None:
@@ -1820,6 +1820,7 @@ def run_details(cfg: Config, plan: dict, tuned: dict) -> dict:
 
 def ask(cfg: Config) -> list:
     """--ask: one question of the user's, baseline vs the adapter an earlier run saved."""
+    # Stage 5 for one question, under that stage's header.
     stage(5, "answer", "Answer held-out questions greedily: base model vs base + adapter.")
     out = work_dir(cfg)
     adapter_dir = out / "adapter"
