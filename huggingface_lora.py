@@ -2023,16 +2023,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.model,
         help="hub id, local folder, a preset name (see below) or 'tiny' (default: %(default)s)",
     )
-    add("--run", action="store_true", help="really train and generate (default: dry run)")
-    add("--yes", action="store_true", help="accepted for a uniform command line: nothing is paid")
-    add("--max-cost", type=number(float, 0), metavar="USD", help="accepted; a local run costs $0")
-    add("--train-limit", type=number(int, 1), metavar="N", help="use the first N train examples")
-    add("--test-limit", type=number(int, 1), metavar="N", help="use the first N test examples")
+    add(
+        "--run",
+        action="store_true",
+        default=d.run,
+        help="really train and generate (default: dry run)",
+    )
+    add(
+        "--yes",
+        action="store_true",
+        default=d.yes,
+        help="accepted for a uniform command line: nothing is paid",
+    )
+    add(
+        "--max-cost",
+        type=number(float, 0),
+        default=d.max_cost,
+        metavar="USD",
+        help="accepted; a local run costs $0",
+    )
+    add(
+        "--train-limit",
+        type=number(int, 1),
+        default=d.train_limit,
+        metavar="N",
+        help="use the first N train examples",
+    )
+    add(
+        "--test-limit",
+        type=number(int, 1),
+        default=d.test_limit,
+        metavar="N",
+        help="use the first N test examples",
+    )
     add("--output-dir", type=path_arg, default=d.output_dir, help="where everything is written")
     add("--seed", type=seed_arg, default=d.seed)
     add(
         "--ask",
         type=text_arg,
+        default=d.ask,
         metavar="QUESTION",
         help="answer one question with baseline and saved adapter",
     )
@@ -2042,6 +2071,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument(
         "--lora-dropout",
         type=number(float, 0, 1, below=True),
+        default=d.lora_dropout,
         help=f"{LORA_DROPOUT:g} (0 for mixture-of-experts models)",
     )
     lora.add_argument(
@@ -2051,13 +2081,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj",
     )
     lora.add_argument(
-        "--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base (needs a CUDA GPU)"
+        "--load-in-4bit",
+        action="store_true",
+        default=d.load_in_4bit,
+        help="QLoRA: 4-bit NF4 base (needs a CUDA GPU)",
     )
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=number(float, 0, above=True), default=d.epochs)
     train.add_argument(
         "--learning-rate",
         type=number(float, 0, above=True),
+        default=d.learning_rate,
         help=f"{LEARNING_RATE:g}; tiny: {TINY_LEARNING_RATE:g}",
     )
     train.add_argument("--batch-size", type=number(int, 1), default=d.batch_size)
@@ -2072,10 +2106,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of train held out for eval loss",
     )
     train.add_argument("--save-steps", type=number(int, 1), default=d.save_steps)
-    train.add_argument("--max-steps", type=number(int, 1), help="stop after N optimizer steps")
-    train.add_argument("--activation-checkpointing", action="store_true", help="less memory")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    train.add_argument("--merge", action="store_true", help="also write a merged full model")
+    train.add_argument(
+        "--max-steps", type=number(int, 1), default=d.max_steps, help="stop after N optimizer steps"
+    )
+    train.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=d.activation_checkpointing,
+        help="less memory",
+    )
+    train.add_argument(
+        "--resume", action="store_true", default=d.resume, help="continue from the last checkpoint"
+    )
+    train.add_argument(
+        "--merge", action="store_true", default=d.merge, help="also write a merged full model"
+    )
     gen = parser.add_argument_group("answering")
     gen.add_argument("--max-new-tokens", type=number(int, 1), default=d.max_new_tokens)
     gen.add_argument("--gen-batch-size", type=number(int, 1), default=d.gen_batch_size)
