@@ -23,6 +23,7 @@ What it costs
 How to run it
     python huggingface_lora.py                     # dry run: six stages, no weights, no network
     python huggingface_lora.py --run               # real run, HuggingFaceTB/SmolLM2-135M-Instruct
+    python huggingface_lora.py --model smollm2-offline --run  # the same model, offline (pip wheel)
     python huggingface_lora.py --model tiny --run  # offline smoke run: tiny random model built here
     python huggingface_lora.py --ask "Why is the sky blue?"   # baseline vs tuned (saved adapter)
     torchrun --nproc_per_node 2 huggingface_lora.py -- --run  # the same script on 2 GPUs (DDP)
