@@ -167,6 +167,7 @@ class FakeChatServer:
         self.prose_next = 0  # answer the next N requests in prose, ignoring the asked format
         self.report_usage = True
         self.api_key: str | None = None  # if set, refuse other keys with HTTP 401
+        self.free_text_for: set[str] = set()  # questions answered in prose, in no format
         self.max_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
