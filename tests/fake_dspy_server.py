@@ -165,9 +165,9 @@ class FakeChatServer:
         self.retry_after = 1  # seconds a 429 asks the client to wait (whole seconds, like OpenAI)
         self.drop_next = 0  # close the next N connections without answering
         self.prose_next = 0  # answer the next N requests in prose, ignoring the asked format
+        self.free_text_for: set[str] = set()  # questions answered in prose, every time
         self.report_usage = True
         self.api_key: str | None = None  # if set, refuse other keys with HTTP 401
-        self.free_text_for: set[str] = set()  # questions answered in prose, in no format
         self.max_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
