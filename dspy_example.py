@@ -1359,7 +1359,7 @@ def new_reply_tally() -> dict:
 PARSE_LOCK = threading.Lock()
 
 
-def watch_lm_errors(setup: Setup):
+def watch_lm_errors(plan: Plan):
     """A DSPy callback that sees every LM call and every parse end; a log filter that uses it.
 
     DSPy's parallel evaluator (random search, MIPROv2) catches a failed call, logs it with the
@@ -1380,8 +1380,8 @@ def watch_lm_errors(setup: Setup):
     class KeepErrors(BaseCallback):
         def on_lm_end(self, call_id, outputs, exception=None):
             FAILED_HERE.error = exception  # same thread as the log line that follows
-            if exception is not None and setup.first_lm_error is None:
-                setup.first_lm_error = exception
+            if exception is not None and plan.first_lm_error is None:
+                plan.first_lm_error = exception
 
         def on_adapter_parse_start(self, call_id, instance, inputs):
             with PARSE_LOCK:
@@ -1390,7 +1390,7 @@ def watch_lm_errors(setup: Setup):
         def on_adapter_parse_end(self, call_id, outputs, exception=None):
             with PARSE_LOCK:
                 fallback, text = parsing.pop(call_id, (False, None))
-                tally = setup.replies.setdefault(setup.phase, new_reply_tally())
+                tally = plan.replies.setdefault(plan.phase, new_reply_tally())
                 if fallback:
                     tally["json_rescued" if exception is None else "unparsed"] += 1
                     return
@@ -1510,15 +1510,15 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
     return results
 
 
-def show_calls(setup: Setup) -> None:
+def show_calls(plan: Plan) -> None:
     """Stage 6's table of LM calls, phase by phase: estimated, sent, cached, tokens, USD."""
     table = Table(title="LM calls: estimated vs actual")
     columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
     for column in columns:
         table.add_column(column, justify="left" if column == "phase" else "right")
-    for phase in setup.phases:
-        actual = setup.actual.get(phase.name, NO_CALLS)
-        est = phase_cost(phase, setup.price)
+    for phase in plan.phases:
+        actual = plan.actual.get(phase.name, NO_CALLS)
+        est = phase_cost(phase, plan.price)
         table.add_row(
             phase.name,
             str(phase.calls),
@@ -1531,10 +1531,10 @@ def show_calls(setup: Setup) -> None:
     console.print(table)
 
 
-def say_replies(cfg: Config, setup: Setup, phase: str) -> None:
+def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
     """After a phase: how many replies DSPy could not read, and the first of them."""
-    tally = setup.replies.get(phase, new_reply_tally())
-    actual = setup.actual.get(phase, NO_CALLS)
+    tally = plan.replies.get(phase, new_reply_tally())
+    actual = plan.actual.get(phase, NO_CALLS)
     calls, cut = actual["sent"] + actual["cache_hits"], actual["cut_at_max_tokens"]
     n, bad = tally["replies"], tally["not_in_format"]
     console.print(f"{phase}: {n - bad} of {n} replies in DSPy's [[ ## field ## ]] format")
@@ -1559,7 +1559,7 @@ def say_replies(cfg: Config, setup: Setup, phase: str) -> None:
         )
 
 
-def show_replies(cfg: Config, setup: Setup) -> dict[str, dict]:
+def show_replies(cfg: Config, plan: Plan) -> dict[str, dict]:
     """Stage 6's account of every reply: read, asked again in JSON, or unparsed (scored 0)."""
     table = Table(title="replies, by phase: what DSPy could read")
     columns = ("phase", "replies", "in format", "not: asked in JSON", "JSON parsed")
@@ -1568,10 +1568,10 @@ def show_replies(cfg: Config, setup: Setup) -> dict[str, dict]:
         table.add_column(column, justify="left" if column == "phase" else "right")
     replies = {}
     for name in ("baseline", "compile", "tuned"):
-        if name not in setup.actual:
+        if name not in plan.actual:
             continue
-        tally = replies[name] = setup.replies.get(name, new_reply_tally())
-        actual = setup.actual[name]
+        tally = replies[name] = plan.replies.get(name, new_reply_tally())
+        actual = plan.actual[name]
         cut = f"{actual['cut_at_max_tokens']} of {actual['sent'] + actual['cache_hits']}"
         n, bad = tally["replies"], tally["not_in_format"]
         cells = (n, n - bad, bad, tally["json_rescued"], tally["unparsed"])
@@ -1963,7 +1963,7 @@ def format_data(cfg: Config, train: list[dict], test: list[dict]) -> Formatted:
 
 
 @dataclass
-class Setup:
+class Plan:
     """The plan of calls, its price, and what was really spent, by phase."""
 
     phases: list[Phase]
@@ -2031,17 +2031,17 @@ def check_serve(cfg: Config, phases: list[Phase]) -> None:
         console.print(f"[yellow]a real run with --serve would stop here: {need}[/]")
 
 
-def start_server(cfg: Config, setup: Setup, server: LocalServer) -> None:
+def start_server(cfg: Config, plan: Plan, server: LocalServer) -> None:
     """Start --serve's server and point the run at it (main() stops it when the run ends)."""
     seconds = server.start(cfg.serve_timeout)
-    setup.server, cfg.api_base = server, server.api_base
+    plan.server, cfg.api_base = server, server.api_base
     console.print(
         f"the server answered after {seconds:.0f} s; --model {cfg.model} --api-base "
         f"{cfg.api_base} (stopped when this run ends)"
     )
 
 
-def configure_model(cfg: Config, formatted: Formatted) -> Setup:
+def configure_model(cfg: Config, formatted: Formatted) -> Plan:
     stage(
         3, "configure_model", "Pick the LM, check its key, estimate calls and cost before sending."
     )
@@ -2118,13 +2118,13 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
             f"price map bundled with LiteLLM {version('litellm')} (read offline; check the "
             "provider's price page for today's)."
         )
-    setup = Setup(phases, price, estimate, key_variable)
+    plan = Plan(phases, price, estimate, key_variable)
 
     if not cfg.run:
         if server is not None:
             console.print(f"dry run: would start `{server.command()}`; nothing is started.")
         console.print("dry run: no LM client is built and nothing is sent.")
-        return setup
+        return plan
 
     # The guard: everything below spends money, so check it all before the first request.
     if key_variable and not os.environ.get(key_variable):
@@ -2142,7 +2142,7 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
         )
 
     if server is not None:
-        start_server(cfg, setup, server)
+        start_server(cfg, plan, server)
     import dspy
 
     # DSPy caches every call on disk, keyed on the model and the messages but NOT on api_base:
@@ -2170,9 +2170,9 @@ def configure_model(cfg: Config, formatted: Formatted) -> Setup:
         )
     except (ValueError, dspy.LMConfigurationError) as exc:
         raise UsageError(f"--model {cfg.model}: {str(exc).splitlines()[0]}") from None
-    dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[watch_lm_errors(setup)])
+    dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[watch_lm_errors(plan)])
     console.print(f"built dspy.LM({cfg.model!r}, engine={cfg.engine!r}); key passed, not shown")
-    return setup
+    return plan
 
 
 def build_optimizer(cfg: Config):
@@ -2211,7 +2211,7 @@ def build_optimizer(cfg: Config):
     )
 
 
-def tune(cfg: Config, formatted: Formatted, setup: Setup):
+def tune(cfg: Config, formatted: Formatted, plan: Plan):
     stage(4, "tune", "Compile: the optimizer picks the demos (MIPROv2 also rewrites instructions).")
     import dspy
 
@@ -2219,9 +2219,9 @@ def tune(cfg: Config, formatted: Formatted, setup: Setup):
     if formatted.loaded is not None:
         console.print(f"--load {cfg.load}: using this compiled program; nothing to compile.")
         show_program(formatted.loaded, original, cfg.metric_threshold)
-        setup.demos = len(formatted.loaded.predict.demos)
+        plan.demos = len(formatted.loaded.predict.demos)
         return formatted.loaded
-    compile_calls = setup.phases[1].calls
+    compile_calls = plan.phases[1].calls
     describe = {
         "bootstrap": f"BootstrapFewShot runs the model on up to {compile_calls} training questions "
         f"and keeps the first {cfg.max_bootstrapped_demos} runs scoring >= "
@@ -2241,30 +2241,30 @@ def tune(cfg: Config, formatted: Formatted, setup: Setup):
 
     student = chain_of_thought(formatted.signature)
     before = history_ids()
-    setup.phase = "compile"
+    plan.phase = "compile"
     try:
         program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
     except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
         raise ServiceError(
             f"{cfg.model} answered MIPROv2's instruction proposer in a form DSPy could not "
             "read; try a stronger model or another --optimizer. "
-            f"Kept: {kept_note(cfg, setup)}"
+            f"Kept: {kept_note(cfg, plan)}"
         ) from None
     except Exception as exc:
         # DSPy's parallel evaluator (random search, MIPROv2) gives up after max_errors failed
         # calls with a plain Exception; DSPy logged each failure just above.
         if "Execution cancelled" not in str(exc):
             raise
-        first = setup.first_lm_error
+        first = plan.first_lm_error
         if isinstance(first, (dspy.LMAuthError, dspy.LMInvalidRequestError)):
             raise first from None  # the user's to fix: main() says how, exit 2
         raise ServiceError(
             f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (the "
             f"first: {describe_lm_error(first) if first else 'see above'}). Kept: "
-            f"{kept_note(cfg, setup)}; run the same command again to resume"
+            f"{kept_note(cfg, plan)}; run the same command again to resume"
         ) from None
-    setup.actual["compile"] = tally_since(before)
-    say_replies(cfg, setup, "compile")
+    plan.actual["compile"] = tally_since(before)
+    say_replies(cfg, plan, "compile")
     # Module.save writes in place; write beside it and rename, so the file is whole or absent.
     tmp = cfg.program_path.with_name(f".program.{os.getpid()}.tmp.json")
     cfg.program_path.parent.mkdir(parents=True, exist_ok=True)
@@ -2275,11 +2275,11 @@ def tune(cfg: Config, formatted: Formatted, setup: Setup):
         tmp.unlink(missing_ok=True)
     console.print(f"saved the compiled program to {cfg.program_path} (reuse it with --load)")
     show_program(program, original, cfg.metric_threshold)
-    setup.demos = len(program.predict.demos)
+    plan.demos = len(program.predict.demos)
     return program
 
 
-def answer(cfg: Config, formatted: Formatted, setup: Setup, program) -> list[dict] | None:
+def answer(cfg: Config, formatted: Formatted, plan: Plan, program) -> list[dict] | None:
     stage(5, "answer", "Answer the held-out questions with the baseline and the compiled program.")
     n = len(formatted.testset)
     if not cfg.run:
@@ -2295,10 +2295,10 @@ def answer(cfg: Config, formatted: Formatted, setup: Setup, program) -> list[dic
         ("tuned", program),
     ):
         before = history_ids()
-        setup.phase = name
+        plan.phase = name
         answers[name] = answer_all(predictor, formatted.testset, cfg.threads, name)
-        setup.actual[name] = tally_since(before)
-        say_replies(cfg, setup, name)
+        plan.actual[name] = tally_since(before)
+        say_replies(cfg, plan, name)
     base, tuned = answers["baseline"], answers["tuned"]
 
     rows = [
@@ -2326,9 +2326,7 @@ def answer(cfg: Config, formatted: Formatted, setup: Setup, program) -> list[dic
     return rows
 
 
-def compare(
-    cfg: Config, formatted: Formatted, setup: Setup, rows: list[dict] | None, seconds: float
-):
+def compare(cfg: Config, formatted: Formatted, plan: Plan, rows: list[dict] | None, seconds: float):
     stage(
         6,
         "compare",
@@ -2342,11 +2340,11 @@ def compare(
         return
 
     if cfg.serve is not None:  # your own machine: LiteLLM has no price for a folder, none is due
-        for actual in setup.actual.values():
+        for actual in plan.actual.values():
             actual["cost_usd"] = 0.0
-    show_calls(setup)
+    show_calls(plan)
     actuals = [
-        setup.actual[name] for name in ("baseline", "compile", "tuned") if name in setup.actual
+        plan.actual[name] for name in ("baseline", "compile", "tuned") if name in plan.actual
     ]
     costs = [a["cost_usd"] for a in actuals]
     cost = None if any(c is None for c in costs) else sum(costs)
@@ -2356,7 +2354,7 @@ def compare(
         f"actual cost: {'unknown' if cost is None else f'${cost:.4f}'} for {sent} calls sent; "
         f"{cached} answered from the cache at no cost (DSPy's history, cache hits counted apart)."
     )
-    replies = show_replies(cfg, setup)
+    replies = show_replies(cfg, plan)
 
     result = write_results(
         cfg.output_dir,
@@ -2368,14 +2366,14 @@ def compare(
         decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "stop": STOP},
         extra={
             "optimizer": "loaded" if cfg.load else cfg.optimizer,
-            "demos": setup.demos,
-            "lm_calls": setup.actual,
-            "estimated_cost_usd": setup.estimate_usd,
+            "demos": plan.demos,
+            "lm_calls": plan.actual,
+            "estimated_cost_usd": plan.estimate_usd,
             # replies neither ChatAdapter nor its JSON fallback could parse, by phase: each is an
             # answer of "" (scored 0; counted as unusable above for baseline and tuned)
             "unparsed": {name: tally["unparsed"] for name, tally in replies.items()},
             "replies": replies,
-            "server": setup.server.command() if setup.server else None,
+            "server": plan.server.command() if plan.server else None,
         },
         name=cfg.results_name,
     )
@@ -2383,10 +2381,10 @@ def compare(
     show_side_by_side(result["questions"])
 
 
-def kept_note(cfg: Config, setup: Setup) -> str:
+def kept_note(cfg: Config, plan: Plan) -> str:
     """What a failed real run leaves behind that the next run reuses."""
     kept = "nothing (--no-cache)" if cfg.no_cache else f"every answered call, in {cfg.cache_dir}"
-    if setup.demos is not None and cfg.load is None:
+    if plan.demos is not None and cfg.load is None:
         kept += f", and the compiled program {cfg.program_path}"
     return kept
 
@@ -2408,33 +2406,33 @@ def main(argv: list[str] | None = None) -> None:
         if threading.current_thread() is threading.main_thread():
             # `kill PID` ends the run through the finally below, which stops the server
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        setup = configure_model(cfg, formatted)  # with --serve, a real run starts the server
-        run_stages(cfg, formatted, setup)
+        plan = configure_model(cfg, formatted)  # with --serve, a real run starts the server
+        run_stages(cfg, formatted, plan)
     finally:
         for server in list(LocalServer.running):
             server.stop()
     if not cfg.run:
         command = shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
-        need = setup.key_variable and not os.environ.get(setup.key_variable)
+        need = plan.key_variable and not os.environ.get(plan.key_variable)
         console.print()
         console.print("Real run (sends the calls above):", style="bold")
         if need:
-            console.print(f"  export {setup.key_variable}=...   # or put it in .env")
+            console.print(f"  export {plan.key_variable}=...   # or put it in .env")
         console.print(f"  python {command} --run", markup=False)
 
 
-def run_stages(cfg: Config, formatted: Formatted, setup: Setup) -> None:
+def run_stages(cfg: Config, formatted: Formatted, plan: Plan) -> None:
     """Stages 4 to 6, with every failed LM call turned into one line and its exit code."""
     import dspy  # for its error classes: every failed LM call is raised as a dspy.LMError
 
     started = time.monotonic()
     try:
-        program = tune(cfg, formatted, setup)
-        rows = answer(cfg, formatted, setup, program)
+        program = tune(cfg, formatted, plan)
+        rows = answer(cfg, formatted, plan, program)
     except dspy.LMAuthError:
         # Not the provider's message: OpenAI's quotes the start and the end of the key.
         raise UsageError(
-            f"{cfg.model}: the key in {setup.key_variable} was refused (HTTP 401); check it "
+            f"{cfg.model}: the key in {plan.key_variable} was refused (HTTP 401); check it "
             "(nothing else was sent)"
         ) from None
     except dspy.LMInvalidRequestError as exc:
@@ -2448,14 +2446,14 @@ def run_stages(cfg: Config, formatted: Formatted, setup: Setup) -> None:
         tries = f"after {cfg.num_retries} retries" if dspy.is_retryable_lm_error(exc) else "at once"
         raise ServiceError(
             f"{cfg.model} failed {tries}: {describe_lm_error(exc)}. Kept: "
-            f"{kept_note(cfg, setup)}; run the same command again to resume (calls in the cache "
+            f"{kept_note(cfg, plan)}; run the same command again to resume (calls in the cache "
             "are not sent again)"
         ) from None
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
-            f"kept {kept_note(cfg, setup)}; run the same command to resume"
+            f"kept {kept_note(cfg, plan)}; run the same command to resume"
         ) from None
-    compare(cfg, formatted, setup, rows, time.monotonic() - started)
+    compare(cfg, formatted, plan, rows, time.monotonic() - started)
 
 
 if __name__ == "__main__":
