@@ -34,9 +34,8 @@ How to run it
     python dspy_example.py --run --ask "Why is the sky blue?"   # ask the compiled program
 
 How to read it
-    main() is the table of contents: six stages, one function each, in the order they run
-    (prepare_data, format_data, configure_model, tune, answer, compare). Each stage shows the
-    DSPy calls that matter; below the marked line "How each stage does it" come the helpers,
+    main() is the table of contents: the six stages in the order they run, each showing the
+    DSPy calls that matter. Below the marked line "How each stage does it" come their helpers,
     stage by stage, then --ask, the reference tables and the command line.
 """
 
@@ -81,8 +80,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 APPROACH = "dspy"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
 
-# Cheap, quick and priced in LiteLLM's map, so stage 3 can say what a run costs.
-DEFAULT_MODEL = "openai/gpt-4o-mini"
+DEFAULT_MODEL = "openai/gpt-4o-mini"  # cheap, and in LiteLLM's price map: stage 3 prices a run
 
 # Where a reply ends, the same for every call (baseline, compile and tuned alike):
 # - "[[ ## completed ## ]]": ChatAdapter asks the model to close its reply with this marker. The
@@ -114,8 +112,7 @@ SERVE_THREADS = 1  # `transformers serve` writes one reply at a time: more only 
 class Config:
     """Every setting of a run. The command line fills it in and takes its defaults from here."""
 
-    # Written out rather than DATA_FILE: that name is defined in the shared helpers at the end
-    # of the file, after this class is built. Both are small_edu_qa.jsonl beside the script.
+    # Not DATA_FILE (the same file): the shared helpers define it at the end, after this class.
     data: Path = Path(__file__).with_name("small_edu_qa.jsonl")
     model: str = DEFAULT_MODEL  # any LiteLLM model string: provider/model
     run: bool = False  # without it: a dry run that sends nothing
@@ -430,7 +427,9 @@ def check_output_dirs(cfg: Config) -> None:
         check_output_dir(cfg.cache_dir, "--cache-dir")
 
 
-def show_split_counts(cfg: Config, examples: list[dict], train: list[dict], test: list[dict]):
+def show_split_counts(
+    cfg: Config, examples: list[dict], train: list[dict], test: list[dict]
+) -> None:
     """Stage 1's table: pairs by subject, in the file and used by this run."""
     table = Table(title=f"{cfg.data.name}: {len(examples)} pairs")
     columns = ("subject", "train", "test", "train used", "test used")
