@@ -5,16 +5,16 @@ What this approach changes
     plus a docstring saying what a good answer is) and an optimizer fills it with worked
     examples ("demos") taken from your training pairs. BootstrapFewShot (the default) runs the
     model on training questions, keeps the runs whose answer scores well against the teacher's
-    reference (ROUGE-L, the metric all three scripts share), and puts those runs, reasoning
+    reference (ROUGE-L, the metric all three approaches share), and puts those runs, reasoning
     included, in front of every later question. The result is a JSON file of demos and
     instructions that any LM behind an API can use at once.
 
 When to pick it
     You have 10 to 50 good question/answer pairs, you use a hosted model (OpenAI, Anthropic,
     Mistral, ...), a local server (Ollama, vLLM) or a model folder (--serve), and you want a
-    better answer style today for cents. Pick fine-tuning (openai_finetune.py,
-    huggingface_lora.py) when you have hundreds of pairs, or when every call must stay short:
-    the demos make each prompt longer, for ever.
+    better answer style today for cents. Pick fine-tuning (a provider's fine-tuning API, or a
+    LoRA adapter trained on an open model) when you have hundreds of pairs, or when every call
+    must stay short: the demos make each prompt longer, for ever.
 
 What it costs
     A default real run (the first 30 train and all 36 test questions, BootstrapFewShot) makes
@@ -32,6 +32,11 @@ How to run it
     python dspy_example.py --run --serve path/to/model-folder \\
         --train-limit 10 --test-limit 6    # starts and stops `transformers serve` for the run
     python dspy_example.py --run --ask "Why is the sky blue?"   # ask the compiled program
+
+How to read it
+    main() is the table of contents: the six stages in the order they run, each showing the
+    DSPy calls that matter. Below the marked line "How each stage does it" come their helpers,
+    stage by stage, then --ask, the reference tables and the command line.
 """
 
 from __future__ import annotations
@@ -69,18 +74,13 @@ from rich.table import Table
 # dspy or litellm is imported, which happens lazily inside the functions below.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-DEFAULT_MODEL = "openai/gpt-4o-mini"
-OPTIMIZERS = ("bootstrap", "random-search", "mipro", "labeled")
+# =====================================================================================
+# Settings: each default is written here, once
+# =====================================================================================
 
-# The environment variable holding each provider's key; other providers are asked of LiteLLM.
-KEY_VARIABLES = {
-    "openai": "OPENAI_API_KEY",
-    "anthropic": "ANTHROPIC_API_KEY",
-    "mistral": "MISTRAL_API_KEY",
-    "gemini": "GEMINI_API_KEY",
-}
-# Servers that run on your own machine and need no key.
-LOCAL_PROVIDERS = ("ollama", "ollama_chat", "hosted_vllm", "lm_studio")
+APPROACH = "dspy"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
+
+DEFAULT_MODEL = "openai/gpt-4o-mini"  # cheap, and in LiteLLM's price map: stage 3 prices a run
 
 # Where a reply ends, the same for every call (baseline, compile and tuned alike):
 # - "[[ ## completed ## ]]": ChatAdapter asks the model to close its reply with this marker. The
@@ -110,21 +110,24 @@ SERVE_THREADS = 1  # `transformers serve` writes one reply at a time: more only 
 
 @dataclass
 class Config:
-    data: Path
+    """Every setting of a run. The command line fills it in and takes its defaults from here."""
+
+    # Not DATA_FILE (the same file): the shared helpers define it at the end, after this class.
+    data: Path = Path(__file__).with_name("small_edu_qa.jsonl")
     model: str = DEFAULT_MODEL  # any LiteLLM model string: provider/model
     run: bool = False  # without it: a dry run that sends nothing
-    yes: bool = False
-    max_cost: float | None = None  # USD
+    yes: bool = False  # a paid step asks first; --yes is for scripts that cannot answer
+    max_cost: float | None = None  # USD: a ceiling checked against stage 3's estimate
     train_limit: int | None = 30  # DSPy needs few examples: 10 to 50 is the sweet spot
-    test_limit: int | None = None
-    output_dir: Path = Path("outputs")
-    seed: int = 42
-    ask: str | None = None
+    test_limit: int | None = None  # None: every test question (each one costs two calls)
+    output_dir: Path = Path("outputs")  # everything a run writes, in one folder to delete
+    seed: int = 42  # MIPROv2's search: the same run twice proposes the same programs
+    ask: str | None = None  # one question of your own, to the program a real run saved
     # --- DSPy's own settings ---
     api_base: str | None = None  # an OpenAI-compatible server, Ollama, vLLM, a proxy
     api_key_env: str | None = None  # read the key from this variable instead of the provider's
     engine: str = "litellm"  # "litellm" or DSPy 3.4's "auto" (its own client for some providers)
-    optimizer: str = "bootstrap"
+    optimizer: str = "bootstrap"  # see OPTIMIZERS; this one learns demos in one pass, cheapest
     metric_threshold: float = 30.0  # ROUGE-L x100 a bootstrapped demo must reach
     max_bootstrapped_demos: int = 4  # demos generated by the model and kept when they scored well
     max_labeled_demos: int = 16  # demos in all: training pairs as written fill the rest
@@ -136,10 +139,11 @@ class Config:
     max_errors: int = 3  # failed examples an optimizer tolerates before it stops
     load: Path | None = None  # a compiled program to use instead of compiling
     cache_dir: Path | None = None  # default OUTPUT_DIR/dspy/cache
-    no_cache: bool = False
+    no_cache: bool = False  # send every call, even one answered before (to time a server)
     serve: Path | None = None  # a local model folder: run `transformers serve` on it for this run
     serve_timeout: float = 300.0  # seconds the server may take to load the model and answer
     results_name: str | None = None  # results/<name>.json; None: the approach's name, "dspy"
+    argv: list[str] = field(default_factory=list)  # this run's flags, for the real-run command
     program_path: Path = field(init=False)  # where the compiled program is saved
 
     def __post_init__(self):
@@ -164,7 +168,1530 @@ class Config:
             self.load = self.program_path
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The table of contents: the six stages in order, unless --ask asks for one answer."""
+    cfg = parse_config(argv)
+    check_output_dirs(cfg)  # in a dry run too: the real run must not find out late
+    load_env_file()
+    if cfg.ask:
+        ask(cfg)
+        return
+    data = prepare_data(cfg)
+    import_dspy()
+    formatted = format_data(cfg, data)
+    with local_server_stopped_at_the_end():  # with --serve, a real run starts one in stage 3
+        plan = configure_model(cfg, formatted)
+        started = time.monotonic()  # the results record the time of stages 4 to 6
+        with lm_errors_explained(cfg, plan):
+            tuned = tune(cfg, formatted, plan)
+            answers = answer(cfg, data, formatted, plan, tuned)
+        compare(cfg, plan, tuned, answers, time.monotonic() - started)
+    if not cfg.run:
+        show_real_run_command(cfg, plan)
+
+
+# =====================================================================================
+# The six stages
+# =====================================================================================
+
+
+def prepare_data(cfg: Config) -> dict:
+    stage(1, "prepare_data", "Load the question/answer pairs, check them, split train and test.")
+    examples = load_examples(cfg.data)
+    train = take(examples, "train", cfg.train_limit)
+    test = take(examples, "test", cfg.test_limit)
+    show_split_counts(cfg, examples, train, test)
+    console.print(
+        f"The optimizer sees only the first {len(train)} train pairs (--train-limit; DSPy needs "
+        f"10 to 50). The {len(test)} test pairs are never shown to it: they only score the result."
+    )
+    return {"train": train, "test": test}
+
+
+def format_data(cfg: Config, data: dict) -> Formatted:
+    stage(2, "format_data", "Turn each pair into a dspy.Example; show the exact prompt DSPy sends.")
+    import dspy
+
+    def to_example(row: dict):
+        example = dspy.Example(question=row["question"], answer=row["answer"])
+        return example.with_inputs("question")  # the answer is the label, never an input
+
+    trainset = [to_example(row) for row in data["train"]]
+    testset = [to_example(row) for row in data["test"]]
+    signature = teacher_signature()
+    # ChainOfThought adds a `reasoning` output before the answer; the optimizer's demos carry it.
+    baseline = dspy.ChainOfThought(signature)
+    predict_signature = baseline.predict.signature
+    adapter = dspy.ChatAdapter()
+    show_example((trainset or testset)[0], predict_signature)
+
+    first = testset[0]
+    messages = adapter.format(predict_signature, demos=[], inputs={"question": first.question})
+    console.print(
+        f"\nThe exact prompt the baseline sends for test question {data['test'][0]['id']} "
+        "(ChatAdapter.format, no LM call):"
+    )
+    print_prompt(messages)
+
+    loaded = load_program(cfg.load, signature) if cfg.load else None
+    prompt_tokens, reply_tokens = estimate_tokens(
+        cfg, data, adapter, predict_signature, trainset, testset, loaded
+    )
+    return Formatted(trainset, testset, signature, adapter, prompt_tokens, reply_tokens, loaded)
+
+
+def configure_model(cfg: Config, formatted: Formatted) -> Plan:
+    stage(
+        3, "configure_model", "Pick the LM, check its key, estimate calls and cost before sending."
+    )
+    provider = provider_of(cfg.model, cfg.api_base)
+    key_variable = key_variable_for(cfg, provider)
+    server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log") if cfg.serve else None
+    show_settings(cfg, provider, key_variable, server)
+
+    phases = plan_phases(cfg, formatted)
+    if cfg.serve is not None:
+        check_serve(cfg, phases)
+    price = (0.0, 0.0) if cfg.serve is not None else price_per_token(cfg.model)
+    estimate = None if price is None else sum(phase_cost(phase, price) or 0 for phase in phases)
+    show_estimate(cfg, phases, price, estimate)
+    plan = Plan(phases, price, estimate, key_variable)
+
+    if not cfg.run:
+        if server is not None:
+            console.print(f"dry run: would start `{server.command()}`; nothing is started.")
+        console.print("dry run: no LM client is built and nothing is sent.")
+        return plan
+
+    # The guard: everything below spends money, so check it all before the first request.
+    check_before_sending(cfg, plan, server)
+    if server is not None:
+        start_server(cfg, plan, server)
+    import dspy
+
+    # DSPy caches every call on disk, keyed on the model and the messages but NOT on api_base:
+    # a shared cache would replay one server's answers for another server's model of the same
+    # name. Under the output dir, a cache belongs to one experiment.
+    if cfg.no_cache:
+        dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
+    else:
+        dspy.configure_cache(disk_cache_dir=str(cfg.cache_dir))
+    try:
+        lm = dspy.LM(
+            cfg.model,
+            engine=cfg.engine,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            stop=STOP,
+            cache=not cfg.no_cache,
+            num_retries=cfg.num_retries,
+            **client_settings(cfg, key_variable, server),  # api_base and the key
+        )
+    except (ValueError, dspy.LMConfigurationError) as exc:
+        raise UsageError(f"--model {cfg.model}: {str(exc).splitlines()[0]}") from None
+    dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[watch_lm_errors(plan)])
+    console.print(f"built dspy.LM({cfg.model!r}, engine={cfg.engine!r}); key passed, not shown")
+    return plan
+
+
+def tune(cfg: Config, formatted: Formatted, plan: Plan):
+    stage(4, "tune", "Compile: the optimizer picks the demos (MIPROv2 also rewrites instructions).")
+    import dspy
+
+    original = formatted.signature.instructions
+    if formatted.loaded is not None:
+        console.print(f"--load {cfg.load}: using this compiled program; nothing to compile.")
+        show_program(formatted.loaded, original, cfg.metric_threshold)
+        plan.demos = len(formatted.loaded.predict.demos)
+        return formatted.loaded
+    console.print(describe_optimizer(cfg, compile_calls=plan.phases[1].calls))
+    if not cfg.run:
+        console.print(f"dry run: would compile and save the program to {cfg.program_path}")
+        return None
+
+    student = chain_of_thought(formatted.signature)
+    before = history_ids()
+    plan.phase = "compile"
+    try:
+        program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
+    except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
+        raise ServiceError(
+            f"{cfg.model} answered MIPROv2's instruction proposer in a form DSPy could not "
+            "read; try a stronger model or another --optimizer. "
+            f"Kept: {kept_note(cfg, plan)}"
+        ) from None
+    except Exception as exc:
+        # DSPy's parallel evaluator (random search, MIPROv2) gives up after max_errors failed
+        # calls with a plain Exception; DSPy logged each failure just above.
+        if "Execution cancelled" not in str(exc):
+            raise
+        raise why_the_optimizer_stopped(cfg, plan) from None
+    plan.actual["compile"] = tally_since(before)
+    say_replies(cfg, plan, "compile")
+    save_program(program, cfg.program_path)
+    console.print(f"saved the compiled program to {cfg.program_path} (reuse it with --load)")
+    show_program(program, original, cfg.metric_threshold)
+    plan.demos = len(program.predict.demos)
+    return program
+
+
+def answer(cfg: Config, data: dict, formatted: Formatted, plan: Plan, tuned) -> list[dict] | None:
+    stage(5, "answer", "Answer the held-out questions with the baseline and the compiled program.")
+    n = len(formatted.testset)
+    if not cfg.run:
+        console.print(
+            f"dry run: would answer {n} test question(s) twice, uncompiled then compiled, "
+            f"{min(cfg.threads, n)} at a time (--threads): {2 * n} calls."
+        )
+        return None
+
+    replies = {}
+    for name, program in (("baseline", chain_of_thought(formatted.signature)), ("tuned", tuned)):
+        before = history_ids()
+        plan.phase = name
+        replies[name] = answer_all(program, formatted.testset, cfg.threads, name)
+        plan.actual[name] = tally_since(before)
+        say_replies(cfg, plan, name)
+
+    answers = [
+        {
+            "id": row["id"],
+            "question": row["question"],
+            "reference": row["answer"],
+            "baseline": base["answer"],
+            "tuned": tuned_reply["answer"],
+            "tuned_reasoning": tuned_reply["reasoning"],
+        }
+        for row, base, tuned_reply in zip(
+            data["test"], replies["baseline"], replies["tuned"], strict=True
+        )
+    ]
+    show_answers(cfg, answers)
+    return answers
+
+
+def compare(cfg: Config, plan: Plan, tuned, answers: list[dict] | None, seconds: float) -> None:
+    stage(
+        6,
+        "compare",
+        "Score both with ROUGE-L, write the results, compare with the other approaches.",
+    )
+    if answers is None:
+        compare_results(cfg.output_dir, write=False)
+        return
+
+    if cfg.serve is not None:  # your own machine: LiteLLM has no price for a folder, none is due
+        for actual in plan.actual.values():
+            actual["cost_usd"] = 0.0
+    show_calls(plan)
+    cost = show_actual_cost(plan)
+    replies = show_replies(cfg, plan)
+
+    result = write_results(
+        cfg.output_dir,
+        model=served_label(cfg.serve) if cfg.serve else cfg.model,
+        tuned_model=f"{cfg.model} + {cfg.program_path if cfg.load is None else cfg.load}",
+        questions=answers,
+        cost_usd=cost,
+        seconds=seconds,
+        decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "stop": STOP},
+        extra={
+            "optimizer": "loaded" if cfg.load else cfg.optimizer,
+            "demos": plan.demos,
+            "lm_calls": plan.actual,
+            "estimated_cost_usd": plan.estimate_usd,
+            # replies neither ChatAdapter nor its JSON fallback could parse, by phase: each is an
+            # answer of "" (scored 0; counted as unusable above for baseline and tuned)
+            "unparsed": {name: tally["unparsed"] for name, tally in replies.items()},
+            "replies": replies,
+            "server": plan.server.command() if plan.server else None,
+        },
+        name=cfg.results_name,
+    )
+    compare_results(cfg.output_dir)
+    show_side_by_side(result["questions"])
+
+
+# =====================================================================================
+# How each stage does it
+# =====================================================================================
+
+# ----- Stage 1 · prepare_data: the folders a run writes to, the counts by subject
+
+
+def check_output_dirs(cfg: Config) -> None:
+    """Check the folders a run writes to before anything is loaded or sent."""
+    if not cfg.ask:  # --ask writes no results
+        check_output_dir(cfg.output_dir)
+    if cfg.run and not cfg.no_cache:
+        check_output_dir(cfg.cache_dir, "--cache-dir")
+
+
+def show_split_counts(
+    cfg: Config, examples: list[dict], train: list[dict], test: list[dict]
+) -> None:
+    """Stage 1's table: pairs by subject, in the file and used by this run."""
+    table = Table(title=f"{cfg.data.name}: {len(examples)} pairs")
+    columns = ("subject", "train", "test", "train used", "test used")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "subject" else "right")
+    groups = [take(examples, "train", None), take(examples, "test", None), train, test]
+    for subject in sorted({example["subject"] for example in examples}):
+        counts = [sum(1 for row in rows if row["subject"] == subject) for rows in groups]
+        table.add_row(subject, *map(str, counts))
+    table.add_row("all", *(str(len(rows)) for rows in groups), style="bold")
+    console.print(table)
+
+
+# ----- Stage 2 · format_data: the signature, the program, the prompt and its tokens
+
+
+def import_dspy() -> None:
+    """Import DSPy and LiteLLM now, with Ctrl-C held while they load.
+
+    Inside an import's cleanup a Ctrl-C is swallowed, not raised; held, it is raised after.
+    """
+    with interrupts_held():
+        import dspy  # noqa: F401
+        import litellm  # noqa: F401
+
+
+@dataclass
+class Formatted:
+    """What DSPy consumes: Examples, the signature, the adapter, and the prompt sizes."""
+
+    trainset: list
+    testset: list
+    signature: type
+    adapter: object
+    prompt_tokens: dict[str, int]  # mean tokens per call, by phase
+    reply_tokens: int  # estimated tokens per reply (reasoning + answer)
+    loaded: object | None = None  # the compiled program from --load, if any
+
+
+def teacher_signature():
+    """The task, as DSPy sees it: a question in, an answer out, and what a good answer is.
+
+    dspy is imported here and not at the top because the whole script imports it lazily (it is
+    quick, 0.4 s, but --help and bad-input errors should not need it).
+    """
+    import dspy
+
+    class TeacherAnswer(dspy.Signature):
+        """Answer a student's question as a good teacher would: correct, clear, 1 to 3 sentences."""
+
+        question: str = dspy.InputField(desc="a student's question")
+        answer: str = dspy.OutputField(desc="a short, correct answer in a teacher's voice")
+
+    return TeacherAnswer
+
+
+UNPARSED = "(the reply did not follow the format)"
+_TOLERANT = None
+
+
+def chain_of_thought(signature):
+    """dspy.ChainOfThought, where a reply that cannot be parsed is an empty answer, not an error.
+
+    DSPy raises AdapterParseError when a reply does not follow the format even after its JSON
+    fallback. BootstrapFewShot counts that as a failed example and stops compiling after
+    max_errors of them, as it does for a server that fails. From a small model such a reply is
+    a bad answer, not a broken server: here it scores 0 like any bad answer (and is never kept
+    as a demo), while a failing server still stops the run. The callback in configure_model
+    counts every such reply, so none goes unseen. Saved and loaded like ChainOfThought.
+    """
+    global _TOLERANT
+    import dspy
+
+    if _TOLERANT is None:
+
+        class TolerantChainOfThought(dspy.ChainOfThought):
+            def forward(self, **kwargs):
+                try:
+                    return super().forward(**kwargs)
+                except dspy.AdapterParseError:
+                    return dspy.Prediction(reasoning=UNPARSED, answer="")
+
+        _TOLERANT = TolerantChainOfThought
+    return _TOLERANT(signature)
+
+
+def load_program(path: Path, signature):
+    """A ChainOfThought program with the demos and instructions saved in `path`."""
+    program = chain_of_thought(signature)
+    try:
+        program.load(str(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"{path}: not a program saved by this script ({reason}); "
+            "pass a program.json written by a real run, or drop --load"
+        ) from None
+    return program
+
+
+def show_example(example, signature) -> None:
+    """One dspy.Example as DSPy holds it: its fields, which are inputs, which is the label."""
+    fields = {key: clip(str(value), 300) for key, value in example.toDict().items()}
+    console.print(f"one example: {fields}", markup=False)
+    console.print(
+        f"its inputs: {list(example.inputs().keys())}, its label: {list(example.labels().keys())}"
+    )
+    console.print(
+        f"signature: {', '.join(signature.input_fields)} -> {', '.join(signature.output_fields)}"
+    )
+
+
+def print_prompt(messages: list[dict]) -> None:
+    for message in messages:
+        console.rule(f"[dim]{message['role']}", align="left", style="dim")
+        console.print(clip(message["content"], 3000), markup=False)
+    console.rule(style="dim")
+
+
+def estimate_tokens(
+    cfg: Config, data: dict, adapter, predict_signature, trainset, testset, loaded
+) -> tuple[dict[str, int], int]:
+    """Tokens per call of each phase, and of a reply; print them, and warn of any too long.
+
+    Counted on the prompts ChatAdapter writes, with LiteLLM's token counter: no LM call.
+    """
+    train, first = data["train"], testset[0]
+    zero_shot = [
+        count_tokens(cfg.model, adapter.format(predict_signature, [], {"question": ex.question}))
+        for ex in testset
+    ]
+    prompt_tokens = {"baseline": round(sum(zero_shot) / len(zero_shot))}
+    if loaded is not None:
+        demos = loaded.predict.demos
+        tuned_signature = loaded.predict.signature
+        teacher_demos: list = []
+    else:
+        # Before compiling, the tuned prompt is approximated: the first training pairs as demos,
+        # the bootstrapped ones with a reasoning as long as their answer.
+        n_boot = 0 if cfg.optimizer == "labeled" else min(cfg.max_bootstrapped_demos, len(train))
+        n_demos = min(max(cfg.max_labeled_demos, n_boot), len(train))
+        demos = [
+            ex.copy(reasoning=ex.answer) if i < n_boot else ex
+            for i, ex in enumerate(trainset[:n_demos])
+        ]
+        tuned_signature = predict_signature
+        # While bootstrapping, the teacher sees max_labeled_demos training pairs as demos.
+        teacher_demos = trainset[: min(cfg.max_labeled_demos, max(0, len(trainset) - 1))]
+    prompt_tokens["tuned"] = count_tokens(
+        cfg.model, adapter.format(tuned_signature, demos, {"question": first.question})
+    )
+    prompt_tokens["compile"] = count_tokens(
+        cfg.model, adapter.format(predict_signature, teacher_demos, {"question": first.question})
+    )
+    answers = [count_tokens(cfg.model, [{"role": "user", "content": r["answer"]}]) for r in train]
+    # A reply holds a reasoning and an answer; both are assumed as long as a reference answer.
+    reply_tokens = 2 * round(sum(answers) / len(answers)) + 20 if answers else 150
+
+    compiles = loaded is None and cfg.optimizer != "labeled"
+    show_token_counts(cfg, prompt_tokens, reply_tokens, len(teacher_demos), len(demos), loaded)
+    sent = {"baseline", "tuned"} | ({"compile"} if compiles else set())
+    report_long_prompts(
+        cfg.model,
+        data["test"],
+        zero_shot,
+        {phase: n for phase, n in prompt_tokens.items() if phase in sent},
+        [] if loaded is not None else train[: len(demos)],
+    )
+    return prompt_tokens, reply_tokens
+
+
+def show_token_counts(
+    cfg: Config, prompt_tokens: dict, reply_tokens: int, n_teacher: int, n_demos: int, loaded
+) -> None:
+    """Stage 2's table of tokens per call, phase by phase."""
+    table = Table(title=f"tokens per call ({cfg.model}, LiteLLM's token counter)")
+    table.add_column("prompt")
+    table.add_column("tokens", justify="right")
+    table.add_row(
+        "baseline: zero-shot, mean over the test questions", str(prompt_tokens["baseline"])
+    )
+    if loaded is None and cfg.optimizer != "labeled":
+        table.add_row(
+            f"compile: {n_teacher} labeled demos + question", str(prompt_tokens["compile"])
+        )
+    which = f"saved program, {n_demos} demos" if loaded else f"~{n_demos} demos, estimated"
+    table.add_row(f"tuned: {which}", str(prompt_tokens["tuned"]))
+    table.add_row("reply: reasoning + answer (estimated)", str(reply_tokens))
+    console.print(table)
+
+
+def count_tokens(model: str, messages: list[dict]) -> int:
+    """Tokens of a chat prompt, counted the way LiteLLM counts them for this model."""
+    import litellm
+
+    # For a Llama or Cohere model name LiteLLM downloads a tokenizer from Hugging Face; a dry
+    # run sends nothing, and tiktoken's count (LiteLLM's fallback) is close enough to estimate.
+    litellm.disable_hf_tokenizer_download = True
+    return litellm.token_counter(model=model, messages=messages)
+
+
+def context_window(model: str) -> int | None:
+    """Input tokens the model takes, from LiteLLM's bundled map (never asks a server)."""
+    import litellm
+
+    for key in (model, model.split("/", 1)[-1]):
+        tokens = (litellm.model_cost.get(key) or {}).get("max_input_tokens")
+        if tokens:
+            return int(tokens)
+    return None
+
+
+def report_long_prompts(
+    model: str, test: list[dict], zero_shot: list[int], prompt_tokens: dict, demos: list[dict]
+) -> None:
+    """Say which prompts will not fit the model's context window, and what happens to them.
+
+    `demos` are the training pairs the tuned and compiling prompts carry (none for a loaded
+    program, whose demos are its own).
+    """
+    window = context_window(model)
+    if window is None:
+        console.print(
+            f"[dim]{escape(model)}'s context window is not in LiteLLM's map: prompt lengths are "
+            f"not checked against it (the longest prompt here: {max(prompt_tokens.values()):,} "
+            "tokens)[/dim]"
+        )
+        return
+    over = [row["id"] for row, tokens in zip(test, zero_shot, strict=True) if tokens > window]
+    if over:
+        console.print(
+            f"[yellow]{len(over)} test question(s) ({escape(', '.join(over[:5]))}) alone are over "
+            f"{escape(model)}'s {window:,}-token context window: the provider would refuse "
+            "those calls and a real run would stop there; shorten them or drop them[/yellow]"
+        )
+    longest = max(demos, key=lambda row: len(row["question"]) + len(row["answer"]), default=None)
+    culprit = (
+        f"The longest demo is training pair {escape(longest['id'])} "
+        f"({len(longest['answer']):,} characters of answer); shorten it, drop it, or lower "
+        "--max-labeled-demos"
+        if longest
+        else "Compile again with shorter training pairs"
+    )
+    for phase, what in (("compile", "compiling call"), ("tuned", "compiled call")):
+        if prompt_tokens.get(phase, 0) > window:
+            console.print(
+                f"[yellow]with its demos the {phase} prompt is about {prompt_tokens[phase]:,} "
+                f"tokens, over {escape(model)}'s {window:,}-token context window: the provider "
+                f"would refuse every {what}. {culprit}[/yellow]"
+            )
+
+
+# ----- Stage 3 · configure_model: the LM, its key, the plan of calls and its price
+
+
+@dataclass
+class Phase:
+    """One block of LM calls in a real run, with the tokens each call sends and gets back."""
+
+    name: str
+    what: str
+    calls: int  # an upper bound where the optimizer may stop early
+    prompt_tokens: int  # per call
+    completion_tokens: int  # per call
+
+
+@dataclass
+class Plan:
+    """The plan of calls, its price, and what was really spent, by phase."""
+
+    phases: list[Phase]
+    price: tuple[float, float] | None
+    estimate_usd: float | None
+    key_variable: str | None
+    actual: dict[str, dict] = field(default_factory=dict)  # tally_since() of each phase run
+    demos: int | None = None  # demos in the compiled program
+    first_lm_error: BaseException | None = None  # kept by the callback in configure_model
+    server: LocalServer | None = None  # --serve: the server this run started
+    phase: str = "baseline"  # the phase whose replies are being parsed now
+    replies: dict[str, dict] = field(default_factory=dict)  # parse outcomes, by phase
+
+
+def provider_of(model: str, api_base: str | None) -> str:
+    """The provider LiteLLM routes this model string to (openai, anthropic, ollama_chat, ...)."""
+    import litellm
+
+    litellm.suppress_debug_info = True  # its provider-list banner is noise next to our error line
+    try:
+        _, provider, _, _ = litellm.get_llm_provider(model, api_base=api_base)
+    except Exception:  # LiteLLM raises BadRequestError for a string it cannot route
+        raise UsageError(
+            f"--model {model}: LiteLLM cannot tell which provider this is; write it as "
+            "provider/model, e.g. openai/gpt-4o-mini, anthropic/claude-haiku-4-5, "
+            "mistral/mistral-small-latest, ollama_chat/llama3.2"
+        ) from None
+    return provider
+
+
+def key_variable_for(cfg: Config, provider: str) -> str | None:
+    """The environment variable the model's key must come from, or None when none is needed."""
+    if cfg.api_key_env:
+        return cfg.api_key_env
+    if cfg.serve is not None:
+        return None  # the server this script starts takes any key
+    if provider in KEY_VARIABLES:
+        return KEY_VARIABLES[provider]
+    if provider in LOCAL_PROVIDERS:
+        return None
+    import litellm
+
+    missing = litellm.validate_environment(model=cfg.model, api_base=cfg.api_base)["missing_keys"]
+    return missing[0] if missing else None
+
+
+def show_settings(
+    cfg: Config, provider: str, key_variable: str | None, server: LocalServer | None
+) -> None:
+    """Stage 3's table of what the LM client will be: model, server, key, decoding, cache."""
+    settings = Table(show_header=False, box=None)
+    settings.add_row("model", f"{cfg.model} (provider: {provider})")
+    if server is not None:
+        settings.add_row("server", f"{server.api_base}, started for this run: {server.command()}")
+    else:
+        settings.add_row("server", cfg.api_base or "the provider's own API")
+    settings.add_row(
+        "key", key_status(key_variable) if key_variable else "none needed (local server)"
+    )
+    settings.add_row("engine", f"{cfg.engine} (dspy.LM(engine=...))")
+    settings.add_row(
+        "decoding",
+        f"temperature={cfg.temperature}, max_tokens={cfg.max_tokens}, stop={STOP} "
+        "(the same for baseline, compile and tuned)",
+    )
+    settings.add_row("retries", f"{cfg.num_retries} per call, with exponential backoff")
+    settings.add_row(
+        "cache", "off (--no-cache)" if cfg.no_cache else f"{cfg.cache_dir} (a re-run costs nothing)"
+    )
+    console.print(settings)
+
+
+def plan_phases(cfg: Config, formatted: Formatted) -> list[Phase]:
+    """The three blocks of calls a real run makes, with their counts and tokens per call."""
+    calls = planned_calls(
+        cfg, len(formatted.trainset), len(formatted.testset), formatted.loaded is None
+    )
+    what = {
+        "baseline": "answer the test questions, uncompiled",
+        "compile": f"{cfg.optimizer}: pick demos on the train set (upper bound)",
+        "tuned": "answer the test questions, compiled",
+    }
+    return [
+        Phase(
+            name,
+            what[name],
+            calls[name],
+            formatted.prompt_tokens[name],
+            formatted.reply_tokens,
+        )
+        for name in ("baseline", "compile", "tuned")
+    ]
+
+
+def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) -> dict[str, int]:
+    """How many LM calls each phase makes at most, from how each optimizer works in DSPy 3.4."""
+    if not compile_needed or cfg.optimizer == "labeled":
+        compile_calls = 0  # LabeledFewShot copies training pairs into the prompt: no calls
+    elif cfg.optimizer == "bootstrap":
+        # One call per training question until max_bootstrapped_demos runs scored well enough.
+        compile_calls = n_train if cfg.max_bootstrapped_demos else 0
+    elif cfg.optimizer == "random-search":
+        # Candidate programs: zero-shot, labeled-only, a plain bootstrap, then num_candidates
+        # bootstraps on shuffled data. All but the first two bootstrap (up to one call per
+        # training question), and every one is then scored on the whole training set.
+        candidates = cfg.num_candidates + 3
+        compile_calls = (cfg.num_candidates + 1) * n_train + candidates * n_train
+    else:  # mipro, auto="light": 80% of the training set held out, at most 100 of it scored
+        held_out = max(1, int(n_train * 0.8))
+        n_fit, n_val = n_train - held_out, min(100, held_out)
+        # 6 demo sets like random search's (zero-shot and labeled-only need no call), 3
+        # instructions of 3 calls each (describe program, describe module, propose), and a
+        # data summary of one call per 10 examples (at most 9) plus 2.
+        bootstraps = 4 * n_fit
+        proposals = 3 * 3 + 2 + min(9, max(0, math.ceil(n_fit / 10) - 1))
+        trials = int(max(2 * 2 * math.log2(6), 1.5 * 6))
+        if n_val > 50:  # minibatches of 35, a full evaluation every 5 trials
+            evaluations = 35 * trials + n_val * (trials // 5 + 1)
+        else:  # the default program, then every trial on the whole validation set
+            evaluations = n_val * (trials + 1)
+        compile_calls = bootstraps + proposals + evaluations
+    return {"baseline": n_test, "compile": compile_calls, "tuned": n_test}
+
+
+def price_per_token(model: str) -> tuple[float, float] | None:
+    """USD per input and per output token from LiteLLM's price map, or None if it lists no price."""
+    import litellm
+
+    try:
+        cost_in, cost_out = litellm.cost_per_token(
+            model=model, prompt_tokens=1_000_000, completion_tokens=1_000_000
+        )
+    except Exception:  # LiteLLM raises a plain Exception for a model its map does not list
+        return None
+    return cost_in / 1_000_000, cost_out / 1_000_000
+
+
+def phase_cost(phase: Phase, price: tuple[float, float] | None) -> float | None:
+    if price is None:
+        return None
+    return phase.calls * (phase.prompt_tokens * price[0] + phase.completion_tokens * price[1])
+
+
+def show_estimate(
+    cfg: Config, phases: list[Phase], price: tuple[float, float] | None, estimate: float | None
+) -> None:
+    """Stage 3's table of calls, tokens and USD, and where the prices come from."""
+    table = Table(title="calls and cost of a real run (estimate)")
+    for column in ("phase", "what", "calls", "tokens in/out per call", "USD"):
+        table.add_column(column, justify="right" if column in ("calls", "USD") else "left")
+    for phase in phases:
+        cost = phase_cost(phase, price)
+        table.add_row(
+            phase.name,
+            phase.what,
+            str(phase.calls),
+            f"{phase.prompt_tokens} / {phase.completion_tokens}",
+            "?" if cost is None else f"{cost:.4f}",
+        )
+    table.add_row(
+        "total",
+        "",
+        str(sum(phase.calls for phase in phases)),
+        f"{sum(p.calls * (p.prompt_tokens + p.completion_tokens) for p in phases):,} tokens",
+        "?" if estimate is None else f"{estimate:.4f}",
+        style="bold",
+    )
+    console.print(table)
+    if cfg.serve is not None:
+        console.print("a model on this machine: no price per token, only electricity.")
+    elif price is None:
+        console.print(
+            f"LiteLLM {version('litellm')}'s price map lists no price for {cfg.model}: "
+            "the cost is unknown (a model on your own server costs only its electricity)."
+        )
+    else:
+        console.print(
+            f"prices: ${price[0] * 1e6:.3f} in / ${price[1] * 1e6:.3f} out per 1M tokens, from the "
+            f"price map bundled with LiteLLM {version('litellm')} (read offline; check the "
+            "provider's price page for today's)."
+        )
+
+
+def check_before_sending(cfg: Config, plan: Plan, server: LocalServer | None) -> None:
+    """The guard of a real run: the key is set, and a paid run is confirmed within --max-cost."""
+    if plan.key_variable and not os.environ.get(plan.key_variable):
+        raise UsageError(
+            f"{plan.key_variable} is not set; {cfg.model} needs it: export it or put it in .env "
+            "(nothing was sent)"
+        )
+    if server is not None:
+        console.print("your own machine: nothing to pay, nothing to confirm.")
+    elif plan.estimate_usd == 0:
+        console.print("LiteLLM prices this model at $0 (a local server): nothing to confirm.")
+    else:
+        total_calls = sum(phase.calls for phase in plan.phases)
+        confirm_paid_step(
+            f"{total_calls} LM calls to {cfg.model}",
+            plan.estimate_usd,
+            yes=cfg.yes,
+            max_cost=cfg.max_cost,
+        )
+
+
+def client_settings(cfg: Config, key_variable: str | None, server: LocalServer | None) -> dict:
+    """What dspy.LM passes on to the client: the server to call and the key, when there is one."""
+    client = {"api_base": cfg.api_base} if cfg.api_base else {}
+    if key_variable:
+        client["api_key"] = os.environ[key_variable]
+    elif server is not None:
+        client["api_key"] = "local"  # the OpenAI client wants one; transformers serve reads none
+    return client
+
+
+# ----- Stage 3 · configure_model: the callback that sees every LM call and every reply
+
+
+def describe_lm_error(exc: BaseException) -> str:
+    """One line about a failed LM call, without the provider's echo of the key."""
+    import dspy
+
+    if isinstance(exc, dspy.LMAuthError):
+        return "the key was refused (HTTP 401)"  # OpenAI's text quotes the key's start and end
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"\b(sk|pk|key)-\S+", "[key hidden]", first)[:200]
+
+
+FAILED_HERE = threading.local()  # the error of this thread's last LM call, or None
+
+
+def new_reply_tally() -> dict:
+    return {
+        "replies": 0,  # replies ChatAdapter read (JSON fallback replies not included)
+        "not_in_format": 0,  # of those, replies it could not parse: each one asked again in JSON
+        "json_rescued": 0,  # JSON fallback replies that did parse
+        "unparsed": 0,  # neither parsed: the answer is "" and scores 0
+        "first_unparsed": None,  # the first reply ChatAdapter could not parse, shortened
+    }
+
+
+PARSE_LOCK = threading.Lock()
+
+
+def watch_lm_errors(plan: Plan):
+    """A DSPy callback that sees every LM call and every parse end; a log filter that uses it.
+
+    DSPy's parallel evaluator (random search, MIPROv2) catches a failed call, logs it with the
+    whole example and the provider's message (OpenAI's quotes the key), scores it 0, and after
+    max_errors raises a bare "Execution cancelled" that no longer says why. The callback keeps
+    the first error, so tune() can tell a refused key from a flaky server; the filter turns each
+    logged failure into one short line without the key.
+
+    It also counts, phase by phase, the replies ChatAdapter could not parse. DSPy then asks the
+    same question again with JSONAdapter (one more LM call); a reply neither can parse becomes
+    an empty answer, scored 0, and the first such reply is kept to show the user why.
+    """
+    from dspy.adapters.json_adapter import JSONAdapter
+    from dspy.utils.callback import BaseCallback
+
+    parsing: dict[str, tuple[bool, str]] = {}  # call id -> (JSON fallback?, the reply text)
+
+    class KeepErrors(BaseCallback):
+        def on_lm_end(self, call_id, outputs, exception=None):
+            FAILED_HERE.error = exception  # same thread as the log line that follows
+            if exception is not None and plan.first_lm_error is None:
+                plan.first_lm_error = exception
+
+        def on_adapter_parse_start(self, call_id, instance, inputs):
+            with PARSE_LOCK:
+                parsing[call_id] = (isinstance(instance, JSONAdapter), inputs.get("completion"))
+
+        def on_adapter_parse_end(self, call_id, outputs, exception=None):
+            with PARSE_LOCK:
+                fallback, text = parsing.pop(call_id, (False, None))
+                tally = plan.replies.setdefault(plan.phase, new_reply_tally())
+                if fallback:
+                    tally["json_rescued" if exception is None else "unparsed"] += 1
+                    return
+                tally["replies"] += 1
+                if exception is not None:
+                    tally["not_in_format"] += 1
+                    # the first reply that shows why; one cut at a stop string shows little
+                    text = shorten(str(text or ""), 400)
+                    if tally["first_unparsed"] in (None, *STOP) and text:
+                        tally["first_unparsed"] = text
+
+    def one_line(record: logging.LogRecord) -> bool:
+        error = getattr(FAILED_HERE, "error", None)
+        if error is not None and record.getMessage().startswith("Error for "):
+            record.msg, record.args = f"a call failed: {describe_lm_error(error)}", ()
+        return True
+
+    def counted_instead(record: logging.LogRecord) -> bool:
+        # DSPy warns about every reply cut at max_tokens; stages 4 to 6 count them by phase.
+        return not record.getMessage().startswith("LM response was truncated")
+
+    parallel_log = logging.getLogger("dspy.utils.parallelizer")
+    parallel_log.filters.clear()  # one filter, however often this runs in one process
+    parallel_log.addFilter(one_line)
+    lm_log = logging.getLogger("dspy.clients.lm")
+    lm_log.filters.clear()
+    lm_log.addFilter(counted_instead)
+    return KeepErrors()
+
+
+def shorten(text: str, limit: int) -> str:
+    """At most `limit` characters of a reply, its line breaks shown as ⏎."""
+    flat = text.strip().replace("\n", " ⏎ ")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+# ----- Stage 3 · configure_model: --serve, a local model folder behind `transformers serve`
+
+
+def check_serve(cfg: Config, phases: list[Phase]) -> None:
+    """--serve: the prompts fit the model, and transformers serve can run here."""
+    check_context(cfg.serve, phases, cfg.max_tokens)
+    if missing := missing_serve_packages():
+        need = f"transformers serve needs {', '.join(missing)}: "
+        need += "pip install 'transformers[serving]'"
+        if cfg.run:
+            raise UsageError(f"--serve: {need} (nothing was started)")
+        console.print(f"[yellow]a real run with --serve would stop here: {need}[/]")
+
+
+def start_server(cfg: Config, plan: Plan, server: LocalServer) -> None:
+    """Start --serve's server and point the run at it (stopped when the run ends)."""
+    seconds = server.start(cfg.serve_timeout)
+    plan.server, cfg.api_base = server, server.api_base
+    console.print(
+        f"the server answered after {seconds:.0f} s; --model {cfg.model} --api-base "
+        f"{cfg.api_base} (stopped when this run ends)"
+    )
+
+
+def check_model_folder(folder: Path) -> None:
+    """A folder `transformers serve` can load: save_pretrained's config.json in it, at least."""
+    if not folder.is_dir():
+        raise UsageError(f"--serve {folder}: no such folder; pass a local model folder")
+    if not (folder / "config.json").is_file():
+        raise UsageError(
+            f"--serve {folder}: not a transformers model folder (no config.json); pass a folder "
+            "written by save_pretrained(), with the model's weights and tokenizer"
+        )
+
+
+def check_context(folder: Path, phases: list[Phase], max_tokens: int) -> None:
+    """The longest prompt plus the longest reply must fit what the served model can read.
+
+    Past its context window a model does not fail: transformers serve answers anyway, with
+    positions the model never saw in training, which reads as nonsense. Refuse that up front.
+    """
+    window = served_context_window(folder)
+    longest = max((phase.prompt_tokens for phase in phases if phase.calls), default=0)
+    if window is None:
+        console.print(f"[yellow]{folder}/config.json names no context window; not checked[/]")
+        return
+    if longest + max_tokens > window:
+        raise UsageError(
+            f"--serve {folder}: the model reads at most {window} tokens, but the longest prompt "
+            f"is about {longest} and --max-tokens is {max_tokens}; lower --max-labeled-demos "
+            "or --max-tokens"
+        )
+    console.print(
+        f"fits the model: the longest prompt (~{longest} tokens) plus --max-tokens {max_tokens} "
+        f"is within its context window of {window} tokens (max_position_embeddings)"
+    )
+
+
+SERVE_PACKAGES = ("fastapi", "uvicorn", "pydantic", "openai")  # what `transformers serve` needs
+
+
+def missing_serve_packages() -> list[str]:
+    return [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def served_label(folder: Path) -> str:
+    """The served model as the comparison names it: its folder, relative when it is nearby."""
+    try:
+        return f"{folder.relative_to(Path.cwd())} (transformers serve)"
+    except ValueError:
+        return f"{folder} (transformers serve)"
+
+
+def served_context_window(folder: Path) -> int | None:
+    """How many tokens the served model reads at most, from its config.json (None: unknown)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)  # a multimodal model keeps it one level down
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+# The child process: `transformers serve` itself, run by this script's own Python so it comes
+# from the same environment. On Linux it first asks the kernel to send it SIGTERM when this
+# script dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no server outlives its run.
+SERVE_LAUNCHER = """
+import ctypes, os, signal, sys
+parent = int(sys.argv.pop(1))
+if sys.platform == "linux":
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+if os.getppid() != parent:
+    sys.exit("the script that started this server is gone")
+from transformers.cli.transformers import main
+sys.argv[0] = "transformers"
+sys.exit(main())
+"""
+
+
+class LocalServer:
+    """`transformers serve FOLDER` on a free 127.0.0.1 port, a child of this process.
+
+    Started in stage 3 of a real run; stopped however the run ends: finished, failed,
+    Ctrl-C or SIGTERM. Its log goes to OUTPUT_DIR/dspy/serve.log. It sends nothing past
+    loopback: the model comes from the folder (HF_HUB_OFFLINE=1), and the CLI's daily
+    new-version check on PyPI is switched off (HF_HUB_DISABLE_UPDATE_CHECK=1).
+
+    Measured with SmolLM2-135M on 2 busy CPU cores (transformers 5.24). Without continuous
+    batching the server writes one reply at a time: 4 short questions took 23.5 s one at a
+    time and 24.0 s two at a time, hence SERVE_THREADS = 1. With --continuous-batching, 8 took
+    29.9 s four at a time against 43.7 s one at a time, but that mode ignores `stop`: every
+    reply ran on, and the same small run (4 train, 3 test questions, --max-tokens 128) took
+    168 s and 2,000 reply tokens, against 108 s and 1,121 without it, with the same scores. So
+    it is off. On a machine busy with other work, OMP_NUM_THREADS=1 in the environment (passed
+    on to the server) ran 4.9 times faster than torch's default of a thread a core (23.5 s
+    against 114 s).
+    """
+
+    def __init__(self, folder: Path, log_path: Path):
+        self.folder, self.log_path = folder, log_path
+        with socket.socket() as probe:  # a port nobody uses now; the server takes it next
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.args = ["serve", str(folder), "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc: subprocess.Popen | None = None
+
+    running: list[LocalServer] = []  # started and not stopped yet: stopped when the run ends
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def command(self) -> str:
+        """The same server as one command a user can run in another terminal."""
+        return "HF_HUB_OFFLINE=1 " + shlex.join(["transformers", *self.args])
+
+    def start(self, timeout: float) -> float:
+        """Start the server, wait until it lists the model; return the seconds it took."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        started = time.monotonic()
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", SERVE_LAUNCHER, str(os.getpid()), *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches this script, which then stops it
+            )
+        LocalServer.running.append(self)
+        console.print(f"started `{self.command()}` (pid {self.proc.pid}); log: {self.log_path}")
+        with console.status(f"loading {self.folder.name} into the server (up to {timeout:g} s)"):
+            while not self._answers():
+                if self.proc.poll() is not None:
+                    reason = self._last_log_line()
+                    self.stop()
+                    raise UsageError(
+                        f"--serve {self.folder}: transformers serve stopped before it answered "
+                        f"({reason}); the whole log is in {self.log_path}"
+                    )
+                if time.monotonic() - started > timeout:
+                    self.stop()
+                    raise ServiceError(
+                        f"--serve {self.folder}: the server did not answer within {timeout:g} s "
+                        f"(log: {self.log_path}); raise --serve-timeout on a slow machine. "
+                        "Kept: nothing was sent yet"
+                    )
+                time.sleep(0.5)
+        return time.monotonic() - started
+
+    def _answers(self) -> bool:
+        """True once the server lists the model: `transformers serve` loads it before that."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.api_base}/models", timeout=2) as response:
+                listed = json.loads(response.read())
+        except (OSError, ValueError):
+            return False
+        return any(model.get("id") == str(self.folder) for model in listed.get("data", []))
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        lines = [line.strip() for line in lines if line.strip()]
+        return lines[-1][:200] if lines else "it printed nothing"
+
+    def stop(self) -> None:
+        """Stop the server: SIGTERM, then SIGKILL if it is still there after 10 s."""
+        if self in LocalServer.running:
+            LocalServer.running.remove(self)
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is not None:
+            return  # it stopped by itself; start() said why
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        console.print(f"stopped the local server (pid {proc.pid})")
+
+
+@contextlib.contextmanager
+def local_server_stopped_at_the_end():
+    """Stop every server this run started, however it ends: finished, failed, Ctrl-C, SIGTERM."""
+    try:
+        if threading.current_thread() is threading.main_thread():
+            # `kill PID` ends the run through the finally below, which stops the server
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        yield
+    finally:
+        for server in list(LocalServer.running):
+            server.stop()
+
+
+# ----- Stage 4 · tune: the optimizer, its metric, the compiled program
+
+
+def rouge_metric(example, prediction, trace=None) -> float:
+    """The optimizer's metric: the shared ROUGE-L, on the 0-1 scale DSPy's optimizers use.
+
+    BootstrapFewShot keeps a demo only when this reaches --metric-threshold (divided by 100);
+    the random search and MIPROv2 also average it to rank whole programs.
+    """
+    return rouge_l(getattr(prediction, "answer", None) or "", example.answer) / 100
+
+
+def build_optimizer(cfg: Config):
+    import dspy
+
+    threshold = cfg.metric_threshold / 100
+    if cfg.optimizer == "labeled":
+        return dspy.LabeledFewShot(k=cfg.max_labeled_demos)
+    if cfg.optimizer == "bootstrap":
+        return dspy.BootstrapFewShot(
+            metric=rouge_metric,
+            metric_threshold=threshold,
+            max_bootstrapped_demos=cfg.max_bootstrapped_demos,
+            max_labeled_demos=cfg.max_labeled_demos,
+            max_errors=cfg.max_errors,
+        )
+    if cfg.optimizer == "random-search":
+        return dspy.BootstrapFewShotWithRandomSearch(
+            metric=rouge_metric,
+            metric_threshold=threshold,
+            max_bootstrapped_demos=cfg.max_bootstrapped_demos,
+            max_labeled_demos=cfg.max_labeled_demos,
+            num_candidate_programs=cfg.num_candidates,
+            num_threads=cfg.threads,
+            max_errors=cfg.max_errors,
+        )
+    return dspy.MIPROv2(
+        metric=rouge_metric,
+        auto="light",
+        metric_threshold=threshold,
+        max_bootstrapped_demos=cfg.max_bootstrapped_demos,
+        max_labeled_demos=cfg.max_labeled_demos,
+        num_threads=cfg.threads,
+        max_errors=cfg.max_errors,
+        seed=cfg.seed,
+    )
+
+
+def describe_optimizer(cfg: Config, compile_calls: int) -> str:
+    """What the chosen optimizer does, in one sentence, with this run's numbers."""
+    return OPTIMIZER_DESCRIPTIONS[cfg.optimizer].format(
+        calls=compile_calls,
+        boot=cfg.max_bootstrapped_demos,
+        threshold=cfg.metric_threshold,
+        labeled=cfg.max_labeled_demos,
+        candidates=cfg.num_candidates + 3,
+    )
+
+
+def why_the_optimizer_stopped(cfg: Config, plan: Plan) -> Exception:
+    """The error to raise when an optimizer gave up after max_errors failed calls."""
+    import dspy
+
+    first = plan.first_lm_error
+    if isinstance(first, (dspy.LMAuthError, dspy.LMInvalidRequestError)):
+        return first  # the user's to fix: lm_errors_explained says how, exit 2
+    return ServiceError(
+        f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (the "
+        f"first: {describe_lm_error(first) if first else 'see above'}). Kept: "
+        f"{kept_note(cfg, plan)}; run the same command again to resume"
+    )
+
+
+def save_program(program, path: Path) -> None:
+    """Save the compiled program whole or not at all."""
+    # Module.save writes in place; write beside it and rename, so the file is whole or absent.
+    tmp = path.with_name(f".program.{os.getpid()}.tmp.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        program.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def show_program(program, original_instructions: str, threshold: float) -> None:
+    """What the optimizer changed: the demos it put in the prompt, and the instructions."""
+    demos = program.predict.demos
+    table = Table(title=f"{len(demos)} demos now in front of every question", show_lines=False)
+    table.add_column("#", justify="right")
+    table.add_column("kind")
+    table.add_column("question")
+    table.add_column("answer")
+    for number, demo in enumerate(demos, start=1):
+        kind = "bootstrapped" if demo.get("augmented") else "labeled"
+        answer = str(demo.get("answer", ""))
+        table.add_row(
+            str(number),
+            kind,
+            str(demo.get("question", "")),
+            answer[:120] + ("…" if len(answer) > 120 else ""),
+        )
+    console.print(table)
+    console.print(
+        f"[dim]bootstrapped: the model's own reasoning and answer on a training question, kept "
+        f"because it scored at least {threshold:g} ROUGE-L; labeled: a training pair as written.[/]"
+    )
+    instructions = program.predict.signature.instructions
+    if instructions == original_instructions:
+        console.print("instructions (unchanged: this optimizer only picks demos):")
+    else:
+        console.print("instructions, as the optimizer rewrote them:")
+    console.print(f"  {instructions}", markup=False)
+
+
+def kept_note(cfg: Config, plan: Plan) -> str:
+    """What a failed real run leaves behind that the next run reuses."""
+    kept = "nothing (--no-cache)" if cfg.no_cache else f"every answered call, in {cfg.cache_dir}"
+    if plan.demos is not None and cfg.load is None:
+        kept += f", and the compiled program {cfg.program_path}"
+    return kept
+
+
+@contextlib.contextmanager
+def lm_errors_explained(cfg: Config, plan: Plan):
+    """Around stages 4 and 5: every failed LM call becomes one line and its exit code."""
+    import dspy  # for its error classes: every failed LM call is raised as a dspy.LMError
+
+    try:
+        yield
+    except dspy.LMAuthError:
+        # Not the provider's message: OpenAI's quotes the start and the end of the key.
+        raise UsageError(
+            f"{cfg.model}: the key in {plan.key_variable} was refused (HTTP 401); check it "
+            "(nothing else was sent)"
+        ) from None
+    except dspy.LMInvalidRequestError as exc:
+        # An unknown model name, a prompt too long: DSPy does not retry these, and neither
+        # would running the same command again help.
+        raise UsageError(
+            f"{cfg.model} refused the request: {describe_lm_error(exc)}; check --model "
+            "(the request was not retried)"
+        ) from None
+    except dspy.LMError as exc:
+        tries = f"after {cfg.num_retries} retries" if dspy.is_retryable_lm_error(exc) else "at once"
+        raise ServiceError(
+            f"{cfg.model} failed {tries}: {describe_lm_error(exc)}. Kept: "
+            f"{kept_note(cfg, plan)}; run the same command again to resume (calls in the cache "
+            "are not sent again)"
+        ) from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"kept {kept_note(cfg, plan)}; run the same command to resume"
+        ) from None
+
+
+# ----- Stages 4 and 5: the calls of each phase, counted from DSPy's history, and its replies
+
+
+def history_ids() -> set[str]:
+    """Ids of every LM call recorded so far in this process.
+
+    DSPy's global history holds the calls of every LM, including the copies an optimizer makes
+    of ours (MIPROv2 proposes instructions with one); lm.history would miss those.
+    """
+    from dspy.clients.base_lm import GLOBAL_HISTORY
+
+    return {entry["uuid"] for entry in list(GLOBAL_HISTORY)}
+
+
+def was_cache_hit(entry: dict) -> bool:
+    """Whether DSPy answered this call from its cache instead of sending it.
+
+    Through LiteLLM, DSPy marks the replayed reply; its own engine marks nothing, but records a
+    replayed call with no usage and the cost of the call it replays. A call with neither usage
+    nor cost counts as sent: a server that reports no usage is not a free cache hit.
+    """
+    if getattr(entry["response"], "cache_hit", False):
+        return True
+    return not entry.get("usage") and entry.get("cost") is not None
+
+
+def reported_usage(entry: dict) -> bool:
+    """Whether the server said what the call used (LiteLLM fills in zeros when it did not)."""
+    return bool((entry.get("usage") or {}).get("prompt_tokens"))
+
+
+NO_CALLS = {
+    "sent": 0,
+    "cache_hits": 0,
+    "prompt_tokens": 0,
+    "completion_tokens": 0,
+    "cost_usd": 0.0,
+    "cut_at_max_tokens": 0,
+}
+
+
+def finish_reason(entry: dict) -> str | None:
+    """Why the reply ended: "stop" (end of turn or a stop string) or "length" (--max-tokens)."""
+    response = entry["response"]
+    choices = getattr(response, "choices", None) or []
+    reason = getattr(choices[0], "finish_reason", None) if choices else None
+    return reason or getattr(response, "finish_reason", None)
+
+
+def tally_since(before: set[str]) -> dict:
+    """Calls recorded since `before`: sent, answered from the cache, tokens, and actual cost."""
+    from dspy.clients.base_lm import GLOBAL_HISTORY
+
+    entries = [entry for entry in list(GLOBAL_HISTORY) if entry["uuid"] not in before]
+    sent = [entry for entry in entries if not was_cache_hit(entry)]
+    costs = [entry.get("cost") if reported_usage(entry) else None for entry in sent]
+    return {
+        "sent": len(sent),
+        "cache_hits": len(entries) - len(sent),
+        "prompt_tokens": sum((entry["usage"] or {}).get("prompt_tokens") or 0 for entry in sent),
+        "completion_tokens": sum(
+            (entry["usage"] or {}).get("completion_tokens") or 0 for entry in sent
+        ),
+        # A cache hit keeps the cost of the call it replays; it costs nothing now, so only the
+        # calls really sent are summed. One unpriced call, or one whose usage the server did
+        # not report, makes the total unknown.
+        "cost_usd": None if any(cost is None for cost in costs) else sum(costs),
+        # replies that ran to --max-tokens, cached ones included: the same replies either way
+        "cut_at_max_tokens": sum(finish_reason(entry) == "length" for entry in entries),
+    }
+
+
+def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
+    """After a phase: how many replies DSPy could not read, and the first of them."""
+    tally = plan.replies.get(phase, new_reply_tally())
+    actual = plan.actual.get(phase, NO_CALLS)
+    calls, cut = actual["sent"] + actual["cache_hits"], actual["cut_at_max_tokens"]
+    n, bad = tally["replies"], tally["not_in_format"]
+    console.print(f"{phase}: {n - bad} of {n} replies in DSPy's [[ ## field ## ]] format")
+    if bad:
+        console.print(
+            f"  {bad} not in it: DSPy asked each again in JSON (+{bad} calls), "
+            f"{tally['json_rescued']} of those parsed; [bold]{tally['unparsed']} unparsed[/]: "
+            "an empty answer, scored 0"
+        )
+        first = tally["first_unparsed"] or "(empty)"
+        console.print("  the first reply it could not read, as the model wrote it:")
+        console.print(f"  [dim]{escape(first)}[/]")
+        if first in STOP:
+            console.print(
+                f"  (the model began by writing {first}, a stop string: it was echoing the "
+                "prompt, so the reply ends there and DSPy asks again in JSON)"
+            )
+    if cut:
+        console.print(
+            f"  {cut} of {calls} calls ran to --max-tokens {cfg.max_tokens} before a stop "
+            f"string {STOP} (a model repeating itself; raise it if answers look cut short)"
+        )
+
+
+# ----- Stage 5 · answer: in parallel, a failed call stopping the run
+
+
+def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
+    """Run `program` on every example in `threads` threads, with a progress bar.
+
+    dspy.Evaluate does the same, but it scores a call that failed as 0 and carries on; here a
+    call that still fails after DSPy's retries stops the run (exit 1) instead of writing a wrong
+    score. A reply the adapter cannot parse, even after DSPy's JSON fallback (one more call, not
+    in the estimate), is a bad answer, not a failure: it scores 0.
+    """
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    import dspy
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    def one(example) -> dict:
+        try:
+            prediction = program(**example.inputs())
+        except dspy.AdapterParseError:  # a program that is not chain_of_thought()'s
+            return {"answer": "", "reasoning": UNPARSED}
+        return {"answer": prediction.answer or "", "reasoning": prediction.reasoning or ""}
+
+    results: list[dict] = [{} for _ in examples]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"{label:>8}", total=len(examples))
+            # Each call runs in a copy of this thread's context, so settings made with
+            # dspy.context(...) reach the worker threads (dspy.Parallel does the same).
+            futures = {
+                pool.submit(contextvars.copy_context().run, one, example): i
+                for i, example in enumerate(examples)
+            }
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                progress.advance(task)
+    finally:
+        # On a failure or Ctrl-C, send nothing more: drop the calls not started yet.
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def show_answers(cfg: Config, answers: list[dict]) -> None:
+    """Stage 5's last words: your question's two answers (--ask), and the tuned reasoning."""
+    if cfg.ask:
+        row = answers[0]
+        console.print(f"question: {row['question']}", markup=False)
+        console.print(f"baseline: {row['baseline']}", markup=False)
+        console.print(f"tuned:    {row['tuned']}", markup=False)
+    else:
+        console.print(f"answered {len(answers)} test questions twice; stage 6 scores them")
+    console.print(f"the compiled program's reasoning for {answers[0]['id']}:")
+    console.print(f"  {answers[0]['tuned_reasoning']}", markup=False)
+
+
+# ----- Stage 6 · compare: what was sent and spent, what was read, the command for a real run
+
+
+def show_calls(plan: Plan) -> None:
+    """Stage 6's table of LM calls, phase by phase: estimated, sent, cached, tokens, USD."""
+    table = Table(title="LM calls: estimated vs actual")
+    columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase in plan.phases:
+        actual = plan.actual.get(phase.name, NO_CALLS)
+        est = phase_cost(phase, plan.price)
+        table.add_row(
+            phase.name,
+            str(phase.calls),
+            str(actual["sent"]),
+            str(actual["cache_hits"]),
+            f"{actual['prompt_tokens']:,} / {actual['completion_tokens']:,}",
+            "?" if est is None else f"{est:.4f}",
+            "?" if actual["cost_usd"] is None else f"{actual['cost_usd']:.4f}",
+        )
+    console.print(table)
+
+
+def show_actual_cost(plan: Plan) -> float | None:
+    """Say what the calls really cost (None: unknown) and how many came from the cache."""
+    actuals = [
+        plan.actual[name] for name in ("baseline", "compile", "tuned") if name in plan.actual
+    ]
+    costs = [a["cost_usd"] for a in actuals]
+    cost = None if any(c is None for c in costs) else sum(costs)
+    sent = sum(a["sent"] for a in actuals)
+    cached = sum(a["cache_hits"] for a in actuals)
+    console.print(
+        f"actual cost: {'unknown' if cost is None else f'${cost:.4f}'} for {sent} calls sent; "
+        f"{cached} answered from the cache at no cost (DSPy's history, cache hits counted apart)."
+    )
+    return cost
+
+
+def show_replies(cfg: Config, plan: Plan) -> dict[str, dict]:
+    """Stage 6's account of every reply: read, asked again in JSON, or unparsed (scored 0)."""
+    table = Table(title="replies, by phase: what DSPy could read")
+    columns = ("phase", "replies", "in format", "not: asked in JSON", "JSON parsed")
+    columns += ("unparsed (scored 0)", f"calls cut at {cfg.max_tokens} tokens")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    replies = {}
+    for name in ("baseline", "compile", "tuned"):
+        if name not in plan.actual:
+            continue
+        tally = replies[name] = plan.replies.get(name, new_reply_tally())
+        actual = plan.actual[name]
+        cut = f"{actual['cut_at_max_tokens']} of {actual['sent'] + actual['cache_hits']}"
+        n, bad = tally["replies"], tally["not_in_format"]
+        cells = (n, n - bad, bad, tally["json_rescued"], tally["unparsed"])
+        table.add_row(name, *map(str, cells), cut)
+    console.print(table)
+    console.print(
+        "[dim]in format: ChatAdapter read every field from the reply. Each other reply is asked "
+        "again in JSON (one more call, counted in 'sent' above); unparsed: neither reply could "
+        "be read, so the answer is empty and scores 0. Cut: the calls (JSON ones included) that "
+        f"ran to --max-tokens before a stop string {STOP}.[/]"
+    )
+    return replies
+
+
+def show_real_run_command(cfg: Config, plan: Plan) -> None:
+    """A dry run ends with the command for the real one, and the key it still needs."""
+    command = shlex.join([Path(sys.argv[0]).name, *cfg.argv])
+    need = plan.key_variable and not os.environ.get(plan.key_variable)
+    console.print()
+    console.print("Real run (sends the calls above):", style="bold")
+    if need:
+        console.print(f"  export {plan.key_variable}=...   # or put it in .env")
+    console.print(f"  python {command} --run", markup=False)
+
+
+# =====================================================================================
+# The other entry point: --ask
+# =====================================================================================
+
+
+def ask(cfg: Config) -> None:
+    """--ask: one question of your own, to the baseline and to the program a real run saved.
+
+    The stages of a run, on that one question: no data is read, nothing is compiled (the
+    saved program is loaded in stage 2) and no results are written.
+    """
+    stage(1, "prepare_data", "Load the question/answer pairs, check them, split train and test.")
+    console.print("--ask: no data needed; the demos come from the saved program.")
+    row = {"id": "ask", "subject": "yours", "question": cfg.ask.strip(), "answer": ""}
+    data = {"train": [], "test": [{**row, "split": "test"}]}
+    import_dspy()
+    formatted = format_data(cfg, data)
+    with local_server_stopped_at_the_end():
+        plan = configure_model(cfg, formatted)
+        with lm_errors_explained(cfg, plan):
+            tuned = tune(cfg, formatted, plan)  # the saved program, shown
+            answer(cfg, data, formatted, plan, tuned)
+        stage(
+            6,
+            "compare",
+            "Score both with ROUGE-L, write the results, compare with the other approaches.",
+        )
+        console.print("--ask writes no results: it answered your question only.")
+    if not cfg.run:
+        show_real_run_command(cfg, plan)
+
+
+# =====================================================================================
+# Reference tables: providers, optimizers
+# =====================================================================================
+
+# The environment variable holding each provider's key; other providers are asked of LiteLLM.
+KEY_VARIABLES = {
+    "openai": "OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "mistral": "MISTRAL_API_KEY",
+    "gemini": "GEMINI_API_KEY",
+}
+# Servers that run on your own machine and need no key.
+LOCAL_PROVIDERS = ("ollama", "ollama_chat", "hosted_vllm", "lm_studio")
+
+OPTIMIZERS = ("bootstrap", "random-search", "mipro", "labeled")
+# What each optimizer does, as stage 4 says it before compiling (filled in by describe_optimizer).
+OPTIMIZER_DESCRIPTIONS = {
+    "bootstrap": "BootstrapFewShot runs the model on up to {calls} training questions and keeps "
+    "the first {boot} runs scoring >= {threshold:g} ROUGE-L; training pairs as written fill the "
+    "prompt up to {labeled} demos.",
+    "random-search": "BootstrapFewShotWithRandomSearch builds {candidates} candidate demo sets "
+    "and keeps the one scoring best on the train set.",
+    "mipro": "MIPROv2 (auto=light) proposes instructions and demo sets, and searches the best "
+    "combination with optuna.",
+    "labeled": "LabeledFewShot puts {labeled} training pairs in the prompt as they are; it makes "
+    "no LM call.",
+}
+
+
+# =====================================================================================
+# The command line
+# =====================================================================================
+
+
 def build_parser() -> argparse.ArgumentParser:
+    d = Config()  # every default below is the one written in Config
     parser = CommandLine(
         prog="dspy_example.py",
         description="Optimize the prompt of any LLM for teacher-style answers with DSPy.",
@@ -192,75 +1719,85 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         type=path_arg,
-        default=DATA_FILE,
+        default=d.data,
         help="JSONL with question/answer per line (default: small_edu_qa.jsonl beside the script)",
     )
+    # Left unset (None) here: --model, --max-tokens, --threads, --results-name and --cache-dir.
+    # Config works each out from the others (a local server, --serve, --output-dir), and
+    # parse_config must see whether --model was given.
     parser.add_argument(
         "--model",
         type=text_arg,
         help=f"LiteLLM model string, provider/model (default: {DEFAULT_MODEL})",
     )
     parser.add_argument(
-        "--run", action="store_true", help="really send the calls (default: dry run)"
+        "--run", action="store_true", default=d.run, help="really send the calls (default: dry run)"
     )
-    parser.add_argument("--yes", action="store_true", help="do not ask before a paid step")
+    parser.add_argument(
+        "--yes", action="store_true", default=d.yes, help="do not ask before a paid step"
+    )
     parser.add_argument(
         "--max-cost",
         type=number(float, 0),
+        default=d.max_cost,
         metavar="USD",
         help="refuse a paid step whose estimate is higher",
     )
     parser.add_argument(
         "--train-limit",
         type=number(int, 1),
-        default=30,
+        default=d.train_limit,
         metavar="N",
         help="use the first N train examples (default: %(default)s)",
     )
     parser.add_argument(
         "--test-limit",
         type=number(int, 1),
+        default=d.test_limit,
         metavar="N",
         help="use the first N test examples (default: all)",
     )
     parser.add_argument(
-        "--output-dir", type=path_arg, default=Path("outputs"), help="where everything is written"
+        "--output-dir", type=path_arg, default=d.output_dir, help="where everything is written"
     )
     parser.add_argument(
         "--seed",
         type=seed_arg,
-        default=42,
+        default=d.seed,
         help="seed for MIPROv2 (the other optimizers fix theirs)",
     )
     parser.add_argument(
         "--ask",
         type=text_arg,
+        default=d.ask,
         metavar="QUESTION",
         help="answer one question with the baseline and the compiled program (uses a saved run)",
     )
     parser.add_argument(
         "--api-base",
         type=text_arg,
+        default=d.api_base,
         metavar="URL",
         help="server to send the calls to (Ollama, vLLM, any OpenAI-compatible server)",
     )
     parser.add_argument(
         "--api-key-env",
         type=text_arg,
+        default=d.api_key_env,
         metavar="VAR",
         help="environment variable holding the key (default: the provider's, e.g. OPENAI_API_KEY)",
     )
     parser.add_argument(
         "--engine",
         choices=("litellm", "auto"),
-        default="litellm",
+        default=d.engine,
         help="litellm: every call goes through LiteLLM (default); auto: DSPy 3.4's own client "
         "for OpenAI, Anthropic, Ollama and vLLM, LiteLLM for the rest",
     )
     parser.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
-        default="bootstrap",
+        default=d.optimizer,
         help="bootstrap: BootstrapFewShot (default); random-search: "
         "BootstrapFewShotWithRandomSearch; mipro: MIPROv2 auto=light (needs optuna); "
         "labeled: LabeledFewShot (no LM calls)",
@@ -268,20 +1805,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metric-threshold",
         type=number(float),
-        default=30.0,
+        default=d.metric_threshold,
         metavar="ROUGE",
         help="ROUGE-L (0-100) a bootstrapped demo must reach to be kept (default: %(default)s)",
     )
-    parser.add_argument("--max-bootstrapped-demos", type=number(int, 0), default=4, metavar="N")
-    parser.add_argument("--max-labeled-demos", type=number(int, 1), default=16, metavar="N")
+    parser.add_argument(
+        "--max-bootstrapped-demos",
+        type=number(int, 0),
+        default=d.max_bootstrapped_demos,
+        metavar="N",
+    )
+    parser.add_argument(
+        "--max-labeled-demos", type=number(int, 1), default=d.max_labeled_demos, metavar="N"
+    )
     parser.add_argument(
         "--num-candidates",
         type=number(int, 1),
-        default=8,
+        default=d.num_candidates,
         metavar="N",
         help="random-search: demo sets to try (default: %(default)s)",
     )
-    parser.add_argument("--temperature", type=number(float, 0), default=0.0)
+    parser.add_argument("--temperature", type=number(float, 0), default=d.temperature)
     parser.add_argument(
         "--max-tokens",
         type=number(int, 1),
@@ -298,6 +1842,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--serve",
         type=path_arg,
+        default=d.serve,
         metavar="FOLDER",
         help="a local transformers model folder: start `transformers serve FOLDER` on a free "
         "127.0.0.1 port for this run, use it as the model, stop it at the end",
@@ -305,7 +1850,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--serve-timeout",
         type=number(float, 0, above=True),
-        default=300.0,
+        default=d.serve_timeout,
         metavar="SECONDS",
         help="how long --serve waits for the server to load the model (default: %(default)s)",
     )
@@ -317,7 +1862,11 @@ def build_parser() -> argparse.ArgumentParser:
         "model and one on a fine-tuned model side by side",
     )
     parser.add_argument(
-        "--load", type=path_arg, metavar="PATH", help="use this compiled program, skip compiling"
+        "--load",
+        type=path_arg,
+        default=d.load,
+        metavar="PATH",
+        help="use this compiled program, skip compiling",
     )
     parser.add_argument(
         "--cache-dir",
@@ -326,7 +1875,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="DSPy's disk cache of LM calls (default: OUTPUT_DIR/dspy/cache)",
     )
     parser.add_argument(
-        "--no-cache", action="store_true", help="send every call, even one answered before"
+        "--no-cache",
+        action="store_true",
+        default=d.no_cache,
+        help="send every call, even one answered before",
     )
     return parser
 
@@ -356,6 +1908,7 @@ def parse_config(argv: list[str] | None) -> Config:
         # Both draw each candidate's demo count from 1..max_bootstrapped_demos.
         parser.error(f"--optimizer {args.optimizer} needs --max-bootstrapped-demos of at least 1")
     cfg = Config(**vars(args))
+    cfg.argv = list(sys.argv[1:] if argv is None else argv)
     if cfg.load is None and cfg.optimizer == "mipro" and importlib.util.find_spec("optuna") is None:
         raise UsageError(
             "--optimizer mipro needs optuna, which is not installed; install it with "
@@ -372,9 +1925,8 @@ def parse_config(argv: list[str] | None) -> Config:
 
 
 # =====================================================================================
-# Shared helpers: the same in all three scripts (data, errors, results, comparison)
+# Shared helpers: data, metric, results, comparison, errors (the same text in each approach)
 # =====================================================================================
-APPROACH = "dspy"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
 
 console = Console(highlight=False)
 
@@ -1114,1348 +2666,6 @@ def run_cli(main, argv: list[str] | None = None) -> int:
             raise
         print(f"error: {write_error(None, exc)}", file=sys.stderr)
         return 2
-
-
-# =====================================================================================
-# DSPy pieces: the signature, the metric, token and cost estimates, answering in parallel
-# =====================================================================================
-
-
-def teacher_signature():
-    """The task, as DSPy sees it: a question in, an answer out, and what a good answer is.
-
-    dspy is imported here and not at the top because the whole script imports it lazily (it is
-    quick, 0.4 s, but --help and bad-input errors should not need it).
-    """
-    import dspy
-
-    class TeacherAnswer(dspy.Signature):
-        """Answer a student's question as a good teacher would: correct, clear, 1 to 3 sentences."""
-
-        question: str = dspy.InputField(desc="a student's question")
-        answer: str = dspy.OutputField(desc="a short, correct answer in a teacher's voice")
-
-    return TeacherAnswer
-
-
-UNPARSED = "(the reply did not follow the format)"
-_TOLERANT = None
-
-
-def chain_of_thought(signature):
-    """dspy.ChainOfThought, where a reply that cannot be parsed is an empty answer, not an error.
-
-    DSPy raises AdapterParseError when a reply does not follow the format even after its JSON
-    fallback. BootstrapFewShot counts that as a failed example and stops compiling after
-    max_errors of them, as it does for a server that fails. From a small model such a reply is
-    a bad answer, not a broken server: here it scores 0 like any bad answer (and is never kept
-    as a demo), while a failing server still stops the run. The callback in configure_model
-    counts every such reply, so none goes unseen. Saved and loaded like ChainOfThought.
-    """
-    global _TOLERANT
-    import dspy
-
-    if _TOLERANT is None:
-
-        class TolerantChainOfThought(dspy.ChainOfThought):
-            def forward(self, **kwargs):
-                try:
-                    return super().forward(**kwargs)
-                except dspy.AdapterParseError:
-                    return dspy.Prediction(reasoning=UNPARSED, answer="")
-
-        _TOLERANT = TolerantChainOfThought
-    return _TOLERANT(signature)
-
-
-def rouge_metric(example, prediction, trace=None) -> float:
-    """The optimizer's metric: the shared ROUGE-L, on the 0-1 scale DSPy's optimizers use.
-
-    BootstrapFewShot keeps a demo only when this reaches --metric-threshold (divided by 100);
-    the random search and MIPROv2 also average it to rank whole programs.
-    """
-    return rouge_l(getattr(prediction, "answer", None) or "", example.answer) / 100
-
-
-@dataclass
-class Phase:
-    """One block of LM calls in a real run, with the tokens each call sends and gets back."""
-
-    name: str
-    what: str
-    calls: int  # an upper bound where the optimizer may stop early
-    prompt_tokens: int  # per call
-    completion_tokens: int  # per call
-
-
-def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) -> dict[str, int]:
-    """How many LM calls each phase makes at most, from how each optimizer works in DSPy 3.4."""
-    if not compile_needed or cfg.optimizer == "labeled":
-        compile_calls = 0  # LabeledFewShot copies training pairs into the prompt: no calls
-    elif cfg.optimizer == "bootstrap":
-        # One call per training question until max_bootstrapped_demos runs scored well enough.
-        compile_calls = n_train if cfg.max_bootstrapped_demos else 0
-    elif cfg.optimizer == "random-search":
-        # Candidate programs: zero-shot, labeled-only, a plain bootstrap, then num_candidates
-        # bootstraps on shuffled data. All but the first two bootstrap (up to one call per
-        # training question), and every one is then scored on the whole training set.
-        candidates = cfg.num_candidates + 3
-        compile_calls = (cfg.num_candidates + 1) * n_train + candidates * n_train
-    else:  # mipro, auto="light": 80% of the training set held out, at most 100 of it scored
-        held_out = max(1, int(n_train * 0.8))
-        n_fit, n_val = n_train - held_out, min(100, held_out)
-        # 6 demo sets like random search's (zero-shot and labeled-only need no call), 3
-        # instructions of 3 calls each (describe program, describe module, propose), and a
-        # data summary of one call per 10 examples (at most 9) plus 2.
-        bootstraps = 4 * n_fit
-        proposals = 3 * 3 + 2 + min(9, max(0, math.ceil(n_fit / 10) - 1))
-        trials = int(max(2 * 2 * math.log2(6), 1.5 * 6))
-        if n_val > 50:  # minibatches of 35, a full evaluation every 5 trials
-            evaluations = 35 * trials + n_val * (trials // 5 + 1)
-        else:  # the default program, then every trial on the whole validation set
-            evaluations = n_val * (trials + 1)
-        compile_calls = bootstraps + proposals + evaluations
-    return {"baseline": n_test, "compile": compile_calls, "tuned": n_test}
-
-
-def price_per_token(model: str) -> tuple[float, float] | None:
-    """USD per input and per output token from LiteLLM's price map, or None if it lists no price."""
-    import litellm
-
-    try:
-        cost_in, cost_out = litellm.cost_per_token(
-            model=model, prompt_tokens=1_000_000, completion_tokens=1_000_000
-        )
-    except Exception:  # LiteLLM raises a plain Exception for a model its map does not list
-        return None
-    return cost_in / 1_000_000, cost_out / 1_000_000
-
-
-def phase_cost(phase: Phase, price: tuple[float, float] | None) -> float | None:
-    if price is None:
-        return None
-    return phase.calls * (phase.prompt_tokens * price[0] + phase.completion_tokens * price[1])
-
-
-def count_tokens(model: str, messages: list[dict]) -> int:
-    """Tokens of a chat prompt, counted the way LiteLLM counts them for this model."""
-    import litellm
-
-    # For a Llama or Cohere model name LiteLLM downloads a tokenizer from Hugging Face; a dry
-    # run sends nothing, and tiktoken's count (LiteLLM's fallback) is close enough to estimate.
-    litellm.disable_hf_tokenizer_download = True
-    return litellm.token_counter(model=model, messages=messages)
-
-
-def print_prompt(messages: list[dict]) -> None:
-    for message in messages:
-        console.rule(f"[dim]{message['role']}", align="left", style="dim")
-        console.print(clip(message["content"], 3000), markup=False)
-    console.rule(style="dim")
-
-
-def context_window(model: str) -> int | None:
-    """Input tokens the model takes, from LiteLLM's bundled map (never asks a server)."""
-    import litellm
-
-    for key in (model, model.split("/", 1)[-1]):
-        tokens = (litellm.model_cost.get(key) or {}).get("max_input_tokens")
-        if tokens:
-            return int(tokens)
-    return None
-
-
-def report_long_prompts(
-    model: str, test: list[dict], zero_shot: list[int], prompt_tokens: dict, demos: list[dict]
-) -> None:
-    """Say which prompts will not fit the model's context window, and what happens to them.
-
-    `demos` are the training pairs the tuned and compiling prompts carry (none for a loaded
-    program, whose demos are its own).
-    """
-    window = context_window(model)
-    if window is None:
-        console.print(
-            f"[dim]{escape(model)}'s context window is not in LiteLLM's map: prompt lengths are "
-            f"not checked against it (the longest prompt here: {max(prompt_tokens.values()):,} "
-            "tokens)[/dim]"
-        )
-        return
-    over = [row["id"] for row, tokens in zip(test, zero_shot, strict=True) if tokens > window]
-    if over:
-        console.print(
-            f"[yellow]{len(over)} test question(s) ({escape(', '.join(over[:5]))}) alone are over "
-            f"{escape(model)}'s {window:,}-token context window: the provider would refuse "
-            "those calls and a real run would stop there; shorten them or drop them[/yellow]"
-        )
-    longest = max(demos, key=lambda row: len(row["question"]) + len(row["answer"]), default=None)
-    culprit = (
-        f"The longest demo is training pair {escape(longest['id'])} "
-        f"({len(longest['answer']):,} characters of answer); shorten it, drop it, or lower "
-        "--max-labeled-demos"
-        if longest
-        else "Compile again with shorter training pairs"
-    )
-    for phase, what in (("compile", "compiling call"), ("tuned", "compiled call")):
-        if prompt_tokens.get(phase, 0) > window:
-            console.print(
-                f"[yellow]with its demos the {phase} prompt is about {prompt_tokens[phase]:,} "
-                f"tokens, over {escape(model)}'s {window:,}-token context window: the provider "
-                f"would refuse every {what}. {culprit}[/yellow]"
-            )
-
-
-def was_cache_hit(entry: dict) -> bool:
-    """Whether DSPy answered this call from its cache instead of sending it.
-
-    Through LiteLLM, DSPy marks the replayed reply; its own engine marks nothing, but records a
-    replayed call with no usage and the cost of the call it replays. A call with neither usage
-    nor cost counts as sent: a server that reports no usage is not a free cache hit.
-    """
-    if getattr(entry["response"], "cache_hit", False):
-        return True
-    return not entry.get("usage") and entry.get("cost") is not None
-
-
-def reported_usage(entry: dict) -> bool:
-    """Whether the server said what the call used (LiteLLM fills in zeros when it did not)."""
-    return bool((entry.get("usage") or {}).get("prompt_tokens"))
-
-
-def history_ids() -> set[str]:
-    """Ids of every LM call recorded so far in this process.
-
-    DSPy's global history holds the calls of every LM, including the copies an optimizer makes
-    of ours (MIPROv2 proposes instructions with one); lm.history would miss those.
-    """
-    from dspy.clients.base_lm import GLOBAL_HISTORY
-
-    return {entry["uuid"] for entry in list(GLOBAL_HISTORY)}
-
-
-def describe_lm_error(exc: BaseException) -> str:
-    """One line about a failed LM call, without the provider's echo of the key."""
-    import dspy
-
-    if isinstance(exc, dspy.LMAuthError):
-        return "the key was refused (HTTP 401)"  # OpenAI's text quotes the key's start and end
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return re.sub(r"\b(sk|pk|key)-\S+", "[key hidden]", first)[:200]
-
-
-FAILED_HERE = threading.local()  # the error of this thread's last LM call, or None
-
-
-def new_reply_tally() -> dict:
-    return {
-        "replies": 0,  # replies ChatAdapter read (JSON fallback replies not included)
-        "not_in_format": 0,  # of those, replies it could not parse: each one asked again in JSON
-        "json_rescued": 0,  # JSON fallback replies that did parse
-        "unparsed": 0,  # neither parsed: the answer is "" and scores 0
-        "first_unparsed": None,  # the first reply ChatAdapter could not parse, shortened
-    }
-
-
-PARSE_LOCK = threading.Lock()
-
-
-def watch_lm_errors(setup: Setup):
-    """A DSPy callback that sees every LM call and every parse end; a log filter that uses it.
-
-    DSPy's parallel evaluator (random search, MIPROv2) catches a failed call, logs it with the
-    whole example and the provider's message (OpenAI's quotes the key), scores it 0, and after
-    max_errors raises a bare "Execution cancelled" that no longer says why. The callback keeps
-    the first error, so tune() can tell a refused key from a flaky server; the filter turns each
-    logged failure into one short line without the key.
-
-    It also counts, phase by phase, the replies ChatAdapter could not parse. DSPy then asks the
-    same question again with JSONAdapter (one more LM call); a reply neither can parse becomes
-    an empty answer, scored 0, and the first such reply is kept to show the user why.
-    """
-    from dspy.adapters.json_adapter import JSONAdapter
-    from dspy.utils.callback import BaseCallback
-
-    parsing: dict[str, tuple[bool, str]] = {}  # call id -> (JSON fallback?, the reply text)
-
-    class KeepErrors(BaseCallback):
-        def on_lm_end(self, call_id, outputs, exception=None):
-            FAILED_HERE.error = exception  # same thread as the log line that follows
-            if exception is not None and setup.first_lm_error is None:
-                setup.first_lm_error = exception
-
-        def on_adapter_parse_start(self, call_id, instance, inputs):
-            with PARSE_LOCK:
-                parsing[call_id] = (isinstance(instance, JSONAdapter), inputs.get("completion"))
-
-        def on_adapter_parse_end(self, call_id, outputs, exception=None):
-            with PARSE_LOCK:
-                fallback, text = parsing.pop(call_id, (False, None))
-                tally = setup.replies.setdefault(setup.phase, new_reply_tally())
-                if fallback:
-                    tally["json_rescued" if exception is None else "unparsed"] += 1
-                    return
-                tally["replies"] += 1
-                if exception is not None:
-                    tally["not_in_format"] += 1
-                    # the first reply that shows why; one cut at a stop string shows little
-                    text = shorten(str(text or ""), 400)
-                    if tally["first_unparsed"] in (None, *STOP) and text:
-                        tally["first_unparsed"] = text
-
-    def one_line(record: logging.LogRecord) -> bool:
-        error = getattr(FAILED_HERE, "error", None)
-        if error is not None and record.getMessage().startswith("Error for "):
-            record.msg, record.args = f"a call failed: {describe_lm_error(error)}", ()
-        return True
-
-    def counted_instead(record: logging.LogRecord) -> bool:
-        # DSPy warns about every reply cut at max_tokens; stages 4 to 6 count them by phase.
-        return not record.getMessage().startswith("LM response was truncated")
-
-    parallel_log = logging.getLogger("dspy.utils.parallelizer")
-    parallel_log.filters.clear()  # one filter, however often this runs in one process
-    parallel_log.addFilter(one_line)
-    lm_log = logging.getLogger("dspy.clients.lm")
-    lm_log.filters.clear()
-    lm_log.addFilter(counted_instead)
-    return KeepErrors()
-
-
-def shorten(text: str, limit: int) -> str:
-    """At most `limit` characters of a reply, its line breaks shown as ⏎."""
-    flat = text.strip().replace("\n", " ⏎ ")
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-NO_CALLS = {
-    "sent": 0,
-    "cache_hits": 0,
-    "prompt_tokens": 0,
-    "completion_tokens": 0,
-    "cost_usd": 0.0,
-    "cut_at_max_tokens": 0,
-}
-
-
-def finish_reason(entry: dict) -> str | None:
-    """Why the reply ended: "stop" (end of turn or a stop string) or "length" (--max-tokens)."""
-    response = entry["response"]
-    choices = getattr(response, "choices", None) or []
-    reason = getattr(choices[0], "finish_reason", None) if choices else None
-    return reason or getattr(response, "finish_reason", None)
-
-
-def tally_since(before: set[str]) -> dict:
-    """Calls recorded since `before`: sent, answered from the cache, tokens, and actual cost."""
-    from dspy.clients.base_lm import GLOBAL_HISTORY
-
-    entries = [entry for entry in list(GLOBAL_HISTORY) if entry["uuid"] not in before]
-    sent = [entry for entry in entries if not was_cache_hit(entry)]
-    costs = [entry.get("cost") if reported_usage(entry) else None for entry in sent]
-    return {
-        "sent": len(sent),
-        "cache_hits": len(entries) - len(sent),
-        "prompt_tokens": sum((entry["usage"] or {}).get("prompt_tokens") or 0 for entry in sent),
-        "completion_tokens": sum(
-            (entry["usage"] or {}).get("completion_tokens") or 0 for entry in sent
-        ),
-        # A cache hit keeps the cost of the call it replays; it costs nothing now, so only the
-        # calls really sent are summed. One unpriced call, or one whose usage the server did
-        # not report, makes the total unknown.
-        "cost_usd": None if any(cost is None for cost in costs) else sum(costs),
-        # replies that ran to --max-tokens, cached ones included: the same replies either way
-        "cut_at_max_tokens": sum(finish_reason(entry) == "length" for entry in entries),
-    }
-
-
-def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
-    """Run `program` on every example in `threads` threads, with a progress bar.
-
-    dspy.Evaluate does the same, but it scores a call that failed as 0 and carries on; here a
-    call that still fails after DSPy's retries stops the run (exit 1) instead of writing a wrong
-    score. A reply the adapter cannot parse, even after DSPy's JSON fallback (one more call, not
-    in the estimate), is a bad answer, not a failure: it scores 0.
-    """
-    import contextvars
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    import dspy
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    def one(example) -> dict:
-        try:
-            prediction = program(**example.inputs())
-        except dspy.AdapterParseError:  # a program that is not chain_of_thought()'s
-            return {"answer": "", "reasoning": UNPARSED}
-        return {"answer": prediction.answer or "", "reasoning": prediction.reasoning or ""}
-
-    results: list[dict] = [{} for _ in examples]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    pool = ThreadPoolExecutor(max_workers=threads)
-    try:
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task(f"{label:>8}", total=len(examples))
-            # Each call runs in a copy of this thread's context, so settings made with
-            # dspy.context(...) reach the worker threads (dspy.Parallel does the same).
-            futures = {
-                pool.submit(contextvars.copy_context().run, one, example): i
-                for i, example in enumerate(examples)
-            }
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                progress.advance(task)
-    finally:
-        # On a failure or Ctrl-C, send nothing more: drop the calls not started yet.
-        pool.shutdown(wait=True, cancel_futures=True)
-    return results
-
-
-def show_calls(setup: Setup) -> None:
-    """Stage 6's table of LM calls, phase by phase: estimated, sent, cached, tokens, USD."""
-    table = Table(title="LM calls: estimated vs actual")
-    columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "phase" else "right")
-    for phase in setup.phases:
-        actual = setup.actual.get(phase.name, NO_CALLS)
-        est = phase_cost(phase, setup.price)
-        table.add_row(
-            phase.name,
-            str(phase.calls),
-            str(actual["sent"]),
-            str(actual["cache_hits"]),
-            f"{actual['prompt_tokens']:,} / {actual['completion_tokens']:,}",
-            "?" if est is None else f"{est:.4f}",
-            "?" if actual["cost_usd"] is None else f"{actual['cost_usd']:.4f}",
-        )
-    console.print(table)
-
-
-def say_replies(cfg: Config, setup: Setup, phase: str) -> None:
-    """After a phase: how many replies DSPy could not read, and the first of them."""
-    tally = setup.replies.get(phase, new_reply_tally())
-    actual = setup.actual.get(phase, NO_CALLS)
-    calls, cut = actual["sent"] + actual["cache_hits"], actual["cut_at_max_tokens"]
-    n, bad = tally["replies"], tally["not_in_format"]
-    console.print(f"{phase}: {n - bad} of {n} replies in DSPy's [[ ## field ## ]] format")
-    if bad:
-        console.print(
-            f"  {bad} not in it: DSPy asked each again in JSON (+{bad} calls), "
-            f"{tally['json_rescued']} of those parsed; [bold]{tally['unparsed']} unparsed[/]: "
-            "an empty answer, scored 0"
-        )
-        first = tally["first_unparsed"] or "(empty)"
-        console.print("  the first reply it could not read, as the model wrote it:")
-        console.print(f"  [dim]{escape(first)}[/]")
-        if first in STOP:
-            console.print(
-                f"  (the model began by writing {first}, a stop string: it was echoing the "
-                "prompt, so the reply ends there and DSPy asks again in JSON)"
-            )
-    if cut:
-        console.print(
-            f"  {cut} of {calls} calls ran to --max-tokens {cfg.max_tokens} before a stop "
-            f"string {STOP} (a model repeating itself; raise it if answers look cut short)"
-        )
-
-
-def show_replies(cfg: Config, setup: Setup) -> dict[str, dict]:
-    """Stage 6's account of every reply: read, asked again in JSON, or unparsed (scored 0)."""
-    table = Table(title="replies, by phase: what DSPy could read")
-    columns = ("phase", "replies", "in format", "not: asked in JSON", "JSON parsed")
-    columns += ("unparsed (scored 0)", f"calls cut at {cfg.max_tokens} tokens")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "phase" else "right")
-    replies = {}
-    for name in ("baseline", "compile", "tuned"):
-        if name not in setup.actual:
-            continue
-        tally = replies[name] = setup.replies.get(name, new_reply_tally())
-        actual = setup.actual[name]
-        cut = f"{actual['cut_at_max_tokens']} of {actual['sent'] + actual['cache_hits']}"
-        n, bad = tally["replies"], tally["not_in_format"]
-        cells = (n, n - bad, bad, tally["json_rescued"], tally["unparsed"])
-        table.add_row(name, *map(str, cells), cut)
-    console.print(table)
-    console.print(
-        "[dim]in format: ChatAdapter read every field from the reply. Each other reply is asked "
-        "again in JSON (one more call, counted in 'sent' above); unparsed: neither reply could "
-        "be read, so the answer is empty and scores 0. Cut: the calls (JSON ones included) that "
-        f"ran to --max-tokens before a stop string {STOP}.[/]"
-    )
-    return replies
-
-
-def load_program(path: Path, signature):
-    """A ChainOfThought program with the demos and instructions saved in `path`."""
-    program = chain_of_thought(signature)
-    try:
-        program.load(str(path))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise UsageError(
-            f"{path}: not a program saved by this script ({reason}); "
-            "pass a program.json written by a real run, or drop --load"
-        ) from None
-    return program
-
-
-def show_program(program, original_instructions: str, threshold: float) -> None:
-    """What the optimizer changed: the demos it put in the prompt, and the instructions."""
-    demos = program.predict.demos
-    table = Table(title=f"{len(demos)} demos now in front of every question", show_lines=False)
-    table.add_column("#", justify="right")
-    table.add_column("kind")
-    table.add_column("question")
-    table.add_column("answer")
-    for number, demo in enumerate(demos, start=1):
-        kind = "bootstrapped" if demo.get("augmented") else "labeled"
-        answer = str(demo.get("answer", ""))
-        table.add_row(
-            str(number),
-            kind,
-            str(demo.get("question", "")),
-            answer[:120] + ("…" if len(answer) > 120 else ""),
-        )
-    console.print(table)
-    console.print(
-        f"[dim]bootstrapped: the model's own reasoning and answer on a training question, kept "
-        f"because it scored at least {threshold:g} ROUGE-L; labeled: a training pair as written.[/]"
-    )
-    instructions = program.predict.signature.instructions
-    if instructions == original_instructions:
-        console.print("instructions (unchanged: this optimizer only picks demos):")
-    else:
-        console.print("instructions, as the optimizer rewrote them:")
-    console.print(f"  {instructions}", markup=False)
-
-
-# -------------------------------------------------------------------------------------
-# --serve: a local model folder behind `transformers serve`, for the length of one run
-# -------------------------------------------------------------------------------------
-
-
-def check_model_folder(folder: Path) -> None:
-    """A folder `transformers serve` can load: save_pretrained's config.json in it, at least."""
-    if not folder.is_dir():
-        raise UsageError(f"--serve {folder}: no such folder; pass a local model folder")
-    if not (folder / "config.json").is_file():
-        raise UsageError(
-            f"--serve {folder}: not a transformers model folder (no config.json); pass a folder "
-            "written by save_pretrained(), with the model's weights and tokenizer"
-        )
-
-
-def check_context(folder: Path, phases: list[Phase], max_tokens: int) -> None:
-    """The longest prompt plus the longest reply must fit what the served model can read.
-
-    Past its context window a model does not fail: transformers serve answers anyway, with
-    positions the model never saw in training, which reads as nonsense. Refuse that up front.
-    """
-    window = served_context_window(folder)
-    longest = max((phase.prompt_tokens for phase in phases if phase.calls), default=0)
-    if window is None:
-        console.print(f"[yellow]{folder}/config.json names no context window; not checked[/]")
-        return
-    if longest + max_tokens > window:
-        raise UsageError(
-            f"--serve {folder}: the model reads at most {window} tokens, but the longest prompt "
-            f"is about {longest} and --max-tokens is {max_tokens}; lower --max-labeled-demos "
-            "or --max-tokens"
-        )
-    console.print(
-        f"fits the model: the longest prompt (~{longest} tokens) plus --max-tokens {max_tokens} "
-        f"is within its context window of {window} tokens (max_position_embeddings)"
-    )
-
-
-SERVE_PACKAGES = ("fastapi", "uvicorn", "pydantic", "openai")  # what `transformers serve` needs
-
-
-def missing_serve_packages() -> list[str]:
-    return [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
-
-
-def served_label(folder: Path) -> str:
-    """The served model as the comparison names it: its folder, relative when it is nearby."""
-    try:
-        return f"{folder.relative_to(Path.cwd())} (transformers serve)"
-    except ValueError:
-        return f"{folder} (transformers serve)"
-
-
-def served_context_window(folder: Path) -> int | None:
-    """How many tokens the served model reads at most, from its config.json (None: unknown)."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    config = config.get("text_config", config)  # a multimodal model keeps it one level down
-    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
-    return value if isinstance(value, int) and value > 0 else None
-
-
-# The child process: `transformers serve` itself, run by this script's own Python so it comes
-# from the same environment. On Linux it first asks the kernel to send it SIGTERM when this
-# script dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no server outlives its run.
-SERVE_LAUNCHER = """
-import ctypes, os, signal, sys
-parent = int(sys.argv.pop(1))
-if sys.platform == "linux":
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
-if os.getppid() != parent:
-    sys.exit("the script that started this server is gone")
-from transformers.cli.transformers import main
-sys.argv[0] = "transformers"
-sys.exit(main())
-"""
-
-
-class LocalServer:
-    """`transformers serve FOLDER` on a free 127.0.0.1 port, a child of this process.
-
-    Started in stage 3 of a real run; main() stops it however the run ends: finished, failed,
-    Ctrl-C or SIGTERM. Its log goes to OUTPUT_DIR/dspy/serve.log. It sends nothing past
-    loopback: the model comes from the folder (HF_HUB_OFFLINE=1), and the CLI's daily
-    new-version check on PyPI is switched off (HF_HUB_DISABLE_UPDATE_CHECK=1).
-
-    Measured with SmolLM2-135M on 2 busy CPU cores (transformers 5.24). Without continuous
-    batching the server writes one reply at a time: 4 short questions took 23.5 s one at a
-    time and 24.0 s two at a time, hence SERVE_THREADS = 1. With --continuous-batching, 8 took
-    29.9 s four at a time against 43.7 s one at a time, but that mode ignores `stop`: every
-    reply ran on, and the same small run (4 train, 3 test questions, --max-tokens 128) took
-    168 s and 2,000 reply tokens, against 108 s and 1,121 without it, with the same scores. So
-    it is off. On a machine busy with other work, OMP_NUM_THREADS=1 in the environment (passed
-    on to the server) ran 4.9 times faster than torch's default of a thread a core (23.5 s
-    against 114 s).
-    """
-
-    def __init__(self, folder: Path, log_path: Path):
-        self.folder, self.log_path = folder, log_path
-        with socket.socket() as probe:  # a port nobody uses now; the server takes it next
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.args = ["serve", str(folder), "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc: subprocess.Popen | None = None
-
-    running: list[LocalServer] = []  # every server started and not stopped yet: main() stops them
-
-    @property
-    def api_base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def command(self) -> str:
-        """The same server as one command a user can run in another terminal."""
-        return "HF_HUB_OFFLINE=1 " + shlex.join(["transformers", *self.args])
-
-    def start(self, timeout: float) -> float:
-        """Start the server, wait until it lists the model; return the seconds it took."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        started = time.monotonic()
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", SERVE_LAUNCHER, str(os.getpid()), *self.args],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # Ctrl-C reaches this script, which then stops it
-            )
-        LocalServer.running.append(self)
-        console.print(f"started `{self.command()}` (pid {self.proc.pid}); log: {self.log_path}")
-        with console.status(f"loading {self.folder.name} into the server (up to {timeout:g} s)"):
-            while not self._answers():
-                if self.proc.poll() is not None:
-                    reason = self._last_log_line()
-                    self.stop()
-                    raise UsageError(
-                        f"--serve {self.folder}: transformers serve stopped before it answered "
-                        f"({reason}); the whole log is in {self.log_path}"
-                    )
-                if time.monotonic() - started > timeout:
-                    self.stop()
-                    raise ServiceError(
-                        f"--serve {self.folder}: the server did not answer within {timeout:g} s "
-                        f"(log: {self.log_path}); raise --serve-timeout on a slow machine. "
-                        "Kept: nothing was sent yet"
-                    )
-                time.sleep(0.5)
-        return time.monotonic() - started
-
-    def _answers(self) -> bool:
-        """True once the server lists the model: `transformers serve` loads it before that."""
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"{self.api_base}/models", timeout=2) as response:
-                listed = json.loads(response.read())
-        except (OSError, ValueError):
-            return False
-        return any(model.get("id") == str(self.folder) for model in listed.get("data", []))
-
-    def _last_log_line(self) -> str:
-        try:
-            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return "no log"
-        lines = [line.strip() for line in lines if line.strip()]
-        return lines[-1][:200] if lines else "it printed nothing"
-
-    def stop(self) -> None:
-        """Stop the server: SIGTERM, then SIGKILL if it is still there after 10 s."""
-        if self in LocalServer.running:
-            LocalServer.running.remove(self)
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        if proc.poll() is not None:
-            return  # it stopped by itself; start() said why
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        console.print(f"stopped the local server (pid {proc.pid})")
-
-
-# =====================================================================================
-# The six stages
-# =====================================================================================
-
-
-def prepare_data(cfg: Config) -> tuple[list[dict], list[dict]]:
-    stage(1, "prepare_data", "Load the question/answer pairs, check them, split train and test.")
-    if cfg.ask:
-        console.print("--ask: no data needed; the demos come from the saved program.")
-        row = {"id": "ask", "subject": "yours", "question": cfg.ask.strip(), "answer": ""}
-        return [], [{**row, "split": "test"}]
-    examples = load_examples(cfg.data)
-    train = take(examples, "train", cfg.train_limit)
-    test = take(examples, "test", cfg.test_limit)
-    table = Table(title=f"{cfg.data.name}: {len(examples)} pairs")
-    columns = ("subject", "train", "test", "train used", "test used")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "subject" else "right")
-    groups = [take(examples, "train", None), take(examples, "test", None), train, test]
-    for subject in sorted({example["subject"] for example in examples}):
-        counts = [sum(1 for row in rows if row["subject"] == subject) for rows in groups]
-        table.add_row(subject, *map(str, counts))
-    table.add_row("all", *(str(len(rows)) for rows in groups), style="bold")
-    console.print(table)
-    console.print(
-        f"The optimizer sees only the first {len(train)} train pairs (--train-limit; DSPy needs "
-        f"10 to 50). The {len(test)} test pairs are never shown to it: they only score the result."
-    )
-    return train, test
-
-
-@dataclass
-class Formatted:
-    """What DSPy consumes: Examples, the signature, the adapter, and the prompt sizes."""
-
-    trainset: list
-    testset: list
-    test_ids: list[str]  # the data file's ids, for the results
-    signature: type
-    adapter: object
-    prompt_tokens: dict[str, int]  # mean tokens per call, by phase
-    reply_tokens: int  # estimated tokens per reply (reasoning + answer)
-    loaded: object | None = None  # the compiled program from --load, if any
-
-
-def format_data(cfg: Config, train: list[dict], test: list[dict]) -> Formatted:
-    stage(2, "format_data", "Turn each pair into a dspy.Example; show the exact prompt DSPy sends.")
-    import dspy
-
-    def to_example(row: dict):
-        example = dspy.Example(question=row["question"], answer=row["answer"])
-        return example.with_inputs("question")  # the answer is the label, never an input
-
-    trainset = [to_example(row) for row in train]
-    testset = [to_example(row) for row in test]
-    signature = teacher_signature()
-    # ChainOfThought adds a `reasoning` output before the answer; the optimizer's demos carry it.
-    baseline = dspy.ChainOfThought(signature)
-    predict_signature = baseline.predict.signature
-    adapter = dspy.ChatAdapter()
-
-    shown = (trainset or testset)[0]
-    shown_fields = {key: clip(str(value), 300) for key, value in shown.toDict().items()}
-    console.print(f"one example: {shown_fields}", markup=False)
-    console.print(
-        f"its inputs: {list(shown.inputs().keys())}, its label: {list(shown.labels().keys())}"
-    )
-    console.print(
-        f"signature: {', '.join(predict_signature.input_fields)} -> "
-        f"{', '.join(predict_signature.output_fields)}"
-    )
-    first = testset[0]
-    messages = adapter.format(predict_signature, demos=[], inputs={"question": first.question})
-    console.print(
-        f"\nThe exact prompt the baseline sends for test question {test[0]['id']} "
-        "(ChatAdapter.format, no LM call):"
-    )
-    print_prompt(messages)
-
-    loaded = load_program(cfg.load, signature) if cfg.load else None
-    zero_shot = [
-        count_tokens(cfg.model, adapter.format(predict_signature, [], {"question": ex.question}))
-        for ex in testset
-    ]
-    prompt_tokens = {"baseline": round(sum(zero_shot) / len(zero_shot))}
-    if loaded is not None:
-        demos = loaded.predict.demos
-        tuned_signature = loaded.predict.signature
-        teacher_demos: list = []
-    else:
-        # Before compiling, the tuned prompt is approximated: the first training pairs as demos,
-        # the bootstrapped ones with a reasoning as long as their answer.
-        n_boot = 0 if cfg.optimizer == "labeled" else min(cfg.max_bootstrapped_demos, len(train))
-        n_demos = min(max(cfg.max_labeled_demos, n_boot), len(train))
-        demos = [
-            ex.copy(reasoning=ex.answer) if i < n_boot else ex
-            for i, ex in enumerate(trainset[:n_demos])
-        ]
-        tuned_signature = predict_signature
-        # While bootstrapping, the teacher sees max_labeled_demos training pairs as demos.
-        teacher_demos = trainset[: min(cfg.max_labeled_demos, max(0, len(trainset) - 1))]
-    prompt_tokens["tuned"] = count_tokens(
-        cfg.model, adapter.format(tuned_signature, demos, {"question": first.question})
-    )
-    prompt_tokens["compile"] = count_tokens(
-        cfg.model, adapter.format(predict_signature, teacher_demos, {"question": first.question})
-    )
-    answers = [count_tokens(cfg.model, [{"role": "user", "content": r["answer"]}]) for r in train]
-    # A reply holds a reasoning and an answer; both are assumed as long as a reference answer.
-    reply_tokens = 2 * round(sum(answers) / len(answers)) + 20 if answers else 150
-
-    table = Table(title=f"tokens per call ({cfg.model}, LiteLLM's token counter)")
-    table.add_column("prompt")
-    table.add_column("tokens", justify="right")
-    table.add_row(
-        "baseline: zero-shot, mean over the test questions", str(prompt_tokens["baseline"])
-    )
-    if loaded is None and cfg.optimizer != "labeled":
-        table.add_row(
-            f"compile: {len(teacher_demos)} labeled demos + question", str(prompt_tokens["compile"])
-        )
-    which = f"saved program, {len(demos)} demos" if loaded else f"~{len(demos)} demos, estimated"
-    table.add_row(f"tuned: {which}", str(prompt_tokens["tuned"]))
-    table.add_row("reply: reasoning + answer (estimated)", str(reply_tokens))
-    console.print(table)
-    sent = {"baseline", "tuned"} | (
-        {"compile"} if loaded is None and cfg.optimizer != "labeled" else set()
-    )
-    report_long_prompts(
-        cfg.model,
-        test,
-        zero_shot,
-        {phase: n for phase, n in prompt_tokens.items() if phase in sent},
-        [] if loaded is not None else train[: len(demos)],
-    )
-    test_ids = [row["id"] for row in test]
-    return Formatted(
-        trainset, testset, test_ids, signature, adapter, prompt_tokens, reply_tokens, loaded
-    )
-
-
-@dataclass
-class Setup:
-    """The plan of calls, its price, and what was really spent, by phase."""
-
-    phases: list[Phase]
-    price: tuple[float, float] | None
-    estimate_usd: float | None
-    key_variable: str | None
-    actual: dict[str, dict] = field(default_factory=dict)  # tally_since() of each phase run
-    demos: int | None = None  # demos in the compiled program
-    first_lm_error: BaseException | None = None  # kept by the callback in configure_model
-    server: LocalServer | None = None  # --serve: the server this run started
-    phase: str = "baseline"  # the phase whose replies are being parsed now
-    replies: dict[str, dict] = field(default_factory=dict)  # parse outcomes, by phase
-
-
-def key_variable_for(cfg: Config, provider: str) -> str | None:
-    """The environment variable the model's key must come from, or None when none is needed."""
-    if cfg.api_key_env:
-        return cfg.api_key_env
-    if cfg.serve is not None:
-        return None  # the server this script starts takes any key
-    if provider in KEY_VARIABLES:
-        return KEY_VARIABLES[provider]
-    if provider in LOCAL_PROVIDERS:
-        return None
-    import litellm
-
-    missing = litellm.validate_environment(model=cfg.model, api_base=cfg.api_base)["missing_keys"]
-    return missing[0] if missing else None
-
-
-def show_settings(
-    cfg: Config, provider: str, key_variable: str | None, server: LocalServer | None
-) -> None:
-    """Stage 3's table of what the LM client will be: model, server, key, decoding, cache."""
-    settings = Table(show_header=False, box=None)
-    settings.add_row("model", f"{cfg.model} (provider: {provider})")
-    if server is not None:
-        settings.add_row("server", f"{server.api_base}, started for this run: {server.command()}")
-    else:
-        settings.add_row("server", cfg.api_base or "the provider's own API")
-    settings.add_row(
-        "key", key_status(key_variable) if key_variable else "none needed (local server)"
-    )
-    settings.add_row("engine", f"{cfg.engine} (dspy.LM(engine=...))")
-    settings.add_row(
-        "decoding",
-        f"temperature={cfg.temperature}, max_tokens={cfg.max_tokens}, stop={STOP} "
-        "(the same for baseline, compile and tuned)",
-    )
-    settings.add_row("retries", f"{cfg.num_retries} per call, with exponential backoff")
-    settings.add_row(
-        "cache", "off (--no-cache)" if cfg.no_cache else f"{cfg.cache_dir} (a re-run costs nothing)"
-    )
-    console.print(settings)
-
-
-def check_serve(cfg: Config, phases: list[Phase]) -> None:
-    """--serve: the prompts fit the model, and transformers serve can run here."""
-    check_context(cfg.serve, phases, cfg.max_tokens)
-    if missing := missing_serve_packages():
-        need = f"transformers serve needs {', '.join(missing)}: "
-        need += "pip install 'transformers[serving]'"
-        if cfg.run:
-            raise UsageError(f"--serve: {need} (nothing was started)")
-        console.print(f"[yellow]a real run with --serve would stop here: {need}[/]")
-
-
-def start_server(cfg: Config, setup: Setup, server: LocalServer) -> None:
-    """Start --serve's server and point the run at it (main() stops it when the run ends)."""
-    seconds = server.start(cfg.serve_timeout)
-    setup.server, cfg.api_base = server, server.api_base
-    console.print(
-        f"the server answered after {seconds:.0f} s; --model {cfg.model} --api-base "
-        f"{cfg.api_base} (stopped when this run ends)"
-    )
-
-
-def configure_model(cfg: Config, formatted: Formatted) -> Setup:
-    stage(
-        3, "configure_model", "Pick the LM, check its key, estimate calls and cost before sending."
-    )
-    import litellm
-
-    litellm.suppress_debug_info = True  # its provider-list banner is noise next to our error line
-    try:
-        _, provider, _, _ = litellm.get_llm_provider(cfg.model, api_base=cfg.api_base)
-    except Exception:  # LiteLLM raises BadRequestError for a string it cannot route
-        raise UsageError(
-            f"--model {cfg.model}: LiteLLM cannot tell which provider this is; write it as "
-            "provider/model, e.g. openai/gpt-4o-mini, anthropic/claude-haiku-4-5, "
-            "mistral/mistral-small-latest, ollama_chat/llama3.2"
-        ) from None
-    key_variable = key_variable_for(cfg, provider)
-    server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log") if cfg.serve else None
-
-    show_settings(cfg, provider, key_variable, server)
-
-    calls = planned_calls(
-        cfg, len(formatted.trainset), len(formatted.testset), formatted.loaded is None
-    )
-    what = {
-        "baseline": "answer the test questions, uncompiled",
-        "compile": f"{cfg.optimizer}: pick demos on the train set (upper bound)",
-        "tuned": "answer the test questions, compiled",
-    }
-    phases = [
-        Phase(
-            name,
-            what[name],
-            calls[name],
-            formatted.prompt_tokens[name],
-            formatted.reply_tokens,
-        )
-        for name in ("baseline", "compile", "tuned")
-    ]
-    if cfg.serve is not None:
-        check_serve(cfg, phases)
-    price = (0.0, 0.0) if cfg.serve is not None else price_per_token(cfg.model)
-    estimate = None if price is None else sum(phase_cost(phase, price) or 0 for phase in phases)
-    table = Table(title="calls and cost of a real run (estimate)")
-    for column in ("phase", "what", "calls", "tokens in/out per call", "USD"):
-        table.add_column(column, justify="right" if column in ("calls", "USD") else "left")
-    for phase in phases:
-        cost = phase_cost(phase, price)
-        table.add_row(
-            phase.name,
-            phase.what,
-            str(phase.calls),
-            f"{phase.prompt_tokens} / {phase.completion_tokens}",
-            "?" if cost is None else f"{cost:.4f}",
-        )
-    total_calls = sum(phase.calls for phase in phases)
-    table.add_row(
-        "total",
-        "",
-        str(total_calls),
-        f"{sum(p.calls * (p.prompt_tokens + p.completion_tokens) for p in phases):,} tokens",
-        "?" if estimate is None else f"{estimate:.4f}",
-        style="bold",
-    )
-    console.print(table)
-    if cfg.serve is not None:
-        console.print("a model on this machine: no price per token, only electricity.")
-    elif price is None:
-        console.print(
-            f"LiteLLM {version('litellm')}'s price map lists no price for {cfg.model}: "
-            "the cost is unknown (a model on your own server costs only its electricity)."
-        )
-    else:
-        console.print(
-            f"prices: ${price[0] * 1e6:.3f} in / ${price[1] * 1e6:.3f} out per 1M tokens, from the "
-            f"price map bundled with LiteLLM {version('litellm')} (read offline; check the "
-            "provider's price page for today's)."
-        )
-    setup = Setup(phases, price, estimate, key_variable)
-
-    if not cfg.run:
-        if server is not None:
-            console.print(f"dry run: would start `{server.command()}`; nothing is started.")
-        console.print("dry run: no LM client is built and nothing is sent.")
-        return setup
-
-    # The guard: everything below spends money, so check it all before the first request.
-    if key_variable and not os.environ.get(key_variable):
-        raise UsageError(
-            f"{key_variable} is not set; {cfg.model} needs it: export it or put it in .env "
-            "(nothing was sent)"
-        )
-    if server is not None:
-        console.print("your own machine: nothing to pay, nothing to confirm.")
-    elif estimate == 0:
-        console.print("LiteLLM prices this model at $0 (a local server): nothing to confirm.")
-    else:
-        confirm_paid_step(
-            f"{total_calls} LM calls to {cfg.model}", estimate, yes=cfg.yes, max_cost=cfg.max_cost
-        )
-
-    if server is not None:
-        start_server(cfg, setup, server)
-    import dspy
-
-    # DSPy caches every call on disk, keyed on the model and the messages but NOT on api_base:
-    # a shared cache would replay one server's answers for another server's model of the same
-    # name. Under the output dir, a cache belongs to one experiment.
-    if cfg.no_cache:
-        dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
-    else:
-        dspy.configure_cache(disk_cache_dir=str(cfg.cache_dir))
-    client = {"api_base": cfg.api_base} if cfg.api_base else {}
-    if key_variable:
-        client["api_key"] = os.environ[key_variable]
-    elif server is not None:
-        client["api_key"] = "local"  # the OpenAI client wants one; transformers serve reads none
-    try:
-        lm = dspy.LM(
-            cfg.model,
-            engine=cfg.engine,
-            temperature=cfg.temperature,
-            max_tokens=cfg.max_tokens,
-            stop=STOP,
-            cache=not cfg.no_cache,
-            num_retries=cfg.num_retries,
-            **client,
-        )
-    except (ValueError, dspy.LMConfigurationError) as exc:
-        raise UsageError(f"--model {cfg.model}: {str(exc).splitlines()[0]}") from None
-    dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[watch_lm_errors(setup)])
-    console.print(f"built dspy.LM({cfg.model!r}, engine={cfg.engine!r}); key passed, not shown")
-    return setup
-
-
-def build_optimizer(cfg: Config):
-    import dspy
-
-    threshold = cfg.metric_threshold / 100
-    if cfg.optimizer == "labeled":
-        return dspy.LabeledFewShot(k=cfg.max_labeled_demos)
-    if cfg.optimizer == "bootstrap":
-        return dspy.BootstrapFewShot(
-            metric=rouge_metric,
-            metric_threshold=threshold,
-            max_bootstrapped_demos=cfg.max_bootstrapped_demos,
-            max_labeled_demos=cfg.max_labeled_demos,
-            max_errors=cfg.max_errors,
-        )
-    if cfg.optimizer == "random-search":
-        return dspy.BootstrapFewShotWithRandomSearch(
-            metric=rouge_metric,
-            metric_threshold=threshold,
-            max_bootstrapped_demos=cfg.max_bootstrapped_demos,
-            max_labeled_demos=cfg.max_labeled_demos,
-            num_candidate_programs=cfg.num_candidates,
-            num_threads=cfg.threads,
-            max_errors=cfg.max_errors,
-        )
-    return dspy.MIPROv2(
-        metric=rouge_metric,
-        auto="light",
-        metric_threshold=threshold,
-        max_bootstrapped_demos=cfg.max_bootstrapped_demos,
-        max_labeled_demos=cfg.max_labeled_demos,
-        num_threads=cfg.threads,
-        max_errors=cfg.max_errors,
-        seed=cfg.seed,
-    )
-
-
-def tune(cfg: Config, formatted: Formatted, setup: Setup):
-    stage(4, "tune", "Compile: the optimizer picks the demos (MIPROv2 also rewrites instructions).")
-    import dspy
-
-    original = formatted.signature.instructions
-    if formatted.loaded is not None:
-        console.print(f"--load {cfg.load}: using this compiled program; nothing to compile.")
-        show_program(formatted.loaded, original, cfg.metric_threshold)
-        setup.demos = len(formatted.loaded.predict.demos)
-        return formatted.loaded
-    compile_calls = setup.phases[1].calls
-    describe = {
-        "bootstrap": f"BootstrapFewShot runs the model on up to {compile_calls} training questions "
-        f"and keeps the first {cfg.max_bootstrapped_demos} runs scoring >= "
-        f"{cfg.metric_threshold:g} ROUGE-L; training pairs as written fill the prompt up to "
-        f"{cfg.max_labeled_demos} demos.",
-        "random-search": f"BootstrapFewShotWithRandomSearch builds {cfg.num_candidates + 3} "
-        "candidate demo sets and keeps the one scoring best on the train set.",
-        "mipro": "MIPROv2 (auto=light) proposes instructions and demo sets, and searches the "
-        "best combination with optuna.",
-        "labeled": f"LabeledFewShot puts {cfg.max_labeled_demos} training pairs in the prompt "
-        "as they are; it makes no LM call.",
-    }[cfg.optimizer]
-    console.print(describe)
-    if not cfg.run:
-        console.print(f"dry run: would compile and save the program to {cfg.program_path}")
-        return None
-
-    student = chain_of_thought(formatted.signature)
-    before = history_ids()
-    setup.phase = "compile"
-    try:
-        program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
-    except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
-        raise ServiceError(
-            f"{cfg.model} answered MIPROv2's instruction proposer in a form DSPy could not "
-            "read; try a stronger model or another --optimizer. "
-            f"Kept: {kept_note(cfg, setup)}"
-        ) from None
-    except Exception as exc:
-        # DSPy's parallel evaluator (random search, MIPROv2) gives up after max_errors failed
-        # calls with a plain Exception; DSPy logged each failure just above.
-        if "Execution cancelled" not in str(exc):
-            raise
-        first = setup.first_lm_error
-        if isinstance(first, (dspy.LMAuthError, dspy.LMInvalidRequestError)):
-            raise first from None  # the user's to fix: main() says how, exit 2
-        raise ServiceError(
-            f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (the "
-            f"first: {describe_lm_error(first) if first else 'see above'}). Kept: "
-            f"{kept_note(cfg, setup)}; run the same command again to resume"
-        ) from None
-    setup.actual["compile"] = tally_since(before)
-    say_replies(cfg, setup, "compile")
-    # Module.save writes in place; write beside it and rename, so the file is whole or absent.
-    tmp = cfg.program_path.with_name(f".program.{os.getpid()}.tmp.json")
-    cfg.program_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        program.save(str(tmp))
-        os.replace(tmp, cfg.program_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    console.print(f"saved the compiled program to {cfg.program_path} (reuse it with --load)")
-    show_program(program, original, cfg.metric_threshold)
-    setup.demos = len(program.predict.demos)
-    return program
-
-
-def answer(cfg: Config, formatted: Formatted, setup: Setup, program) -> list[dict] | None:
-    stage(5, "answer", "Answer the held-out questions with the baseline and the compiled program.")
-    n = len(formatted.testset)
-    if not cfg.run:
-        console.print(
-            f"dry run: would answer {n} test question(s) twice, uncompiled then compiled, "
-            f"{min(cfg.threads, n)} at a time (--threads): {2 * n} calls."
-        )
-        return None
-
-    answers = {}
-    for name, predictor in (
-        ("baseline", chain_of_thought(formatted.signature)),
-        ("tuned", program),
-    ):
-        before = history_ids()
-        setup.phase = name
-        answers[name] = answer_all(predictor, formatted.testset, cfg.threads, name)
-        setup.actual[name] = tally_since(before)
-        say_replies(cfg, setup, name)
-    base, tuned = answers["baseline"], answers["tuned"]
-
-    rows = [
-        {
-            "id": example_id,
-            "question": example.question,
-            "reference": example.answer,
-            "baseline": b["answer"],
-            "tuned": t["answer"],
-            "tuned_reasoning": t["reasoning"],
-        }
-        for example_id, example, b, t in zip(
-            formatted.test_ids, formatted.testset, base, tuned, strict=True
-        )
-    ]
-    if cfg.ask:
-        row = rows[0]
-        console.print(f"question: {row['question']}", markup=False)
-        console.print(f"baseline: {row['baseline']}", markup=False)
-        console.print(f"tuned:    {row['tuned']}", markup=False)
-    else:
-        console.print(f"answered {len(rows)} test questions twice; stage 6 scores them")
-    console.print(f"the compiled program's reasoning for {rows[0]['id']}:")
-    console.print(f"  {rows[0]['tuned_reasoning']}", markup=False)
-    return rows
-
-
-def compare(
-    cfg: Config, formatted: Formatted, setup: Setup, rows: list[dict] | None, seconds: float
-):
-    stage(
-        6,
-        "compare",
-        "Score both with ROUGE-L, write the results, compare with the other approaches.",
-    )
-    if cfg.ask:
-        console.print("--ask writes no results: it answered your question only.")
-        return
-    if rows is None:
-        compare_results(cfg.output_dir, write=False)
-        return
-
-    if cfg.serve is not None:  # your own machine: LiteLLM has no price for a folder, none is due
-        for actual in setup.actual.values():
-            actual["cost_usd"] = 0.0
-    show_calls(setup)
-    actuals = [
-        setup.actual[name] for name in ("baseline", "compile", "tuned") if name in setup.actual
-    ]
-    costs = [a["cost_usd"] for a in actuals]
-    cost = None if any(c is None for c in costs) else sum(costs)
-    sent = sum(a["sent"] for a in actuals)
-    cached = sum(a["cache_hits"] for a in actuals)
-    console.print(
-        f"actual cost: {'unknown' if cost is None else f'${cost:.4f}'} for {sent} calls sent; "
-        f"{cached} answered from the cache at no cost (DSPy's history, cache hits counted apart)."
-    )
-    replies = show_replies(cfg, setup)
-
-    result = write_results(
-        cfg.output_dir,
-        model=served_label(cfg.serve) if cfg.serve else cfg.model,
-        tuned_model=f"{cfg.model} + {cfg.program_path if cfg.load is None else cfg.load}",
-        questions=rows,
-        cost_usd=cost,
-        seconds=seconds,
-        decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "stop": STOP},
-        extra={
-            "optimizer": "loaded" if cfg.load else cfg.optimizer,
-            "demos": setup.demos,
-            "lm_calls": setup.actual,
-            "estimated_cost_usd": setup.estimate_usd,
-            # replies neither ChatAdapter nor its JSON fallback could parse, by phase: each is an
-            # answer of "" (scored 0; counted as unusable above for baseline and tuned)
-            "unparsed": {name: tally["unparsed"] for name, tally in replies.items()},
-            "replies": replies,
-            "server": setup.server.command() if setup.server else None,
-        },
-        name=cfg.results_name,
-    )
-    compare_results(cfg.output_dir)
-    show_side_by_side(result["questions"])
-
-
-def kept_note(cfg: Config, setup: Setup) -> str:
-    """What a failed real run leaves behind that the next run reuses."""
-    kept = "nothing (--no-cache)" if cfg.no_cache else f"every answered call, in {cfg.cache_dir}"
-    if setup.demos is not None and cfg.load is None:
-        kept += f", and the compiled program {cfg.program_path}"
-    return kept
-
-
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv)
-    if not cfg.ask:
-        check_output_dir(cfg.output_dir)  # in a dry run too: the real run must not find out late
-    if cfg.run and not cfg.no_cache:
-        check_output_dir(cfg.cache_dir, "--cache-dir")
-    load_env_file()
-    train, test = prepare_data(cfg)
-    # Ctrl-C held while the libraries load: inside an import's cleanup it is swallowed, not raised.
-    with interrupts_held():
-        import dspy  # noqa: F401
-        import litellm  # noqa: F401
-    formatted = format_data(cfg, train, test)
-    try:
-        if threading.current_thread() is threading.main_thread():
-            # `kill PID` ends the run through the finally below, which stops the server
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        setup = configure_model(cfg, formatted)  # with --serve, a real run starts the server
-        run_stages(cfg, formatted, setup)
-    finally:
-        for server in list(LocalServer.running):
-            server.stop()
-    if not cfg.run:
-        command = shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
-        need = setup.key_variable and not os.environ.get(setup.key_variable)
-        console.print()
-        console.print("Real run (sends the calls above):", style="bold")
-        if need:
-            console.print(f"  export {setup.key_variable}=...   # or put it in .env")
-        console.print(f"  python {command} --run", markup=False)
-
-
-def run_stages(cfg: Config, formatted: Formatted, setup: Setup) -> None:
-    """Stages 4 to 6, with every failed LM call turned into one line and its exit code."""
-    import dspy  # for its error classes: every failed LM call is raised as a dspy.LMError
-
-    started = time.monotonic()
-    try:
-        program = tune(cfg, formatted, setup)
-        rows = answer(cfg, formatted, setup, program)
-    except dspy.LMAuthError:
-        # Not the provider's message: OpenAI's quotes the start and the end of the key.
-        raise UsageError(
-            f"{cfg.model}: the key in {setup.key_variable} was refused (HTTP 401); check it "
-            "(nothing else was sent)"
-        ) from None
-    except dspy.LMInvalidRequestError as exc:
-        # An unknown model name, a prompt too long: DSPy does not retry these, and neither
-        # would running the same command again help.
-        raise UsageError(
-            f"{cfg.model} refused the request: {describe_lm_error(exc)}; check --model "
-            "(the request was not retried)"
-        ) from None
-    except dspy.LMError as exc:
-        tries = f"after {cfg.num_retries} retries" if dspy.is_retryable_lm_error(exc) else "at once"
-        raise ServiceError(
-            f"{cfg.model} failed {tries}: {describe_lm_error(exc)}. Kept: "
-            f"{kept_note(cfg, setup)}; run the same command again to resume (calls in the cache "
-            "are not sent again)"
-        ) from None
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(
-            f"kept {kept_note(cfg, setup)}; run the same command to resume"
-        ) from None
-    compare(cfg, formatted, setup, rows, time.monotonic() - started)
 
 
 if __name__ == "__main__":
