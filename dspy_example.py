@@ -1151,6 +1151,9 @@ class LocalServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
         env.setdefault("HF_HUB_OFFLINE", "1")
+        # torch's idle threads sleep instead of spinning: on a CPU shared with this script and
+        # anything else, spinning threads take the time slices the working ones need.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         started = time.monotonic()
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -2644,7 +2647,7 @@ def interrupts_held():
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:
-    """Turn the script's exceptions into the contract's exit codes and one-line messages."""
+    """Turn the script's exceptions into its exit codes (0, 1, 2, 130) and one-line messages."""
     try:
         main(argv)
         return 0

@@ -2856,7 +2856,7 @@ def interrupts_held():
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:
-    """Turn the script's exceptions into the contract's exit codes and one-line messages."""
+    """Turn the script's exceptions into its exit codes (0, 1, 2, 130) and one-line messages."""
     try:
         main(argv)
         return 0
