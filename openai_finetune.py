@@ -2307,7 +2307,9 @@ def similarities(predictions: list[str], references: list[str]) -> list[float] |
 
     import torch
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar teaches nothing here
     with tempfile.TemporaryDirectory() as folder:
         with zipfile.ZipFile(zipped) as archive:
             archive.extractall(folder)
