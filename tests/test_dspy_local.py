@@ -319,6 +319,8 @@ def test_serve_runs_a_tiny_model_and_stops_the_server_at_the_end(run_script, tin
     out = flat(result.stdout)
     assert re.search(r"the server answered after \d+ s; --model openai/\S+ --api-base", out)
 
+    assert "Loading weights" not in result.output  # the similarity encoder loads quietly
+
     results = results_of(result, "dspy-tiny")
     # named by its folder, not by the openai/ route LiteLLM needed to reach it
     assert results["model"] == f"{tiny_folder} (transformers serve)"
