@@ -94,8 +94,8 @@ def client(folder: str, url: str, args) -> tuple:
     argv += ["--max-tokens", str(args.max_tokens), "--output-dir", str(args.work)]
     cfg = dx.parse_config(argv)
     dx.console.quiet = True
-    train, test = dx.prepare_data(cfg)
-    formatted = dx.format_data(cfg, train, test)
+    data = dx.prepare_data(cfg)
+    formatted = dx.format_data(cfg, data)
     dx.configure_model(cfg, formatted)
     return formatted, dspy.settings.lm
 
