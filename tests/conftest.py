@@ -34,6 +34,11 @@ def _load_netblock():
 
 _netblock = _load_netblock()
 
+# The suite runs many torch processes at once on a few cores (a script, the server it talks to,
+# pytest itself). Spinning OpenMP threads would take the time slices the working ones need;
+# sleeping ones (the LoRA script's own default) keep a busy CI machine fast.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Variables that would let a script reach a real service or read a developer's real keys. The
 # proxy variables matter as much: a proxy on loopback passes the block's loopback rule and would
 # carry the traffic out.
