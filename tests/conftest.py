@@ -58,6 +58,19 @@ _SECRET_OR_ROUTING_VARS = (
 )
 
 
+# The files whose tests train or serve a real model run first: with the files shared between
+# two processes (make test), a long file taken last would leave the other process idle.
+SLOW_FIRST = ("test_real_lora.py", "test_dspy_local.py", "test_benches.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # a stable sort: within a file, the order stays as written
+
+
 # Processes started from module- or session-scoped fixtures run before any test's own guard
 # exists; they report here, and the session fails at its end if anything was attempted.
 SESSION_LOG = Path(tempfile.mkdtemp(prefix="netblock-session-")) / "attempts.log"
