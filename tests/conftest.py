@@ -2,6 +2,7 @@
 
 - `network_guard` (autouse): no test may reach past loopback, neither in the pytest process
   nor in any process a test starts. An attempt is refused and fails the test.
+- `server`, `dspy_run`: the DSPy tests' fake chat server, and dspy_example.py run against it.
 - `run_script`: runs one of the three scripts as a real process in a temporary directory, the
   way a user runs a copied script, and returns its exit code, stdout and stderr.
 """
@@ -56,19 +57,6 @@ _SECRET_OR_ROUTING_VARS = (
     "HUGGING_FACE_HUB_TOKEN",
     *_netblock.PROXY_VARS,
 )
-
-
-# The files whose tests train or serve a real model run first: with the files shared between
-# two processes (make test), a long file taken last would leave the other process idle.
-SLOW_FIRST = ("test_real_lora.py", "test_dspy_local.py", "test_benches.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        name = item.path.name
-        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
-
-    items.sort(key=rank)  # a stable sort: within a file, the order stays as written
 
 
 # Processes started from module- or session-scoped fixtures run before any test's own guard
@@ -222,5 +210,30 @@ def run_script(tmp_path):
 
     def run(script: str, *args: str, cwd: Path | None = None, **options) -> ScriptResult:
         return run_script_in(cwd or tmp_path, script, *args, **options)
+
+    return run
+
+
+# The two fixtures of the DSPy test files: a fresh fake chat server per test (fake_dspy_server.py),
+# and dspy_example.py run against it (a key and a home directory of its own; key=None: no key).
+@pytest.fixture
+def server():
+    from fake_dspy_server import FakeChatServer
+
+    fake = FakeChatServer()
+    fake.url = fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def dspy_run(run_script, server, tmp_path):
+    """Run dspy_example.py against the fake server, with a key and a home directory of its own."""
+
+    def run(*args: str, key: str | None = "test", env: dict | None = None):
+        env = {"HOME": str(tmp_path / "home"), **(env or {})}
+        if key is not None:
+            env["OPENAI_API_KEY"] = key
+        return run_script("dspy_example.py", "--api-base", server.url, *args, env=env)
 
     return run

@@ -17,32 +17,11 @@ import re
 
 import pytest
 from conftest import load_script, run_script_in, start_script_in
-from fake_dspy_server import FakeChatServer, answer_for, demos_in, question_of, reasoning_for
+from fake_dspy_server import answer_for, demos_in, question_of, reasoning_for
 
 SCRIPT = "dspy_example.py"
 # A model LiteLLM has a price for, served by the fake server: costs are computed, nothing is paid.
 PRICED = "openai/gpt-4o-mini"
-
-
-@pytest.fixture
-def server():
-    fake = FakeChatServer()
-    fake.url = fake.start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def dspy_run(run_script, server, tmp_path):
-    """Run the script against the fake server, with a key and a home directory of its own."""
-
-    def run(*args: str, key: str | None = "test", env: dict | None = None):
-        env = {"HOME": str(tmp_path / "home"), **(env or {})}
-        if key is not None:
-            env["OPENAI_API_KEY"] = key
-        return run_script(SCRIPT, "--api-base", server.url, *args, env=env)
-
-    return run
 
 
 def results_of(result) -> dict:

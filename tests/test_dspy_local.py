@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from conftest import load_script, start_script_in
-from fake_dspy_server import FREE_TEXT, FakeChatServer
+from fake_dspy_server import FREE_TEXT
 from real_model import smollm2_folder  # noqa: F401  (the fixture, found by its name)
 
 SCRIPT = "dspy_example.py"
@@ -43,25 +43,6 @@ STOP = ["[[ ## completed ## ]]", "[[ ## question ## ]]"]
 @pytest.fixture(scope="module")
 def script():
     return load_script(SCRIPT)
-
-
-@pytest.fixture
-def server():
-    fake = FakeChatServer()
-    fake.url = fake.start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def dspy_run(run_script, server, tmp_path):
-    """Run the script against the fake server, with a key and a home directory of its own."""
-
-    def run(*args: str):
-        env = {"HOME": str(tmp_path / "home"), "OPENAI_API_KEY": "test"}
-        return run_script(SCRIPT, "--api-base", server.url, *args, env=env)
-
-    return run
 
 
 def results_of(result, name: str = "dspy") -> dict:
