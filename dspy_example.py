@@ -5,38 +5,30 @@ What this approach changes
     plus a docstring saying what a good answer is) and an optimizer fills it with worked
     examples ("demos") taken from your training pairs. BootstrapFewShot (the default) runs the
     model on training questions, keeps the runs whose answer scores well against the teacher's
-    reference (ROUGE-L, the metric all three approaches share), and puts those runs, reasoning
-    included, in front of every later question. The result is a JSON file of demos and
-    instructions that any LM behind an API can use at once.
+    reference (ROUGE-L, the metric all three approaches share), and puts them in front of every
+    later question. The result is a JSON file of demos and instructions that any LM can use.
 
 When to pick it
-    You have 10 to 50 good question/answer pairs, you use a hosted model (OpenAI, Anthropic,
-    Mistral, ...), a local server (Ollama, vLLM) or a model folder (--serve), and you want a
-    better answer style today for cents. Pick fine-tuning (a provider's fine-tuning API, or a
-    LoRA adapter trained on an open model) when you have hundreds of pairs, or when every call
-    must stay short: the demos make each prompt longer, for ever.
+    You have 10 to 50 good question/answer pairs, a hosted model (OpenAI, Anthropic, Mistral,
+    ...), a local server (Ollama, vLLM) or a model folder (--serve), and you want a better
+    answer style today for cents. Pick fine-tuning when you have hundreds of pairs, or when
+    every call must stay short: the demos make each prompt longer, for ever. Or both: this
+    script writes its train pairs as its program sends them, to fine-tune on (stage 4).
 
 What it costs
-    A default real run (the first 30 train and all 36 test questions, BootstrapFewShot) makes
-    at most 102 LM calls: 36 baseline answers, up to 30 while compiling, 36 tuned answers, about
-    157,000 tokens, since every tuned prompt carries its 16 demos. With openai/gpt-4o-mini that
-    is about $0.03. Stage 3 prints the estimate from LiteLLM's price map before anything is
-    sent, and stage 6 prints the actual cost. DSPy caches every call on disk under the output
-    directory, so running the same command again costs nothing.
+    A default real run makes at most 138 LM calls (the plain model, the uncompiled and the
+    compiled program each answer the 36 test questions; compiling takes up to 30): about $0.03
+    with openai/gpt-4o-mini. Stage 3 estimates, stage 6 counts; a re-run comes from the cache.
 
 How to run it
     python dspy_example.py                         # dry run: shows the prompt and the estimate
     python dspy_example.py --run                   # real run (OPENAI_API_KEY in env or .env)
-    python dspy_example.py --run --model ollama_chat/llama3.2 \\
-        --api-base http://localhost:11434 --train-limit 5 --test-limit 5   # offline, local model
-    python dspy_example.py --run --serve path/to/model-folder \\
-        --train-limit 10 --test-limit 6    # starts and stops `transformers serve` for the run
+    python dspy_example.py --run --serve path/to/model-folder   # offline, `transformers serve`
     python dspy_example.py --run --ask "Why is the sky blue?"   # ask the compiled program
 
 How to read it
-    main() is the table of contents: the six stages in the order they run, each showing the
-    DSPy calls that matter. Below the marked line "How each stage does it" come their helpers,
-    stage by stage, then --ask, the reference tables and the command line.
+    main() is the table of contents; below the stages, their helpers stage by stage, then the
+    optional parts, --ask, the reference tables and the command line.
 """
 
 from __future__ import annotations
@@ -82,38 +74,38 @@ APPROACH = "dspy"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results
 
 DEFAULT_MODEL = "openai/gpt-4o-mini"  # cheap, and in LiteLLM's price map: stage 3 prices a run
 
-# Where a reply ends, the same for every call (baseline, compile and tuned alike):
-# - "[[ ## completed ## ]]": ChatAdapter asks the model to close its reply with this marker. The
-#   parser needs nothing after the last field (it reads the first section of each field and
-#   ignores the marker), so whatever follows it is only time.
-# - "[[ ## question ## ]]": the header of the input. A reply never needs it; a small model that
-#   writes it is echoing the prompt, and what follows it never parsed in the replies measured.
-#   Cut there, the reply fails to parse at once, and DSPy asks again in JSON, which a small
-#   model answers far better (8 of its 9 JSON replies parsed, in the run measured below).
-# Measured with SmolLM2-135M, 19 distinct replies over ChatAdapter (6 zero-shot, 13 with 3 to 16
-# demos): 10 began by echoing the question's header, and none of those gave an answer (one
-# copied the prompt's placeholder, "{answer}"); 3 parsed into an answer, its section ending 39 to
-# 75 tokens in; 15 ran on to the token limit, repeating a paragraph or, twice, the answer section
-# (the parser keeps the first). No stop string can cut a repeated answer section (its header
-# reads exactly like the first one), nor a paragraph said again and again: --max-tokens bounds
-# those (below).
+# Where a ChatAdapter reply ends, the same for every call: its closing marker (the parser needs
+# nothing after it), and the input's header, "[[ ## question ## ]]", which a small model writes
+# when it echoes the prompt (nothing after it ever parsed, measured with SmolLM2-135M). A reply
+# that repeats itself has no marker to stop at: --max-tokens bounds it.
 STOP = ["[[ ## completed ## ]]", "[[ ## question ## ]]"]
 # A hosted model follows the format and stops at the marker: 1000 tokens is only a safety net
 # that never cuts a long reasoning short. A small model on your own CPU loops instead, and every
-# runaway reply costs the whole limit (about 60 ms a token for SmolLM2-135M on 2 cores): 256 is
-# three times the longest well-formed reply measured and about twice the reply stage 2 estimates.
+# runaway reply costs the whole limit (about 60 ms a token for SmolLM2-135M on 2 cores).
 HOSTED_MAX_TOKENS = 1000
 LOCAL_MAX_TOKENS = 256
 HOSTED_THREADS = 8  # parallel calls a hosted API (or vLLM, Ollama) serves at once
 SERVE_THREADS = 1  # `transformers serve` writes one reply at a time: more only queue (LocalServer)
+
+# The program, and the adapter that writes its prompt, chosen by measurement (PROGRAMS,
+# bench/dspy_program.py): a hosted model follows ChatAdapter's format; a small one on your own
+# machine (--serve, a local provider or --api-base) needs the plain-reply adapter.
+PROGRAMS = ("predict", "cot")  # dspy.Predict, dspy.ChainOfThought (a reasoning, then the answer)
+ADAPTERS = ("chat", "chat-no-retry", "chat-plain", "json", "xml")
+HOSTED_PROGRAM, HOSTED_ADAPTER = "cot", "chat"
+LOCAL_PROGRAM, LOCAL_ADAPTER = "predict", "chat-plain"
+# The plain model, the mark every approach shares: the untuned model with this plain prompt.
+SYSTEM_PROMPT = (
+    "You are a patient, knowledgeable teacher. Answer the student's question correctly "
+    "in one to three clear sentences."
+)
 
 
 @dataclass
 class Config:
     """Every setting of a run. The command line fills it in and takes its defaults from here."""
 
-    # Not DATA_FILE (the same file): the shared helpers define it at the end, after this class.
-    data: Path = Path(__file__).with_name("small_edu_qa.jsonl")
+    data: Path = Path(__file__).with_name("small_edu_qa.jsonl")  # DATA_FILE, defined later
     model: str = DEFAULT_MODEL  # any LiteLLM model string: provider/model
     run: bool = False  # without it: a dry run that sends nothing
     yes: bool = False  # a paid step asks first; --yes is for scripts that cannot answer
@@ -127,6 +119,9 @@ class Config:
     api_base: str | None = None  # an OpenAI-compatible server, Ollama, vLLM, a proxy
     api_key_env: str | None = None  # read the key from this variable instead of the provider's
     engine: str = "litellm"  # "litellm" or DSPy 3.4's "auto" (its own client for some providers)
+    program: str = "auto"  # PROGRAMS, or auto: LOCAL_PROGRAM on your machine, else HOSTED_PROGRAM
+    adapter: str = "auto"  # ADAPTERS, or auto: LOCAL_ADAPTER on your machine, else HOSTED_ADAPTER
+    plain_model: str | None = None  # the untuned base of --model, for the plain-model mark
     optimizer: str = "bootstrap"  # see OPTIMIZERS; this one learns demos in one pass, cheapest
     metric_threshold: float = 30.0  # ROUGE-L x100 a bootstrapped demo must reach
     max_bootstrapped_demos: int = 4  # demos generated by the model and kept when they scored well
@@ -144,20 +139,27 @@ class Config:
     serve_timeout: float = 300.0  # seconds the server may take to load the model and answer
     results_name: str | None = None  # results/<name>.json; None: the approach's name, "dspy"
     argv: list[str] = field(default_factory=list)  # this run's flags, for the real-run command
+    local: bool = field(init=False)  # the model runs on this machine (on_this_machine)
     program_path: Path = field(init=False)  # where the compiled program is saved
+    finetune_path: Path = field(init=False)  # the train pairs as the program sends them (chat)
 
     def __post_init__(self):
         if self.results_name is None:
             self.results_name = APPROACH
-        # One compiled program per results name, so two runs side by side keep their own.
-        program = "program" if self.results_name == APPROACH else f"program-{self.results_name}"
-        self.program_path = self.output_dir / "dspy" / f"{program}.json"
+        # One compiled program (and its fine-tuning data) per results name: runs side by side.
+        suffix = "" if self.results_name == APPROACH else f"-{self.results_name}"
+        self.program_path = self.output_dir / "dspy" / f"program{suffix}.json"
+        self.finetune_path = self.output_dir / "dspy" / f"finetune{suffix}.jsonl"
         if self.serve is not None:
             self.serve = self.serve.resolve()
             # transformers serve names the model after the folder it was given, and refuses
             # any other name; "openai/" tells LiteLLM to speak the OpenAI chat API to it.
             self.model = f"openai/{self.serve}"
-        local = self.serve is not None or self.model.split("/", 1)[0] in LOCAL_PROVIDERS
+        self.local = local = on_this_machine(self.model, self.api_base, self.serve)
+        if self.program == "auto":
+            self.program = LOCAL_PROGRAM if local else HOSTED_PROGRAM
+        if self.adapter == "auto":
+            self.adapter = LOCAL_ADAPTER if local else HOSTED_ADAPTER
         if self.max_tokens is None:
             self.max_tokens = LOCAL_MAX_TOKENS if local else HOSTED_MAX_TOKENS
         if self.threads is None:
@@ -205,7 +207,8 @@ def prepare_data(cfg: Config) -> dict:
         f"The optimizer sees only the first {len(train)} train pairs (--train-limit; DSPy needs "
         f"10 to 50). The {len(test)} test pairs are never shown to it: they only score the result."
     )
-    return {"train": train, "test": test}
+    # All of them, not only --train-limit's: the fine-tuning data stage 4 writes uses every pair.
+    return {"train": train, "test": test, "train_all": take(examples, "train", None)}
 
 
 def format_data(cfg: Config, data: dict) -> Formatted:
@@ -219,11 +222,12 @@ def format_data(cfg: Config, data: dict) -> Formatted:
     trainset = [to_example(row) for row in data["train"]]
     testset = [to_example(row) for row in data["test"]]
     signature = teacher_signature()
-    # ChainOfThought adds a `reasoning` output before the answer; the optimizer's demos carry it.
-    baseline = dspy.ChainOfThought(signature)
-    predict_signature = baseline.predict.signature
-    adapter = dspy.ChatAdapter()
+    # --program: Predict asks for the answer; ChainOfThought adds a `reasoning` field before it.
+    baseline = build_program(cfg.program, signature)
+    predict_signature = predictor(baseline).signature
+    adapter = build_adapter(cfg.adapter)  # --adapter: writes the prompt, reads the reply
     show_example((trainset or testset)[0], predict_signature)
+    show_program_choice(cfg)
 
     first = testset[0]
     messages = adapter.format(predict_signature, demos=[], inputs={"question": first.question})
@@ -233,11 +237,20 @@ def format_data(cfg: Config, data: dict) -> Formatted:
     )
     print_prompt(messages)
 
-    loaded = load_program(cfg.load, signature) if cfg.load else None
+    loaded = load_program(cfg.load, cfg.program, signature) if cfg.load else None
     prompt_tokens, reply_tokens = estimate_tokens(
         cfg, data, adapter, predict_signature, trainset, testset, loaded
     )
-    return Formatted(trainset, testset, signature, adapter, prompt_tokens, reply_tokens, loaded)
+    return Formatted(
+        trainset,
+        testset,
+        signature,
+        adapter,
+        prompt_tokens,
+        reply_tokens,
+        loaded,
+        data["train_all"],
+    )
 
 
 def configure_model(cfg: Config, formatted: Formatted) -> Plan:
@@ -276,20 +289,12 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
         dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     else:
         dspy.configure_cache(disk_cache_dir=str(cfg.cache_dir))
-    try:
-        lm = dspy.LM(
-            cfg.model,
-            engine=cfg.engine,
-            temperature=cfg.temperature,
-            max_tokens=cfg.max_tokens,
-            stop=STOP,
-            cache=not cfg.no_cache,
-            num_retries=cfg.num_retries,
-            **client_settings(cfg, key_variable, server),  # api_base and the key
-        )
-    except (ValueError, dspy.LMConfigurationError) as exc:
-        raise UsageError(f"--model {cfg.model}: {str(exc).splitlines()[0]}") from None
-    dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[watch_lm_errors(plan)])
+    lm = build_lm(cfg, cfg.model, client_settings(cfg, key_variable, server))  # api_base, key
+    plan.plain_lm = lm
+    if cfg.plain_model is not None and cfg.serve is None:  # with --serve: in stage 5
+        plan.plain_lm = build_lm(cfg, cfg.plain_model, client_settings(cfg, key_variable, server))
+    callback = watch_lm_errors(plan, formatted.adapter)
+    dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[callback])
     console.print(f"built dspy.LM({cfg.model!r}, engine={cfg.engine!r}); key passed, not shown")
     return plan
 
@@ -302,14 +307,17 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan):
     if formatted.loaded is not None:
         console.print(f"--load {cfg.load}: using this compiled program; nothing to compile.")
         show_program(formatted.loaded, original, cfg.metric_threshold)
-        plan.demos = len(formatted.loaded.predict.demos)
+        plan.demos = len(predictor(formatted.loaded).demos)
+        if cfg.run and not cfg.ask:
+            export_finetune_data(cfg, formatted, formatted.loaded)
         return formatted.loaded
-    console.print(describe_optimizer(cfg, compile_calls=plan.phases[1].calls))
+    compile_calls = next(phase.calls for phase in plan.phases if phase.name == "compile")
+    console.print(describe_optimizer(cfg, compile_calls=compile_calls))
     if not cfg.run:
         console.print(f"dry run: would compile and save the program to {cfg.program_path}")
         return None
 
-    student = chain_of_thought(formatted.signature)
+    student = build_program(cfg.program, formatted.signature)
     before = history_ids()
     plan.phase = "compile"
     try:
@@ -331,41 +339,42 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan):
     save_program(program, cfg.program_path)
     console.print(f"saved the compiled program to {cfg.program_path} (reuse it with --load)")
     show_program(program, original, cfg.metric_threshold)
-    plan.demos = len(program.predict.demos)
+    plan.demos = len(predictor(program).demos)
+    export_finetune_data(cfg, formatted, program)  # the weights' half of "prompt and weights"
     return program
 
 
 def answer(cfg: Config, data: dict, formatted: Formatted, plan: Plan, tuned) -> list[dict] | None:
-    stage(5, "answer", "Answer the held-out questions with the baseline and the compiled program.")
+    stage(5, "answer", "Answer the held-out questions: the plain model, uncompiled and compiled.")
     n = len(formatted.testset)
+    # The plain model (the question in a plain chat prompt, no DSPy) is the mark every approach
+    # shares: what the model does untouched. The uncompiled program is this approach's start.
+    phases = ["baseline", "tuned"] if cfg.ask else ["plain", "baseline", "tuned"]
     if not cfg.run:
         console.print(
-            f"dry run: would answer {n} test question(s) twice, uncompiled then compiled, "
-            f"{min(cfg.threads, n)} at a time (--threads): {2 * n} calls."
+            f"dry run: would answer {n} test question(s) {len(phases)} times ({', '.join(phases)}"
+            f"), {min(cfg.threads, n)} at a time (--threads): {len(phases) * n} calls."
         )
         return None
 
+    programs = {"baseline": build_program(cfg.program, formatted.signature), "tuned": tuned}
     replies = {}
-    for name, program in (("baseline", chain_of_thought(formatted.signature)), ("tuned", tuned)):
+    for name in phases:
         before = history_ids()
         plan.phase = name
-        replies[name] = answer_all(program, formatted.testset, cfg.threads, name)
+        with plain_model_served(cfg, plan) if name == "plain" else contextlib.nullcontext():
+            program = plain_chat(plan.plain_lm) if name == "plain" else programs[name]
+            replies[name] = answer_all(program, formatted.testset, cfg.threads, name)
         plan.actual[name] = tally_since(before)
         say_replies(cfg, plan, name)
 
-    answers = [
-        {
-            "id": row["id"],
-            "question": row["question"],
-            "reference": row["answer"],
-            "baseline": base["answer"],
-            "tuned": tuned_reply["answer"],
-            "tuned_reasoning": tuned_reply["reasoning"],
-        }
-        for row, base, tuned_reply in zip(
-            data["test"], replies["baseline"], replies["tuned"], strict=True
+    answers = []
+    for i, row in enumerate(data["test"]):
+        answers.append(
+            {"id": row["id"], "question": row["question"], "reference": row["answer"]}
+            | {name: replies[name][i]["answer"] for name in phases}
+            | {"tuned_reasoning": replies["tuned"][i]["reasoning"]}
         )
-    ]
     show_answers(cfg, answers)
     return answers
 
@@ -387,6 +396,7 @@ def compare(cfg: Config, plan: Plan, tuned, answers: list[dict] | None, seconds:
     cost = show_actual_cost(plan)
     replies = show_replies(cfg, plan)
 
+    stop = stop_strings(cfg.adapter)
     result = write_results(
         cfg.output_dir,
         model=served_label(cfg.serve) if cfg.serve else cfg.model,
@@ -394,8 +404,13 @@ def compare(cfg: Config, plan: Plan, tuned, answers: list[dict] | None, seconds:
         questions=answers,
         cost_usd=cost,
         seconds=seconds,
-        decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "stop": STOP},
+        decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "stop": stop},
+        # calls that ran to --max-tokens: one per answer, unless DSPy asked again in JSON
+        cut={name: actual["cut_at_max_tokens"] for name, actual in plan.actual.items()},
+        plain_name=plain_model_label(cfg),
         extra={
+            "program": cfg.program,
+            "adapter": cfg.adapter,
             "optimizer": "loaded" if cfg.load else cfg.optimizer,
             "demos": plan.demos,
             "lm_calls": plan.actual,
@@ -467,6 +482,7 @@ class Formatted:
     prompt_tokens: dict[str, int]  # mean tokens per call, by phase
     reply_tokens: int  # estimated tokens per reply (reasoning + answer)
     loaded: object | None = None  # the compiled program from --load, if any
+    finetune_rows: list = field(default_factory=list)  # every train pair, for export_finetune_data
 
 
 def teacher_signature():
@@ -487,44 +503,114 @@ def teacher_signature():
 
 
 UNPARSED = "(the reply did not follow the format)"
-_TOLERANT = None
+_TOLERANT: dict[str, type] = {}
 
 
-def chain_of_thought(signature):
-    """dspy.ChainOfThought, where a reply that cannot be parsed is an empty answer, not an error.
+def build_program(kind: str, signature):
+    """dspy.Predict or dspy.ChainOfThought, where a reply that cannot be parsed is an empty
+    answer, not an error.
 
-    DSPy raises AdapterParseError when a reply does not follow the format even after its JSON
-    fallback. BootstrapFewShot counts that as a failed example and stops compiling after
-    max_errors of them, as it does for a server that fails. From a small model such a reply is
-    a bad answer, not a broken server: here it scores 0 like any bad answer (and is never kept
-    as a demo), while a failing server still stops the run. The callback in configure_model
-    counts every such reply, so none goes unseen. Saved and loaded like ChainOfThought.
+    DSPy raises AdapterParseError when a reply does not follow the format (even after the JSON
+    retry, when the adapter has one). BootstrapFewShot counts that as a failed example and stops
+    compiling after max_errors of them, as it does for a server that fails. From a small model
+    such a reply is a bad answer, not a broken server: here it scores 0 like any bad answer (and
+    is never kept as a demo), while a failing server still stops the run. The callback in
+    configure_model counts every such reply, so none goes unseen. Saved and loaded as usual.
     """
-    global _TOLERANT
     import dspy
 
-    if _TOLERANT is None:
+    if kind not in _TOLERANT:
+        parent = dspy.Predict if kind == "predict" else dspy.ChainOfThought
+        empty = {"answer": ""} if kind == "predict" else {"reasoning": UNPARSED, "answer": ""}
 
-        class TolerantChainOfThought(dspy.ChainOfThought):
-            def forward(self, **kwargs):
-                try:
-                    return super().forward(**kwargs)
-                except dspy.AdapterParseError:
-                    return dspy.Prediction(reasoning=UNPARSED, answer="")
+        def forward(self, **kwargs):
+            try:
+                return parent.forward(self, **kwargs)
+            except dspy.AdapterParseError:
+                return dspy.Prediction(**empty)
 
-        _TOLERANT = TolerantChainOfThought
-    return _TOLERANT(signature)
+        _TOLERANT[kind] = type(f"Tolerant{parent.__name__}", (parent,), {"forward": forward})
+    return _TOLERANT[kind](signature)
 
 
-def load_program(path: Path, signature):
-    """A ChainOfThought program with the demos and instructions saved in `path`."""
-    program = chain_of_thought(signature)
+def predictor(program):
+    """The one dspy.Predict inside the program: its demos and its signature (the prompt)."""
+    return program.predictors()[0]
+
+
+def build_adapter(name: str):
+    """The adapter that writes every prompt and reads every reply (ADAPTERS)."""
+    import dspy
+
+    if name == "chat":
+        return dspy.ChatAdapter()  # with DSPy's JSON retry: a second call for a reply it can't read
+    if name == "chat-no-retry":
+        return dspy.ChatAdapter(use_json_adapter_fallback=False)
+    if name == "chat-plain":
+        return plain_reply_adapter()
+    if name == "json":
+        return dspy.JSONAdapter()
+    return dspy.XMLAdapter()
+
+
+_PLAIN_REPLY_ADAPTER = None
+
+
+def plain_reply_adapter():
+    """ChatAdapter (same prompts, no JSON retry) that also reads a reply with no field markers.
+
+    The signature has one output field, `answer`. A small model asked for
+    "[[ ## answer ## ]] ... [[ ## completed ## ]]" often just answers; that reply is the answer,
+    and reading it so costs nothing, where DSPy's JSON retry costs a call and rarely helps (16
+    of 36 parsed, measured). A reply with markers is parsed exactly as ChatAdapter parses it.
+    """
+    global _PLAIN_REPLY_ADAPTER
+    import dspy
+
+    if _PLAIN_REPLY_ADAPTER is None:
+
+        class PlainReplyChatAdapter(dspy.ChatAdapter):
+            def parse(self, signature, completion: str) -> dict:
+                fields = list(signature.output_fields)
+                text = completion.strip()
+                if len(fields) == 1 and text and not FIELD_MARKER.search(text):
+                    return {fields[0]: text}
+                return super().parse(signature, completion)
+
+        _PLAIN_REPLY_ADAPTER = PlainReplyChatAdapter
+    return _PLAIN_REPLY_ADAPTER(use_json_adapter_fallback=False)
+
+
+FIELD_MARKER = re.compile(r"\[\[ ## \w+ ## \]\]")  # ChatAdapter's section header
+
+
+def stop_strings(adapter: str) -> list[str]:
+    """Where a reply ends (see STOP): ChatAdapter's markers; an XML reply that echoes the input."""
+    if adapter.startswith("chat"):
+        return STOP
+    return ["<question>"] if adapter == "xml" else []
+
+
+def show_program_choice(cfg: Config) -> None:
+    """Which program and adapter this run uses, and why (the --program/--adapter auto rule)."""
+    where = "a model on this machine" if cfg.local else "a hosted model"
+    console.print(
+        f"program: {PROGRAM_CLASSES[cfg.program]}, adapter: {cfg.adapter} "
+        f"({ADAPTER_FORMATS[cfg.adapter]}); auto picks {LOCAL_PROGRAM} + {LOCAL_ADAPTER} for a "
+        f"model on this machine, {HOSTED_PROGRAM} + {HOSTED_ADAPTER} for a hosted one: this is "
+        f"{where}"
+    )
+
+
+def load_program(path: Path, kind: str, signature):
+    """A program of this kind with the demos and instructions saved in `path`."""
+    program = build_program(kind, signature)
     try:
         program.load(str(path))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise UsageError(
-            f"{path}: not a program saved by this script ({reason}); "
+            f"{path}: not a program saved by this script with --program {kind} ({reason}); "
             "pass a program.json written by a real run, or drop --load"
         ) from None
     return program
@@ -562,17 +648,20 @@ def estimate_tokens(
         for ex in testset
     ]
     prompt_tokens = {"baseline": round(sum(zero_shot) / len(zero_shot))}
+    plain = [count_tokens(cfg.model, plain_messages(ex.question)) for ex in testset]
+    prompt_tokens["plain"] = round(sum(plain) / len(plain))
     if loaded is not None:
-        demos = loaded.predict.demos
-        tuned_signature = loaded.predict.signature
+        demos = predictor(loaded).demos
+        tuned_signature = predictor(loaded).signature
         teacher_demos: list = []
     else:
         # Before compiling, the tuned prompt is approximated: the first training pairs as demos,
         # the bootstrapped ones with a reasoning as long as their answer.
         n_boot = 0 if cfg.optimizer == "labeled" else min(cfg.max_bootstrapped_demos, len(train))
         n_demos = min(max(cfg.max_labeled_demos, n_boot), len(train))
+        cot = cfg.program == "cot"
         demos = [
-            ex.copy(reasoning=ex.answer) if i < n_boot else ex
+            ex.copy(reasoning=ex.answer) if i < n_boot and cot else ex
             for i, ex in enumerate(trainset[:n_demos])
         ]
         tuned_signature = predict_signature
@@ -585,8 +674,10 @@ def estimate_tokens(
         cfg.model, adapter.format(predict_signature, teacher_demos, {"question": first.question})
     )
     answers = [count_tokens(cfg.model, [{"role": "user", "content": r["answer"]}]) for r in train]
-    # A reply holds a reasoning and an answer; both are assumed as long as a reference answer.
-    reply_tokens = 2 * round(sum(answers) / len(answers)) + 20 if answers else 150
+    # A reply holds an answer (and a reasoning with ChainOfThought), each assumed as long as a
+    # reference answer, and the adapter's markers.
+    per_field = round(sum(answers) / len(answers)) if answers else 60
+    reply_tokens = (2 if cfg.program == "cot" else 1) * per_field + 20
 
     compiles = loaded is None and cfg.optimizer != "labeled"
     show_token_counts(cfg, prompt_tokens, reply_tokens, len(teacher_demos), len(demos), loaded)
@@ -608,6 +699,7 @@ def show_token_counts(
     table = Table(title=f"tokens per call ({cfg.model}, LiteLLM's token counter)")
     table.add_column("prompt")
     table.add_column("tokens", justify="right")
+    table.add_row("plain: the plain chat prompt, no DSPy (mean)", str(prompt_tokens["plain"]))
     table.add_row(
         "baseline: zero-shot, mean over the test questions", str(prompt_tokens["baseline"])
     )
@@ -617,7 +709,8 @@ def show_token_counts(
         )
     which = f"saved program, {n_demos} demos" if loaded else f"~{n_demos} demos, estimated"
     table.add_row(f"tuned: {which}", str(prompt_tokens["tuned"]))
-    table.add_row("reply: reasoning + answer (estimated)", str(reply_tokens))
+    fields = "reasoning + answer" if cfg.program == "cot" else "answer"
+    table.add_row(f"reply: {fields} (estimated)", str(reply_tokens))
     console.print(table)
 
 
@@ -708,6 +801,7 @@ class Plan:
     demos: int | None = None  # demos in the compiled program
     first_lm_error: BaseException | None = None  # kept by the callback in configure_model
     server: LocalServer | None = None  # --serve: the server this run started
+    plain_lm: object | None = None  # the LM of the plain-model mark: --plain-model, or the model
     phase: str = "baseline"  # the phase whose replies are being parsed now
     replies: dict[str, dict] = field(default_factory=dict)  # parse outcomes, by phase
 
@@ -726,6 +820,49 @@ def provider_of(model: str, api_base: str | None) -> str:
             "mistral/mistral-small-latest, ollama_chat/llama3.2"
         ) from None
     return provider
+
+
+def on_this_machine(model: str, api_base: str | None, serve: Path | None) -> bool:
+    """Whether the model runs on this machine: --serve, a local provider, or an --api-base on
+    loopback serving a model LiteLLM has no price for (a priced name there is a proxy to a paid
+    API, which stays a hosted model).
+
+    Such a model gets the local defaults: a shorter reply limit, and the program and adapter a
+    small model can follow (PROGRAMS, ADAPTERS). Keys and prices are the provider's as usual.
+    """
+    if serve is not None or model.split("/", 1)[0] in LOCAL_PROVIDERS:
+        return True
+    from urllib.parse import urlparse
+
+    host = (urlparse(api_base).hostname or "") if api_base else ""
+    loopback = host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.")
+    return loopback and price_per_token(model) is None
+
+
+def model_size(cfg: Config) -> int | None:
+    """Parameters of the model, roughly: from --serve's config.json, else from its name
+    ("llama3.2:1b", "qwen2.5-0.5b-instruct", "SmolLM2-135M"). None when neither says."""
+    if cfg.serve is not None:
+        try:
+            config = json.loads((cfg.serve / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+        config = config.get("text_config", config) if isinstance(config, dict) else {}
+        try:  # embeddings, then per layer 4 attention and 3 MLP matrices (a dense model)
+            hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+            heads = int(config["num_attention_heads"])
+            kv = int(config.get("num_key_value_heads") or heads) * (hidden // heads)
+            mlp = int(config.get("intermediate_size") or 4 * hidden)
+            per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp
+            return int(config["vocab_size"]) * hidden + layers * per_layer
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            pass
+    name = (cfg.serve.name if cfg.serve is not None else cfg.model).lower()
+    found = re.findall(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([mb])(?![a-z])", name.replace("_", "-"))
+    if not found:
+        return None
+    amount, unit = found[-1]
+    return int(float(amount) * (1e6 if unit == "m" else 1e9))
 
 
 def key_variable_for(cfg: Config, provider: str) -> str | None:
@@ -757,11 +894,12 @@ def show_settings(
     settings.add_row(
         "key", key_status(key_variable) if key_variable else "none needed (local server)"
     )
+    settings.add_row("size", size_note(cfg))
     settings.add_row("engine", f"{cfg.engine} (dspy.LM(engine=...))")
     settings.add_row(
         "decoding",
-        f"temperature={cfg.temperature}, max_tokens={cfg.max_tokens}, stop={STOP} "
-        "(the same for baseline, compile and tuned)",
+        f"temperature={cfg.temperature}, max_tokens={cfg.max_tokens}, "
+        f"stop={stop_strings(cfg.adapter)} (the same for every phase)",
     )
     settings.add_row("retries", f"{cfg.num_retries} per call, with exponential backoff")
     settings.add_row(
@@ -770,12 +908,33 @@ def show_settings(
     console.print(settings)
 
 
+def size_note(cfg: Config) -> str:
+    """The model's size, and whether this run's program suits a model that small."""
+    size = model_size(cfg)
+    if size is None:
+        return "unknown (not in the name; with --serve, read from config.json)"
+    text = f"~{size / 1e9:.1f}B parameters" if size >= 1e9 else f"~{size / 1e6:.0f}M parameters"
+    if size >= SMALL_MODEL:
+        return text
+    if (cfg.program, cfg.adapter) == (LOCAL_PROGRAM, LOCAL_ADAPTER):
+        return (
+            f"{text}: a small model rarely writes DSPy's [[ ## field ## ]] format (SmolLM2-135M:"
+            f" 0 of 36 with ChainOfThought), so this run uses {LOCAL_PROGRAM} + {LOCAL_ADAPTER}"
+        )
+    return (
+        f"[yellow]{text}: a small model rarely writes DSPy's [[ ## field ## ]] format "
+        f"(SmolLM2-135M: 0 of 36 with ChainOfThought); --program {LOCAL_PROGRAM} --adapter "
+        f"{LOCAL_ADAPTER} reads its replies[/]"
+    )
+
+
 def plan_phases(cfg: Config, formatted: Formatted) -> list[Phase]:
     """The three blocks of calls a real run makes, with their counts and tokens per call."""
     calls = planned_calls(
         cfg, len(formatted.trainset), len(formatted.testset), formatted.loaded is None
     )
     what = {
+        "plain": "answer the test questions with the plain chat prompt",
         "baseline": "answer the test questions, uncompiled",
         "compile": f"{cfg.optimizer}: pick demos on the train set (upper bound)",
         "tuned": "answer the test questions, compiled",
@@ -788,7 +947,7 @@ def plan_phases(cfg: Config, formatted: Formatted) -> list[Phase]:
             formatted.prompt_tokens[name],
             formatted.reply_tokens,
         )
-        for name in ("baseline", "compile", "tuned")
+        for name in PHASES
     ]
 
 
@@ -819,7 +978,8 @@ def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) 
         else:  # the default program, then every trial on the whole validation set
             evaluations = n_val * (trials + 1)
         compile_calls = bootstraps + proposals + evaluations
-    return {"baseline": n_test, "compile": compile_calls, "tuned": n_test}
+    plain = 0 if cfg.ask else n_test  # --ask answers with the two programs only
+    return {"plain": plain, "baseline": n_test, "compile": compile_calls, "tuned": n_test}
 
 
 def price_per_token(model: str) -> tuple[float, float] | None:
@@ -902,6 +1062,25 @@ def check_before_sending(cfg: Config, plan: Plan, server: LocalServer | None) ->
         )
 
 
+def build_lm(cfg: Config, model: str, client: dict):
+    """dspy.LM with this run's decoding: the same for every phase, the plain model's too."""
+    import dspy
+
+    try:
+        return dspy.LM(
+            model,
+            engine=cfg.engine,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            stop=stop_strings(cfg.adapter),
+            cache=not cfg.no_cache,
+            num_retries=cfg.num_retries,
+            **client,
+        )
+    except (ValueError, dspy.LMConfigurationError) as exc:
+        raise UsageError(f"--model {model}: {str(exc).splitlines()[0]}") from None
+
+
 def client_settings(cfg: Config, key_variable: str | None, server: LocalServer | None) -> dict:
     """What dspy.LM passes on to the client: the server to call and the key, when there is one."""
     client = {"api_base": cfg.api_base} if cfg.api_base else {}
@@ -932,6 +1111,7 @@ def new_reply_tally() -> dict:
     return {
         "replies": 0,  # replies ChatAdapter read (JSON fallback replies not included)
         "not_in_format": 0,  # of those, replies it could not parse: each one asked again in JSON
+        "plain": 0,  # parsed, but without field markers: the plain-reply adapter read it whole
         "json_rescued": 0,  # JSON fallback replies that did parse
         "unparsed": 0,  # neither parsed: the answer is "" and scores 0
         "first_unparsed": None,  # the first reply ChatAdapter could not parse, shortened
@@ -941,7 +1121,7 @@ def new_reply_tally() -> dict:
 PARSE_LOCK = threading.Lock()
 
 
-def watch_lm_errors(plan: Plan):
+def watch_lm_errors(plan: Plan, adapter):
     """A DSPy callback that sees every LM call and every parse end; a log filter that uses it.
 
     DSPy's parallel evaluator (random search, MIPROv2) catches a failed call, logs it with the
@@ -950,14 +1130,16 @@ def watch_lm_errors(plan: Plan):
     the first error, so tune() can tell a refused key from a flaky server; the filter turns each
     logged failure into one short line without the key.
 
-    It also counts, phase by phase, the replies ChatAdapter could not parse. DSPy then asks the
-    same question again with JSONAdapter (one more LM call); a reply neither can parse becomes
-    an empty answer, scored 0, and the first such reply is kept to show the user why.
+    It also counts, phase by phase, the replies `adapter` could not parse. DSPy then asks the
+    same question again with JSONAdapter (one more LM call) unless the adapter has no JSON
+    retry; a reply none can parse becomes an empty answer, scored 0, and the first such reply is
+    kept to show the user why. The plain-reply adapter's replies without field markers are
+    counted apart: read whole as the answer.
     """
-    from dspy.adapters.json_adapter import JSONAdapter
     from dspy.utils.callback import BaseCallback
 
     parsing: dict[str, tuple[bool, str]] = {}  # call id -> (JSON fallback?, the reply text)
+    retries = json_retry(adapter)
 
     class KeepErrors(BaseCallback):
         def on_lm_end(self, call_id, outputs, exception=None):
@@ -967,7 +1149,7 @@ def watch_lm_errors(plan: Plan):
 
         def on_adapter_parse_start(self, call_id, instance, inputs):
             with PARSE_LOCK:
-                parsing[call_id] = (isinstance(instance, JSONAdapter), inputs.get("completion"))
+                parsing[call_id] = (instance is not adapter, inputs.get("completion"))
 
         def on_adapter_parse_end(self, call_id, outputs, exception=None):
             with PARSE_LOCK:
@@ -976,7 +1158,9 @@ def watch_lm_errors(plan: Plan):
                 if fallback:
                     tally["json_rescued" if exception is None else "unparsed"] += 1
                     return
+                tally["unparsed"] += exception is not None and not retries
                 tally["replies"] += 1
+                tally["plain"] += exception is None and not FIELD_MARKER.search(str(text or ""))
                 if exception is not None:
                     tally["not_in_format"] += 1
                     # the first reply that shows why; one cut at a stop string shows little
@@ -1033,13 +1217,13 @@ def start_server(cfg: Config, plan: Plan, server: LocalServer) -> None:
     )
 
 
-def check_model_folder(folder: Path) -> None:
+def check_model_folder(folder: Path, flag: str = "--serve") -> None:
     """A folder `transformers serve` can load: save_pretrained's config.json in it, at least."""
     if not folder.is_dir():
-        raise UsageError(f"--serve {folder}: no such folder; pass a local model folder")
+        raise UsageError(f"{flag} {folder}: no such folder; pass a local model folder")
     if not (folder / "config.json").is_file():
         raise UsageError(
-            f"--serve {folder}: not a transformers model folder (no config.json); pass a folder "
+            f"{flag} {folder}: not a transformers model folder (no config.json); pass a folder "
             "written by save_pretrained(), with the model's weights and tokenizer"
         )
 
@@ -1320,9 +1504,40 @@ def save_program(program, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def export_finetune_data(cfg: Config, formatted: Formatted, program) -> None:
+    """Write every train pair as this program sends it, in OpenAI chat format, for fine-tuning.
+
+    adapter.format_finetune_data is what dspy.BootstrapFinetune trains on: the program's own
+    system and user messages, and the reply in the adapter's format, here with the teacher's
+    answer as the reply. Weights tuned on it answer in the program's format, so the prompt can
+    be optimized again on them: DSPy's BetterTogether. Without the demos: with them every
+    example would carry the whole demo block (SmolLM2: 264 tokens an example without, 1,759
+    with 16 demos, mean over the 144 train pairs), over a LoRA run's --max-length of 512.
+    """
+    sent = predictor(program).signature  # the compiled instructions; ChainOfThought's reasoning
+    lines = []
+    for row in formatted.finetune_rows:
+        outputs = {"answer": row["answer"], "reasoning": ""}  # no reference reasoning exists
+        record = formatted.adapter.format_finetune_data(
+            sent, demos=[], inputs={"question": row["question"]}, outputs=outputs
+        )
+        record = {"id": row["id"], "split": "train", **record}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_atomic(cfg.finetune_path, "".join(lines))
+    shown = shlex.quote(str(cfg.finetune_path))
+    console.print(
+        f"wrote {cfg.finetune_path}: all {len(lines)} train pairs as this program sends them "
+        f"(adapter.format_finetune_data, no demos), OpenAI chat format. Fine-tune on it, e.g.:\n"
+        f"  python huggingface_lora.py --data {shown} --test-limit 0 --merge --run\n"
+        f"  python openai_finetune.py --data {shown} --test-limit 0 --run\n"
+        "then run this script on the tuned model (--serve its merged folder, --plain-model the "
+        "base) to optimize the prompt again: prompt, weights, prompt."
+    )
+
+
 def show_program(program, original_instructions: str, threshold: float) -> None:
     """What the optimizer changed: the demos it put in the prompt, and the instructions."""
-    demos = program.predict.demos
+    demos = predictor(program).demos
     table = Table(title=f"{len(demos)} demos now in front of every question", show_lines=False)
     table.add_column("#", justify="right")
     table.add_column("kind")
@@ -1342,7 +1557,7 @@ def show_program(program, original_instructions: str, threshold: float) -> None:
         f"[dim]bootstrapped: the model's own reasoning and answer on a training question, kept "
         f"because it scored at least {threshold:g} ROUGE-L; labeled: a training pair as written.[/]"
     )
-    instructions = program.predict.signature.instructions
+    instructions = predictor(program).signature.instructions
     if instructions == original_instructions:
         console.print("instructions (unchanged: this optimizer only picks demos):")
     else:
@@ -1463,18 +1678,34 @@ def tally_since(before: set[str]) -> dict:
     }
 
 
+def json_retry(adapter) -> bool:
+    """Whether DSPy asks again in JSON when `adapter` cannot read a reply (one more call)."""
+    import dspy
+
+    return bool(getattr(adapter, "use_json_adapter_fallback", False)) and not isinstance(
+        adapter, dspy.JSONAdapter
+    )
+
+
 def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
     """After a phase: how many replies DSPy could not read, and the first of them."""
     tally = plan.replies.get(phase, new_reply_tally())
     actual = plan.actual.get(phase, NO_CALLS)
     calls, cut = actual["sent"] + actual["cache_hits"], actual["cut_at_max_tokens"]
     n, bad = tally["replies"], tally["not_in_format"]
-    console.print(f"{phase}: {n - bad} of {n} replies in DSPy's [[ ## field ## ]] format")
-    if bad:
+    if phase == "plain":
         console.print(
-            f"  {bad} not in it: DSPy asked each again in JSON (+{bad} calls), "
-            f"{tally['json_rescued']} of those parsed; [bold]{tally['unparsed']} unparsed[/]: "
-            "an empty answer, scored 0"
+            f"plain: {calls} replies to the plain chat prompt (nothing for DSPy to parse)"
+        )
+    else:
+        console.print(f"{phase}: {n - bad} of {n} replies read ({ADAPTER_FORMATS[cfg.adapter]})")
+    if tally["plain"]:
+        console.print(f"  {tally['plain']} of them had no field markers: read whole as the answer")
+    if bad:
+        retry = f"DSPy asked each again in JSON (+{bad} calls), {tally['json_rescued']} parsed; "
+        console.print(
+            f"  {bad} not in it: {retry if tally['json_rescued'] + tally['unparsed'] else ''}"
+            f"[bold]{tally['unparsed']} unparsed[/]: an empty answer, scored 0"
         )
         first = tally["first_unparsed"] or "(empty)"
         console.print("  the first reply it could not read, as the model wrote it:")
@@ -1482,13 +1713,58 @@ def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
         if first in STOP:
             console.print(
                 f"  (the model began by writing {first}, a stop string: it was echoing the "
-                "prompt, so the reply ends there and DSPy asks again in JSON)"
+                "prompt, so the reply ends there, empty)"
             )
     if cut:
         console.print(
             f"  {cut} of {calls} calls ran to --max-tokens {cfg.max_tokens} before a stop "
-            f"string {STOP} (a model repeating itself; raise it if answers look cut short)"
+            f"string {stop_strings(cfg.adapter)} (a model repeating itself, or a long answer)"
         )
+
+
+# ----- Stage 5 · answer: the plain model, the mark every approach shares
+
+
+def plain_messages(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def plain_chat(lm):
+    """The plain model as a DSPy module: one chat call with SYSTEM_PROMPT, no DSPy format.
+
+    The same words the fine-tuning approaches prompt with, so this scores what the model does
+    untouched, on the same questions, with the same decoding as the programs.
+    """
+    import dspy
+
+    class PlainChat(dspy.Module):
+        def forward(self, question: str):
+            outputs = lm(messages=plain_messages(question))
+            return dspy.Prediction(answer=(outputs[0] if outputs else "") or "")
+
+    return PlainChat()
+
+
+@contextlib.contextmanager
+def plain_model_served(cfg: Config, plan: Plan):
+    """--serve with --plain-model FOLDER: that folder, served for the plain-model phase alone.
+
+    --serve's model is then a fine-tuned one, and the mark must be its untuned base. Calls a
+    run on the base model already made come from the cache (same folder, same prompts).
+    """
+    if cfg.serve is None or cfg.plain_model is None:
+        yield
+        return
+    folder = Path(cfg.plain_model).resolve()
+    server = LocalServer(folder, cfg.output_dir / "dspy" / "serve-plain.log")
+    server.start(cfg.serve_timeout)
+    plan.plain_lm = build_lm(
+        cfg, f"openai/{folder}", {"api_base": server.api_base, "api_key": "local"}
+    )
+    try:
+        yield
+    finally:
+        server.stop()
 
 
 # ----- Stage 5 · answer: in parallel, a failed call stopping the run
@@ -1511,9 +1787,12 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
     def one(example) -> dict:
         try:
             prediction = program(**example.inputs())
-        except dspy.AdapterParseError:  # a program that is not chain_of_thought()'s
+        except dspy.AdapterParseError:  # a program that is not build_program()'s
             return {"answer": "", "reasoning": UNPARSED}
-        return {"answer": prediction.answer or "", "reasoning": prediction.reasoning or ""}
+        return {
+            "answer": prediction.answer or "",
+            "reasoning": getattr(prediction, "reasoning", None) or "",
+        }
 
     results: list[dict] = [{} for _ in examples]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
@@ -1575,9 +1854,7 @@ def show_calls(plan: Plan) -> None:
 
 def show_actual_cost(plan: Plan) -> float | None:
     """Say what the calls really cost (None: unknown) and how many came from the cache."""
-    actuals = [
-        plan.actual[name] for name in ("baseline", "compile", "tuned") if name in plan.actual
-    ]
+    actuals = [plan.actual[name] for name in PHASES if name in plan.actual]
     costs = [a["cost_usd"] for a in actuals]
     cost = None if any(c is None for c in costs) else sum(costs)
     sent = sum(a["sent"] for a in actuals)
@@ -1597,7 +1874,7 @@ def show_replies(cfg: Config, plan: Plan) -> dict[str, dict]:
     for column in columns:
         table.add_column(column, justify="left" if column == "phase" else "right")
     replies = {}
-    for name in ("baseline", "compile", "tuned"):
+    for name in PHASES:
         if name not in plan.actual:
             continue
         tally = replies[name] = plan.replies.get(name, new_reply_tally())
@@ -1614,6 +1891,13 @@ def show_replies(cfg: Config, plan: Plan) -> dict[str, dict]:
         f"ran to --max-tokens before a stop string {STOP}.[/]"
     )
     return replies
+
+
+def plain_model_label(cfg: Config) -> str:
+    """The model of the plain-model mark, named as the results name models."""
+    if cfg.plain_model is None:
+        return served_label(cfg.serve) if cfg.serve else cfg.model
+    return served_label(Path(cfg.plain_model).resolve()) if cfg.serve else cfg.plain_model
 
 
 def show_real_run_command(cfg: Config, plan: Plan) -> None:
@@ -1641,7 +1925,7 @@ def ask(cfg: Config) -> None:
     stage(1, "prepare_data", "Load the question/answer pairs, check them, split train and test.")
     console.print("--ask: no data needed; the demos come from the saved program.")
     row = {"id": "ask", "subject": "yours", "question": cfg.ask.strip(), "answer": ""}
-    data = {"train": [], "test": [{**row, "split": "test"}]}
+    data = {"train": [], "test": [{**row, "split": "test"}], "train_all": []}
     import_dspy()
     formatted = format_data(cfg, data)
     with local_server_stopped_at_the_end():
@@ -1672,6 +1956,20 @@ KEY_VARIABLES = {
 }
 # Servers that run on your own machine and need no key.
 LOCAL_PROVIDERS = ("ollama", "ollama_chat", "hosted_vllm", "lm_studio")
+
+PHASES = ("plain", "baseline", "compile", "tuned")  # the blocks of LM calls of a real run
+PROGRAM_CLASSES = {"predict": "dspy.Predict", "cot": "dspy.ChainOfThought"}
+# Below this many parameters a model is small: it rarely follows an adapter's format unaided.
+SMALL_MODEL = 3e9
+
+# How each adapter asks the model to lay out its reply (say_replies names it).
+ADAPTER_FORMATS = {
+    "chat": "ChatAdapter's [[ ## field ## ]] sections, with DSPy's JSON retry",
+    "chat-no-retry": "ChatAdapter's [[ ## field ## ]] sections, no retry",
+    "chat-plain": "ChatAdapter's sections, or a plain reply read as the answer",
+    "json": "JSONAdapter: a JSON object",
+    "xml": "XMLAdapter: <field> tags, with DSPy's JSON retry",
+}
 
 OPTIMIZERS = ("bootstrap", "random-search", "mipro", "labeled")
 # What each optimizer does, as stage 4 says it before compiling (filled in by describe_optimizer).
@@ -1796,6 +2094,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.engine,
         help="litellm: every call goes through LiteLLM (default); auto: DSPy 3.4's own client "
         "for OpenAI, Anthropic, Ollama and vLLM, LiteLLM for the rest",
+    )
+    parser.add_argument(
+        "--program",
+        choices=("auto", *PROGRAMS),
+        default=Config.program,  # "auto": Config() has already resolved it for the default model
+        help=f"predict: dspy.Predict; cot: dspy.ChainOfThought; auto (default): {LOCAL_PROGRAM} "
+        f"for a model on this machine, {HOSTED_PROGRAM} for a hosted one",
+    )
+    parser.add_argument(
+        "--adapter",
+        choices=("auto", *ADAPTERS),
+        default=Config.adapter,  # "auto": Config() has already resolved it for the default model
+        help="chat: ChatAdapter with its JSON retry; chat-no-retry; chat-plain: ChatAdapter that "
+        "reads a reply without field markers as the answer, no retry; json: JSONAdapter; xml: "
+        f"XMLAdapter. auto (default): {LOCAL_ADAPTER} for a model on this machine, "
+        f"{HOSTED_ADAPTER} for a hosted one",
+    )
+    parser.add_argument(
+        "--plain-model",
+        type=text_arg,
+        default=d.plain_model,
+        metavar="MODEL",
+        help="the untuned base of --model (a fine-tuned one), for the plain-model mark: a LiteLLM "
+        "model string, or with --serve a model folder (default: --model itself)",
     )
     parser.add_argument(
         "--optimizer",
@@ -1924,6 +2246,8 @@ def parse_config(argv: list[str] | None) -> Config:
         open_user_file(cfg.load, "--load").close()  # a folder, a pipe, unreadable: say so now
     if cfg.serve is not None:
         check_model_folder(cfg.serve)
+        if cfg.plain_model is not None:
+            check_model_folder(Path(cfg.plain_model), "--plain-model")
     return cfg
 
 
@@ -2423,26 +2747,28 @@ def write_results(
     cost_usd: float | None,
     seconds: float,
     decoding: dict,
+    cut: dict | None = None,
+    plain_name: str | None = None,
     extra: dict | None = None,
     name: str = APPROACH,
 ) -> dict:
     """Score each answer, write OUTPUT_DIR/results/<name>.json (name: the approach), return it.
 
-    `questions` holds id, question, reference, baseline, tuned; an answer that was empty or
-    could not be parsed is "" and counts as unusable. The scores are added here so every
-    script scores the same way. `decoding` says what produced the answers.
+    `questions` holds id, question, reference, baseline, tuned, and "plain" where the plain
+    model (the untuned model with the plain chat prompt) is not the baseline itself; an answer
+    that was empty or could not be parsed is "" and counts as unusable. `cut` counts the
+    answers that ran to the token limit, by side. The scores are added here so every script
+    scores the same way. `decoding` says what produced the answers.
     """
+    sides = ["baseline", "tuned"] + (["plain"] if "plain" in questions[0] else [])
     references = [q["reference"] for q in questions]
-    meaning = {
-        side: similarities([q[side] for q in questions], references)
-        for side in ("baseline", "tuned")
-    }
+    meaning = {side: similarities([q[side] for q in questions], references) for side in sides}
     scored = []
     for i, q in enumerate(questions):
-        row = {key: q[key] for key in ("id", "question", "reference", "baseline", "tuned")}
-        for side in ("baseline", "tuned"):
+        row = {key: q[key] for key in ("id", "question", "reference", *sides)}
+        for side in sides:
             row[f"{side}_score"] = round(rouge_l(q[side], q["reference"]), 2)
-        for side in ("baseline", "tuned"):
+        for side in sides:
             if meaning[side] is not None:
                 row[f"{side}_similarity"] = round(meaning[side][i], 2)
         scored.append(row)
@@ -2453,6 +2779,9 @@ def write_results(
             return None
         return round(sum(q[key] for q in scored) / n, 2)
 
+    cut = cut or {}
+    unusable = {side: sum(not q[side].strip() for q in scored) for side in sides}
+    mark = "plain" if "plain" in sides else "baseline"  # else the baseline is the plain model
     result = {
         "approach": APPROACH,
         "model": model,
@@ -2464,7 +2793,17 @@ def write_results(
         "similarity": SIMILARITY if meaning["tuned"] is not None else None,
         "baseline_similarity": mean("baseline_similarity"),
         "tuned_similarity": mean("tuned_similarity"),
-        "unusable": {side: sum(not q[side].strip() for q in scored) for side in meaning},
+        "plain_model": {
+            "model": plain_name or model,
+            "prompt": "the plain chat prompt, untuned"
+            + (" (this run's baseline)" * (mark != "plain")),
+            "score": mean(f"{mark}_score") or 0.0,
+            "similarity": mean(f"{mark}_similarity"),
+            "unusable": unusable[mark],
+            "cut": cut.get(mark),
+        },
+        "unusable": {side: unusable[side] for side in ("baseline", "tuned")},
+        "cut": {side: cut.get(side) for side in ("baseline", "tuned")},
         "decoding": decoding,
         "cost_usd": None if cost_usd is None else round(cost_usd, 6),
         "seconds": round(seconds, 1),
@@ -2479,32 +2818,46 @@ def write_results(
 
 
 def show_side_by_side(questions: list[dict], n: int = 3) -> None:
-    """The first held-out questions: the teacher's answer above the baseline's and the tuned,
-    each with its two scores (ROUGE-L, similarity), one question to a table."""
+    """The first held-out questions: the teacher's answer above the plain model's (when it is
+    not the baseline), the baseline's and the tuned, each with its two scores."""
     console.print(f"[bold]{min(n, len(questions))} test questions, answered both ways[/bold]")
     for q in questions[:n]:
         table = Table(title=escape(q["question"]), show_header=False, show_lines=True)
         table.add_column("who", style="bold", no_wrap=True)
         table.add_column("answer")
         table.add_row("teacher", escape(q["reference"]))
-        for side in ("baseline", "tuned"):
+        for side in ("plain", "baseline", "tuned"):
+            if side not in q:
+                continue
             scores = [f"ROUGE-L {q[f'{side}_score']:.0f}"] if f"{side}_score" in q else []
             if f"{side}_similarity" in q:
                 scores.append(f"similarity {q[f'{side}_similarity']:.0f}")
-            label = "\n".join([side, *scores])
+            label = "\n".join([side if side != "plain" else "plain model", *scores])
             text = q[side].strip() or "(unusable: empty or could not be parsed)"
             table.add_row(escape(label), escape(text))
         console.print(table)
 
 
-def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
-    """Print one table over every results file present; write comparison.md and .png.
+SIDES = ("baseline", "tuned")
+# The rows of the comparison, in this order, with the lever each one pulls; any other results
+# file comes after them under its own name.
+ROWS = {
+    "huggingface": "LoRA: weights",
+    "dspy": "DSPy: prompt",
+    "better-together": "prompt, weights, prompt",
+    "openai": "OpenAI fine-tuning: weights",
+}
 
-    A results file with "status" (an approach that was not run, with its estimate) is a row
-    without scores. With write=False (a dry run) it only prints what is already there.
-    """
-    results_dir = output_dir / "results"
-    order = {"dspy": 0, "openai": 1, "huggingface": 2}
+
+def short_model(name: str) -> str:
+    """A model as a label: the last part of a path or hub id, without a note or quantization."""
+    name = re.sub(r"\s*\(.*\)$", "", str(name)).rstrip("/")
+    name = re.split(r"[/\\]", name)[-1]
+    return re.sub(r"\.(Q\d\w*|F16|F32|BF16)(\.gguf)?$|\.gguf$", "", name, flags=re.IGNORECASE)
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    """Every results file present, in the order of ROWS; a file that is not one is skipped."""
     results = []
     for path in sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []:
         try:
@@ -2516,41 +2869,74 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
             console.print(f"[yellow]skipping {escape(str(path))}: not a results file[/yellow]")
             continue
         results.append({**data, "run": path.stem})
-    results.sort(key=lambda r: (order.get(r["approach"], 9), r["run"]))
-    if not results:
-        console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
-        return results
+    order = list(ROWS)
+    results.sort(key=lambda r: (order.index(r["run"]) if r["run"] in order else 9, r["run"]))
+    return results
 
-    def pair(r: dict, key: str) -> str:
-        base, tuned = r.get(f"baseline_{key}"), r.get(f"tuned_{key}")
-        if base is None or tuned is None:
-            return "-"
-        return f"{base:.1f} → {tuned:.1f} ({tuned - base:+.1f})"
 
-    any_unusable = any(sum((r.get("unusable") or {}).values()) for r in results)
-    headers = ["run", "model", "ROUGE-L base → tuned", "similarity base → tuned", "USD", "time"]
-    headers += ["n"] + (["unusable base/tuned"] if any_unusable else [])
+def comparison_rows(results: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """The comparison table: headers, one row of cells per results file, and the notes."""
+    headers = ["run", "base model", "plain model", "baseline", "tuned", "tuned - plain"]
+    headers += ["similarity plain/base/tuned", "unusable b/t", "cut b/t", "USD", "time", "n"]
     rows, notes = [], []
     for r in results:
+        label = ROWS.get(r["run"], r["run"])
+        plain = r.get("plain_model") or {}
+        base = short_model(plain.get("model") or r.get("model"))
         if "status" in r:
             estimate = r.get("estimated_cost_usd")
             cost = "-" if estimate is None else f"~{estimate:.4f} (estimate)"
-            rows.append([r["run"], str(r.get("model")), r["status"], "-", cost, "-", "-"])
+            rows.append([label, base, r["status"], *["-"] * 6, cost, "-", "-"])
             notes.append(f"{r['run']}: {r.get('note', r['status'])}")
-        else:
-            r["baseline_rouge"], r["tuned_rouge"] = r["baseline_score"], r["tuned_score"]
-            cost = "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}"
-            rows.append([r["run"], str(r.get("model")), pair(r, "rouge"), pair(r, "similarity")])
-            rows[-1] += [cost, f"{r.get('seconds', 0):.0f}s", str(r.get("n_test", ""))]
-        if any_unusable:
-            unusable = r.get("unusable") or {}
-            rows[-1].append(f"{unusable.get('baseline', '-')}/{unusable.get('tuned', '-')}")
-    table = Table(title="Held-out test questions: ROUGE-L F1 and meaning similarity, x100")
+            continue
+        mark = plain.get("score")
+        similarity = [plain.get("similarity"), r.get("baseline_similarity")]
+        similarity.append(r.get("tuned_similarity"))
+        lost = {key: r.get(key) or {} for key in ("unusable", "cut")}
+        rows.append(
+            [
+                label,
+                base,
+                "-" if mark is None else f"{mark:.1f}",
+                f"{r['baseline_score']:.1f}",
+                f"{r['tuned_score']:.1f}",
+                "-" if mark is None else f"{r['tuned_score'] - mark:+.1f}",
+                "/".join("-" if v is None else f"{v:.1f}" for v in similarity),
+                *(
+                    "/".join("-" if got.get(side) is None else str(got[side]) for side in SIDES)
+                    for got in lost.values()
+                ),
+                "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}",
+                f"{r.get('seconds', 0):.0f}s",
+                str(r.get("n_test", "")),
+            ]
+        )
+    return headers, rows, notes
+
+
+def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
+    """Print one table over every results file present; write comparison.md and .png.
+
+    A results file with "status" (an approach that was not run, with its estimate) is a row
+    without scores. With write=False (a dry run) it only prints what is already there.
+    """
+    results_dir = output_dir / "results"
+    results = load_results(results_dir)
+    if not results:
+        console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
+        return results
+    headers, rows, notes = comparison_rows(results)
+    table = Table(title="Held-out test questions: ROUGE-L F1 x100 (similarity: meaning, x100)")
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i < 2 else "right")
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))  # names are data, not markup
     console.print(table)
+    console.print(
+        "[dim]plain model: the untuned base model with the plain chat prompt, the mark every row "
+        "shares; baseline: where this approach starts; unusable: empty or unreadable replies "
+        "(scored 0); cut: answers that ran to the token limit.[/dim]"
+    )
     for note in notes:
         console.print(f"[dim]{escape(note)}[/dim]")
     if not write:
@@ -2560,39 +2946,74 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     markdown += ["| " + " | ".join(row) + " |" for row in rows]
     markdown += [""] + [f"- {note}" for note in notes] if notes else []
     write_atomic(results_dir / "comparison.md", "\n".join(markdown) + "\n")
+    draw_comparison(results, results_dir / "comparison.png")
+    console.print(f"wrote {results_dir / 'comparison.md'} and {results_dir / 'comparison.png'}")
+    return results
 
+
+def draw_comparison(results: list[dict], path: Path) -> None:
+    """One horizontal bar pair (baseline, tuned) per row, in the order of ROWS, the plain model
+    as a line across each row, the unusable and cut answers written on the bars, n on the axis,
+    and "not run" where an approach has no scores. Full 0-100 scale: small gains look small."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    scored = [r for r in results if "status" not in r]
-    panels = [("rouge", "ROUGE-L F1 x100 (the teacher's words)")]
-    if any(r.get("tuned_similarity") is not None for r in scored):
+    expected = [
+        run for run in ROWS if run != "better-together" or run in {r["run"] for r in results}
+    ]
+    shown = {r["run"]: r for r in results}
+    runs = expected + [r["run"] for r in results if r["run"] not in ROWS]
+    panels = [("score", "ROUGE-L F1 x100 (the teacher's words)")]
+    if any(r.get("tuned_similarity") is not None for r in results):
         panels.append(("similarity", "meaning similarity x100 (all-MiniLM-L6-v2)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    xs = range(len(scored))
-    import textwrap
-
-    labels = [f"{r['run']}\n{textwrap.fill(str(r['model']), 24)}" for r in scored]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(6.5 * len(panels), 1.1 * len(runs) + 1.6), squeeze=False
+    )
+    ns = sorted({r["n_test"] for r in results if "status" not in r})
     for ax, (key, title) in zip(axes[0], panels, strict=True):
-        for offset, side in ((-0.2, "baseline"), (0.2, "tuned")):
-            values = [r.get(f"{side}_{key}") or 0 for r in scored]
-            ax.bar([x + offset for x in xs], values, 0.4, label=side)
-        ax.set_xticks(list(xs), labels, fontsize=7)
-        for bars in ax.containers:
-            ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_ylim(0, 100)  # the whole scale, so small gains look small
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
-    fig.suptitle("Baseline vs tuned on the same held-out questions")
+        for y, run in enumerate(runs):
+            r = shown.get(run)
+            if r is None or "status" in r:
+                why = "not run" if r is None else f"not run: {r['status']}"
+                ax.text(1, y, why, va="center", fontsize=8, color="dimgray")
+                continue
+            for offset, side, color in ((-0.2, "baseline", "#9ecae1"), (0.2, "tuned", "#3182bd")):
+                value = r.get(f"{side}_{key}") or 0
+                ax.barh(y + offset, value, 0.38, color=color, label=side if y == 0 else None)
+                lost = [f"{(r.get(k) or {}).get(side) or 0} {k}" for k in ("unusable", "cut")]
+                lost = [text for text in lost if not text.startswith("0 ")]
+                note = f"{value:.1f}" + (f"  ({', '.join(lost)})" if lost else "")
+                ax.text(value + 1, y + offset, note, va="center", fontsize=7)
+            mark = (r.get("plain_model") or {}).get(key)
+            if mark is not None:
+                first = not any(line.get_label() == "plain model" for line in ax.lines)
+                ax.plot(
+                    [mark, mark],
+                    [y - 0.45, y + 0.45],
+                    color="black",
+                    linestyle="--",
+                    linewidth=1.2,
+                    label="plain model" if first else None,
+                )
+        labels = []
+        for run in runs:
+            r = shown.get(run) or {}
+            base = short_model((r.get("plain_model") or {}).get("model") or r.get("model") or "")
+            labels.append(f"{ROWS.get(run, run)}\n{base}" if base else ROWS.get(run, run))
+        ax.set_yticks(range(len(runs)), labels, fontsize=8)
+        ax.invert_yaxis()  # the first row on top
+        ax.set_xlim(0, 100)
+        n_text = f"n = {ns[0]} held-out questions" if len(ns) == 1 else "n differs by row"
+        ax.set_xlabel(f"{title}; {n_text}", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Baseline and tuned against the plain model, on the same held-out questions")
     fig.tight_layout()
-    tmp = results_dir / f".comparison.{os.getpid()}.png"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, results_dir / "comparison.png")
-    console.print(f"wrote {results_dir / 'comparison.md'} and {results_dir / 'comparison.png'}")
-    return results
+    os.replace(tmp, path)
 
 
 def confirm_paid_step(

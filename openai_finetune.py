@@ -53,6 +53,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import stat
@@ -2342,26 +2343,28 @@ def write_results(
     cost_usd: float | None,
     seconds: float,
     decoding: dict,
+    cut: dict | None = None,
+    plain_name: str | None = None,
     extra: dict | None = None,
     name: str = APPROACH,
 ) -> dict:
     """Score each answer, write OUTPUT_DIR/results/<name>.json (name: the approach), return it.
 
-    `questions` holds id, question, reference, baseline, tuned; an answer that was empty or
-    could not be parsed is "" and counts as unusable. The scores are added here so every
-    script scores the same way. `decoding` says what produced the answers.
+    `questions` holds id, question, reference, baseline, tuned, and "plain" where the plain
+    model (the untuned model with the plain chat prompt) is not the baseline itself; an answer
+    that was empty or could not be parsed is "" and counts as unusable. `cut` counts the
+    answers that ran to the token limit, by side. The scores are added here so every script
+    scores the same way. `decoding` says what produced the answers.
     """
+    sides = ["baseline", "tuned"] + (["plain"] if "plain" in questions[0] else [])
     references = [q["reference"] for q in questions]
-    meaning = {
-        side: similarities([q[side] for q in questions], references)
-        for side in ("baseline", "tuned")
-    }
+    meaning = {side: similarities([q[side] for q in questions], references) for side in sides}
     scored = []
     for i, q in enumerate(questions):
-        row = {key: q[key] for key in ("id", "question", "reference", "baseline", "tuned")}
-        for side in ("baseline", "tuned"):
+        row = {key: q[key] for key in ("id", "question", "reference", *sides)}
+        for side in sides:
             row[f"{side}_score"] = round(rouge_l(q[side], q["reference"]), 2)
-        for side in ("baseline", "tuned"):
+        for side in sides:
             if meaning[side] is not None:
                 row[f"{side}_similarity"] = round(meaning[side][i], 2)
         scored.append(row)
@@ -2372,6 +2375,9 @@ def write_results(
             return None
         return round(sum(q[key] for q in scored) / n, 2)
 
+    cut = cut or {}
+    unusable = {side: sum(not q[side].strip() for q in scored) for side in sides}
+    mark = "plain" if "plain" in sides else "baseline"  # else the baseline is the plain model
     result = {
         "approach": APPROACH,
         "model": model,
@@ -2383,7 +2389,17 @@ def write_results(
         "similarity": SIMILARITY if meaning["tuned"] is not None else None,
         "baseline_similarity": mean("baseline_similarity"),
         "tuned_similarity": mean("tuned_similarity"),
-        "unusable": {side: sum(not q[side].strip() for q in scored) for side in meaning},
+        "plain_model": {
+            "model": plain_name or model,
+            "prompt": "the plain chat prompt, untuned"
+            + (" (this run's baseline)" * (mark != "plain")),
+            "score": mean(f"{mark}_score") or 0.0,
+            "similarity": mean(f"{mark}_similarity"),
+            "unusable": unusable[mark],
+            "cut": cut.get(mark),
+        },
+        "unusable": {side: unusable[side] for side in ("baseline", "tuned")},
+        "cut": {side: cut.get(side) for side in ("baseline", "tuned")},
         "decoding": decoding,
         "cost_usd": None if cost_usd is None else round(cost_usd, 6),
         "seconds": round(seconds, 1),
@@ -2398,32 +2414,46 @@ def write_results(
 
 
 def show_side_by_side(questions: list[dict], n: int = 3) -> None:
-    """The first held-out questions: the teacher's answer above the baseline's and the tuned,
-    each with its two scores (ROUGE-L, similarity), one question to a table."""
+    """The first held-out questions: the teacher's answer above the plain model's (when it is
+    not the baseline), the baseline's and the tuned, each with its two scores."""
     console.print(f"[bold]{min(n, len(questions))} test questions, answered both ways[/bold]")
     for q in questions[:n]:
         table = Table(title=escape(q["question"]), show_header=False, show_lines=True)
         table.add_column("who", style="bold", no_wrap=True)
         table.add_column("answer")
         table.add_row("teacher", escape(q["reference"]))
-        for side in ("baseline", "tuned"):
+        for side in ("plain", "baseline", "tuned"):
+            if side not in q:
+                continue
             scores = [f"ROUGE-L {q[f'{side}_score']:.0f}"] if f"{side}_score" in q else []
             if f"{side}_similarity" in q:
                 scores.append(f"similarity {q[f'{side}_similarity']:.0f}")
-            label = "\n".join([side, *scores])
+            label = "\n".join([side if side != "plain" else "plain model", *scores])
             text = q[side].strip() or "(unusable: empty or could not be parsed)"
             table.add_row(escape(label), escape(text))
         console.print(table)
 
 
-def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
-    """Print one table over every results file present; write comparison.md and .png.
+SIDES = ("baseline", "tuned")
+# The rows of the comparison, in this order, with the lever each one pulls; any other results
+# file comes after them under its own name.
+ROWS = {
+    "huggingface": "LoRA: weights",
+    "dspy": "DSPy: prompt",
+    "better-together": "prompt, weights, prompt",
+    "openai": "OpenAI fine-tuning: weights",
+}
 
-    A results file with "status" (an approach that was not run, with its estimate) is a row
-    without scores. With write=False (a dry run) it only prints what is already there.
-    """
-    results_dir = output_dir / "results"
-    order = {"dspy": 0, "openai": 1, "huggingface": 2}
+
+def short_model(name: str) -> str:
+    """A model as a label: the last part of a path or hub id, without a note or quantization."""
+    name = re.sub(r"\s*\(.*\)$", "", str(name)).rstrip("/")
+    name = re.split(r"[/\\]", name)[-1]
+    return re.sub(r"\.(Q\d\w*|F16|F32|BF16)(\.gguf)?$|\.gguf$", "", name, flags=re.IGNORECASE)
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    """Every results file present, in the order of ROWS; a file that is not one is skipped."""
     results = []
     for path in sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []:
         try:
@@ -2435,41 +2465,74 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
             console.print(f"[yellow]skipping {escape(str(path))}: not a results file[/yellow]")
             continue
         results.append({**data, "run": path.stem})
-    results.sort(key=lambda r: (order.get(r["approach"], 9), r["run"]))
-    if not results:
-        console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
-        return results
+    order = list(ROWS)
+    results.sort(key=lambda r: (order.index(r["run"]) if r["run"] in order else 9, r["run"]))
+    return results
 
-    def pair(r: dict, key: str) -> str:
-        base, tuned = r.get(f"baseline_{key}"), r.get(f"tuned_{key}")
-        if base is None or tuned is None:
-            return "-"
-        return f"{base:.1f} → {tuned:.1f} ({tuned - base:+.1f})"
 
-    any_unusable = any(sum((r.get("unusable") or {}).values()) for r in results)
-    headers = ["run", "model", "ROUGE-L base → tuned", "similarity base → tuned", "USD", "time"]
-    headers += ["n"] + (["unusable base/tuned"] if any_unusable else [])
+def comparison_rows(results: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """The comparison table: headers, one row of cells per results file, and the notes."""
+    headers = ["run", "base model", "plain model", "baseline", "tuned", "tuned - plain"]
+    headers += ["similarity plain/base/tuned", "unusable b/t", "cut b/t", "USD", "time", "n"]
     rows, notes = [], []
     for r in results:
+        label = ROWS.get(r["run"], r["run"])
+        plain = r.get("plain_model") or {}
+        base = short_model(plain.get("model") or r.get("model"))
         if "status" in r:
             estimate = r.get("estimated_cost_usd")
             cost = "-" if estimate is None else f"~{estimate:.4f} (estimate)"
-            rows.append([r["run"], str(r.get("model")), r["status"], "-", cost, "-", "-"])
+            rows.append([label, base, r["status"], *["-"] * 6, cost, "-", "-"])
             notes.append(f"{r['run']}: {r.get('note', r['status'])}")
-        else:
-            r["baseline_rouge"], r["tuned_rouge"] = r["baseline_score"], r["tuned_score"]
-            cost = "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}"
-            rows.append([r["run"], str(r.get("model")), pair(r, "rouge"), pair(r, "similarity")])
-            rows[-1] += [cost, f"{r.get('seconds', 0):.0f}s", str(r.get("n_test", ""))]
-        if any_unusable:
-            unusable = r.get("unusable") or {}
-            rows[-1].append(f"{unusable.get('baseline', '-')}/{unusable.get('tuned', '-')}")
-    table = Table(title="Held-out test questions: ROUGE-L F1 and meaning similarity, x100")
+            continue
+        mark = plain.get("score")
+        similarity = [plain.get("similarity"), r.get("baseline_similarity")]
+        similarity.append(r.get("tuned_similarity"))
+        lost = {key: r.get(key) or {} for key in ("unusable", "cut")}
+        rows.append(
+            [
+                label,
+                base,
+                "-" if mark is None else f"{mark:.1f}",
+                f"{r['baseline_score']:.1f}",
+                f"{r['tuned_score']:.1f}",
+                "-" if mark is None else f"{r['tuned_score'] - mark:+.1f}",
+                "/".join("-" if v is None else f"{v:.1f}" for v in similarity),
+                *(
+                    "/".join("-" if got.get(side) is None else str(got[side]) for side in SIDES)
+                    for got in lost.values()
+                ),
+                "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}",
+                f"{r.get('seconds', 0):.0f}s",
+                str(r.get("n_test", "")),
+            ]
+        )
+    return headers, rows, notes
+
+
+def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
+    """Print one table over every results file present; write comparison.md and .png.
+
+    A results file with "status" (an approach that was not run, with its estimate) is a row
+    without scores. With write=False (a dry run) it only prints what is already there.
+    """
+    results_dir = output_dir / "results"
+    results = load_results(results_dir)
+    if not results:
+        console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
+        return results
+    headers, rows, notes = comparison_rows(results)
+    table = Table(title="Held-out test questions: ROUGE-L F1 x100 (similarity: meaning, x100)")
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i < 2 else "right")
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))  # names are data, not markup
     console.print(table)
+    console.print(
+        "[dim]plain model: the untuned base model with the plain chat prompt, the mark every row "
+        "shares; baseline: where this approach starts; unusable: empty or unreadable replies "
+        "(scored 0); cut: answers that ran to the token limit.[/dim]"
+    )
     for note in notes:
         console.print(f"[dim]{escape(note)}[/dim]")
     if not write:
@@ -2479,39 +2542,74 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
     markdown += ["| " + " | ".join(row) + " |" for row in rows]
     markdown += [""] + [f"- {note}" for note in notes] if notes else []
     write_atomic(results_dir / "comparison.md", "\n".join(markdown) + "\n")
+    draw_comparison(results, results_dir / "comparison.png")
+    console.print(f"wrote {results_dir / 'comparison.md'} and {results_dir / 'comparison.png'}")
+    return results
 
+
+def draw_comparison(results: list[dict], path: Path) -> None:
+    """One horizontal bar pair (baseline, tuned) per row, in the order of ROWS, the plain model
+    as a line across each row, the unusable and cut answers written on the bars, n on the axis,
+    and "not run" where an approach has no scores. Full 0-100 scale: small gains look small."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    scored = [r for r in results if "status" not in r]
-    panels = [("rouge", "ROUGE-L F1 x100 (the teacher's words)")]
-    if any(r.get("tuned_similarity") is not None for r in scored):
+    expected = [
+        run for run in ROWS if run != "better-together" or run in {r["run"] for r in results}
+    ]
+    shown = {r["run"]: r for r in results}
+    runs = expected + [r["run"] for r in results if r["run"] not in ROWS]
+    panels = [("score", "ROUGE-L F1 x100 (the teacher's words)")]
+    if any(r.get("tuned_similarity") is not None for r in results):
         panels.append(("similarity", "meaning similarity x100 (all-MiniLM-L6-v2)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    xs = range(len(scored))
-    import textwrap
-
-    labels = [f"{r['run']}\n{textwrap.fill(str(r['model']), 24)}" for r in scored]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(6.5 * len(panels), 1.1 * len(runs) + 1.6), squeeze=False
+    )
+    ns = sorted({r["n_test"] for r in results if "status" not in r})
     for ax, (key, title) in zip(axes[0], panels, strict=True):
-        for offset, side in ((-0.2, "baseline"), (0.2, "tuned")):
-            values = [r.get(f"{side}_{key}") or 0 for r in scored]
-            ax.bar([x + offset for x in xs], values, 0.4, label=side)
-        ax.set_xticks(list(xs), labels, fontsize=7)
-        for bars in ax.containers:
-            ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_ylim(0, 100)  # the whole scale, so small gains look small
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
-    fig.suptitle("Baseline vs tuned on the same held-out questions")
+        for y, run in enumerate(runs):
+            r = shown.get(run)
+            if r is None or "status" in r:
+                why = "not run" if r is None else f"not run: {r['status']}"
+                ax.text(1, y, why, va="center", fontsize=8, color="dimgray")
+                continue
+            for offset, side, color in ((-0.2, "baseline", "#9ecae1"), (0.2, "tuned", "#3182bd")):
+                value = r.get(f"{side}_{key}") or 0
+                ax.barh(y + offset, value, 0.38, color=color, label=side if y == 0 else None)
+                lost = [f"{(r.get(k) or {}).get(side) or 0} {k}" for k in ("unusable", "cut")]
+                lost = [text for text in lost if not text.startswith("0 ")]
+                note = f"{value:.1f}" + (f"  ({', '.join(lost)})" if lost else "")
+                ax.text(value + 1, y + offset, note, va="center", fontsize=7)
+            mark = (r.get("plain_model") or {}).get(key)
+            if mark is not None:
+                first = not any(line.get_label() == "plain model" for line in ax.lines)
+                ax.plot(
+                    [mark, mark],
+                    [y - 0.45, y + 0.45],
+                    color="black",
+                    linestyle="--",
+                    linewidth=1.2,
+                    label="plain model" if first else None,
+                )
+        labels = []
+        for run in runs:
+            r = shown.get(run) or {}
+            base = short_model((r.get("plain_model") or {}).get("model") or r.get("model") or "")
+            labels.append(f"{ROWS.get(run, run)}\n{base}" if base else ROWS.get(run, run))
+        ax.set_yticks(range(len(runs)), labels, fontsize=8)
+        ax.invert_yaxis()  # the first row on top
+        ax.set_xlim(0, 100)
+        n_text = f"n = {ns[0]} held-out questions" if len(ns) == 1 else "n differs by row"
+        ax.set_xlabel(f"{title}; {n_text}", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Baseline and tuned against the plain model, on the same held-out questions")
     fig.tight_layout()
-    tmp = results_dir / f".comparison.{os.getpid()}.png"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, results_dir / "comparison.png")
-    console.print(f"wrote {results_dir / 'comparison.md'} and {results_dir / 'comparison.png'}")
-    return results
+    os.replace(tmp, path)
 
 
 def confirm_paid_step(

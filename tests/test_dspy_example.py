@@ -76,7 +76,7 @@ def test_dry_run_sends_nothing_and_prints_the_prompt_and_the_estimate(run_script
     assert "[[ ## question ## ]]\nWhat causes the seasons on Earth?" in out
     assert "Respond with the corresponding output fields" in out
     total = re.search(r"│ total\s+│\s+│\s+(\d+) │", out)
-    assert total and int(total.group(1)) == 90, "30 baseline + up to 30 compile + 30 tuned"
+    assert total and int(total.group(1)) == 120, "30 plain, 30 baseline, <= 30 compile, 30 tuned"
     assert re.search(r"│ total .*│\s+0\.\d{4} │", out), "a dollar estimate for gpt-4o-mini"
     assert "OPENAI_API_KEY is not set" in out
     assert "python dspy_example.py --test-limit 30 --run" in out
