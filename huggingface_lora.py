@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -2728,18 +2729,27 @@ SIDES = ("baseline", "tuned")
 # The rows of the comparison, in this order, with the lever each one pulls; any other results
 # file comes after them under its own name.
 ROWS = {
-    "huggingface": "LoRA: weights",
-    "dspy": "DSPy: prompt",
-    "better-together": "prompt, weights, prompt",
-    "openai": "OpenAI fine-tuning: weights",
+    "huggingface": "LoRA (weights)",
+    "dspy": "DSPy (prompt)",
+    "better-together": "both (BetterTogether)",
+    "openai": "OpenAI (weights)",
 }
 
 
 def short_model(name: str) -> str:
-    """A model as a label: the last part of a path or hub id, without a note or quantization."""
-    name = re.sub(r"\s*\(.*\)$", "", str(name)).rstrip("/")
-    name = re.split(r"[/\\]", name)[-1]
+    """A model as a label: the last part of a path or hub id, without a note or quantization.
+
+    "smollm2-offline (SmolLM2-135M-Instruct.Q4_1.gguf)" names its file in the note: that wins.
+    """
+    note = re.search(r"\(([^()]*\.gguf)\)$", str(name))
+    name = note.group(1) if note else re.sub(r"\s*\(.*\)$", "", str(name)).rstrip("/")
+    name = re.sub(r"-\d{4}-\d{2}-\d{2}$", "", re.split(r"[/\\]", name)[-1])  # a snapshot's date
     return re.sub(r"\.(Q\d\w*|F16|F32|BF16)(\.gguf)?$|\.gguf$", "", name, flags=re.IGNORECASE)
+
+
+def dollars(amount: float) -> str:
+    """Dollars, as short as they can be without hiding a cent's fraction: 0, 0.0123, 1.5."""
+    return f"{amount:.4f}".rstrip("0").rstrip(".") or "0"
 
 
 def load_results(results_dir: Path) -> list[dict]:
@@ -2762,41 +2772,42 @@ def load_results(results_dir: Path) -> list[dict]:
 
 def comparison_rows(results: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
     """The comparison table: headers, one row of cells per results file, and the notes."""
-    headers = ["run", "base model", "plain model", "baseline", "tuned", "tuned - plain"]
-    headers += ["similarity plain/base/tuned", "unusable b/t", "cut b/t", "USD", "time", "n"]
+    headers = ["run\nbase model", "plain", "base", "tuned", "vs\nplain", "sim.\np/b/t"]
+    headers += ["unusable\ncut", "USD", "time"]
     rows, notes = [], []
     for r in results:
-        label = ROWS.get(r["run"], r["run"])
         plain = r.get("plain_model") or {}
-        base = short_model(plain.get("model") or r.get("model"))
+        label = f"{ROWS.get(r['run'], r['run'])}\n{short_model(plain.get('model') or r['model'])}"
         if "status" in r:
             estimate = r.get("estimated_cost_usd")
-            cost = "-" if estimate is None else f"~{estimate:.4f} (estimate)"
-            rows.append([label, base, r["status"], *["-"] * 6, cost, "-", "-"])
+            cost = "-" if estimate is None else f"~{dollars(estimate)}"
+            rows.append([f"{label} ({r['status']})", *["-"] * 6, cost, "-"])
             notes.append(f"{r['run']}: {r.get('note', r['status'])}")
             continue
         mark = plain.get("score")
         similarity = [plain.get("similarity"), r.get("baseline_similarity")]
         similarity.append(r.get("tuned_similarity"))
-        lost = {key: r.get(key) or {} for key in ("unusable", "cut")}
+        lost = [
+            "/".join(
+                "-" if (r.get(key) or {}).get(side) is None else str(r[key][side]) for side in SIDES
+            )
+            for key in ("unusable", "cut")
+        ]
         rows.append(
             [
                 label,
-                base,
                 "-" if mark is None else f"{mark:.1f}",
                 f"{r['baseline_score']:.1f}",
                 f"{r['tuned_score']:.1f}",
                 "-" if mark is None else f"{r['tuned_score'] - mark:+.1f}",
-                "/".join("-" if v is None else f"{v:.1f}" for v in similarity),
-                *(
-                    "/".join("-" if got.get(side) is None else str(got[side]) for side in SIDES)
-                    for got in lost.values()
-                ),
-                "-" if r.get("cost_usd") is None else f"{r['cost_usd']:.4f}",
-                f"{r.get('seconds', 0):.0f}s",
-                str(r.get("n_test", "")),
+                "/".join("-" if v is None else f"{v:.0f}" for v in similarity),
+                " ".join(lost),
+                "-" if r.get("cost_usd") is None else dollars(r["cost_usd"]),
+                f"{r.get('seconds', 0) / 60:.0f}m",
             ]
         )
+    n = sorted({str(r["n_test"]) for r in results if "n_test" in r})
+    notes.insert(0, f"n = {' or '.join(n)} held-out questions" if n else "no scores yet")
     return headers, rows, notes
 
 
@@ -2812,24 +2823,33 @@ def compare_results(output_dir: Path, write: bool = True) -> list[dict]:
         console.print(f"No results in {results_dir} yet: a real run (--run) writes them there.")
         return results
     headers, rows, notes = comparison_rows(results)
-    table = Table(title="Held-out test questions: ROUGE-L F1 x100 (similarity: meaning, x100)")
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i < 2 else "right")
+    table = Table(
+        title="Held-out questions: ROUGE-L F1 x100, similarity (meaning) x100",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0),
+        pad_edge=False,
+    )
+    widest = max(len(line) for row in rows for line in row[0].splitlines())
+    table.add_column(headers[0], min_width=min(widest, 24), overflow="fold")
+    for header in headers[1:]:
+        table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))  # names are data, not markup
     console.print(table)
     console.print(
-        "[dim]plain model: the untuned base model with the plain chat prompt, the mark every row "
-        "shares; baseline: where this approach starts; unusable: empty or unreadable replies "
-        "(scored 0); cut: answers that ran to the token limit.[/dim]"
+        "[dim]plain: the untuned base model with the plain chat prompt, the mark every row "
+        "shares; base: where the approach starts; sim.: meaning similarity, plain/base/tuned; "
+        "unusable (empty or unreadable, scored 0), then cut (ran to the token limit): base/tuned."
+        "[/dim]"
     )
     for note in notes:
         console.print(f"[dim]{escape(note)}[/dim]")
     if not write:
         return results
 
-    markdown = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    markdown += ["| " + " | ".join(row) + " |" for row in rows]
+    one_line = [[cell.replace("\n", " ") for cell in row] for row in [headers, *rows]]
+    markdown = ["| " + " | ".join(one_line[0]) + " |", "|" + "---|" * len(headers)]
+    markdown += ["| " + " | ".join(row) + " |" for row in one_line[1:]]
     markdown += [""] + [f"- {note}" for note in notes] if notes else []
     write_atomic(results_dir / "comparison.md", "\n".join(markdown) + "\n")
     draw_comparison(results, results_dir / "comparison.png")
@@ -2862,7 +2882,8 @@ def draw_comparison(results: list[dict], path: Path) -> None:
         for y, run in enumerate(runs):
             r = shown.get(run)
             if r is None or "status" in r:
-                why = "not run" if r is None else f"not run: {r['status']}"
+                estimate = (r or {}).get("estimated_cost_usd")
+                why = "not run" + (f" (estimate ${estimate:.2f})" if estimate is not None else "")
                 ax.text(1, y, why, va="center", fontsize=8, color="dimgray")
                 continue
             for offset, side, color in ((-0.2, "baseline", "#9ecae1"), (0.2, "tuned", "#3182bd")):
@@ -2889,7 +2910,7 @@ def draw_comparison(results: list[dict], path: Path) -> None:
             base = short_model((r.get("plain_model") or {}).get("model") or r.get("model") or "")
             labels.append(f"{ROWS.get(run, run)}\n{base}" if base else ROWS.get(run, run))
         ax.set_yticks(range(len(runs)), labels, fontsize=8)
-        ax.invert_yaxis()  # the first row on top
+        ax.set_ylim(len(runs) - 0.5, -0.5)  # the first row on top
         ax.set_xlim(0, 100)
         n_text = f"n = {ns[0]} held-out questions" if len(ns) == 1 else "n differs by row"
         ax.set_xlabel(f"{title}; {n_text}", fontsize=8)

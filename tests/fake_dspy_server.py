@@ -10,7 +10,8 @@ DSPy. What it does, and where each behaviour comes from:
 - Format: DSPy's ChatAdapter asks for one `[[ ## field ## ]]` section per output field, then
   `[[ ## completed ## ]]`; its JSONAdapter fallback asks for a JSON object and sends
   `response_format` (dspy/adapters/chat_adapter.py and json_adapter.py in the pinned dspy). The
-  fake answers in whichever format the request asks for.
+  fake answers in whichever format the request asks for; a plain chat prompt (the plain-model
+  mark: a system prompt and the question) gets the plain answer.
 - `usage` counts tokens with the real o200k_base encoding (the one gpt-4o-mini uses; litellm's
   bundled copy, never a download), the way OpenAI bills a chat request: 3 tokens per message plus
   its role and content, 3 more to prime the reply (OpenAI cookbook, "How to count tokens with
@@ -117,9 +118,12 @@ def reasoning_for(question: str) -> str:
 
 
 def question_of(messages: list[dict]) -> str:
+    """The question a prompt asks: its [[ ## question ## ]] section, or a plain chat's user turn."""
     last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
     match = QUESTION_PATTERN.search(last_user)
-    return match.group(1).strip() if match else ""
+    if match:
+        return match.group(1).strip()
+    return "" if "[[ ##" in last_user or "JSON" in last_user else last_user.strip()
 
 
 def demos_in(messages: list[dict]) -> list[str]:
@@ -145,6 +149,8 @@ def reply_for(body: dict, prose: bool = False) -> str:
     if prose:  # a model that ignores the format: no markers, no JSON
         return f"Well, {values['answer']} {values['reasoning']}"
     kind, fields = output_fields(messages)
+    if kind == "chat" and not fields:  # a plain chat prompt, no DSPy format: a plain answer
+        return values["answer"]
     if kind == "json" or body.get("response_format"):
         return json.dumps({name: values.get(name, "Answer briefly.") for name in fields})
     sections = [f"[[ ## {name} ## ]]\n{values.get(name, 'Answer briefly.')}" for name in fields]

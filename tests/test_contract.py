@@ -235,32 +235,33 @@ def test_the_comparison_table_lists_every_results_file_in_order_and_skips_broken
 
     shown = module.compare_results(tmp_path)
     printed = capsys.readouterr().out
-    assert [r["approach"] for r in shown] == ["dspy", "openai", "huggingface"]
+    # the stated order: weights (LoRA), prompt (DSPy), both, weights in the cloud (OpenAI)
+    assert [r["approach"] for r in shown] == ["huggingface", "dspy", "openai"]
     for name in BROKEN:
         assert f"skipping {results / name}: not a results file" in " ".join(printed.split())
-    table = [line for line in printed.splitlines() if line.startswith("│")]
-    assert [line.split("│")[1].strip() for line in table] == ["dspy", "openai", "huggingface"]
+    labels = [line.split()[0] for line in printed.splitlines() if line[:2] in (" L", " D", " O")]
+    assert labels == ["LoRA", "DSPy", "OpenAI"]
 
     rows = markdown_rows(results / "comparison.md")
-    assert [row["run"] for row in rows] == ["dspy", "openai", "huggingface"]
-    assert [row["model"] for row in rows] == [
-        "openai/gpt-4o-mini",
-        "gpt-4o-mini-2024-07-18",
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    assert [row["run base model"] for row in rows] == [
+        "LoRA (weights) SmolLM2-135M-Instruct",  # short labels: never a path or a hub id
+        "DSPy (prompt) gpt-4o-mini",
+        "OpenAI (weights) gpt-4o-mini",
     ]
-    assert [row["ROUGE-L base → tuned"] for row in rows] == [
-        "20.0 → 25.5 (+5.5)",
-        "22.0 → 31.0 (+9.0)",
-        "10.0 → 8.0 (-2.0)",
+    assert [(row["base"], row["tuned"]) for row in rows] == [
+        ("10.0", "8.0"),
+        ("20.0", "25.5"),
+        ("22.0", "31.0"),
     ]
-    # these files predate the second score: shown as missing, not as 0
-    assert [row["similarity base → tuned"] for row in rows] == ["-", "-", "-"]
-    assert [row["USD"] for row in rows] == ["0.0123", "-", "0.0000"]  # None is unknown, not 0
+    # these files predate the plain model and the second score: shown as missing, not as 0
+    assert [row["plain"] for row in rows] == ["-", "-", "-"]
+    assert [row["sim. p/b/t"] for row in rows] == ["-/-/-", "-/-/-", "-/-/-"]
+    assert [row["USD"] for row in rows] == ["0", "0.0123", "-"]  # None is unknown, not 0
     assert (results / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("script", PRESENT)
-def test_the_comparison_shows_similarity_unusable_replies_and_a_not_run_row(
+def test_the_comparison_shows_the_plain_model_unusable_and_cut_answers_and_a_not_run_row(
     script, tmp_path, capsys
 ):
     module = load_script(script)
@@ -269,21 +270,33 @@ def test_the_comparison_shows_similarity_unusable_replies_and_a_not_run_row(
     results.mkdir()
     scored = {
         "approach": "huggingface",
-        "model": "smollm2-offline",
+        "model": "smollm2-offline (SmolLM2-135M-Instruct.Q4_1.gguf)",
         "baseline_score": 24.5,
         "tuned_score": 30.3,
         "baseline_similarity": 78.7,
         "tuned_similarity": 79.2,
+        "plain_model": {
+            "model": "smollm2-offline (SmolLM2-135M-Instruct.Q4_1.gguf)",
+            "score": 24.5,
+            "similarity": 78.7,
+        },
         "unusable": {"baseline": 2, "tuned": 0},
+        "cut": {"baseline": 5, "tuned": 1},
         "cost_usd": 0.0,
         "seconds": 300,
         "n_test": 36,
     }
     (results / "huggingface.json").write_text(json.dumps(scored), encoding="utf-8")
-    (results / "dspy+lora.json").write_text(
-        json.dumps({**scored, "approach": "dspy", "unusable": {"baseline": 0, "tuned": 0}}),
-        encoding="utf-8",
-    )
+    other = {
+        **scored,
+        "approach": "dspy",
+        "model": "outputs/compare/bt/huggingface/merged (transformers serve)",
+        "plain_model": {"model": "outputs/gguf/SmolLM2-135M-Instruct.Q4_1", "score": 24.0},
+        "baseline_score": 20.0,
+        "unusable": {"baseline": 0, "tuned": 0},
+        "cut": {"baseline": None, "tuned": None},
+    }
+    (results / "my-own-run.json").write_text(json.dumps(other), encoding="utf-8")
     plan = {
         "approach": "openai",
         "model": "gpt-4o-mini",
@@ -295,12 +308,19 @@ def test_the_comparison_shows_similarity_unusable_replies_and_a_not_run_row(
     module.compare_results(tmp_path)
     printed = " ".join(capsys.readouterr().out.split())
     rows = markdown_rows(results / "comparison.md")
-    assert [row["run"] for row in rows] == ["dspy+lora", "openai", "huggingface"]
-    assert rows[2]["similarity base → tuned"] == "78.7 → 79.2 (+0.5)"
-    assert [row["unusable base/tuned"] for row in rows] == ["0/0", "-/-", "2/0"]
-    assert rows[1]["ROUGE-L base → tuned"] == "not run"
-    assert rows[1]["USD"] == "~0.1168 (estimate)"
+    # a run of another name comes after the stated rows, under its own name
+    assert [row["run base model"] for row in rows] == [
+        "LoRA (weights) SmolLM2-135M-Instruct",
+        "OpenAI (weights) gpt-4o-mini (not run)",
+        "my-own-run SmolLM2-135M-Instruct",  # named by its base: the plain model's
+    ]
+    assert [row["plain"] for row in rows] == ["24.5", "-", "24.0"]
+    assert [row["vs plain"] for row in rows] == ["+5.8", "-", "+6.3"]
+    assert rows[0]["sim. p/b/t"] == "79/79/79"
+    assert [row["unusable cut"] for row in rows] == ["2/0 5/1", "-", "0/0 -/-"]
+    assert rows[1]["USD"] == "~0.1168"
     assert "openai: not run (OPENAI_API_KEY is not set)" in printed
+    assert "n = 36 held-out questions" in printed
     assert (
         (results / "comparison.md")
         .read_text()

@@ -112,3 +112,17 @@ def test_a_copied_script_names_no_file_it_does_not_ship_with(script):
     text = source(script)
     for word in ("CONVENTIONS", "contract", "../shared"):
         assert word not in text, f"{script} mentions {word!r}, which a copied script lacks"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_shared_helper_takes_the_name_of_one_of_the_scripts_own(script):
+    """The shared block comes last, so a name it defines again silently replaces the script's
+    own (a shared `usd()` once replaced openai_finetune.py's, and its stage 3 crashed)."""
+    text = source(script)
+    banner_line = text[: text.index(BANNER)].count("\n") + 1
+    own, shared = set(), set()
+    for node in ast.parse(text).body:
+        names = {node.name} if isinstance(node, ast.FunctionDef | ast.ClassDef) else set()
+        names |= {t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)}
+        (own if node.lineno < banner_line else shared).update(names)
+    assert not own & shared, f"defined in the script and again in the shared block: {own & shared}"
