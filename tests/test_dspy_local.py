@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from conftest import load_script, start_script_in
-from fake_dspy_server import FREE_TEXT
+from fake_dspy_server import FREE_TEXT, answer_for, question_of
 from real_model import smollm2_folder  # noqa: F401  (the fixture, found by its name)
 
 SCRIPT = "dspy_example.py"
@@ -398,3 +398,121 @@ def test_dspy_compiles_and_answers_with_the_real_smollm2_through_transformers_se
         assert results["unparsed"][phase] == replies["unparsed"]
     assert results["unusable"]["tuned"] == results["unparsed"]["tuned"] == 0
     print(f"real SmolLM2 run: {seconds:.0f} s, {json.dumps(results['replies'])}")
+
+
+# ----------------------------------------------------------------------------- program, adapter
+
+
+def test_a_model_on_this_machine_gets_predict_and_the_plain_reply_adapter(script, tmp_path):
+    def config(**kwargs):
+        return script.Config(data=script.DATA_FILE, **kwargs)
+
+    hosted = config()
+    assert (hosted.program, hosted.adapter, hosted.max_tokens) == ("cot", "chat", 1000)
+    # a priced name behind a loopback address is a proxy to a paid API: still hosted
+    proxy = config(api_base="http://127.0.0.1:4000/v1")
+    assert (proxy.program, proxy.adapter, proxy.max_tokens) == ("cot", "chat", 1000)
+    # a user's own server (transformers serve, LM Studio's OpenAI route): the local care
+    own = config(model="openai/SmolLM2-135M-Instruct", api_base="http://localhost:8000/v1")
+    assert (own.program, own.adapter, own.max_tokens) == ("predict", "chat-plain", 256)
+    assert (config(serve=tmp_path).program, config(serve=tmp_path).adapter) == (
+        "predict",
+        "chat-plain",
+    )
+    assert config(model="ollama_chat/llama3.2").adapter == "chat-plain"
+    chosen = config(serve=tmp_path, program="cot", adapter="json")
+    assert (chosen.program, chosen.adapter) == ("cot", "json")
+
+
+@pytest.mark.parametrize(
+    ("adapter", "calls", "unusable"),
+    [
+        ("chat-plain", 3 + 3 + 3, 0),  # the reply without markers is the answer: no retry
+        ("chat", 3 + 3 + 1 + 3 + 1, 1),  # ChatAdapter asks again in JSON, which fails too
+    ],
+)
+def test_the_plain_reply_adapter_reads_a_reply_without_markers_as_the_answer(
+    dspy_run, server, adapter, calls, unusable
+):
+    server.free_text_for = {SEASONS}
+    args = ("--run", "--yes", "--program", "predict", "--adapter", adapter)
+    result = dspy_run(*args, "--optimizer", "labeled", "--test-limit", "3")
+    assert result.returncode == 0, result.output[-3000:]
+    assert server.count == calls  # plain model, baseline and tuned: 3 questions each
+    results = results_of(result)
+    assert results["unusable"] == {"baseline": unusable, "tuned": unusable}
+    seasons = results["questions"][0]
+    assert seasons["question"] == SEASONS
+    assert seasons["baseline"] == ("" if unusable else FREE_TEXT)
+    assert results["replies"]["baseline"]["plain"] == (0 if unusable else 1)
+    assert (results["program"], results["adapter"]) == ("predict", adapter)
+    # Predict asks for the answer alone: no request names a reasoning field
+    assert not any("reasoning" in json.dumps(body["messages"]) for body in server.requests)
+
+
+def test_the_plain_model_is_asked_with_the_plain_prompt_and_recorded_as_the_mark(
+    dspy_run, server, script
+):
+    result = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2")
+    assert result.returncode == 0, result.output[-3000:]
+    plain = [
+        body for body in server.requests if body["messages"][0]["content"] == script.SYSTEM_PROMPT
+    ]
+    questions = [q["question"] for q in results_of(result)["questions"]]
+    assert sorted(body["messages"][1]["content"] for body in plain) == sorted(questions)
+    assert {len(body["messages"]) for body in plain} == {2}  # no DSPy instructions, no demos
+    results = results_of(result)
+    questions = results["questions"]
+    mark = results["plain_model"]
+    assert mark["model"] == "openai/gpt-4o-mini"
+    assert mark["score"] == round(sum(q["plain_score"] for q in questions) / 2, 2)
+    assert questions[0]["plain"] == answer_for(SEASONS)  # the fake's plain answer
+    assert mark["unusable"] == 0 and mark["cut"] == 0
+    # the same fine-tuning prompt words as the other two approaches
+    assert script.SYSTEM_PROMPT == load_script("huggingface_lora.py").SYSTEM_PROMPT
+
+
+def test_plain_model_names_the_untuned_base_of_a_tuned_model(dspy_run, server):
+    base = "openai/gpt-4o-mini-2024-07-18"
+    result = dspy_run(
+        "--run", "--yes", "--optimizer", "labeled", "--test-limit", "2", "--plain-model", base
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    models = [body["model"] for body in server.requests]
+    assert models.count("gpt-4o-mini-2024-07-18") == 2  # the plain model's two answers
+    assert models.count("gpt-4o-mini") == 4  # the programs' answers: baseline, tuned
+    assert results_of(result)["plain_model"]["model"] == base
+
+
+def test_the_train_pairs_are_written_as_the_program_sends_them(dspy_run, server, run_script):
+    result = dspy_run(
+        "--run", "--yes", "--optimizer", "labeled", "--train-limit", "3", "--test-limit", "1"
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    path = result.cwd / "outputs" / "dspy" / "finetune.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    data = [
+        json.loads(line) for line in (result.cwd / "small_edu_qa.jsonl").read_text().splitlines()
+    ]
+    train = [row for row in data if row["split"] == "train"]
+    assert len(records) == len(train) == 144  # every train pair, not only --train-limit's
+    assert [r["id"] for r in records] == [row["id"] for row in train]
+    assert {r["split"] for r in records} == {"train"}
+    # the very system message and user template the program sent the server
+    baseline = next(
+        b
+        for b in server.requests
+        if question_of(b["messages"]) == SEASONS and "[[ ##" in b["messages"][-1]["content"]
+    )
+    first = records[0]["messages"]
+    assert first[0] == baseline["messages"][0]
+    assert first[1]["content"] == baseline["messages"][-1]["content"].replace(
+        SEASONS, train[0]["question"]
+    )
+    assert first[2]["role"] == "assistant"
+    assert train[0]["answer"] in first[2]["content"]
+    assert first[2]["content"].startswith("[[ ## reasoning ## ]]")  # ChainOfThought's format
+    assert "huggingface_lora.py --data" in flat(result.stdout)
+    # a file the fine-tuning API takes as it is
+    check = run_script("openai_finetune.py", "--check-file", str(path), cwd=result.cwd)
+    assert check.returncode == 0, check.output[-2000:]
