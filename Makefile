@@ -45,7 +45,8 @@ demo: install
 #                  it also writes the train pairs as its program sends them (dspy/finetune.jsonl)
 #  3 bt-weights    LoRA trains on those, as they are: the same pairs and LoRA settings as step 1
 #  4 better-together  DSPy compiles again on the tuned weights (prompt, weights, prompt: DSPy's
-#                  BetterTogether); --plain-model keeps the untuned model as the common mark
+#                  BetterTogether); --base-model: the plain model and the baseline stay the
+#                  untuned model's, where the approach started (from the cache of step 2)
 #  5 openai        a real run when OPENAI_API_KEY is set, otherwise a row with the estimate
 CMP     := outputs/compare
 BASE    := $(CMP)/huggingface/gguf/SmolLM2-135M-Instruct.Q4_1
@@ -65,7 +66,7 @@ compare: install
 		$(PY) huggingface_lora.py --model $(BASE) --data $(CMP)/dspy/finetune.jsonl \
 		--test-limit 0 --merge --run --output-dir $(CMP)/bt; \
 	step better-together $(CMP)/results/better-together.json \
-		$(PY) dspy_example.py --run --serve $(TUNED) --plain-model $(BASE) \
+		$(PY) dspy_example.py --run --serve $(TUNED) --base-model $(BASE) \
 		--results-name better-together --output-dir $(CMP); \
 	$(PY) openai_finetune.py $(OPENAI) --output-dir $(CMP); \
 	echo "make compare: $$(( $$(date +%s) - start )) s in all; table and chart in $(CMP)/results/"

@@ -118,11 +118,15 @@ def reasoning_for(question: str) -> str:
 
 
 def question_of(messages: list[dict]) -> str:
-    """The question a prompt asks: its [[ ## question ## ]] section, or a plain chat's user turn."""
+    """The question a DSPy prompt asks (its [[ ## question ## ]] section), or ""."""
     last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
     match = QUESTION_PATTERN.search(last_user)
-    if match:
-        return match.group(1).strip()
+    return match.group(1).strip() if match else ""
+
+
+def plain_question_of(messages: list[dict]) -> str:
+    """The question of a plain chat prompt (no DSPy format): its last user turn, or ""."""
+    last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
     return "" if "[[ ##" in last_user or "JSON" in last_user else last_user.strip()
 
 
@@ -150,7 +154,7 @@ def reply_for(body: dict, prose: bool = False) -> str:
         return f"Well, {values['answer']} {values['reasoning']}"
     kind, fields = output_fields(messages)
     if kind == "chat" and not fields:  # a plain chat prompt, no DSPy format: a plain answer
-        return values["answer"]
+        return answer_for(plain_question_of(messages))
     if kind == "json" or body.get("response_format"):
         return json.dumps({name: values.get(name, "Answer briefly.") for name in fields})
     sections = [f"[[ ## {name} ## ]]\n{values.get(name, 'Answer briefly.')}" for name in fields]
@@ -270,7 +274,7 @@ class FakeChatServer:
 
     def _completion(self, body: dict, prose: bool = False) -> dict:
         messages = body.get("messages") or []
-        if question_of(messages) in self.free_text_for:
+        if (question_of(messages) or plain_question_of(messages)) in self.free_text_for:
             text, finish = FREE_TEXT, "stop"
         else:
             text, finish = reply_for(body, prose), "stop"

@@ -383,7 +383,8 @@ def test_dspy_compiles_and_answers_with_the_real_smollm2_through_transformers_se
     assert not alive(server_pid(stdout)), "the server outlived the run"
 
     program = json.loads((tmp_path / "outputs" / "dspy" / "program.json").read_text())
-    boot = [demo for demo in program["predict"]["demos"] if demo.get("augmented")]
+    assert "predict" not in program, "a model on this machine gets dspy.Predict"
+    boot = [demo for demo in program["demos"] if demo.get("augmented")]
     assert len(boot) == 1, "compiling kept the model's own run on a training question"
 
     results = json.loads((tmp_path / "outputs" / "results" / "dspy.json").read_text())
@@ -394,10 +395,49 @@ def test_dspy_compiles_and_answers_with_the_real_smollm2_through_transformers_se
     assert results["tuned_score"] > results["baseline_score"]
     for phase in ("baseline", "compile", "tuned"):
         replies = results["replies"][phase]
-        assert replies["unparsed"] == replies["not_in_format"] - replies["json_rescued"]
-        assert results["unparsed"][phase] == replies["unparsed"]
+        assert replies["json_rescued"] == 0, "the plain-reply adapter never asks again in JSON"
+        assert results["unparsed"][phase] == replies["unparsed"] == replies["not_in_format"]
     assert results["unusable"]["tuned"] == results["unparsed"]["tuned"] == 0
+    assert results["plain_model"]["score"] > 10, "the plain chat prompt answered for real"
     print(f"real SmolLM2 run: {seconds:.0f} s, {json.dumps(results['replies'])}")
+
+
+@needs_serve
+def test_the_chosen_program_leaves_at_most_1_of_12_real_replies_unreadable(
+    request, script, tmp_path, monkeypatch
+):
+    """The program and adapter a model on this machine gets, zero-shot, on SmolLM2-135M.
+
+    DSPy's usual ChainOfThought with ChatAdapter left 0 of 36 replies in format on this model
+    (bench/dspy_program.py). The script's own stages 1 to 3 and its answer_all(), as stage 5
+    runs the baseline, on the first 12 test questions.
+    """
+    folder = request.getfixturevalue("smollm2_folder")
+    for name, value in SERVE_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OPENAI_API_KEY", "local")  # the OpenAI client wants one; the server none
+    script.console.quiet = True
+    server = script.LocalServer(folder.resolve(), tmp_path / "serve.log")
+    server.start(300)
+    try:
+        cfg = script.parse_config(
+            ["--run", "--yes", "--model", f"openai/{folder.resolve()}", "--api-base",
+             server.api_base, "--test-limit", "12", "--no-cache",
+             "--max-tokens", "128", "--output-dir", str(tmp_path)]
+        )  # fmt: skip
+        assert (cfg.program, cfg.adapter) == ("predict", "chat-plain")
+        data = script.prepare_data(cfg)
+        formatted = script.format_data(cfg, data)
+        plan = script.configure_model(cfg, formatted)
+        program = script.build_program(cfg.program, formatted.signature)
+        replies = script.answer_all(program, formatted.testset, 1, "baseline")
+    finally:
+        server.stop()
+    answers = [reply["answer"] for reply in replies]
+    assert sum(not answer.strip() for answer in answers) <= 1, answers
+    assert plan.replies["baseline"]["replies"] == 12
+    rouge = [script.rouge_l(a, row["answer"]) for a, row in zip(answers, data["test"], strict=True)]
+    assert sum(rouge) / 12 > 10, "answers about the questions, not template residue"
 
 
 # ----------------------------------------------------------------------------- program, adapter
@@ -472,15 +512,14 @@ def test_the_plain_model_is_asked_with_the_plain_prompt_and_recorded_as_the_mark
     assert script.SYSTEM_PROMPT == load_script("huggingface_lora.py").SYSTEM_PROMPT
 
 
-def test_plain_model_names_the_untuned_base_of_a_tuned_model(dspy_run, server):
+def test_base_model_answers_the_plain_prompt_and_the_baseline_of_a_tuned_model(dspy_run, server):
     base = "openai/gpt-4o-mini-2024-07-18"
-    result = dspy_run(
-        "--run", "--yes", "--optimizer", "labeled", "--test-limit", "2", "--plain-model", base
-    )
+    args = ("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2", "--base-model", base)
+    result = dspy_run(*args)
     assert result.returncode == 0, result.output[-3000:]
     models = [body["model"] for body in server.requests]
-    assert models.count("gpt-4o-mini-2024-07-18") == 2  # the plain model's two answers
-    assert models.count("gpt-4o-mini") == 4  # the programs' answers: baseline, tuned
+    assert models.count("gpt-4o-mini-2024-07-18") == 4  # the plain model's and the baseline's
+    assert models.count("gpt-4o-mini") == 2  # the compiled program on the tuned model
     assert results_of(result)["plain_model"]["model"] == base
 
 
@@ -499,11 +538,7 @@ def test_the_train_pairs_are_written_as_the_program_sends_them(dspy_run, server,
     assert [r["id"] for r in records] == [row["id"] for row in train]
     assert {r["split"] for r in records} == {"train"}
     # the very system message and user template the program sent the server
-    baseline = next(
-        b
-        for b in server.requests
-        if question_of(b["messages"]) == SEASONS and "[[ ##" in b["messages"][-1]["content"]
-    )
+    baseline = next(b for b in server.requests if question_of(b["messages"]) == SEASONS)
     first = records[0]["messages"]
     assert first[0] == baseline["messages"][0]
     assert first[1]["content"] == baseline["messages"][-1]["content"].replace(
