@@ -201,6 +201,7 @@ def prepare_data(cfg: Config) -> dict:
     train = take(examples, "train", cfg.train_limit)
     test = take(examples, "test", cfg.test_limit)
     show_split_counts(cfg, examples, train, test)
+    say_what_is_used(examples)
     console.print(
         f"The optimizer sees only the first {len(train)} train pairs (--train-limit; DSPy needs "
         f"10 to 50). The {len(test)} test pairs are never shown to it: they only score the result."
@@ -441,6 +442,22 @@ def show_split_counts(
         table.add_row(subject, *map(str, counts))
     table.add_row("all", *(str(len(rows)) for rows in groups), style="bold")
     console.print(table)
+
+
+def say_what_is_used(examples: list[dict]) -> None:
+    """One line on what DSPy takes from a file that is not question/answer lines."""
+    kind = examples[0]["format"]
+    if kind == "prompt":
+        console.print(
+            f"{RECORD_FORMATS[kind]} records: each prompt is a question and its completion the "
+            "answer"
+        )
+    elif kind != "qa":
+        console.print(
+            f"{RECORD_FORMATS[kind]} records: DSPy uses the question (the last user turn) and the "
+            "answer (the assistant turn after it) only; system prompts and earlier turns are not "
+            "used (DSPy writes its own prompt)"
+        )
 
 
 # ----- Stage 2 · format_data: the signature, the program, the prompt and its tokens

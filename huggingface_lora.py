@@ -122,7 +122,7 @@ class Config:
     yes: bool = False  # taken so that every approach has the same flags: nothing here is paid
     max_cost: float | None = None  # taken likewise: a local run costs $0
     train_limit: int | None = None  # fewer pairs, for a quicker try
-    test_limit: int | None = None  # fewer test questions: each is answered twice
+    test_limit: int | None = None  # fewer test questions: each is answered twice; 0: train only
     output_dir: Path = Path("outputs")  # everything a run writes, in one folder to delete
     seed: int = 42  # the held-out slice, the adapter's start, the data order: a rerun repeats
     ask: str | None = None  # one question of your own, to the adapter an earlier run saved
@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def prepare_data(cfg: Config) -> dict:
     stage(1, "prepare_data", "Load and check the question/answer pairs, then split them.")
-    examples = load_examples(cfg.data)
+    # A file of training records only (an export from another tool) is fine for a run that
+    # answers no test question.
+    examples = load_examples(cfg.data, need_test=cfg.test_limit != 0, train_only="--test-limit 0")
     train = take(examples, "train", cfg.train_limit)
     test = take(examples, "test", cfg.test_limit)
     table = Table(title=f"{cfg.data.name}: {len(examples)} pairs")
@@ -202,6 +204,7 @@ def prepare_data(cfg: Config) -> dict:
     console.print(table)
     if cfg.train_limit or cfg.test_limit:
         console.print(f"using the first {len(train)} train and {len(test)} test examples (limits)")
+    say_what_is_trained(cfg, examples)
     return {"train": train, "test": test}
 
 
@@ -251,7 +254,8 @@ def format_data(cfg: Config, data: dict) -> dict:
     lengths = show_token_counts(train_rows)
     if is_main_process():
         write_formatted(cfg, train_rows, eval_rows)
-    end_of_turn = train_rows[0]["labels"][-1]  # every trained example ends with it
+    # Every answer ends with it; a chat record's last turn need not be a trained answer.
+    end_of_turn = encode_example(tokenizer, "?", "!", system_in_user)["labels"][-1]
     return formatted | {
         "train_rows": train_rows,
         "eval_rows": eval_rows,
@@ -380,6 +384,9 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
 def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | None):
     stage(5, "answer", "Answer held-out questions greedily: base model vs base + adapter.")
     questions = data["test"]
+    if not questions:
+        console.print(TRAIN_ONLY["answer"])
+        return []
     if tuned is None:
         show_answering_plan(cfg, questions)
         return []
@@ -390,7 +397,7 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
             "max_new_tokens": cfg.max_new_tokens,
             "batch_size": cfg.gen_batch_size,
         }
-        texts = [q["question"] for q in questions]
+        texts = [test_prompt(q) for q in questions]  # a chat record: its own messages
         started = time.perf_counter()
         # The same weights twice: with the adapter switched off they are the base model.
         with console.status("answering without the adapter (baseline)"), model.disable_adapter():
@@ -414,14 +421,19 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
 
 def compare(cfg: Config, plan: dict, tuned: dict | None, answers, seconds: float) -> None:
     stage(6, "compare", "Score both with ROUGE-L, write the results, compare across approaches.")
-    if tuned is None:
+    if cfg.test_limit == 0:
+        console.print(TRAIN_ONLY["compare"])
+    elif tuned is None:
         console.print(
             f"dry run: would score baseline and tuned answers with ROUGE-L F1 and write "
             f"{cfg.output_dir / 'results' / (APPROACH + '.json')}; results present now:"
         )
         compare_results(cfg.output_dir, write=False)
+    if tuned is None:
         real = ["python", Path(sys.argv[0]).name, "--run", *sys.argv[1:]]
         console.print(f"\nreal run: [bold]{shlex.join(real)}[/bold]")
+        return
+    if cfg.test_limit == 0:
         return
     result = write_results(
         cfg.output_dir,
@@ -514,6 +526,36 @@ def show_run_header(cfg: Config) -> None:
         mode += model_label(cfg.model)
     console.print(f"[bold]huggingface_lora.py[/bold] · {mode}")
     console.print(key_status("HF_TOKEN") + " (only gated models such as Llama 2 need it)")
+
+
+# ----- Stage 1 · prepare_data: what this script takes from a file in another format
+
+# What stages 5 and 6 say for --test-limit 0, a run that only trains.
+TRAIN_ONLY = {
+    "answer": "--test-limit 0: train only; no test question is answered",
+    "compare": (
+        "--test-limit 0: train only, so nothing is scored and no results file is written; "
+        "ask the adapter your own question with --ask"
+    ),
+}
+
+
+def say_what_is_trained(cfg: Config, examples: list[dict]) -> None:
+    """One line on what a file that is not question/answer lines is used for."""
+    kind = examples[0]["format"]
+    if kind == "prompt":
+        console.print(
+            f"{RECORD_FORMATS[kind]} records: each prompt is a question and its completion the "
+            "answer, in a chat with this script's system prompt"
+        )
+    elif kind != "qa":
+        console.print(
+            f"{RECORD_FORMATS[kind]} records: each is trained as it is, through the chat "
+            "template, with the loss on its assistant turns only; a test record is answered from "
+            "its own messages up to its last user turn"
+        )
+    if cfg.test_limit == 0:
+        console.print("--test-limit 0: train only, no test question will be answered")
 
 
 # ----- Stage 2 · format_data: where the model and its tokenizer come from
@@ -773,13 +815,76 @@ def encode_example(tokenizer, question: str, answer: str, system_in_user: bool) 
     }
 
 
+def own_chat(messages: list[dict], system_in_user: bool) -> list[dict]:
+    """A chat record's messages for the template; one that has no system role gets each system
+    message in front of the next user turn, as chat() does with this script's instructions."""
+    if not system_in_user:
+        return messages
+    merged, waiting = [], []
+    for message in messages:
+        if message["role"] == "system":
+            waiting.append(message["content"])
+        elif message["role"] == "user" and waiting:
+            merged.append(message | {"content": "\n\n".join([*waiting, message["content"]])})
+            waiting = []
+        else:
+            merged.append(message)
+    return merged
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> dict:
+    """Token ids and labels for a whole chat: each assistant turn and its end token are
+    trained, everything else is -100 (system and user turns, the template's markup).
+
+    encode_example's cut, turn by turn: an answer starts where the chat before it plus the
+    template's assistant header ends, and stops at the first special token after that. A turn
+    with "weight": 0 is context only, as the OpenAI fine-tuning API reads it.
+    """
+    ids = chat_ids(tokenizer, messages, generation_prompt=False)
+    labels = [-100] * len(ids)
+    stops = special_ids(tokenizer)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
+            continue
+        before = chat_ids(tokenizer, messages[:index], generation_prompt=True)
+        start = shared_prefix(before, ids)
+        end = shared_prefix(
+            chat_ids(tokenizer, messages[: index + 1], generation_prompt=False), ids
+        )
+        stop = next((i for i in range(start, end) if ids[i] in stops), None)
+        end = end if stop is None else stop + 1
+        labels[start:end] = ids[start:end]
+        if index == len(messages) - 1:  # the end of the chat: the template's tail is not taught
+            tail = [] if stop is not None else [tokenizer.eos_token_id]
+            ids, labels = ids[:end] + tail, labels[:end] + tail
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
 def encode_pairs(
     cfg: Config, tokenizer, examples: list[dict], system_in_user: bool
 ) -> tuple[list[dict], list[str]]:
     """The encoded rows of the pairs that fit in --max-length, and the ids of those that do not."""
+    from jinja2.exceptions import TemplateError
+
     rows, dropped = [], []
     for e in examples:
-        row = encode_example(tokenizer, e["question"], e["answer"], system_in_user)
+        try:
+            if "messages" in e:  # a chat record, trained as it is
+                row = encode_chat(tokenizer, own_chat(e["messages"], system_in_user))
+            else:
+                row = encode_example(tokenizer, e["question"], e["answer"], system_in_user)
+        except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+            raise UsageError(
+                f"{cfg.data.name}: example {e['id']}: the model's chat template refuses its "
+                f"messages ({str(exc)[:120]}); change the record or pick another --model"
+            ) from None
         if len(row["input_ids"]) > cfg.max_length:
             dropped.append(e["id"])  # truncating would cut off the end-of-turn token
             continue
@@ -803,6 +908,22 @@ def report_dropped(train_ids: list[str], eval_ids: list[str], max_length: int, e
 
 def show_tokens(tokenizer, example: dict) -> None:
     """Print one example token by token: dim = prompt (label -100), green = trained."""
+    labels = example["labels"]
+    turns = sum(
+        label != -100 and (i == 0 or labels[i - 1] == -100) for i, label in enumerate(labels)
+    )
+    if turns > 1:  # a chat of several answers: one text, in order, reads better than two parts
+        text = Text()
+        for token, label in zip(example["input_ids"], labels, strict=True):
+            piece = tokenizer.decode([token]).replace("\n", "\\n")
+            text.append(piece, style="dim" if label == -100 else "bold green")
+            text.append("|", style="dim blue")
+        console.print(
+            f"one chat, {len(labels)} tokens: {turns} assistant turns trained (green), the rest "
+            "label -100 (dim: given to the model, not trained):"
+        )
+        console.print(text)
+        return
     parts = {"prompt": Text(), "trained": Text()}
     for token, label in zip(example["input_ids"], example["labels"], strict=True):
         part = "prompt" if label == -100 else "trained"
@@ -849,6 +970,11 @@ def write_formatted(cfg: Config, train_rows: list[dict], eval_rows: list[dict]) 
     console.print(f"wrote {out / 'train.jsonl'} and eval.jsonl (input_ids, labels)")
 
 
+def training_chat(example: dict) -> list[dict]:
+    """The chat an example trains on: a chat record's own, or the pair in this script's."""
+    return example.get("messages") or chat(example["question"], example["answer"])
+
+
 def format_without_tokenizer(
     cfg: Config, source: str, train_part: list[dict], eval_part: list[dict]
 ) -> dict:
@@ -860,7 +986,8 @@ def format_without_tokenizer(
     )
 
     def estimate(e: dict) -> int:
-        return (len(SYSTEM_PROMPT) + len(e["question"]) + len(e["answer"])) // 4 + 12
+        messages = training_chat(e)
+        return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
 
     # What a real run would drop, so that the plan below counts only what it would train on.
     dropped = [e["id"] for e in train_part if estimate(e) > cfg.max_length]
@@ -878,13 +1005,10 @@ def format_without_tokenizer(
         f"{statistics.median(lengths):.0f}, max {max(lengths)}; total {sum(lengths)}"
     )
     console.print("one example as chat messages:")
-    console.print_json(json.dumps(chat(train_part[0]["question"], train_part[0]["answer"])))
+    console.print_json(json.dumps(training_chat(train_part[0])))
     if is_main_process():
         out = work_dir(cfg) / "formatted"
-        lines = [
-            json.dumps({"id": e["id"], "messages": chat(e["question"], e["answer"])})
-            for e in train_part
-        ]
+        lines = [json.dumps({"id": e["id"], "messages": training_chat(e)}) for e in train_part]
         write_atomic(out / "train.jsonl", "\n".join(lines) + "\n")
         console.print(f"wrote {out / 'train.jsonl'} (chat messages; tokens on a real run)")
     return {
@@ -1695,13 +1819,29 @@ def show_answering_plan(cfg: Config, questions: list[dict]) -> None:
         f"(max {cfg.max_new_tokens} new tokens, batches of {cfg.gen_batch_size}, left "
         "padding), once with the adapter disabled (baseline) and once with it on. Prompt:"
     )
-    console.print_json(json.dumps(chat(questions[0]["question"])))
+    console.print_json(json.dumps(prompt_chat(test_prompt(questions[0]), False)))
+
+
+def test_prompt(example: dict) -> str | list[dict]:
+    """What a test example is asked with: a chat record's own messages up to its last user
+    turn (its own system prompt, its earlier turns), or the question in this script's chat."""
+    if "messages" not in example:
+        return example["question"]
+    messages = example["messages"]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return messages[: last_user + 1]
+
+
+def prompt_chat(prompt: str | list[dict], system_in_user: bool) -> list[dict]:
+    if isinstance(prompt, str):
+        return chat(prompt, None, system_in_user)
+    return own_chat(prompt, system_in_user)
 
 
 def generate_answers(
     model,
     tokenizer,
-    questions: list[str],
+    questions: list[str | list[dict]],
     *,
     system_in_user,
     stop_ids,
@@ -1710,7 +1850,8 @@ def generate_answers(
     batch_size,
 ) -> list[str]:
     """Greedy answers, a batch at a time, left-padded so every prompt ends where generation
-    starts (right padding would put pad tokens between a question and its answer).
+    starts (right padding would put pad tokens between a question and its answer). A question
+    is a text, or a chat's messages up to its last user turn (see test_prompt).
 
     Generation ends at an end-of-turn token or, for the fallback template, where the template's
     next turn would begin: a base model that has not learnt to stop goes on to invent the next
@@ -1730,7 +1871,7 @@ def generate_answers(
     model.eval()
     answers = []
     for start in range(0, len(questions), batch_size):
-        batch = [chat(q, None, system_in_user) for q in questions[start : start + batch_size]]
+        batch = [prompt_chat(q, system_in_user) for q in questions[start : start + batch_size]]
         inputs = tokenizer.apply_chat_template(
             batch,
             add_generation_prompt=True,
@@ -2052,10 +2193,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--test-limit",
-        type=number(int, 1),
+        type=number(int, 0),
         default=d.test_limit,
         metavar="N",
-        help="use the first N test examples",
+        help="use the first N test examples (0: train only, answer none)",
     )
     add("--output-dir", type=path_arg, default=d.output_dir, help="where everything is written")
     add("--seed", type=seed_arg, default=d.seed)

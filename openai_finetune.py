@@ -103,7 +103,7 @@ class Config:
     yes: bool = False  # a paid step asks first; --yes is for scripts that cannot answer
     max_cost: float | None = None  # a ceiling in USD, checked against stage 3's estimate
     train_limit: int | None = None  # a smaller, cheaper job while trying things out
-    test_limit: int | None = None  # fewer test questions: each one is two paid requests
+    test_limit: int | None = None  # fewer test questions: each one is two paid requests; 0: none
     output_dir: Path = Path("outputs")  # everything a run writes, in one folder to delete
     seed: int = 42  # the job's seed and the validation slice: the same run twice is the same
     ask: str | None = None  # one question of your own, to the models an earlier run recorded
@@ -159,7 +159,9 @@ def prepare_data(cfg: Config) -> dict:
     stage(
         1, "prepare_data", "Load the question/answer pairs, check them, and split train from test."
     )
-    examples = load_examples(cfg.data)
+    # A file of training records only (an export from another tool) is fine for a run that
+    # answers no test question.
+    examples = load_examples(cfg.data, need_test=cfg.test_limit != 0, train_only="--test-limit 0")
     train = take(examples, "train", cfg.train_limit)
     test = take(examples, "test", cfg.test_limit)
     table = Table(title=f"{cfg.data.name}: examples by subject and split")
@@ -175,6 +177,7 @@ def prepare_data(cfg: Config) -> dict:
         )
     table.add_row("[bold]total", f"[bold]{len(train)}", f"[bold]{len(test)}")
     console.print(table)
+    say_what_is_trained(cfg, examples)
     return {"train": train, "test": test}
 
 
@@ -191,12 +194,7 @@ def format_data(cfg: Config, data: dict) -> dict:
     rows: dict[str, list[str]] = {"train": [], "valid": []}
     ids: dict[str, list[str]] = {"train": [], "valid": []}  # line n of a file is ids[...][n - 1]
     for index, example in enumerate(train):
-        conversation = {
-            "messages": [
-                *chat_messages(example["question"]),
-                {"role": "assistant", "content": example["answer"]},
-            ]
-        }
+        conversation = {"messages": training_chat(example)}  # never the id, subject or split
         side = "valid" if index in held_out else "train"
         rows[side].append(json.dumps(conversation, ensure_ascii=False) + "\n")
         ids[side].append(example["id"])
@@ -226,9 +224,7 @@ def format_data(cfg: Config, data: dict) -> dict:
         "report": report,
         "token_label": token_label,
         "n_test": len(test),
-        "test_prompt_tokens": sum(
-            prompt_tokens(count_tokens, chat_messages(e["question"])) for e in test
-        ),
+        "test_prompt_tokens": sum(prompt_tokens(count_tokens, test_prompt(e)) for e in test),
         "test_reply_tokens": sum(count_tokens(e["answer"]) for e in test),
     }
 
@@ -340,6 +336,9 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
     stage(5, "answer", "Ask the base model and the fine-tuned model the held-out test questions.")
     test = data["test"]
     base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
+    if not test:
+        console.print(TRAIN_ONLY["answer"])
+        return None
     if not cfg.run:
         show_answer_request(plan, base_name, test)
         return None
@@ -357,7 +356,8 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
             row = {"id": example["id"], "question": question, "reference": example["answer"]}
             for side, short, model in models:
                 try:
-                    reply = client.chat.completions.create(**chat_request(model, question))
+                    request = chat_request(model, question, test_prompt(example))
+                    reply = client.chat.completions.create(**request)
                 except openai.NotFoundError as exc:
                     raise UsageError(no_such_model(model, exc)) from None
                 row[side] = reply_text(reply)
@@ -390,6 +390,9 @@ def compare(
         "compare",
         "Score both sets of answers with ROUGE-L and compare with the other approaches.",
     )
+    if cfg.test_limit == 0:
+        console.print(TRAIN_ONLY["compare"])
+        return
     if not answers:
         if cfg.record_plan and not cfg.run:
             record_plan(cfg, plan)
@@ -428,6 +431,36 @@ def compare(
 # How each stage does it
 # =====================================================================================
 
+# ----- Stage 1 · prepare_data: what this script takes from a file in another format
+
+# What stages 5 and 6 say for --test-limit 0, a run that only trains.
+TRAIN_ONLY = {
+    "answer": "--test-limit 0: train only; no test question is answered",
+    "compare": (
+        "--test-limit 0: train only, so nothing is scored and no results file is written; "
+        "ask the tuned model your own question with --ask"
+    ),
+}
+
+
+def say_what_is_trained(cfg: Config, examples: list[dict]) -> None:
+    """One line on what a file that is not question/answer lines is used for."""
+    kind = examples[0]["format"]
+    if kind == "prompt":
+        console.print(
+            f"{RECORD_FORMATS[kind]} records: each prompt is a question and its completion the "
+            "answer, in a chat with this script's system prompt"
+        )
+    elif kind != "qa":
+        console.print(
+            f"{RECORD_FORMATS[kind]} records: each is trained as it is (its messages go into the "
+            "training file unchanged); a test record is asked with its own messages up to its "
+            "last user turn"
+        )
+    if cfg.test_limit == 0:
+        console.print("--test-limit 0: train only, no test question will be answered")
+
+
 # ----- Stage 2 · format_data: the chat files
 
 # Stage 2's output for the data beside the script, with the default settings, is kept beside
@@ -438,6 +471,16 @@ VALIDATION_NAME = "openai_edu_qa_validation.jsonl"
 
 def chat_messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def training_chat(example: dict) -> list[dict]:
+    """A chat record as it is; a pair as a chat under this script's system prompt."""
+    if "messages" in example:
+        return example["messages"]
+    return [
+        *chat_messages(example["question"]),
+        {"role": "assistant", "content": example["answer"]},
+    ]
 
 
 def validation_slice(cfg: Config, n_train: int) -> set[int]:
@@ -1330,11 +1373,22 @@ def cancel_command(cfg: Config, job_id: str) -> str:
 # ----- Stage 5 · answer: the chat requests and what they cost
 
 
-def chat_request(model: str, question: str) -> dict:
+def test_prompt(example: dict) -> list[dict]:
+    """What a test example is asked with: a chat record's own messages up to its last user
+    turn (its own system prompt), or the question under this script's system prompt."""
+    if "messages" not in example:
+        return chat_messages(example["question"])
+    messages = example["messages"]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    # "weight" is a training file's key; a chat request refuses it
+    return [{k: v for k, v in m.items() if k != "weight"} for m in messages[: last_user + 1]]
+
+
+def chat_request(model: str, question: str, messages: list[dict] | None = None) -> dict:
     """The one chat request this script sends, for the base and the tuned model alike."""
     return {
         "model": model,
-        "messages": chat_messages(question),
+        "messages": messages or chat_messages(question),
         "temperature": DECODING["temperature"],
         "max_tokens": DECODING["max_tokens"],
     }
@@ -1342,7 +1396,7 @@ def chat_request(model: str, question: str) -> dict:
 
 def show_answer_request(plan: dict, base_name: str, test: list[dict]) -> None:
     """The dry run of stage 5: the request each test question would be sent as."""
-    request = chat_request(base_name, test[0]["question"])
+    request = chat_request(base_name, test[0]["question"], test_prompt(test[0]))
     console.print(
         f"A real run sends {len(test)} requests like this to each model (base, then tuned):"
     )
@@ -1717,10 +1771,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--test-limit",
-        type=number(int, 1),
+        type=number(int, 0),
         default=d.test_limit,
         metavar="N",
-        help="use the first N test examples",
+        help="use the first N test examples (0: train only, answer none)",
     )
     parser.add_argument(
         "--output-dir", type=path_arg, default=d.output_dir, help="where everything is written"
