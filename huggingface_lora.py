@@ -220,7 +220,8 @@ def format_data(cfg: Config, data: dict) -> dict:
     if kind == "gguf":
         console.print(f"model: {model_label(cfg.model)}; tokenizer from {source}")
     train_part, eval_part = hold_out_for_eval(cfg, data)
-    console.print(f"system prompt: [italic]{SYSTEM_PROMPT}[/italic]")
+    if "messages" not in data["train"][0]:  # a chat record keeps its own
+        console.print(f"system prompt: [italic]{SYSTEM_PROMPT}[/italic]")
     formatted = {
         "kind": kind,
         "source": source,
@@ -254,8 +255,7 @@ def format_data(cfg: Config, data: dict) -> dict:
     lengths = show_token_counts(train_rows)
     if is_main_process():
         write_formatted(cfg, train_rows, eval_rows)
-    # Every answer ends with it; a chat record's last turn need not be a trained answer.
-    end_of_turn = encode_example(tokenizer, "?", "!", system_in_user)["labels"][-1]
+    end_of_turn = end_of_turn_id(tokenizer, system_in_user)
     return formatted | {
         "train_rows": train_rows,
         "eval_rows": eval_rows,
@@ -865,6 +865,12 @@ def encode_chat(tokenizer, messages: list[dict]) -> dict:
             tail = [] if stop is not None else [tokenizer.eos_token_id]
             ids, labels = ids[:end] + tail, labels[:end] + tail
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def end_of_turn_id(tokenizer, system_in_user: bool) -> int:
+    """The token every trained answer ends with, where generation stops (a chat record's last
+    message need not be an answer, so it is read off a pair of this script's own)."""
+    return encode_example(tokenizer, "?", "!", system_in_user)["labels"][-1]
 
 
 def encode_pairs(
@@ -2803,6 +2809,11 @@ def chat_pair(messages: list, labels: list[str], where: str) -> tuple[str, str]:
         raise UsageError(
             f"{where}: no assistant message right after the last user message ({labels[last_user]})"
             '; add the answer there as {"role": "assistant", "content": ...}'
+        )
+    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in messages):
+        raise UsageError(
+            f'{where}: every assistant message has "weight": 0, so nothing in it is trained; '
+            'drop "weight" from the answer'
         )
     return messages[last_user]["content"], messages[last_user + 1]["content"]
 

@@ -2427,6 +2427,11 @@ def chat_pair(messages: list, labels: list[str], where: str) -> tuple[str, str]:
             f"{where}: no assistant message right after the last user message ({labels[last_user]})"
             '; add the answer there as {"role": "assistant", "content": ...}'
         )
+    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in messages):
+        raise UsageError(
+            f'{where}: every assistant message has "weight": 0, so nothing in it is trained; '
+            'drop "weight" from the answer'
+        )
     return messages[last_user]["content"], messages[last_user + 1]["content"]
 
 
