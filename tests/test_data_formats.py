@@ -130,8 +130,13 @@ def test_every_format_gives_the_examples_of_the_same_question_answer_file(
     for example, record in zip(examples, given, strict=True):
         messages = record.get("messages") or record["prompt"] + record["completion"]
         assert example["messages"] == messages
-    # the stand-ins of a missing id and split are those of the question/answer file
-    assert examples[6]["id"] == "7" and examples[6]["split"] == expected[6]["split"]
+    # a missing id is the line number, a missing split the question's hash, as for pairs
+    unmarked = examples[6::7]
+    assert [e["id"] for e in unmarked] == [str(n) for n in range(7, len(examples) + 1, 7)]
+    assert [e["split"] for e in unmarked] == [
+        modules[script].split_of(e["question"]) for e in unmarked
+    ]
+    assert {e["split"] for e in unmarked} == {"train", "test"}
 
 
 def stage_1_rows(output: str) -> list[str]:
@@ -179,6 +184,13 @@ def test_a_dry_run_takes_every_format_and_counts_what_the_question_answer_file_c
     # a chat's test question is asked with its own messages: its system prompt, not the script's
     stage_5 = flat(between(result.stdout, "Stage 5/6", "Stage 6/6"))
     assert OWN_SYSTEM in stage_5 and modules[script].SYSTEM_PROMPT not in stage_5
+    if script == "huggingface_lora.py":  # ...and trained as it is, every answer in it
+        hf = modules[script]
+        formatted = tmp_path / "outputs" / "huggingface" / "formatted" / "train.jsonl"
+        first = json.loads(formatted.read_text("utf-8").splitlines()[0])
+        tokenizer = hf.build_tiny_tokenizer()
+        assert OWN_SYSTEM in tokenizer.decode(first["input_ids"])
+        assert len(trained_runs(tokenizer, first)) == (2 if kind == "chat" else 1)
 
 
 # ------------------------------------------------------------------ errors, one line each
@@ -215,6 +227,11 @@ ERRORS = {
     "no assistant after the last user turn": (
         [chat(ASKED, ANSWERED, ("user", "And 3 + 3?"))],
         "1: no assistant message right after the last user message (message 3); add the answer "
+        'there as {"role": "assistant", "content": ...}',
+    ),
+    "a system turn between the question and its answer": (
+        [chat(ASKED, ("system", "Answer in one word."), ANSWERED)],
+        "1: no assistant message right after the last user message (message 1); add the answer "
         'there as {"role": "assistant", "content": ...}',
     ),
     "messages not a list": (
