@@ -1740,7 +1740,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=path_arg,
         default=d.data,
-        help="JSONL with question/answer per line (default: small_edu_qa.jsonl beside the script)",
+        help=(
+            "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion "
+            "records (default: small_edu_qa.jsonl beside the script)"
+        ),
     )
     # Left unset (None) here: --model, --max-tokens, --threads, --results-name and --cache-dir.
     # Config works each out from the others (a local server, --serve, --output-dir), and
@@ -2232,8 +2235,8 @@ def mostly_nul(data: bytes) -> bool:
 
 
 def not_a_text_file(path: Path, first: bytes) -> str | None:
-    """What a file whose first line is this is, when it is a workbook or UTF-16, and how to
-    convert it; None for anything else (UTF-8 text, or what the decoder says of it)."""
+    """What a file whose first line is this is, when it is a workbook, UTF-16 or binary, and how
+    to convert it; None for anything else (UTF-8 text, or what the decoder says of it)."""
     if first.startswith((XLSX_MAGIC, XLS_MAGIC)):
         kind = "an Excel workbook (.xlsx, a zip file)"
         if first.startswith(XLS_MAGIC):
