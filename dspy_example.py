@@ -203,6 +203,7 @@ def prepare_data(cfg: Config) -> dict:
     train = take(examples, "train", cfg.train_limit)
     test = take(examples, "test", cfg.test_limit)
     show_split_counts(cfg, examples, train, test)
+    say_what_is_used(examples)
     console.print(
         f"The optimizer sees only the first {len(train)} train pairs (--train-limit; DSPy needs "
         f"10 to 50). The {len(test)} test pairs are never shown to it: they only score the result."
@@ -455,6 +456,22 @@ def show_split_counts(
         table.add_row(subject, *map(str, counts))
     table.add_row("all", *(str(len(rows)) for rows in groups), style="bold")
     console.print(table)
+
+
+def say_what_is_used(examples: list[dict]) -> None:
+    """One line on what DSPy takes from a file that is not question/answer lines."""
+    kind = examples[0]["format"]
+    if kind == "prompt":
+        console.print(
+            f"{RECORD_FORMATS[kind]} records: each prompt is a question and its completion the "
+            "answer"
+        )
+    elif kind != "qa":
+        console.print(
+            f"{RECORD_FORMATS[kind]} records: DSPy uses the question (the last user turn) and the "
+            "answer (the assistant turn after it) only; system prompts and earlier turns are not "
+            "used (DSPy writes its own prompt)"
+        )
 
 
 # ----- Stage 2 · format_data: the signature, the program, the prompt and its tokens
@@ -2033,7 +2050,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=path_arg,
         default=d.data,
-        help="JSONL with question/answer per line (default: small_edu_qa.jsonl beside the script)",
+        help=(
+            "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion "
+            "records (default: small_edu_qa.jsonl beside the script)"
+        ),
     )
     # Left unset (None) here: --model, --max-tokens, --threads, --results-name and --cache-dir.
     # Config works each out from the others (a local server, --serve, --output-dir), and
@@ -2485,6 +2505,8 @@ def read_lines(path: Path, flag: str, *, bom_ok: bool = True):
             number += 1
             total += len(raw)
             where = f"{path.name}:{number}"
+            if number == 1 and (wrong := not_a_text_file(path, raw)):
+                raise UsageError(f"{where}: {wrong}")
             if len(raw) > MAX_LINE_BYTES:
                 raise UsageError(
                     f"{where}: a line longer than {MAX_LINE_BYTES // 2**20} MiB; each line must "
@@ -2510,6 +2532,72 @@ def read_lines(path: Path, flag: str, *, bom_ok: bool = True):
                     "save the file as UTF-8"
                 ) from None
             yield number, text
+
+
+# What a spreadsheet or another editor saves instead of JSON lines: each is named, with the one
+# command (or Save As step) that turns it into a file this script reads.
+XLSX_MAGIC = b"PK\x03\x04"  # a zip file, which an .xlsx workbook is
+XLS_MAGIC = b"\xd0\xcf\x11\xe0"  # the Office container of Excel 97-2003
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+CSV_TO_JSONL = (
+    'python -c "import csv,json,sys; [print(json.dumps({{k.strip().lower(): v for k, v in '
+    "r.items()}}, ensure_ascii=False)) for r in csv.DictReader(open(sys.argv[1], newline='', "
+    "encoding='utf-8-sig'){delimiter})]\" {source} > {target}"
+)
+JSON_TO_JSONL = (
+    'python -c "import json,sys; [print(json.dumps(r, ensure_ascii=False)) for r in '
+    "json.load(open(sys.argv[1], encoding='utf-8'))]\" {source} > {target}"
+)
+
+
+def converted(path: Path, suffix: str = ".jsonl", tag: str = "") -> str:
+    """The name to suggest for a converted copy of `path`, never `path` itself, shell-quoted."""
+    target = path.with_name(path.stem + tag + suffix)
+    if target == path:
+        target = path.with_name(f"{path.stem}-converted{suffix}")
+    return shlex.quote(str(target))
+
+
+def csv_command(source: Path, delimiter: str = ",") -> str:
+    """The one-liner that turns a CSV file with a header row into JSON lines (keys lower-cased)."""
+    option = "" if delimiter == "," else f", delimiter={delimiter!r}"
+    return CSV_TO_JSONL.format(
+        delimiter=option, source=shlex.quote(str(source)), target=converted(source)
+    )
+
+
+def mostly_nul(data: bytes) -> bool:
+    # UTF-16 stores a Latin letter as the letter and a NUL byte, in that order or the other
+    return data.count(0) * 4 >= len(data) * 3
+
+
+def not_a_text_file(path: Path, first: bytes) -> str | None:
+    """What a file whose first line is this is, when it is a workbook, UTF-16 or binary, and how
+    to convert it; None for anything else (UTF-8 text, or what the decoder says of it)."""
+    if first.startswith((XLSX_MAGIC, XLS_MAGIC)):
+        kind = "an Excel workbook (.xlsx, a zip file)"
+        if first.startswith(XLS_MAGIC):
+            kind = "an old Excel workbook (.xls)"
+        return (
+            f"this is {kind}, not JSON lines; save it as CSV UTF-8 in Excel or LibreOffice "
+            f"(File > Save As), then convert the CSV: {csv_command(path.with_suffix('.csv'))}"
+        )
+    sample = first[:256]
+    encoding, why = None, "it starts with a UTF-16 byte-order mark"
+    if first.startswith(UTF16_BOMS):
+        encoding = "UTF-16"
+    elif len(sample) >= 4 and mostly_nul(sample[1::2]) and not mostly_nul(sample[0::2]):
+        encoding, why = "UTF-16LE", "NUL bytes between the characters"
+    elif len(sample) >= 4 and mostly_nul(sample[0::2]) and not mostly_nul(sample[1::2]):
+        encoding, why = "UTF-16BE", "NUL bytes between the characters"
+    if encoding:
+        return (
+            f"this is UTF-16 text ({why}), not UTF-8; convert it: iconv -f {encoding} -t UTF-8 "
+            f"{shlex.quote(str(path))} > {converted(path, path.suffix or '.jsonl', '-utf8')}"
+        )
+    if b"\0" in first:
+        return "NUL bytes in the first line: a binary file, not UTF-8 text; is this the right file?"
+    return None
 
 
 def json_line(text: str):
@@ -2601,8 +2689,180 @@ def split_of(question: str) -> str:
     return "train" if bucket < 80 else "test"
 
 
-def load_examples(path: Path) -> list[dict]:
-    """Read and check the JSONL data; every problem is one line naming the file and line."""
+# The formats --data takes, told apart by a file's first record: question/answer lines, chat
+# records (what OpenAI's fine-tuning API takes and DSPy's format_finetune_data writes), and
+# TRL's prompt/completion records, with text or with message lists.
+RECORD_FORMATS = {
+    "qa": "question/answer",
+    "chat": 'chat ("messages")',
+    "prompt": "prompt/completion (text)",
+    "conversational": "prompt/completion (message lists)",
+}
+RECORD_KEYS = ("question", "answer", "messages", "prompt", "completion", "id", "subject", "split")
+MESSAGE_KEYS = ("role", "content", "name", "weight")  # what the fine-tuning API allows of them
+ROLES = ("system", "user", "assistant")
+
+
+def record_format(row: dict) -> str | None:
+    """Which of RECORD_FORMATS a record is in, by its keys; None when it has none of them."""
+    if "messages" in row:
+        return "chat"
+    if "prompt" in row or "completion" in row:
+        first = row.get("prompt", row.get("completion"))
+        return "conversational" if isinstance(first, list) else "prompt"
+    if "question" in row or "answer" in row:
+        return "qa"
+    return None
+
+
+def check_key_case(row: dict, keys: tuple[str, ...], where: str) -> None:
+    """A key written "Question" is not "question": without this it would be ignored unseen."""
+    for key in row:
+        if key not in keys and key.lower() in keys and key.lower() not in row:
+            raise UsageError(
+                f'{where}: "{key}" looks like "{key.lower()}" in the wrong case; rename the key '
+                f'to "{key.lower()}" (keys are lower case)'
+            )
+
+
+def json_array(path: Path, where: str) -> str:
+    command = JSON_TO_JSONL.format(source=shlex.quote(str(path)), target=converted(path))
+    return (
+        f"{where}: this looks like one JSON array of records, not JSON lines (one object a "
+        f"line); convert it: {command}"
+    )
+
+
+def not_json_lines(path: Path, where: str, text: str) -> str | None:
+    """What a first line that is not JSON says the file is (a JSON array, a CSV file), and the
+    command that converts it; None when it looks like neither."""
+    text = text.strip()
+    if text.startswith("[") and (text[1:].lstrip() == "" or text[1:].lstrip().startswith("{")):
+        return json_array(path, where)
+    counts = {delimiter: text.count(delimiter) for delimiter in (",", ";", "\t")}
+    delimiter = max(counts, key=counts.get)
+    if "{" in text or text.startswith("[") or not counts[delimiter]:
+        return None
+    columns = {name.strip().strip('"').lower() for name in text.split(delimiter)}
+    named = {"question", "answer"} <= columns or {"prompt", "completion"} <= columns
+    separator = {",": "commas", ";": "semicolons", "\t": "tabs"}[delimiter]
+    return (
+        f"{where}: this looks like a CSV file (a header line with {separator}), not JSON lines; "
+        f"convert it: {csv_command(path, delimiter)}"
+        + ("" if named else "; its header must name the columns question and answer")
+    )
+
+
+def chat_pair(messages: list, labels: list[str], where: str) -> tuple[str, str]:
+    """The question (the last user turn) and the answer (the assistant turn right after it) of
+    a chat; every message checked on the way, named as `labels` name it."""
+    if not messages:
+        raise UsageError(f"{where}: no messages; a chat needs a user message and the answer")
+    last_user = None
+    for index, (label, message) in enumerate(zip(labels, messages, strict=True)):
+        if not isinstance(message, dict):
+            raise UsageError(
+                f"{where}: {label} is {type(message).__name__}; write each message as "
+                '{"role": ..., "content": ...}'
+            )
+        check_key_case(message, MESSAGE_KEYS, f"{where}: {label}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise UsageError(f'{where}: {label} has no "{key}"; every message needs one')
+        extra = [key for key in message if key not in MESSAGE_KEYS]
+        if extra:
+            raise UsageError(
+                f'{where}: {label} has the key "{extra[0]}"; a message takes only '
+                f"{', '.join(MESSAGE_KEYS)} (tool calls are not supported)"
+            )
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise UsageError(
+                f'{where}: {label} has the role {json.dumps(role)[:40]}; use "system", "user" '
+                'or "assistant"'
+            )
+        if not isinstance(content, str) or not content.strip():
+            got = f", got {type(content).__name__}" if not isinstance(content, str) else ""
+            raise UsageError(f'{where}: {label}: "content" must be a non-empty string{got}')
+        weight = message.get("weight", 1)
+        if "weight" in message and (
+            type(weight) is not int or weight not in (0, 1) or role != "assistant"
+        ):
+            raise UsageError(
+                f'{where}: {label} has "weight": {json.dumps(weight)[:20]}; weight may only be '
+                "0 or 1, on an assistant message"
+            )
+        try:
+            json.dumps(message, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # JSON can escape half a character: "\ud83d"
+            raise UsageError(
+                f"{where}: {label} holds a lone surrogate escape (\\ud800 to \\udfff), half of a "
+                "character; write the character itself"
+            ) from None
+        if role == "user":
+            last_user = index
+    if last_user is None:
+        raise UsageError(
+            f'{where}: no "user" message; a chat needs the question as a user message and the '
+            "answer as the assistant message after it"
+        )
+    if last_user + 1 == len(messages) or messages[last_user + 1]["role"] != "assistant":
+        raise UsageError(
+            f"{where}: no assistant message right after the last user message ({labels[last_user]})"
+            '; add the answer there as {"role": "assistant", "content": ...}'
+        )
+    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in messages):
+        raise UsageError(
+            f'{where}: every assistant message has "weight": 0, so nothing in it is trained; '
+            'drop "weight" from the answer'
+        )
+    return messages[last_user]["content"], messages[last_user + 1]["content"]
+
+
+def record_pair(row: dict, kind: str, where: str) -> tuple[str, str, list | None]:
+    """(question, answer, messages) of one record of a file in the format `kind`; messages is
+    the chat as given (None for the formats that have none)."""
+    names = {"qa": ("question", "answer"), "prompt": ("prompt", "completion")}.get(kind)
+    if names:
+        for name in names:
+            if name not in row:
+                raise UsageError(f'{where}: "{name}" is missing; add a non-empty "{name}" string')
+            if not isinstance(row[name], str) or not row[name].strip():
+                got = "" if isinstance(row[name], str) else f", got {type(row[name]).__name__}"
+                raise UsageError(f'{where}: "{name}" must be a non-empty string{got}')
+        return row[names[0]], row[names[1]], None
+    if kind == "chat":
+        messages = row["messages"]
+        if not isinstance(messages, list):
+            raise UsageError(
+                f'{where}: "messages" must be a list of {{"role": ..., "content": ...}} objects, '
+                f"got {type(messages).__name__}"
+            )
+        labels = [f"message {n}" for n in range(1, len(messages) + 1)]
+        return (*chat_pair(messages, labels, where), messages)
+    for name in ("prompt", "completion"):
+        if not isinstance(row.get(name), list):
+            got = type(row[name]).__name__ if name in row else "nothing"
+            raise UsageError(
+                f'{where}: "{name}" must be a list of messages, as in the file\'s first record, '
+                f"got {got}"
+            )
+    messages = row["prompt"] + row["completion"]
+    labels = [f"prompt message {n}" for n in range(1, len(row["prompt"]) + 1)]
+    labels += [f"completion message {n}" for n in range(1, len(row["completion"]) + 1)]
+    return (*chat_pair(messages, labels, where), messages)
+
+
+def load_examples(
+    path: Path, *, need_test: bool = True, train_only: str | None = None
+) -> list[dict]:
+    """Read and check the data; every problem is one line naming the file and line.
+
+    Each record, whatever its format, becomes one example: id, subject, question, answer,
+    split, format (a key of RECORD_FORMATS), and for a chat its "messages" as given.
+    need_test=False takes a file without test examples, for a run that only trains; train_only
+    names the flag that asks for such a run.
+    """
     # lexists is False, never an error, for a path it may not look at; opening the file then
     # says what is wrong with it.
     if not os.path.lexists(path) and path.resolve() == DATA_FILE.resolve():
@@ -2614,6 +2874,7 @@ def load_examples(path: Path) -> list[dict]:
     examples: list[dict] = []
     seen_ids: dict[str, int] = {}
     seen_questions: dict[str, tuple[int, str]] = {}
+    kind = None  # the file's format, from its first record
     for number, line in read_lines(path, "--data"):
         if not line.strip():
             continue
@@ -2622,24 +2883,37 @@ def load_examples(path: Path) -> list[dict]:
             row = json_line(line)
         except ValueError as exc:
             raise UsageError(
-                f"{where}: not valid JSON ({exc}); each line must be one JSON object"
+                (kind is None and not_json_lines(path, where, line))
+                or f"{where}: not valid JSON ({exc}); each line must be one JSON object"
             ) from None
+        if kind is None and isinstance(row, list) and all(isinstance(r, dict) for r in row):
+            raise UsageError(json_array(path, where))
         if not isinstance(row, dict):
             raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        for name in ("question", "answer"):
-            if name not in row:
-                raise UsageError(f'{where}: "{name}" is missing; add a non-empty "{name}" string')
-            if not isinstance(row[name], str) or not row[name].strip():
-                raise UsageError(f'{where}: "{name}" must be a non-empty string')
-        for name in ("question", "answer", "id", "subject"):
+        check_key_case(row, RECORD_KEYS, where)
+        found = record_format(row)
+        if kind is None:
+            kind = found or "qa"
+        elif found not in (None, kind):
+            raise UsageError(
+                f"{where}: this record is {RECORD_FORMATS[found]} but the file's first record "
+                f"is {RECORD_FORMATS[kind]}; use one format per file"
+            )
+        question, answer, messages = record_pair(row, kind, where)
+        for name, value in (
+            ("question", question),
+            ("answer", answer),
+            ("id", row.get("id", "")),
+            ("subject", row.get("subject", "")),
+        ):
             try:
-                str(row.get(name, "")).encode("utf-8")
+                str(value).encode("utf-8")
             except UnicodeEncodeError:  # JSON can escape half a character: "\ud83d"
                 raise UsageError(
                     f'{where}: "{name}" holds a lone surrogate escape (\\ud800 to \\udfff), '
                     "half of a character; write the character itself"
                 ) from None
-        split = row.get("split") or split_of(row["question"])
+        split = row.get("split") or split_of(question)
         if split not in ("train", "test"):
             raise UsageError(f'{where}: "split" must be "train" or "test", got {split!r}')
         example_id = str(row.get("id") or number)
@@ -2649,30 +2923,33 @@ def load_examples(path: Path) -> list[dict]:
                 f"{seen_ids[example_id]}; ids must be unique"
             )
         seen_ids[example_id] = number
-        key = " ".join(row["question"].lower().split())
+        key = " ".join(question.lower().split())
         if key in seen_questions and seen_questions[key][1] != split:
             raise UsageError(
                 f"{where}: the same question is on line {seen_questions[key][0]} in the "
                 "other split; a question must not be in both train and test"
             )
         seen_questions.setdefault(key, (number, split))
-        examples.append(
-            {
-                "id": example_id,
-                "subject": str(row.get("subject") or "general"),
-                "question": row["question"].strip(),
-                "answer": row["answer"].strip(),
-                "split": split,
-            }
-        )
+        example = {
+            "id": example_id,
+            "subject": str(row.get("subject") or "general"),
+            "question": question.strip(),
+            "answer": answer.strip(),
+            "split": split,
+            "format": kind,
+        }
+        if messages is not None:
+            example["messages"] = messages
+        examples.append(example)
     if not examples:
         raise UsageError(
             f'{path.name}: no examples; add one JSON object per line with "question" and "answer"'
         )
-    for split in ("train", "test"):
+    for split in ("train", "test") if need_test else ("train",):
         if not any(example["split"] == split for example in examples):
+            hint = f", or pass {train_only} to only train" if split == "test" and train_only else ""
             raise UsageError(
-                f'{path.name}: no "{split}" examples; mark some lines "split": "{split}"'
+                f'{path.name}: no "{split}" examples; mark some lines "split": "{split}"{hint}'
             )
     return examples
 

@@ -124,7 +124,7 @@ class Config:
     yes: bool = False  # taken so that every approach has the same flags: nothing here is paid
     max_cost: float | None = None  # taken likewise: a local run costs $0
     train_limit: int | None = None  # fewer pairs, for a quicker try
-    test_limit: int | None = None  # fewer test questions: each is answered twice
+    test_limit: int | None = None  # fewer test questions: each is answered twice; 0: train only
     output_dir: Path = Path("outputs")  # everything a run writes, in one folder to delete
     seed: int = 42  # the held-out slice, the adapter's start, the data order: a rerun repeats
     ask: str | None = None  # one question of your own, to the adapter an earlier run saved
@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def prepare_data(cfg: Config) -> dict:
     stage(1, "prepare_data", "Load and check the question/answer pairs, then split them.")
-    examples = load_examples(cfg.data)
+    # A file of training records only (an export from another tool) is fine for a run that
+    # answers no test question.
+    examples = load_examples(cfg.data, need_test=cfg.test_limit != 0, train_only="--test-limit 0")
     train = take(examples, "train", cfg.train_limit)
     test = take(examples, "test", cfg.test_limit)
     table = Table(title=f"{cfg.data.name}: {len(examples)} pairs")
@@ -204,6 +206,7 @@ def prepare_data(cfg: Config) -> dict:
     console.print(table)
     if cfg.train_limit or cfg.test_limit:
         console.print(f"using the first {len(train)} train and {len(test)} test examples (limits)")
+    say_what_is_trained(cfg, examples)
     return {"train": train, "test": test}
 
 
@@ -219,7 +222,8 @@ def format_data(cfg: Config, data: dict) -> dict:
     if kind == "gguf":
         console.print(f"model: {model_label(cfg.model)}; tokenizer from {source}")
     train_part, eval_part = hold_out_for_eval(cfg, data)
-    console.print(f"system prompt: [italic]{SYSTEM_PROMPT}[/italic]")
+    if "messages" not in data["train"][0]:  # a chat record keeps its own
+        console.print(f"system prompt: [italic]{SYSTEM_PROMPT}[/italic]")
     formatted = {
         "kind": kind,
         "source": source,
@@ -253,7 +257,7 @@ def format_data(cfg: Config, data: dict) -> dict:
     lengths = show_token_counts(train_rows)
     if is_main_process():
         write_formatted(cfg, train_rows, eval_rows)
-    end_of_turn = train_rows[0]["labels"][-1]  # every trained example ends with it
+    end_of_turn = end_of_turn_id(tokenizer, system_in_user)
     return formatted | {
         "train_rows": train_rows,
         "eval_rows": eval_rows,
@@ -382,6 +386,9 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
 def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | None):
     stage(5, "answer", "Answer held-out questions greedily: base model vs base + adapter.")
     questions = data["test"]
+    if not questions:
+        console.print(TRAIN_ONLY["answer"])
+        return []
     if tuned is None:
         show_answering_plan(cfg, questions)
         return []
@@ -392,7 +399,7 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
             "max_new_tokens": cfg.max_new_tokens,
             "batch_size": cfg.gen_batch_size,
         }
-        texts = [q["question"] for q in questions]
+        texts = [test_prompt(q) for q in questions]  # a chat record: its own messages
         started = time.perf_counter()
         # The same weights twice: with the adapter switched off they are the base model.
         with console.status("answering without the adapter (baseline)"), model.disable_adapter():
@@ -416,14 +423,19 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
 
 def compare(cfg: Config, plan: dict, tuned: dict | None, answers, seconds: float) -> None:
     stage(6, "compare", "Score both with ROUGE-L, write the results, compare across approaches.")
-    if tuned is None:
+    if cfg.test_limit == 0:
+        console.print(TRAIN_ONLY["compare"])
+    elif tuned is None:
         console.print(
             f"dry run: would score baseline and tuned answers with ROUGE-L F1 and write "
             f"{cfg.output_dir / 'results' / (APPROACH + '.json')}; results present now:"
         )
         compare_results(cfg.output_dir, write=False)
+    if tuned is None:
         real = ["python", Path(sys.argv[0]).name, "--run", *sys.argv[1:]]
         console.print(f"\nreal run: [bold]{shlex.join(real)}[/bold]")
+        return
+    if cfg.test_limit == 0:
         return
     result = write_results(
         cfg.output_dir,
@@ -516,6 +528,36 @@ def show_run_header(cfg: Config) -> None:
         mode += model_label(cfg.model)
     console.print(f"[bold]huggingface_lora.py[/bold] · {mode}")
     console.print(key_status("HF_TOKEN") + " (only gated models such as Llama 2 need it)")
+
+
+# ----- Stage 1 · prepare_data: what this script takes from a file in another format
+
+# What stages 5 and 6 say for --test-limit 0, a run that only trains.
+TRAIN_ONLY = {
+    "answer": "--test-limit 0: train only; no test question is answered",
+    "compare": (
+        "--test-limit 0: train only, so nothing is scored and no results file is written; "
+        "ask the adapter your own question with --ask"
+    ),
+}
+
+
+def say_what_is_trained(cfg: Config, examples: list[dict]) -> None:
+    """One line on what a file that is not question/answer lines is used for."""
+    kind = examples[0]["format"]
+    if kind == "prompt":
+        console.print(
+            f"{RECORD_FORMATS[kind]} records: each prompt is a question and its completion the "
+            "answer, in a chat with this script's system prompt"
+        )
+    elif kind != "qa":
+        console.print(
+            f"{RECORD_FORMATS[kind]} records: each is trained as it is, through the chat "
+            "template, with the loss on its assistant turns only; a test record is answered from "
+            "its own messages up to its last user turn"
+        )
+    if cfg.test_limit == 0:
+        console.print("--test-limit 0: train only, no test question will be answered")
 
 
 # ----- Stage 2 · format_data: where the model and its tokenizer come from
@@ -775,13 +817,82 @@ def encode_example(tokenizer, question: str, answer: str, system_in_user: bool) 
     }
 
 
+def own_chat(messages: list[dict], system_in_user: bool) -> list[dict]:
+    """A chat record's messages for the template; one that has no system role gets each system
+    message in front of the next user turn, as chat() does with this script's instructions."""
+    if not system_in_user:
+        return messages
+    merged, waiting = [], []
+    for message in messages:
+        if message["role"] == "system":
+            waiting.append(message["content"])
+        elif message["role"] == "user" and waiting:
+            merged.append(message | {"content": "\n\n".join([*waiting, message["content"]])})
+            waiting = []
+        else:
+            merged.append(message)
+    return merged
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> dict:
+    """Token ids and labels for a whole chat: each assistant turn and its end token are
+    trained, everything else is -100 (system and user turns, the template's markup).
+
+    encode_example's cut, turn by turn: an answer starts where the chat before it plus the
+    template's assistant header ends, and stops at the first special token after that. A turn
+    with "weight": 0 is context only, as the OpenAI fine-tuning API reads it.
+    """
+    ids = chat_ids(tokenizer, messages, generation_prompt=False)
+    labels = [-100] * len(ids)
+    stops = special_ids(tokenizer)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
+            continue
+        before = chat_ids(tokenizer, messages[:index], generation_prompt=True)
+        start = shared_prefix(before, ids)
+        end = shared_prefix(
+            chat_ids(tokenizer, messages[: index + 1], generation_prompt=False), ids
+        )
+        stop = next((i for i in range(start, end) if ids[i] in stops), None)
+        end = end if stop is None else stop + 1
+        labels[start:end] = ids[start:end]
+        if index == len(messages) - 1:  # the end of the chat: the template's tail is not taught
+            tail = [] if stop is not None else [tokenizer.eos_token_id]
+            ids, labels = ids[:end] + tail, labels[:end] + tail
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def end_of_turn_id(tokenizer, system_in_user: bool) -> int:
+    """The token every trained answer ends with, where generation stops (a chat record's last
+    message need not be an answer, so it is read off a pair of this script's own)."""
+    return encode_example(tokenizer, "?", "!", system_in_user)["labels"][-1]
+
+
 def encode_pairs(
     cfg: Config, tokenizer, examples: list[dict], system_in_user: bool
 ) -> tuple[list[dict], list[str]]:
     """The encoded rows of the pairs that fit in --max-length, and the ids of those that do not."""
+    from jinja2.exceptions import TemplateError
+
     rows, dropped = [], []
     for e in examples:
-        row = encode_example(tokenizer, e["question"], e["answer"], system_in_user)
+        try:
+            if "messages" in e:  # a chat record, trained as it is
+                row = encode_chat(tokenizer, own_chat(e["messages"], system_in_user))
+            else:
+                row = encode_example(tokenizer, e["question"], e["answer"], system_in_user)
+        except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+            raise UsageError(
+                f"{cfg.data.name}: example {e['id']}: the model's chat template refuses its "
+                f"messages ({str(exc)[:120]}); change the record or pick another --model"
+            ) from None
         if len(row["input_ids"]) > cfg.max_length:
             dropped.append(e["id"])  # truncating would cut off the end-of-turn token
             continue
@@ -805,6 +916,22 @@ def report_dropped(train_ids: list[str], eval_ids: list[str], max_length: int, e
 
 def show_tokens(tokenizer, example: dict) -> None:
     """Print one example token by token: dim = prompt (label -100), green = trained."""
+    labels = example["labels"]
+    turns = sum(
+        label != -100 and (i == 0 or labels[i - 1] == -100) for i, label in enumerate(labels)
+    )
+    if turns > 1:  # a chat of several answers: one text, in order, reads better than two parts
+        text = Text()
+        for token, label in zip(example["input_ids"], labels, strict=True):
+            piece = tokenizer.decode([token]).replace("\n", "\\n")
+            text.append(piece, style="dim" if label == -100 else "bold green")
+            text.append("|", style="dim blue")
+        console.print(
+            f"one chat, {len(labels)} tokens: {turns} assistant turns trained (green), the rest "
+            "label -100 (dim: given to the model, not trained):"
+        )
+        console.print(text)
+        return
     parts = {"prompt": Text(), "trained": Text()}
     for token, label in zip(example["input_ids"], example["labels"], strict=True):
         part = "prompt" if label == -100 else "trained"
@@ -851,6 +978,11 @@ def write_formatted(cfg: Config, train_rows: list[dict], eval_rows: list[dict]) 
     console.print(f"wrote {out / 'train.jsonl'} and eval.jsonl (input_ids, labels)")
 
 
+def training_chat(example: dict) -> list[dict]:
+    """The chat an example trains on: a chat record's own, or the pair in this script's."""
+    return example.get("messages") or chat(example["question"], example["answer"])
+
+
 def format_without_tokenizer(
     cfg: Config, source: str, train_part: list[dict], eval_part: list[dict]
 ) -> dict:
@@ -862,7 +994,8 @@ def format_without_tokenizer(
     )
 
     def estimate(e: dict) -> int:
-        return (len(SYSTEM_PROMPT) + len(e["question"]) + len(e["answer"])) // 4 + 12
+        messages = training_chat(e)
+        return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
 
     # What a real run would drop, so that the plan below counts only what it would train on.
     dropped = [e["id"] for e in train_part if estimate(e) > cfg.max_length]
@@ -880,13 +1013,10 @@ def format_without_tokenizer(
         f"{statistics.median(lengths):.0f}, max {max(lengths)}; total {sum(lengths)}"
     )
     console.print("one example as chat messages:")
-    console.print_json(json.dumps(chat(train_part[0]["question"], train_part[0]["answer"])))
+    console.print_json(json.dumps(training_chat(train_part[0])))
     if is_main_process():
         out = work_dir(cfg) / "formatted"
-        lines = [
-            json.dumps({"id": e["id"], "messages": chat(e["question"], e["answer"])})
-            for e in train_part
-        ]
+        lines = [json.dumps({"id": e["id"], "messages": training_chat(e)}) for e in train_part]
         write_atomic(out / "train.jsonl", "\n".join(lines) + "\n")
         console.print(f"wrote {out / 'train.jsonl'} (chat messages; tokens on a real run)")
     return {
@@ -1697,13 +1827,29 @@ def show_answering_plan(cfg: Config, questions: list[dict]) -> None:
         f"(max {cfg.max_new_tokens} new tokens, batches of {cfg.gen_batch_size}, left "
         "padding), once with the adapter disabled (baseline) and once with it on. Prompt:"
     )
-    console.print_json(json.dumps(chat(questions[0]["question"])))
+    console.print_json(json.dumps(prompt_chat(test_prompt(questions[0]), False)))
+
+
+def test_prompt(example: dict) -> str | list[dict]:
+    """What a test example is asked with: a chat record's own messages up to its last user
+    turn (its own system prompt, its earlier turns), or the question in this script's chat."""
+    if "messages" not in example:
+        return example["question"]
+    messages = example["messages"]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return messages[: last_user + 1]
+
+
+def prompt_chat(prompt: str | list[dict], system_in_user: bool) -> list[dict]:
+    if isinstance(prompt, str):
+        return chat(prompt, None, system_in_user)
+    return own_chat(prompt, system_in_user)
 
 
 def generate_answers(
     model,
     tokenizer,
-    questions: list[str],
+    questions: list[str | list[dict]],
     *,
     system_in_user,
     stop_ids,
@@ -1712,7 +1858,8 @@ def generate_answers(
     batch_size,
 ) -> list[str]:
     """Greedy answers, a batch at a time, left-padded so every prompt ends where generation
-    starts (right padding would put pad tokens between a question and its answer).
+    starts (right padding would put pad tokens between a question and its answer). A question
+    is a text, or a chat's messages up to its last user turn (see test_prompt).
 
     Generation ends at an end-of-turn token or, for the fallback template, where the template's
     next turn would begin: a base model that has not learnt to stop goes on to invent the next
@@ -1732,7 +1879,7 @@ def generate_answers(
     model.eval()
     answers = []
     for start in range(0, len(questions), batch_size):
-        batch = [chat(q, None, system_in_user) for q in questions[start : start + batch_size]]
+        batch = [prompt_chat(q, system_in_user) for q in questions[start : start + batch_size]]
         inputs = tokenizer.apply_chat_template(
             batch,
             add_generation_prompt=True,
@@ -2018,7 +2165,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=path_arg,
         default=d.data,
-        help="JSONL with question/answer per line (default: small_edu_qa.jsonl beside the script)",
+        help=(
+            "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion "
+            "records (default: small_edu_qa.jsonl beside the script)"
+        ),
     )
     add(
         "--model",
@@ -2054,10 +2204,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--test-limit",
-        type=number(int, 1),
+        type=number(int, 0),
         default=d.test_limit,
         metavar="N",
-        help="use the first N test examples",
+        help="use the first N test examples (0: train only, answer none)",
     )
     add("--output-dir", type=path_arg, default=d.output_dir, help="where everything is written")
     add("--seed", type=seed_arg, default=d.seed)
@@ -2359,6 +2509,8 @@ def read_lines(path: Path, flag: str, *, bom_ok: bool = True):
             number += 1
             total += len(raw)
             where = f"{path.name}:{number}"
+            if number == 1 and (wrong := not_a_text_file(path, raw)):
+                raise UsageError(f"{where}: {wrong}")
             if len(raw) > MAX_LINE_BYTES:
                 raise UsageError(
                     f"{where}: a line longer than {MAX_LINE_BYTES // 2**20} MiB; each line must "
@@ -2384,6 +2536,72 @@ def read_lines(path: Path, flag: str, *, bom_ok: bool = True):
                     "save the file as UTF-8"
                 ) from None
             yield number, text
+
+
+# What a spreadsheet or another editor saves instead of JSON lines: each is named, with the one
+# command (or Save As step) that turns it into a file this script reads.
+XLSX_MAGIC = b"PK\x03\x04"  # a zip file, which an .xlsx workbook is
+XLS_MAGIC = b"\xd0\xcf\x11\xe0"  # the Office container of Excel 97-2003
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+CSV_TO_JSONL = (
+    'python -c "import csv,json,sys; [print(json.dumps({{k.strip().lower(): v for k, v in '
+    "r.items()}}, ensure_ascii=False)) for r in csv.DictReader(open(sys.argv[1], newline='', "
+    "encoding='utf-8-sig'){delimiter})]\" {source} > {target}"
+)
+JSON_TO_JSONL = (
+    'python -c "import json,sys; [print(json.dumps(r, ensure_ascii=False)) for r in '
+    "json.load(open(sys.argv[1], encoding='utf-8'))]\" {source} > {target}"
+)
+
+
+def converted(path: Path, suffix: str = ".jsonl", tag: str = "") -> str:
+    """The name to suggest for a converted copy of `path`, never `path` itself, shell-quoted."""
+    target = path.with_name(path.stem + tag + suffix)
+    if target == path:
+        target = path.with_name(f"{path.stem}-converted{suffix}")
+    return shlex.quote(str(target))
+
+
+def csv_command(source: Path, delimiter: str = ",") -> str:
+    """The one-liner that turns a CSV file with a header row into JSON lines (keys lower-cased)."""
+    option = "" if delimiter == "," else f", delimiter={delimiter!r}"
+    return CSV_TO_JSONL.format(
+        delimiter=option, source=shlex.quote(str(source)), target=converted(source)
+    )
+
+
+def mostly_nul(data: bytes) -> bool:
+    # UTF-16 stores a Latin letter as the letter and a NUL byte, in that order or the other
+    return data.count(0) * 4 >= len(data) * 3
+
+
+def not_a_text_file(path: Path, first: bytes) -> str | None:
+    """What a file whose first line is this is, when it is a workbook, UTF-16 or binary, and how
+    to convert it; None for anything else (UTF-8 text, or what the decoder says of it)."""
+    if first.startswith((XLSX_MAGIC, XLS_MAGIC)):
+        kind = "an Excel workbook (.xlsx, a zip file)"
+        if first.startswith(XLS_MAGIC):
+            kind = "an old Excel workbook (.xls)"
+        return (
+            f"this is {kind}, not JSON lines; save it as CSV UTF-8 in Excel or LibreOffice "
+            f"(File > Save As), then convert the CSV: {csv_command(path.with_suffix('.csv'))}"
+        )
+    sample = first[:256]
+    encoding, why = None, "it starts with a UTF-16 byte-order mark"
+    if first.startswith(UTF16_BOMS):
+        encoding = "UTF-16"
+    elif len(sample) >= 4 and mostly_nul(sample[1::2]) and not mostly_nul(sample[0::2]):
+        encoding, why = "UTF-16LE", "NUL bytes between the characters"
+    elif len(sample) >= 4 and mostly_nul(sample[0::2]) and not mostly_nul(sample[1::2]):
+        encoding, why = "UTF-16BE", "NUL bytes between the characters"
+    if encoding:
+        return (
+            f"this is UTF-16 text ({why}), not UTF-8; convert it: iconv -f {encoding} -t UTF-8 "
+            f"{shlex.quote(str(path))} > {converted(path, path.suffix or '.jsonl', '-utf8')}"
+        )
+    if b"\0" in first:
+        return "NUL bytes in the first line: a binary file, not UTF-8 text; is this the right file?"
+    return None
 
 
 def json_line(text: str):
@@ -2475,8 +2693,180 @@ def split_of(question: str) -> str:
     return "train" if bucket < 80 else "test"
 
 
-def load_examples(path: Path) -> list[dict]:
-    """Read and check the JSONL data; every problem is one line naming the file and line."""
+# The formats --data takes, told apart by a file's first record: question/answer lines, chat
+# records (what OpenAI's fine-tuning API takes and DSPy's format_finetune_data writes), and
+# TRL's prompt/completion records, with text or with message lists.
+RECORD_FORMATS = {
+    "qa": "question/answer",
+    "chat": 'chat ("messages")',
+    "prompt": "prompt/completion (text)",
+    "conversational": "prompt/completion (message lists)",
+}
+RECORD_KEYS = ("question", "answer", "messages", "prompt", "completion", "id", "subject", "split")
+MESSAGE_KEYS = ("role", "content", "name", "weight")  # what the fine-tuning API allows of them
+ROLES = ("system", "user", "assistant")
+
+
+def record_format(row: dict) -> str | None:
+    """Which of RECORD_FORMATS a record is in, by its keys; None when it has none of them."""
+    if "messages" in row:
+        return "chat"
+    if "prompt" in row or "completion" in row:
+        first = row.get("prompt", row.get("completion"))
+        return "conversational" if isinstance(first, list) else "prompt"
+    if "question" in row or "answer" in row:
+        return "qa"
+    return None
+
+
+def check_key_case(row: dict, keys: tuple[str, ...], where: str) -> None:
+    """A key written "Question" is not "question": without this it would be ignored unseen."""
+    for key in row:
+        if key not in keys and key.lower() in keys and key.lower() not in row:
+            raise UsageError(
+                f'{where}: "{key}" looks like "{key.lower()}" in the wrong case; rename the key '
+                f'to "{key.lower()}" (keys are lower case)'
+            )
+
+
+def json_array(path: Path, where: str) -> str:
+    command = JSON_TO_JSONL.format(source=shlex.quote(str(path)), target=converted(path))
+    return (
+        f"{where}: this looks like one JSON array of records, not JSON lines (one object a "
+        f"line); convert it: {command}"
+    )
+
+
+def not_json_lines(path: Path, where: str, text: str) -> str | None:
+    """What a first line that is not JSON says the file is (a JSON array, a CSV file), and the
+    command that converts it; None when it looks like neither."""
+    text = text.strip()
+    if text.startswith("[") and (text[1:].lstrip() == "" or text[1:].lstrip().startswith("{")):
+        return json_array(path, where)
+    counts = {delimiter: text.count(delimiter) for delimiter in (",", ";", "\t")}
+    delimiter = max(counts, key=counts.get)
+    if "{" in text or text.startswith("[") or not counts[delimiter]:
+        return None
+    columns = {name.strip().strip('"').lower() for name in text.split(delimiter)}
+    named = {"question", "answer"} <= columns or {"prompt", "completion"} <= columns
+    separator = {",": "commas", ";": "semicolons", "\t": "tabs"}[delimiter]
+    return (
+        f"{where}: this looks like a CSV file (a header line with {separator}), not JSON lines; "
+        f"convert it: {csv_command(path, delimiter)}"
+        + ("" if named else "; its header must name the columns question and answer")
+    )
+
+
+def chat_pair(messages: list, labels: list[str], where: str) -> tuple[str, str]:
+    """The question (the last user turn) and the answer (the assistant turn right after it) of
+    a chat; every message checked on the way, named as `labels` name it."""
+    if not messages:
+        raise UsageError(f"{where}: no messages; a chat needs a user message and the answer")
+    last_user = None
+    for index, (label, message) in enumerate(zip(labels, messages, strict=True)):
+        if not isinstance(message, dict):
+            raise UsageError(
+                f"{where}: {label} is {type(message).__name__}; write each message as "
+                '{"role": ..., "content": ...}'
+            )
+        check_key_case(message, MESSAGE_KEYS, f"{where}: {label}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise UsageError(f'{where}: {label} has no "{key}"; every message needs one')
+        extra = [key for key in message if key not in MESSAGE_KEYS]
+        if extra:
+            raise UsageError(
+                f'{where}: {label} has the key "{extra[0]}"; a message takes only '
+                f"{', '.join(MESSAGE_KEYS)} (tool calls are not supported)"
+            )
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise UsageError(
+                f'{where}: {label} has the role {json.dumps(role)[:40]}; use "system", "user" '
+                'or "assistant"'
+            )
+        if not isinstance(content, str) or not content.strip():
+            got = f", got {type(content).__name__}" if not isinstance(content, str) else ""
+            raise UsageError(f'{where}: {label}: "content" must be a non-empty string{got}')
+        weight = message.get("weight", 1)
+        if "weight" in message and (
+            type(weight) is not int or weight not in (0, 1) or role != "assistant"
+        ):
+            raise UsageError(
+                f'{where}: {label} has "weight": {json.dumps(weight)[:20]}; weight may only be '
+                "0 or 1, on an assistant message"
+            )
+        try:
+            json.dumps(message, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # JSON can escape half a character: "\ud83d"
+            raise UsageError(
+                f"{where}: {label} holds a lone surrogate escape (\\ud800 to \\udfff), half of a "
+                "character; write the character itself"
+            ) from None
+        if role == "user":
+            last_user = index
+    if last_user is None:
+        raise UsageError(
+            f'{where}: no "user" message; a chat needs the question as a user message and the '
+            "answer as the assistant message after it"
+        )
+    if last_user + 1 == len(messages) or messages[last_user + 1]["role"] != "assistant":
+        raise UsageError(
+            f"{where}: no assistant message right after the last user message ({labels[last_user]})"
+            '; add the answer there as {"role": "assistant", "content": ...}'
+        )
+    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in messages):
+        raise UsageError(
+            f'{where}: every assistant message has "weight": 0, so nothing in it is trained; '
+            'drop "weight" from the answer'
+        )
+    return messages[last_user]["content"], messages[last_user + 1]["content"]
+
+
+def record_pair(row: dict, kind: str, where: str) -> tuple[str, str, list | None]:
+    """(question, answer, messages) of one record of a file in the format `kind`; messages is
+    the chat as given (None for the formats that have none)."""
+    names = {"qa": ("question", "answer"), "prompt": ("prompt", "completion")}.get(kind)
+    if names:
+        for name in names:
+            if name not in row:
+                raise UsageError(f'{where}: "{name}" is missing; add a non-empty "{name}" string')
+            if not isinstance(row[name], str) or not row[name].strip():
+                got = "" if isinstance(row[name], str) else f", got {type(row[name]).__name__}"
+                raise UsageError(f'{where}: "{name}" must be a non-empty string{got}')
+        return row[names[0]], row[names[1]], None
+    if kind == "chat":
+        messages = row["messages"]
+        if not isinstance(messages, list):
+            raise UsageError(
+                f'{where}: "messages" must be a list of {{"role": ..., "content": ...}} objects, '
+                f"got {type(messages).__name__}"
+            )
+        labels = [f"message {n}" for n in range(1, len(messages) + 1)]
+        return (*chat_pair(messages, labels, where), messages)
+    for name in ("prompt", "completion"):
+        if not isinstance(row.get(name), list):
+            got = type(row[name]).__name__ if name in row else "nothing"
+            raise UsageError(
+                f'{where}: "{name}" must be a list of messages, as in the file\'s first record, '
+                f"got {got}"
+            )
+    messages = row["prompt"] + row["completion"]
+    labels = [f"prompt message {n}" for n in range(1, len(row["prompt"]) + 1)]
+    labels += [f"completion message {n}" for n in range(1, len(row["completion"]) + 1)]
+    return (*chat_pair(messages, labels, where), messages)
+
+
+def load_examples(
+    path: Path, *, need_test: bool = True, train_only: str | None = None
+) -> list[dict]:
+    """Read and check the data; every problem is one line naming the file and line.
+
+    Each record, whatever its format, becomes one example: id, subject, question, answer,
+    split, format (a key of RECORD_FORMATS), and for a chat its "messages" as given.
+    need_test=False takes a file without test examples, for a run that only trains; train_only
+    names the flag that asks for such a run.
+    """
     # lexists is False, never an error, for a path it may not look at; opening the file then
     # says what is wrong with it.
     if not os.path.lexists(path) and path.resolve() == DATA_FILE.resolve():
@@ -2488,6 +2878,7 @@ def load_examples(path: Path) -> list[dict]:
     examples: list[dict] = []
     seen_ids: dict[str, int] = {}
     seen_questions: dict[str, tuple[int, str]] = {}
+    kind = None  # the file's format, from its first record
     for number, line in read_lines(path, "--data"):
         if not line.strip():
             continue
@@ -2496,24 +2887,37 @@ def load_examples(path: Path) -> list[dict]:
             row = json_line(line)
         except ValueError as exc:
             raise UsageError(
-                f"{where}: not valid JSON ({exc}); each line must be one JSON object"
+                (kind is None and not_json_lines(path, where, line))
+                or f"{where}: not valid JSON ({exc}); each line must be one JSON object"
             ) from None
+        if kind is None and isinstance(row, list) and all(isinstance(r, dict) for r in row):
+            raise UsageError(json_array(path, where))
         if not isinstance(row, dict):
             raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        for name in ("question", "answer"):
-            if name not in row:
-                raise UsageError(f'{where}: "{name}" is missing; add a non-empty "{name}" string')
-            if not isinstance(row[name], str) or not row[name].strip():
-                raise UsageError(f'{where}: "{name}" must be a non-empty string')
-        for name in ("question", "answer", "id", "subject"):
+        check_key_case(row, RECORD_KEYS, where)
+        found = record_format(row)
+        if kind is None:
+            kind = found or "qa"
+        elif found not in (None, kind):
+            raise UsageError(
+                f"{where}: this record is {RECORD_FORMATS[found]} but the file's first record "
+                f"is {RECORD_FORMATS[kind]}; use one format per file"
+            )
+        question, answer, messages = record_pair(row, kind, where)
+        for name, value in (
+            ("question", question),
+            ("answer", answer),
+            ("id", row.get("id", "")),
+            ("subject", row.get("subject", "")),
+        ):
             try:
-                str(row.get(name, "")).encode("utf-8")
+                str(value).encode("utf-8")
             except UnicodeEncodeError:  # JSON can escape half a character: "\ud83d"
                 raise UsageError(
                     f'{where}: "{name}" holds a lone surrogate escape (\\ud800 to \\udfff), '
                     "half of a character; write the character itself"
                 ) from None
-        split = row.get("split") or split_of(row["question"])
+        split = row.get("split") or split_of(question)
         if split not in ("train", "test"):
             raise UsageError(f'{where}: "split" must be "train" or "test", got {split!r}')
         example_id = str(row.get("id") or number)
@@ -2523,30 +2927,33 @@ def load_examples(path: Path) -> list[dict]:
                 f"{seen_ids[example_id]}; ids must be unique"
             )
         seen_ids[example_id] = number
-        key = " ".join(row["question"].lower().split())
+        key = " ".join(question.lower().split())
         if key in seen_questions and seen_questions[key][1] != split:
             raise UsageError(
                 f"{where}: the same question is on line {seen_questions[key][0]} in the "
                 "other split; a question must not be in both train and test"
             )
         seen_questions.setdefault(key, (number, split))
-        examples.append(
-            {
-                "id": example_id,
-                "subject": str(row.get("subject") or "general"),
-                "question": row["question"].strip(),
-                "answer": row["answer"].strip(),
-                "split": split,
-            }
-        )
+        example = {
+            "id": example_id,
+            "subject": str(row.get("subject") or "general"),
+            "question": question.strip(),
+            "answer": answer.strip(),
+            "split": split,
+            "format": kind,
+        }
+        if messages is not None:
+            example["messages"] = messages
+        examples.append(example)
     if not examples:
         raise UsageError(
             f'{path.name}: no examples; add one JSON object per line with "question" and "answer"'
         )
-    for split in ("train", "test"):
+    for split in ("train", "test") if need_test else ("train",):
         if not any(example["split"] == split for example in examples):
+            hint = f", or pass {train_only} to only train" if split == "test" and train_only else ""
             raise UsageError(
-                f'{path.name}: no "{split}" examples; mark some lines "split": "{split}"'
+                f'{path.name}: no "{split}" examples; mark some lines "split": "{split}"{hint}'
             )
     return examples
 

@@ -164,8 +164,13 @@ def test_both_fine_tuning_scripts_train_with_the_same_system_prompt():
     assert len(prompts) == 1, prompts
 
 
-@pytest.mark.parametrize("script", PRESENT)
-@pytest.mark.parametrize("flag", ["--train-limit", "--test-limit"])
+# --test-limit 0 means "train only" where there is something to train (tests/test_data_formats.py)
+LIMITS_OF_AT_LEAST_ONE = [(script, "--train-limit") for script in PRESENT] + [
+    ("dspy_example.py", "--test-limit")
+]
+
+
+@pytest.mark.parametrize("script, flag", LIMITS_OF_AT_LEAST_ONE)
 def test_a_limit_below_one_is_refused_not_read_as_all(script, flag, run_script):
     result = run_script(script, flag, "0", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
