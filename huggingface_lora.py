@@ -403,9 +403,9 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
         started = time.perf_counter()
         # The same weights twice: with the adapter switched off they are the base model.
         with console.status("answering without the adapter (baseline)"), model.disable_adapter():
-            baseline = generate_answers(model, tokenizer, texts, **settings)
+            baseline, baseline_cut = generate_answers(model, tokenizer, texts, **settings)
         with console.status("answering with the adapter (tuned)"):
-            tuned_answers = generate_answers(model, tokenizer, texts, **settings)
+            tuned_answers, tuned_cut = generate_answers(model, tokenizer, texts, **settings)
         seconds = time.perf_counter() - started
         console.print(f"answered {len(texts)} questions twice in {seconds:.1f}s")
         if formatted["kind"] == "tiny":
@@ -413,7 +413,10 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
                 "[yellow]tiny model: random weights, so these answers are noise; the run checks "
                 "the plumbing, not the teaching[/yellow]"
             )
-        return answer_rows(cfg, questions, baseline, tuned_answers, tokenizer, settings)
+        cut = {"baseline": sum(baseline_cut), "tuned": sum(tuned_cut)}
+        return answer_rows(cfg, questions, baseline, tuned_answers, tokenizer, settings) | {
+            "cut": cut
+        }
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
             f"the adapter is saved in {tuned['adapter_dir']}: add --resume to the same command to "
@@ -445,6 +448,7 @@ def compare(cfg: Config, plan: dict, tuned: dict | None, answers, seconds: float
         cost_usd=0.0,  # local compute: no money changes hands
         seconds=seconds,
         decoding=answers["decoding"],
+        cut=answers["cut"],  # answers that ran to --max-new-tokens: ROUGE-L punishes them
         extra=run_details(cfg, plan, tuned),
     )
     compare_results(cfg.output_dir, write=True)
@@ -1856,10 +1860,11 @@ def generate_answers(
     stop_strings,
     max_new_tokens,
     batch_size,
-) -> list[str]:
+) -> tuple[list[str], list[bool]]:
     """Greedy answers, a batch at a time, left-padded so every prompt ends where generation
     starts (right padding would put pad tokens between a question and its answer). A question
-    is a text, or a chat's messages up to its last user turn (see test_prompt).
+    is a text, or a chat's messages up to its last user turn (see test_prompt). Returns the
+    answers, and for each whether it ran to max_new_tokens without stopping (cut short).
 
     Generation ends at an end-of-turn token or, for the fallback template, where the template's
     next turn would begin: a base model that has not learnt to stop goes on to invent the next
@@ -1877,7 +1882,7 @@ def generate_answers(
         pad_token_id=tokenizer.pad_token_id,
     )
     model.eval()
-    answers = []
+    answers, cut = [], []
     for start in range(0, len(questions), batch_size):
         batch = [prompt_chat(q, system_in_user) for q in questions[start : start + batch_size]]
         inputs = tokenizer.apply_chat_template(
@@ -1892,12 +1897,15 @@ def generate_answers(
         with torch.no_grad():
             output = model.generate(**inputs, generation_config=settings, tokenizer=tokenizer)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for row, text in zip(new_tokens.tolist(), texts, strict=True):
+            stopped = any(t in stop_ids for t in row) or any(s in text for s in stop_strings)
+            cut.append(len(row) == max_new_tokens and not stopped)
             for stop in stop_strings:
                 text = text.split(stop)[0]
             answers.append(text.strip())
     tokenizer.padding_side = "right"
-    return answers
+    return answers, cut
 
 
 def answer_rows(
@@ -1998,8 +2006,8 @@ def ask(cfg: Config) -> list:
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     settings = {**info["generation"], "max_new_tokens": cfg.max_new_tokens, "batch_size": 1}
     with model.disable_adapter():
-        baseline = generate_answers(model, tokenizer, [cfg.ask], **settings)[0]
-    tuned = generate_answers(model, tokenizer, [cfg.ask], **settings)[0]
+        baseline = generate_answers(model, tokenizer, [cfg.ask], **settings)[0][0]
+    tuned = generate_answers(model, tokenizer, [cfg.ask], **settings)[0][0]
     table = Table(title=printable(cfg.ask), show_lines=True)
     table.add_column("baseline (adapter off)", ratio=1)
     table.add_column("tuned (adapter on)", ratio=1)

@@ -351,7 +351,7 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
 
     client = make_client(cfg, plan["base_url"])
     models = (("baseline", "base", base_name), ("tuned", "tuned", tuned["tuned_model"]))
-    usage, rows = Counter(), []
+    usage, rows, cut = Counter(), [], Counter()
     try:
         for number, example in enumerate(test, start=1):
             question = example["question"]
@@ -363,6 +363,7 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
                 except openai.NotFoundError as exc:
                     raise UsageError(no_such_model(model, exc)) from None
                 row[side] = reply_text(reply)
+                cut[side] += reply.choices[0].finish_reason == "length"  # ran to max_tokens
                 used_in, used_out = reply_usage(reply)
                 usage.update({f"{short}_in": used_in, f"{short}_out": used_out})
             rows.append(row)
@@ -381,6 +382,7 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
         "answer_cost": answer_cost,
         "training_cost": training_cost,
         "usage": dict(usage),
+        "cut": {side: cut[side] for side in ("baseline", "tuned")},
     }
 
 
@@ -411,6 +413,7 @@ def compare(
         cost_usd=actual,
         seconds=seconds,
         decoding=DECODING,
+        cut=answers["cut"],
         extra={
             "provider": cfg.provider,
             "job_id": tuned["job_id"],

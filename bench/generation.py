@@ -30,7 +30,7 @@ from common import hl
 
 def answers_with(model, tokenizer, questions, settings, batch_size):
     started = time.perf_counter()
-    answers = hl.generate_answers(model, tokenizer, questions, **settings, batch_size=batch_size)
+    answers, _ = hl.generate_answers(model, tokenizer, questions, **settings, batch_size=batch_size)
     return time.perf_counter() - started, answers
 
 

@@ -151,8 +151,8 @@ def reloaded(hf, tiny_run):
     adapter_model = PeftModel.from_pretrained(base, out / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     return {
-        "adapter": hf.generate_answers(adapter_model, tokenizer, questions, **settings),
-        "merged": hf.generate_answers(merged, tokenizer, questions, **settings),
+        "adapter": hf.generate_answers(adapter_model, tokenizer, questions, **settings)[0],
+        "merged": hf.generate_answers(merged, tokenizer, questions, **settings)[0],
     }
 
 
