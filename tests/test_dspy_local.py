@@ -551,3 +551,47 @@ def test_the_train_pairs_are_written_as_the_program_sends_them(dspy_run, server,
     # a file the fine-tuning API takes as it is
     check = run_script("openai_finetune.py", "--check-file", str(path), cwd=result.cwd)
     assert check.returncode == 0, check.output[-2000:]
+
+
+@needs_serve
+def test_prompt_weights_prompt_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_path):
+    """make compare's "both" row in miniature: DSPy on the base model writes its train pairs as
+    its program sends them; LoRA trains on that file as it is (train only) and merges; DSPy
+    compiles again on the merged model, with the base model as the plain model and baseline.
+    The tiny model's answers are noise: this checks the plumbing, not the result."""
+    quick = ["--run", "--optimizer", "labeled", "--test-limit", "2", "--max-tokens", "8"]
+    first = start_script_in(tmp_path, SCRIPT, "--serve", str(tiny_folder), *quick, env=SERVE_ENV)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, (out + err)[-3000:]
+    exported = tmp_path / "outputs" / "dspy" / "finetune.jsonl"
+    assert len(exported.read_text().splitlines()) == 144
+
+    weights = start_script_in(
+        tmp_path,
+        "huggingface_lora.py",
+        *("--model", str(tiny_folder), "--data", str(exported), "--test-limit", "0"),
+        *("--max-steps", "2", "--max-length", "4096", "--lora-r", "4", "--merge", "--run"),
+        *("--output-dir", "outputs/bt"),
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    out, err = weights.communicate(timeout=300)
+    assert weights.returncode == 0, (out + err)[-3000:]
+    merged = tmp_path / "outputs" / "bt" / "huggingface" / "merged"
+    assert (merged / "config.json").is_file()
+    assert not (tmp_path / "outputs" / "bt" / "results").exists(), "train only: no results"
+
+    args = ["--serve", str(merged), "--base-model", str(tiny_folder), *quick]
+    again = start_script_in(tmp_path, SCRIPT, *args, "--results-name", "better-together")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, (out + err)[-3000:]
+    base = json.loads((tmp_path / "outputs" / "results" / "dspy.json").read_text())
+    both = json.loads((tmp_path / "outputs" / "results" / "better-together.json").read_text())
+    # the plain model and the baseline are the untuned model's, the very answers of the first
+    # run (from the cache); the tuned answers come from the merged model
+    for side in ("plain", "baseline"):
+        assert [q[side] for q in both["questions"]] == [q[side] for q in base["questions"]]
+    assert both["plain_model"]["model"] == base["plain_model"]["model"]
+    assert "merged" in both["model"]
+    assert both["lm_calls"]["plain"]["sent"] == both["lm_calls"]["baseline"]["sent"] == 0
+    table = (tmp_path / "outputs" / "results" / "comparison.md").read_text()
+    assert "both (BetterTogether)" in table and "DSPy (prompt)" in table
