@@ -360,13 +360,16 @@ def answer(cfg: Config, data: dict, formatted: Formatted, plan: Plan, tuned) -> 
         )
         return None
 
-    programs = {"plain": plain_chat(), "tuned": tuned}
-    programs["baseline"] = build_program(cfg.program, formatted.signature)
+    baseline = build_program(cfg.program, formatted.signature)
+    programs = {"plain": build_program("predict", formatted.signature), "baseline": baseline}
+    programs["tuned"] = tuned
     replies = {}
     with base_model_served(cfg, plan):  # --base-model: the plain model and the baseline run on it
         for name in phases:
-            lm = plan.base_lm if name in ("plain", "baseline") else dspy.settings.lm
-            replies[name] = answer_phase(cfg, plan, name, programs[name], formatted, lm)
+            settings = {"lm": plan.base_lm if name != "tuned" else dspy.settings.lm}
+            if name == "plain":
+                settings["adapter"] = plain_prompt_adapter()
+            replies[name] = answer_phase(cfg, plan, name, programs[name], formatted, settings)
 
     answers = []
     for i, row in enumerate(data["test"]):
@@ -1164,12 +1167,16 @@ def watch_lm_errors(plan: Plan, adapter):
                 plan.first_lm_error = exception
 
         def on_adapter_parse_start(self, call_id, instance, inputs):
+            if plan.phase == "plain":
+                return  # the plain prompt asks for no format: nothing to count
             with PARSE_LOCK:
                 parsing[call_id] = (instance is not adapter, inputs.get("completion"))
 
         def on_adapter_parse_end(self, call_id, outputs, exception=None):
             with PARSE_LOCK:
-                fallback, text = parsing.pop(call_id, (False, None))
+                if call_id not in parsing:
+                    return
+                fallback, text = parsing.pop(call_id)
                 tally = plan.replies.setdefault(plan.phase, new_reply_tally())
                 if fallback:
                     tally["json_rescued" if exception is None else "unparsed"] += 1
@@ -1745,20 +1752,24 @@ def plain_messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
 
-def plain_chat():
-    """The plain model as a DSPy module: one chat call with SYSTEM_PROMPT, no DSPy format.
+def plain_prompt_adapter():
+    """The plain model's prompt as a DSPy adapter: SYSTEM_PROMPT and the question, nothing else;
+    the whole reply is the answer.
 
-    The same words the fine-tuning approaches prompt with, so this scores what the model does
-    untouched, on the same questions, with the same decoding as the programs.
+    The same words the fine-tuning approaches prompt with, so the plain phase scores what the
+    model does untouched. As an adapter it goes through the very LM the programs use: the same
+    decoding, cache, retries and call counting.
     """
     import dspy
 
-    class PlainChat(dspy.Module):
-        def forward(self, question: str):
-            outputs = dspy.settings.lm(messages=plain_messages(question))
-            return dspy.Prediction(answer=(outputs[0] if outputs else "") or "")
+    class PlainPromptAdapter(dspy.ChatAdapter):
+        def format(self, signature, demos, inputs) -> list[dict]:
+            return plain_messages(inputs["question"])
 
-    return PlainChat()
+        def parse(self, signature, completion: str) -> dict:
+            return {"answer": completion.strip()}
+
+    return PlainPromptAdapter(use_json_adapter_fallback=False)
 
 
 @contextlib.contextmanager
@@ -1783,13 +1794,14 @@ def base_model_served(cfg: Config, plan: Plan):
         server.stop()
 
 
-def answer_phase(cfg: Config, plan: Plan, name: str, program, formatted: Formatted, lm) -> list:
-    """Answer every test question with `program` on `lm`; count the calls and the replies."""
+def answer_phase(cfg: Config, plan: Plan, name: str, program, formatted: Formatted, settings):
+    """Answer every test question with `program`, under these dspy settings (lm, adapter);
+    count the calls and the replies."""
     import dspy
 
     before = history_ids()
     plan.phase = name
-    with dspy.context(lm=lm):
+    with dspy.context(**settings):
         replies = answer_all(program, formatted.testset, cfg.threads, name)
     plan.actual[name] = tally_since(before)
     say_replies(cfg, plan, name)
@@ -1898,26 +1910,28 @@ def show_actual_cost(plan: Plan) -> float | None:
 def show_replies(cfg: Config, plan: Plan) -> dict[str, dict]:
     """Stage 6's account of every reply: read, asked again in JSON, or unparsed (scored 0)."""
     table = Table(title="replies, by phase: what DSPy could read")
-    columns = ("phase", "replies", "in format", "not: asked in JSON", "JSON parsed")
-    columns += ("unparsed (scored 0)", f"calls cut at {cfg.max_tokens} tokens")
+    columns = ("phase", "replies", "in format", "read whole", "not read", "JSON parsed")
+    columns += ("unparsed (scored 0)", f"cut at {cfg.max_tokens} tokens")
     for column in columns:
         table.add_column(column, justify="left" if column == "phase" else "right")
     replies = {}
     for name in PHASES:
-        if name not in plan.actual:
+        if name not in plan.actual or name == "plain":  # the plain prompt asks for no format
             continue
         tally = replies[name] = plan.replies.get(name, new_reply_tally())
         actual = plan.actual[name]
         cut = f"{actual['cut_at_max_tokens']} of {actual['sent'] + actual['cache_hits']}"
         n, bad = tally["replies"], tally["not_in_format"]
-        cells = (n, n - bad, bad, tally["json_rescued"], tally["unparsed"])
-        table.add_row(name, *map(str, cells), cut)
+        cells = (n, n - bad - tally["plain"], tally["plain"], bad, tally["json_rescued"])
+        table.add_row(name, *map(str, cells), str(tally["unparsed"]), cut)
     console.print(table)
+    retry = json_retry(build_adapter(cfg.adapter))
+    retry = "asked again in JSON (one more call, counted in 'sent' above), " if retry else ""
     console.print(
-        "[dim]in format: ChatAdapter read every field from the reply. Each other reply is asked "
-        "again in JSON (one more call, counted in 'sent' above); unparsed: neither reply could "
-        "be read, so the answer is empty and scores 0. Cut: the calls (JSON ones included) that "
-        f"ran to --max-tokens before a stop string {STOP}.[/]"
+        f"[dim]in format: the adapter read every field ({ADAPTER_FORMATS[cfg.adapter]}); read "
+        "whole: a reply without field markers, taken as the answer; not read: a reply the "
+        f"adapter could not parse, {retry}an empty answer if still unread (unparsed, scored 0). "
+        f"Cut: calls that ran to --max-tokens before a stop string {stop_strings(cfg.adapter)}.[/]"
     )
     return replies
 

@@ -57,14 +57,17 @@ def script_run(folder: str, url: str, candidate: str, args, output_dir: Path):
     return cfg, data, formatted, plan
 
 
-def measure(name: str, program, cfg, data, formatted, plan, phase: str) -> dict:
-    """Answer the test questions with `program`, as stage 5 does; count and score the replies."""
+def measure(name: str, program, cfg, data, formatted, plan, phase: str, **settings) -> dict:
+    """Answer the test questions with `program`, as stage 5 does; count and score the replies.
+    `settings` go to dspy.context (the plain prompt's adapter)."""
+    import dspy
     from dspy.clients.base_lm import GLOBAL_HISTORY
 
     before = dx.history_ids()
     plan.phase = phase
     started = time.perf_counter()
-    replies = dx.answer_all(program, formatted.testset, 1, name[:8])
+    with dspy.context(**settings):
+        replies = dx.answer_all(program, formatted.testset, 1, name[:8])
     seconds = time.perf_counter() - started
     actual = dx.tally_since(before)
     tally = plan.replies.get(phase, dx.new_reply_tally())
@@ -146,17 +149,12 @@ def main() -> None:
 
         if "plain chat prompt/plain" not in rows:
             cfg, data, formatted, plan = script_run(folder, url, candidates[0], args, Path(tmp))
-            record(
-                measure(
-                    "plain chat prompt",
-                    dx.plain_chat(plan.plain_lm),
-                    cfg,
-                    data,
-                    formatted,
-                    plan,
-                    "plain",
-                )
+            plain = dx.build_program("predict", formatted.signature)
+            adapter = dx.plain_prompt_adapter()
+            row = measure(
+                "plain chat prompt", plain, cfg, data, formatted, plan, "plain", adapter=adapter
             )
+            record(row)
         for candidate in candidates:
             phases = ["zero-shot"] + ([] if args.no_compiled else ["compiled"])
             if all(f"{candidate}/{phase}" in rows for phase in phases):

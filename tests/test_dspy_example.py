@@ -217,7 +217,7 @@ def test_saved_program_reloads_and_sends_the_same_prompts(dspy_run, server):
     second = dspy_run(*args, "--load", "outputs/dspy/program.json", "--no-cache")
     assert second.returncode == 0, second.output[-3000:]
     assert "nothing to compile" in second.stdout
-    assert server.count == count + 6  # baseline and tuned again, no compile calls
+    assert server.count == count + 9  # plain model, baseline and tuned again, no compile calls
     assert sorted(json.dumps(r["messages"]) for r in server.requests[-3:]) == tuned_prompts
     assert [q["tuned"] for q in results_of(second)["questions"]] == [
         q["tuned"] for q in results_of(first)["questions"]
@@ -250,8 +250,8 @@ def test_a_server_error_is_retried(dspy_run, server):
     result = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2")
     assert result.returncode == 0, result.output[-3000:]
     assert server.failures == 1
-    assert server.count == 4 + 1  # 2 baseline + 2 tuned answers, one of them asked twice
-    assert sent(results_of(result)) == 4
+    assert server.count == 6 + 1  # 2 plain, 2 baseline, 2 tuned answers, one asked twice
+    assert sent(results_of(result)) == 6
 
 
 def test_a_server_that_keeps_failing_exits_1_saying_what_was_kept(dspy_run, server):
@@ -369,12 +369,12 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes_from_the_cache(server, tm
     assert "every answered call, in outputs/dspy/cache" in stderr
     assert not (tmp_path / "outputs" / "results").exists()
     interrupted = server.count
-    assert 4 <= interrupted < 24
+    assert 4 <= interrupted < 36
 
     rerun = run_script_in(tmp_path, SCRIPT, *args, env=env)
     assert rerun.returncode == 0, rerun.output[-4000:]
-    # every call answered before Ctrl-C came from the cache: 24 requests in all, none twice
-    assert server.count == 24
+    # every call answered before Ctrl-C came from the cache: 36 requests in all, none twice
+    assert server.count == 36
     calls = json.loads((tmp_path / "outputs" / "results" / "dspy.json").read_text())["lm_calls"]
     assert sum(phase["cache_hits"] for phase in calls.values()) == interrupted
 
@@ -384,7 +384,7 @@ def test_dspy_native_engine_works_too(dspy_run, server):
         "--run", "--yes", "--engine", "auto", "--optimizer", "labeled", "--test-limit", "2"
     )
     assert result.returncode == 0, result.output[-3000:]
-    assert server.count == 4
+    assert server.count == 6
 
 
 def test_ask_answers_one_question_with_the_saved_program(dspy_run, server):
@@ -411,12 +411,13 @@ def test_ask_answers_one_question_with_the_saved_program(dspy_run, server):
 def test_a_reply_in_the_wrong_format_costs_one_more_call_through_the_json_fallback(
     dspy_run, server
 ):
-    server.prose_next = 1  # the first reply ignores the [[ ## field ## ]] format
+    # the plain model's two replies, then the baseline's first: it ignores the [[ ## ]] format
+    server.prose_next = 3
     args = ("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2", "--threads", "1")
     result = dspy_run(*args)
     assert result.returncode == 0, result.output[-3000:]
-    assert server.count == 4 + 1
-    first, fallback = server.requests[0], server.requests[1]
+    assert server.count == 6 + 1
+    first, fallback = server.requests[2], server.requests[3]
     assert question_of(fallback["messages"]) == question_of(first["messages"])
     assert "response_format" not in first and fallback["response_format"]  # asked for JSON
     results = results_of(result)
@@ -437,7 +438,7 @@ def test_temperature_and_max_tokens_reach_the_request_and_a_cut_off_reply_scores
         assert (body.get("max_tokens") or body.get("max_completion_tokens")) == 12
     # 12 tokens end the reply before its answer, in both formats: an empty answer, scored 0
     results = results_of(result)
-    assert server.count == 2 * 2 * 2  # each call and its JSON fallback
+    assert server.count == 2 + 2 * 2 * 2  # the plain model; each call and its JSON fallback
     for question in results["questions"]:
         assert question["baseline"] == question["tuned"] == ""
         assert question["baseline_score"] == question["tuned_score"] == 0
@@ -448,8 +449,8 @@ def test_a_rate_limit_and_a_dropped_connection_are_retried(dspy_run, server):
     server.drop_next = 1  # ...and a connection closed without an answer
     result = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2")
     assert result.returncode == 0, result.output[-3000:]
-    assert server.failures == 2 and server.count == 4 + 2
-    assert sent(results_of(result)) == 4  # the failed tries are not answered calls
+    assert server.failures == 2 and server.count == 6 + 2
+    assert sent(results_of(result)) == 6  # the failed tries are not answered calls
 
 
 @pytest.mark.parametrize("engine", ["litellm", "auto"])
@@ -461,7 +462,7 @@ def test_a_server_that_reports_no_usage_is_sent_not_cached_and_its_cost_unknown(
     result = dspy_run(*args, "--engine", engine)
     assert result.returncode == 0, result.output[-3000:]
     results = results_of(result)
-    assert sent(results) == server.count == 4
+    assert sent(results) == server.count == 6
     assert all(phase["cache_hits"] == 0 for phase in results["lm_calls"].values())
     assert results["cost_usd"] is None  # a priced model's calls are not free: unknown
     assert "actual cost: unknown" in result.stdout
@@ -473,7 +474,7 @@ def test_output_dir_and_cache_dir_hold_what_they_say(dspy_run, server):
     first = dspy_run(*args, *where)
     assert first.returncode == 0, first.output[-3000:]
     made = server.count
-    assert made == 4
+    assert made == 6
     assert results_of_dir(first, "elsewhere")["n_test"] == 2
     assert (first.cwd / "elsewhere" / "dspy" / "program.json").is_file()
     assert any(p.is_file() for p in (first.cwd / "my-cache").rglob("*"))
@@ -483,7 +484,7 @@ def test_output_dir_and_cache_dir_hold_what_they_say(dspy_run, server):
     assert again.returncode == 0, again.output[-3000:]
     assert server.count == made  # served from my-cache
     assert (
-        sum(p["cache_hits"] for p in results_of_dir(again, "elsewhere")["lm_calls"].values()) == 4
+        sum(p["cache_hits"] for p in results_of_dir(again, "elsewhere")["lm_calls"].values()) == 6
     )
 
 

@@ -72,7 +72,7 @@ def test_every_call_carries_the_same_stop_strings_and_the_results_record_them(
     server.free_text_for = {SEASONS}  # so DSPy's JSON fallback sends a call too
     result = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2")
     assert result.returncode == 0, result.output[-3000:]
-    assert server.count == 2 + 1 + 2 + 1  # baseline, its JSON retry, tuned, its JSON retry
+    assert server.count == 2 + 2 + 1 + 2 + 1  # plain, baseline, a JSON retry, tuned, a retry
     for body in server.requests:
         assert body["stop"] == STOP
         assert body["max_tokens"] == 1000  # a hosted API's default
@@ -111,6 +111,7 @@ def test_an_unparseable_reply_is_counted_scored_zero_shown_and_recorded_per_phas
         assert results["replies"][phase] == {
             "replies": replies,
             "not_in_format": 1,
+            "plain": 0,  # ChatAdapter reads no reply whole: that is the plain-reply adapter
             "json_rescued": 0,
             "unparsed": 1,
             "first_unparsed": FREE_TEXT,
@@ -136,8 +137,8 @@ def test_an_unparseable_reply_is_counted_scored_zero_shown_and_recorded_per_phas
         assert f"{phase}: " in out and "1 unparsed: an empty answer, scored 0" in out
     assert out.count(FREE_TEXT) >= 3
     table = re.search(r"replies, by phase.*?└", result.stdout, re.DOTALL).group(0)
-    assert re.search(r"│ baseline │\s+3 │\s+2 │\s+1 │\s+0 │\s+1 │", table), table
-    assert re.search(r"│ tuned\s+│\s+3 │\s+2 │\s+1 │\s+0 │\s+1 │", table), table
+    assert re.search(r"│ baseline │\s+3 │\s+2 │\s+0 │\s+1 │\s+0 │\s+1 │", table), table
+    assert re.search(r"│ tuned\s+│\s+3 │\s+2 │\s+0 │\s+1 │\s+0 │\s+1 │", table), table
     assert "(unusable:" in result.stdout  # the side-by-side view
 
 
@@ -152,7 +153,7 @@ def test_results_name_writes_its_own_file_beside_the_others(dspy_run, server):
     assert (results / "dspy-smollm2.json").is_file()
     assert not (results / "dspy.json").exists()
     assert results_of(result, "dspy-smollm2")["approach"] == "dspy"
-    assert "| dspy-smollm2 |" in (results / "comparison.md").read_text()
+    assert "| dspy-smollm2 gpt-4o-mini |" in (results / "comparison.md").read_text()
 
 
 @pytest.mark.parametrize("name", ["../elsewhere", "a/b", "dspy.json", ".hidden", ""])
