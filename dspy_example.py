@@ -1235,8 +1235,8 @@ def local_server_stopped_at_the_end():
     try:
         yield
     except KeyboardInterrupt:
-        # On SIGTERM, transformers serve (uvicorn) waits for the replies in flight before it
-        # stops: minutes with a slow model, for replies nobody reads now. Be quick instead.
+        # Told to stop, transformers serve (uvicorn) first finishes the replies in flight:
+        # minutes with a slow model, for replies nobody reads now. 2 s, then SIGKILL.
         grace = 2.0
         raise
     finally:
