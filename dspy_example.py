@@ -42,7 +42,6 @@ How to read it
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import errno
 import hashlib
@@ -1560,6 +1559,7 @@ def exit_before_teardown() -> None:
     import, holding the import lock, it hung the exit for good (1 run in 4 with --serve). Files
     are closed or written whole by then; stdout is flushed here.
     """
+    import atexit
 
     def now() -> None:
         sys.stdout.flush()

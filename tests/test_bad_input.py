@@ -436,17 +436,24 @@ def test_sigterm_is_ctrl_c_with_exit_143_held_like_it_and_says_the_same(script, 
     def ctrl_c(argv):
         signal.raise_signal(signal.SIGINT)
 
-    assert module.run_cli(held, []) == 143
-    assert reached == ["after the signal"]
-    assert module.run_cli(knows_better, []) == 143
-    assert module.run_cli(ctrl_c, []) == 130  # a later run's Ctrl-C is still 130
+    def unhandled(signum, frame):  # without run_cli's handler: a failed test, not a dead pytest
+        pass
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert module.run_cli(held, []) == 143
+        assert reached == ["after the signal"]
+        assert module.run_cli(knows_better, []) == 143
+        assert module.run_cli(ctrl_c, []) == 130  # a later run's Ctrl-C is still 130
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # run_cli put it back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == [
         "interrupted: nothing half-written was kept; run the same command to resume",
         "interrupted: kept this; do that to resume",
         "interrupted: nothing half-written was kept; run the same command to resume",
     ]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # run_cli put it back
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
