@@ -2841,8 +2841,9 @@ def clip(text: str, limit: int = 500) -> str:
 
 @contextlib.contextmanager
 def interrupts_held():
-    """Hold Ctrl-C and SIGTERM while the block runs, then act on them: for native code that a
-    KeyboardInterrupt raised inside it aborts (importing torch: "terminate called", exit 134)."""
+    """Hold Ctrl-C and SIGTERM (run_cli raises it as a KeyboardInterrupt too) while the block
+    runs, then act on them: for native code that a KeyboardInterrupt raised inside it aborts
+    (importing torch: "terminate called", exit 134)."""
     held: list[int] = []
     try:
         previous = {
