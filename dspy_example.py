@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import shlex
 import signal
@@ -50,6 +51,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -60,10 +62,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-# LiteLLM fetches its price list from GitHub when it is imported, and DSPy fetches its own copy
-# on first use, unless this is set. The price list bundled with LiteLLM is enough for an
-# estimate, and a dry run must send nothing. A value the user set wins. It must be set before
-# dspy or litellm is imported, which happens lazily inside the functions below.
+# Without this, LiteLLM and DSPy fetch a price list from GitHub on import: a dry run must send
+# nothing, and the bundled list is enough for an estimate. Set before they are (lazily) imported.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 # =====================================================================================
@@ -322,7 +322,8 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan):
     before = history_ids()
     plan.phase = "compile"
     try:
-        program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
+        with dspy_parallel_in_daemon_threads():  # Ctrl-C waits for no call in flight
+            program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
     except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
         raise ServiceError(
             f"{cfg.model} answered MIPROv2's instruction proposer in a form DSPy could not "
@@ -1301,13 +1302,15 @@ def served_context_window(folder: Path) -> int | None:
 
 
 # The child process: `transformers serve` itself, run by this script's own Python so it comes
-# from the same environment. On Linux it first asks the kernel to send it SIGTERM when this
-# script dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no server outlives its run.
+# from the same environment. On Linux it first asks the kernel to send it SIGKILL when this
+# script dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no server outlives its run. SIGKILL,
+# not SIGTERM: on SIGTERM the server first winds down the replies in flight, which nobody is left
+# to read (it outlived a `kill -9` of this script by 9 s with one reply in flight; now 0.1 s).
 SERVE_LAUNCHER = """
 import ctypes, os, signal, sys
 parent = int(sys.argv.pop(1))
 if sys.platform == "linux":
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
 if os.getppid() != parent:
     sys.exit("the script that started this server is gone")
 from transformers.cli.transformers import main
@@ -1411,8 +1414,8 @@ class LocalServer:
         lines = [line.strip() for line in lines if line.strip()]
         return lines[-1][:200] if lines else "it printed nothing"
 
-    def stop(self) -> None:
-        """Stop the server: SIGTERM, then SIGKILL if it is still there after 10 s."""
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop the server: SIGTERM, then SIGKILL if it is still there after `grace` seconds."""
         if self in LocalServer.running:
             LocalServer.running.remove(self)
         if self.proc is None:
@@ -1422,7 +1425,7 @@ class LocalServer:
             return  # it stopped by itself; start() said why
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -1432,14 +1435,17 @@ class LocalServer:
 @contextlib.contextmanager
 def local_server_stopped_at_the_end():
     """Stop every server this run started, however it ends: finished, failed, Ctrl-C, SIGTERM."""
+    grace = 10.0
     try:
-        if threading.current_thread() is threading.main_thread():
-            # `kill PID` ends the run through the finally below, which stops the server
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         yield
+    except KeyboardInterrupt:
+        # Told to stop, transformers serve (uvicorn) first finishes the replies in flight:
+        # minutes with a slow model, for replies nobody reads now. 2 s, then SIGKILL.
+        grace = 2.0
+        raise
     finally:
         for server in list(LocalServer.running):
-            server.stop()
+            server.stop(grace)
 
 
 # ----- Stage 4 · tune: the optimizer, its metric, the compiled program
@@ -1624,6 +1630,7 @@ def lm_errors_explained(cfg: Config, plan: Plan):
             "are not sent again)"
         ) from None
     except KeyboardInterrupt:
+        exit_before_teardown()  # LM calls may still be in flight: see DaemonThreads
         raise KeyboardInterrupt(
             f"kept {kept_note(cfg, plan)}; run the same command to resume"
         ) from None
@@ -1808,6 +1815,89 @@ def answer_phase(cfg: Config, plan: Plan, name: str, program, formatted: Formatt
     return replies
 
 
+# ----- Stages 4 and 5: threads that Ctrl-C and SIGTERM never wait for
+
+
+class DaemonThreads(Executor):
+    """A thread pool for LM calls whose calls in flight never hold the exit.
+
+    concurrent.futures' own pool joins its threads when Python exits, so a run stopped by
+    Ctrl-C or SIGTERM still waited for every call it had sent: 25 s against a server answering
+    one call at a time in 3 s, over 3 minutes against `transformers serve` on a small model.
+    Daemon threads end with the process instead (exit_before_teardown): the calls answered
+    before are in DSPy's cache already, and the next run sends the ones cut short again.
+    Shutting the pool down drops the calls not started yet (whatever `cancel_futures` says), so
+    a stopped run sends nothing more.
+    """
+
+    def __init__(self, max_workers: int):
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, daemon=True) for _ in range(max_workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._work.put((future, fn, args, kwargs))
+        return future
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled before it started
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # the caller's to raise, from future.result()
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = True) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                if item := self._work.get_nowait():
+                    item[0].cancel()
+        for _ in self._threads:
+            self._work.put(None)  # one stop sign for each thread, once its call is done
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
+def exit_before_teardown() -> None:
+    """After Ctrl-C or SIGTERM, end the process once the exit's first steps are done (the
+    message printed, the server stopped), before Python tears itself down.
+
+    A daemon thread whose reply comes during the teardown, or whose call fails once the server
+    is stopped, runs Python again, and the teardown halts it wherever it is: halted inside an
+    import, holding the import lock, it hung the exit for good (1 run in 4 with --serve). Files
+    are closed or written whole by then; stdout is flushed here.
+    """
+    import atexit
+
+    def now() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143 if Terminated.arrived else 130)
+
+    atexit.register(now)  # the last registered runs first, before any library's
+
+
+@contextlib.contextmanager
+def dspy_parallel_in_daemon_threads():
+    """DSPy's own parallel evaluator (random search, MIPROv2) in DaemonThreads too. It asks its
+    pool for nothing but submit() and shutdown(), and waits on the futures it returns."""
+    from dspy.utils import parallelizer
+
+    original = parallelizer.ThreadPoolExecutor
+    parallelizer.ThreadPoolExecutor = DaemonThreads
+    try:
+        yield
+    finally:
+        parallelizer.ThreadPoolExecutor = original
+
+
 # ----- Stage 5 · answer: in parallel, a failed call stopping the run
 
 
@@ -1820,7 +1910,7 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
     in the estimate), is a bad answer, not a failure: it scores 0.
     """
     import contextvars
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
     import dspy
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -1837,7 +1927,7 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
 
     results: list[dict] = [{} for _ in examples]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    pool = ThreadPoolExecutor(max_workers=threads)
+    pool, wait = DaemonThreads(threads), True
     try:
         with Progress(*columns, console=console) as progress:
             task = progress.add_task(f"{label:>8}", total=len(examples))
@@ -1850,9 +1940,13 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 progress.advance(task)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: wait for no call in flight
+        wait = False
+        raise
     finally:
-        # On a failure or Ctrl-C, send nothing more: drop the calls not started yet.
-        pool.shutdown(wait=True, cancel_futures=True)
+        # Send nothing more: drop the calls not started yet. After a failed call, the calls in
+        # flight still land in the cache, for the next run.
+        pool.shutdown(wait=wait)
     return results
 
 
@@ -3377,26 +3471,63 @@ def clip(text: str, limit: int = 500) -> str:
 
 @contextlib.contextmanager
 def interrupts_held():
-    """Hold Ctrl-C while the block runs, then act on it: for native code that a
-    KeyboardInterrupt raised inside it aborts (importing torch: "terminate called", exit 134)."""
-    pressed: list[int] = []
+    """Hold Ctrl-C and SIGTERM (run_cli raises it as a KeyboardInterrupt too) while the block
+    runs, then act on them: for native code that a KeyboardInterrupt raised inside it aborts
+    (importing torch: "terminate called", exit 134)."""
+    held: list[int] = []
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+        previous = {
+            signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
     except ValueError:  # not the main thread: signals never arrive here anyway
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if pressed and callable(previous):
-        previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if held and previous[held[0]] is not signal.SIG_IGN:
+        # Sent again, to the handler now back in place: Python's raises KeyboardInterrupt, run_cli's
+        # Terminated; with none, the process ends as the signal would have ended it at once.
+        signal.raise_signal(held[0])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (see run_cli)."""
+
+    arrived = False  # set by a SIGTERM during run_cli: the exit is 143 instead of 130
+
+
+def raise_terminated(signum, frame) -> None:
+    Terminated.arrived = True
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_like_ctrl_c():
+    """SIGTERM (`kill PID`, a batch system's time limit, `docker stop`, torchrun stopping the
+    ranks of a failed launch) ends a run the way Ctrl-C does: each stage's `except
+    KeyboardInterrupt` says what was kept and how to resume, and the cleanup on the way out runs.
+    Python's default would end the process at once, silently, with none of that."""
+    Terminated.arrived = False
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: signals never arrive here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:
-    """Turn the script's exceptions into its exit codes (0, 1, 2, 130) and one-line messages."""
+    """Turn the script's exceptions into exit codes (0, 1, 2, 130, 143) and one-line messages."""
     try:
-        main(argv)
+        with sigterm_like_ctrl_c():
+            main(argv)
         return 0
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -3408,7 +3539,7 @@ def run_cli(main, argv: list[str] | None = None) -> int:
         # A script that knows better how to resume says so: raise KeyboardInterrupt("...").
         message = str(exc) or "nothing half-written was kept; run the same command to resume"
         print(f"\ninterrupted: {message}", file=sys.stderr)
-        return 130
+        return 143 if Terminated.arrived else 130  # 128 + the signal's number, as shells say
     except OSError as exc:
         # A library's own write (a checkpoint, a chart, a cache) meeting a full or read-only
         # disk: the user's to fix, like any other write here.

@@ -3375,26 +3375,63 @@ def clip(text: str, limit: int = 500) -> str:
 
 @contextlib.contextmanager
 def interrupts_held():
-    """Hold Ctrl-C while the block runs, then act on it: for native code that a
-    KeyboardInterrupt raised inside it aborts (importing torch: "terminate called", exit 134)."""
-    pressed: list[int] = []
+    """Hold Ctrl-C and SIGTERM (run_cli raises it as a KeyboardInterrupt too) while the block
+    runs, then act on them: for native code that a KeyboardInterrupt raised inside it aborts
+    (importing torch: "terminate called", exit 134)."""
+    held: list[int] = []
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+        previous = {
+            signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
     except ValueError:  # not the main thread: signals never arrive here anyway
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if pressed and callable(previous):
-        previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if held and previous[held[0]] is not signal.SIG_IGN:
+        # Sent again, to the handler now back in place: Python's raises KeyboardInterrupt, run_cli's
+        # Terminated; with none, the process ends as the signal would have ended it at once.
+        signal.raise_signal(held[0])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (see run_cli)."""
+
+    arrived = False  # set by a SIGTERM during run_cli: the exit is 143 instead of 130
+
+
+def raise_terminated(signum, frame) -> None:
+    Terminated.arrived = True
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_like_ctrl_c():
+    """SIGTERM (`kill PID`, a batch system's time limit, `docker stop`, torchrun stopping the
+    ranks of a failed launch) ends a run the way Ctrl-C does: each stage's `except
+    KeyboardInterrupt` says what was kept and how to resume, and the cleanup on the way out runs.
+    Python's default would end the process at once, silently, with none of that."""
+    Terminated.arrived = False
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: signals never arrive here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:
-    """Turn the script's exceptions into its exit codes (0, 1, 2, 130) and one-line messages."""
+    """Turn the script's exceptions into exit codes (0, 1, 2, 130, 143) and one-line messages."""
     try:
-        main(argv)
+        with sigterm_like_ctrl_c():
+            main(argv)
         return 0
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -3406,7 +3443,7 @@ def run_cli(main, argv: list[str] | None = None) -> int:
         # A script that knows better how to resume says so: raise KeyboardInterrupt("...").
         message = str(exc) or "nothing half-written was kept; run the same command to resume"
         print(f"\ninterrupted: {message}", file=sys.stderr)
-        return 130
+        return 143 if Terminated.arrived else 130  # 128 + the signal's number, as shells say
     except OSError as exc:
         # A library's own write (a checkpoint, a chart, a cache) meeting a full or read-only
         # disk: the user's to fix, like any other write here.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,14 @@ _netblock = _load_netblock()
 # pytest itself). Spinning OpenMP threads would take the time slices the working ones need;
 # sleeping ones (the LoRA script's own default) keep a busy CI machine fast.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# A shell without job control (CI, a script running `make test &`) starts a background job with
+# SIGINT ignored, and an ignored signal stays ignored in every process it starts: the tests'
+# Ctrl-C would reach no script. A handled signal is reset to the default in a child instead, and
+# the child's Python turns that into KeyboardInterrupt as under a terminal. Fixed here, not in the
+# scripts: they leave an ignored SIGINT ignored, as a background job expects, and stop on SIGTERM.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Variables that would let a script reach a real service or read a developer's real keys. The
 # proxy variables matter as much: a proxy on loopback passes the block's loopback rule and would

@@ -27,7 +27,9 @@ DSPy. What it does, and where each behaviour comes from:
 - Misbehaviour a test can ask for: the next N replies in free prose instead of the asked format
   (`prose_next`), the next N connections closed without an answer (`drop_next`, what a client
   sees when a proxy or load balancer times out), no `usage` at all (`report_usage = False`, as
-  some self-hosted servers do), a delay per reply (`delay`, so parallel requests overlap).
+  some self-hosted servers do), a delay per reply (`delay`, so parallel requests overlap), one
+  reply at a time (`one_at_a_time`: the others wait their turn, as `transformers serve` without
+  continuous batching makes them wait).
 
 It records every request body and the usage it reported, and how many requests were in flight
 at once (to prove the script answers in parallel). For the questions in `free_text_for` it
@@ -167,6 +169,7 @@ class FakeChatServer:
     def __init__(self, delay: float = 0.0):
         encoding()  # load it now, not inside the first request's time
         self.delay = delay  # seconds each reply takes, so parallel requests overlap
+        self.one_at_a_time = False  # requests wait their turn: one reply is written at a time
         self.requests: list[dict] = []  # every chat request body received, failed ones included
         self.usage: list[dict] = []  # the usage reported for each successful reply
         self.failures = 0  # how many requests were answered with an error or dropped
@@ -181,6 +184,7 @@ class FakeChatServer:
         self.max_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._turn = threading.Lock()  # held while a reply is written, with one_at_a_time
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -222,8 +226,10 @@ class FakeChatServer:
                     elif owner.prose_next > 0:
                         owner.prose_next -= 1
                         prose = True
+                turn = owner._turn if owner.one_at_a_time else contextlib.nullcontext()
                 try:
-                    time.sleep(owner.delay)
+                    with turn:
+                        time.sleep(owner.delay)
                     if drop:
                         self.close_connection = True
                         with contextlib.suppress(OSError):

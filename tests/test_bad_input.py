@@ -417,6 +417,58 @@ def test_interrupts_held_raises_once_the_block_is_done(script, modules):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigterm_is_ctrl_c_with_exit_143_held_like_it_and_says_the_same(script, modules, capsys):
+    module = modules[script]
+    reached = []
+
+    def held(argv):  # SIGTERM inside a held block (an import of native code): acted on after
+        with module.interrupts_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached.append("after the signal")
+
+    def knows_better(argv):  # a stage's own advice, raised from its `except KeyboardInterrupt`
+        try:
+            signal.raise_signal(signal.SIGTERM)  # acted on before it returns
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("kept this; do that to resume") from None
+
+    def ctrl_c(argv):
+        signal.raise_signal(signal.SIGINT)
+
+    def unhandled(signum, frame):  # without run_cli's handler: a failed test, not a dead pytest
+        pass
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert module.run_cli(held, []) == 143
+        assert reached == ["after the signal"]
+        assert module.run_cli(knows_better, []) == 143
+        assert module.run_cli(ctrl_c, []) == 130  # a later run's Ctrl-C is still 130
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # run_cli put it back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [
+        "interrupted: nothing half-written was kept; run the same command to resume",
+        "interrupted: kept this; do that to resume",
+        "interrupted: nothing half-written was kept; run the same command to resume",
+    ]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_ignored_ctrl_c_stays_ignored_through_interrupts_held(script, modules):
+    # a background job of a shell without job control: Ctrl-C is for the foreground job
+    module = modules[script]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with module.interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize(
     "script, stage",
     [(script, 1) for script in SCRIPTS] + [("huggingface_lora.py", 3)],

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import signal
+import time
 
 import pytest
 from conftest import load_script, run_script_in, start_script_in
@@ -373,10 +375,90 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes_from_the_cache(server, tm
 
     rerun = run_script_in(tmp_path, SCRIPT, *args, env=env)
     assert rerun.returncode == 0, rerun.output[-4000:]
-    # every call answered before Ctrl-C came from the cache: 36 requests in all, none twice
-    assert server.count == 36
+    # every call answered before Ctrl-C came from the cache; sent again: only the calls the
+    # signal cut short (one a thread at most: the run waits for no reply in flight)
     calls = json.loads((tmp_path / "outputs" / "results" / "dspy.json").read_text())["lm_calls"]
-    assert sum(phase["cache_hits"] for phase in calls.values()) == interrupted
+    hits = sum(phase["cache_hits"] for phase in calls.values())
+    assert interrupted - 2 <= hits <= interrupted
+    assert server.count == interrupted + (36 - hits)  # plain, baseline, tuned: 12 each
+
+
+# A server that writes one reply at a time, each in REPLY_SECONDS, as `transformers serve` does
+# with a small model on a CPU. When the signal comes, THREADS - 1 calls still wait for theirs:
+# 15 s and more, which a stopped run used to wait for. It now ends in about 1.5 s (2 busy cores).
+REPLY_SECONDS, THREADS = 5.0, 4
+PROMPTLY = 8.0  # seconds from the signal to the exit, with room for a busy machine
+
+
+def stop_a_slow_run(server, tmp_path, signum, *args: str, answered: int = 1):
+    """Run against the slow server; once it has answered `answered` calls and has more in
+    flight, send `signum`. Returns the process, its stderr and the seconds it took to end."""
+    server.delay, server.one_at_a_time = REPLY_SECONDS, True
+    env = {"OPENAI_API_KEY": "test", "HOME": str(tmp_path / "home")}
+    proc = start_script_in(tmp_path, SCRIPT, "--api-base", server.url, *args, env=env)
+    deadline = time.monotonic() + 120
+    while len(server.usage) < answered or server.count <= answered:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    time.sleep(1)  # the reply reaches the cache
+    signalled = time.monotonic()
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    return proc, stderr, time.monotonic() - signalled
+
+
+def resume_line(stderr: str) -> str:
+    """The one message an interrupted run prints, after any progress bar."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "interrupted:" in line]
+    assert len(lines) == 1 and stderr.rstrip().endswith(lines[0]), stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_stopping_stage_5_waits_for_no_reply_and_the_same_command_resumes(
+    server, tmp_path, signum, code
+):
+    args = ["--run", "--yes", "--optimizer", "labeled", "--test-limit", "4"]
+    args += ["--threads", str(THREADS)]
+    proc, stderr, seconds = stop_a_slow_run(server, tmp_path, signum, *args)
+    assert proc.returncode == code, stderr[-3000:]
+    assert seconds < PROMPTLY, f"{seconds:.1f} s from the signal to the exit"
+    line = resume_line(stderr)
+    assert line.startswith("interrupted: kept every answered call, in outputs/dspy/cache")
+    assert line.endswith("run the same command to resume")
+    assert not (tmp_path / "outputs" / "results").exists()
+    if signum == signal.SIGINT:
+        return  # the resume after Ctrl-C: test_ctrl_c_exits_130_and_the_same_command_resumes...
+
+    interrupted, server.delay = server.count, 0
+    env = {"OPENAI_API_KEY": "test", "HOME": str(tmp_path / "home")}
+    rerun = run_script_in(tmp_path, SCRIPT, "--api-base", server.url, *args, env=env)
+    assert rerun.returncode == 0, rerun.output[-4000:]
+    calls = json.loads((tmp_path / "outputs" / "results" / "dspy.json").read_text())["lm_calls"]
+    hits = sum(phase["cache_hits"] for phase in calls.values())
+    assert hits >= 1  # what was answered before the signal is not sent again
+    assert server.count == interrupted + (8 - hits)
+
+
+@pytest.mark.parametrize("optimizer", ["bootstrap", "random-search"])
+def test_sigterm_while_compiling_waits_for_no_reply_and_says_what_was_kept(
+    server, tmp_path, optimizer
+):
+    # BootstrapFewShot calls the LM from the main thread; the random search scores candidate
+    # programs in DSPy's own parallel evaluator, THREADS calls at a time.
+    args = ["--run", "--yes", "--optimizer", optimizer, "--train-limit", "4", "--test-limit", "2"]
+    args += ["--threads", str(THREADS), "--num-candidates", "1"]
+    proc, stderr, seconds = stop_a_slow_run(server, tmp_path, signal.SIGTERM, *args)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert seconds < PROMPTLY, f"{seconds:.1f} s from the signal to the exit"
+    assert resume_line(stderr) == (
+        "interrupted: kept every answered call, in outputs/dspy/cache; run the same command "
+        "to resume"
+    )
+    assert not (tmp_path / "outputs" / "dspy" / "program.json").exists()
 
 
 def test_dspy_native_engine_works_too(dspy_run, server):

@@ -332,24 +332,38 @@ def wait_for_line(proc: subprocess.Popen, text: str, seconds: float) -> str:
     raise AssertionError(f"no {text!r} within {seconds} s:\n" + "".join(seen)[-3000:])
 
 
+SIGNALS = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "kill -9": signal.SIGKILL}
+
+
 @needs_serve
-@pytest.mark.parametrize("how", ["ctrl-c", "kill -9"])
+@pytest.mark.parametrize("how", SIGNALS)
 def test_serve_stops_the_server_when_the_run_is_interrupted(how, tiny_folder, tmp_path):
     if how == "kill -9" and not sys.platform.startswith("linux"):
         pytest.skip("the server's parent-death signal (prctl) is Linux's")
+    # The random model writes until --max-tokens: a reply takes about 40 s here, so one is in
+    # flight when the signal comes, and the server would finish it before stopping on SIGTERM.
     args = ["--serve", str(tiny_folder), "--run", "--optimizer", "labeled"]
-    args += ["--test-limit", "30", "--max-tokens", "200", "--no-cache"]
+    args += ["--test-limit", "30", "--max-tokens", "4000", "--no-cache"]
     proc = start_script_in(tmp_path, SCRIPT, *args, env=SERVE_ENV)
     seen = wait_for_line(proc, "the server answered after", 240)
     pid = server_pid(seen)
     assert alive(pid)
-    proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=60)
-    if how == "ctrl-c":
-        assert proc.returncode == 130, stderr[-2000:]
+    log, deadline = tmp_path / "outputs" / "dspy" / "serve.log", time.monotonic() + 60
+    while "[Request received]" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "no request reached the server"
+        time.sleep(0.1)
+    signalled = time.monotonic()
+    proc.send_signal(SIGNALS[how])
+    proc.wait(timeout=120)
+    seconds = time.monotonic() - signalled
+    # read, not communicate(): that reads the pipe past what readline() already buffered
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    if how != "kill -9":
+        assert proc.returncode == 128 + SIGNALS[how], stderr[-2000:]
         assert "interrupted: " in stderr and "run the same command to resume" in stderr
         assert f"stopped the local server (pid {pid})" in stdout
         assert not alive(pid)
+        assert seconds < 10, f"{seconds:.1f} s from the signal to the exit"
     else:
         assert proc.returncode == -signal.SIGKILL
         assert gone_within(pid, 20), "the server outlived the script that started it"

@@ -327,6 +327,27 @@ def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 100  # one history, no restart at 1
 
 
+def test_sigterm_during_training_keeps_the_checkpoint_says_so_and_exits_143(tmp_path):
+    # `kill PID`, a batch system's time limit, torchrun stopping its ranks: the same advice as
+    # Ctrl-C (whose resume the test above follows through), and 128 + 15
+    args = (*TINY, "--train-limit", "8", "--batch-size", "2", "--epochs", "25")
+    proc = start(tmp_path, *args, "--save-steps", "2", "--test-limit", "1", "--run")
+    checkpoints = tmp_path / "outputs/huggingface/checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stopped = finish(proc, tmp_path)
+    assert stopped.returncode == 143, stopped.stdout[-2000:] + stopped.stderr
+    assert re.search(
+        r"interrupted: training stopped at step \d+; .*checkpoint-\d+ is kept: add --resume",
+        stopped.stderr,
+    ), stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert not (tmp_path / "outputs/huggingface/adapter").exists()
+
+
 def test_torchrun_with_two_processes_splits_the_data_and_writes_one_results_file(tmp_path):
     workdir = tmp_path
     torchrun = [

@@ -337,7 +337,12 @@ def test_events_are_printed_once_each_oldest_first(api, real_run):
     assert order == sorted(order), order
 
 
-def test_ctrl_c_while_polling_exits_130_and_job_id_resumes(api, real_run, tmp_path):
+@pytest.mark.parametrize(
+    "signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_ctrl_c_or_sigterm_while_polling_exits_130_or_143_and_job_id_resumes(
+    api, real_run, tmp_path, signum, code
+):
     fake = api()
     fake.hold_at_running = True
     args = ("--run", "--yes", "--base-url", fake.base_url, *FAST)
@@ -348,8 +353,8 @@ def test_ctrl_c_while_polling_exits_130_and_job_id_resumes(api, real_run, tmp_pa
     while not any("status: running" in line for line in seen):
         seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
     time.sleep(0.2)  # a few polls while running
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 130
+    proc.send_signal(signum)
+    assert proc.wait(timeout=30) == code
     time.sleep(0.2)
     while not lines.empty():
         seen.append(lines.get())
