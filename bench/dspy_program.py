@@ -134,12 +134,17 @@ def main() -> None:
 
     dx.console.quiet = True
     dx.import_dspy()
+    import dspy
+
     with tempfile.TemporaryDirectory() as tmp, served(folder, [], Path(tmp) / "serve.log") as url:
 
         def record(row: dict) -> None:
             rows[f"{row['candidate']}/{row['phase']}"] = row
             saved_path.parent.mkdir(parents=True, exist_ok=True)
             saved_path.write_text(json.dumps(saved, indent=2) + "\n")
+            if "error" in row:
+                print(f"{row['candidate']:>24} {row['phase']:>9}: {row['error']}", flush=True)
+                return
             print(
                 f"{row['candidate']:>24} {row['phase']:>9}: unreadable {row['unreadable']:>2}/"
                 f"{row['n']}, ROUGE-L {row['rouge_l']:5.1f}, {row['calls']} calls, "
@@ -162,8 +167,15 @@ def main() -> None:
             cfg, data, formatted, plan = script_run(folder, url, candidate, args, Path(tmp))
             if f"{candidate}/zero-shot" not in rows:
                 program = dx.build_program(cfg.program, formatted.signature)
-                record(measure(candidate, program, cfg, data, formatted, plan, "zero-shot"))
+                try:
+                    record(measure(candidate, program, cfg, data, formatted, plan, "zero-shot"))
+                except dspy.LMError as exc:  # the server refused this candidate's calls
+                    failed = {"candidate": candidate, "phase": "zero-shot", "n": args.test_limit}
+                    record(failed | {"error": dx.describe_lm_error(exc)})
+                    continue
             if "compiled" in phases and f"{candidate}/compiled" not in rows:
+                if "error" in rows[f"{candidate}/zero-shot"]:
+                    continue  # the server refused this candidate's calls
                 started = time.perf_counter()
                 plan.phase = "compile"
                 before = dx.history_ids()
@@ -189,6 +201,9 @@ def main() -> None:
         if name not in rows:
             continue
         r = rows[name]
+        if "error" in r:
+            print(f"| {r['candidate']} | {r['phase']} | failed: {r['error']} |")
+            continue
         calls = r["calls"] + r.get("compile_calls", 0)
         seconds = r["seconds"] + r.get("compile_seconds", 0)
         print(
@@ -196,7 +211,9 @@ def main() -> None:
             f"{r['unreadable']} | {r['rouge_l']} | {r['similarity']} | {calls} | {r['cut']} | "
             f"{r['longest_whole_reply']} | {seconds:.0f} |"
         )
-    zero = [rows[f"{c}/zero-shot"] for c in candidates if f"{c}/zero-shot" in rows]
+    zero = [
+        rows[f"{c}/zero-shot"] for c in candidates if "rouge_l" in rows.get(f"{c}/zero-shot", {})
+    ]
     best = min(zero, key=lambda r: (r["unreadable"], -r["rouge_l"]), default=None)
     if best:
         print(
