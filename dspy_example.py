@@ -79,11 +79,11 @@ DEFAULT_MODEL = "openai/gpt-4o-mini"  # cheap, and in LiteLLM's price map: stage
 # when it echoes the prompt (nothing after it ever parsed, measured with SmolLM2-135M). A reply
 # that repeats itself has no marker to stop at: --max-tokens bounds it.
 STOP = ["[[ ## completed ## ]]", "[[ ## question ## ]]"]
-# A hosted model follows the format and stops at the marker: 1000 tokens is only a safety net
-# that never cuts a long reasoning short. A small model on your own CPU loops instead, and every
-# runaway reply costs the whole limit (about 60 ms a token for SmolLM2-135M on 2 cores).
+# A hosted model stops at the marker: 1000 is a safety net. A small model on your CPU often runs
+# on, each token ~70 ms: 128, the fine-tuning scripts' limit, decodes every plain model alike
+# (SmolLM2-135M's longest plain reply that ended by itself: 101 tokens; bench/dspy_program.py).
 HOSTED_MAX_TOKENS = 1000
-LOCAL_MAX_TOKENS = 256
+LOCAL_MAX_TOKENS = 128
 HOSTED_THREADS = 8  # parallel calls a hosted API (or vLLM, Ollama) serves at once
 SERVE_THREADS = 1  # `transformers serve` writes one reply at a time: more only queue (LocalServer)
 

@@ -88,9 +88,9 @@ def test_a_local_server_gets_a_small_token_limit_and_serve_one_thread(script, tm
     hosted = config()
     assert (hosted.max_tokens, hosted.threads) == (1000, 8)
     ollama = config(model="ollama_chat/llama3.2")
-    assert (ollama.max_tokens, ollama.threads) == (256, 8)  # Ollama batches parallel calls
+    assert (ollama.max_tokens, ollama.threads) == (128, 8)  # Ollama batches parallel calls
     served = config(serve=tmp_path)
-    assert (served.max_tokens, served.threads) == (256, 1)
+    assert (served.max_tokens, served.threads) == (128, 1)
     assert served.model == f"openai/{tmp_path.resolve()}"  # the name transformers serve wants
     assert config(serve=tmp_path, max_tokens=64, threads=3).max_tokens == 64
 
@@ -469,7 +469,7 @@ def test_a_model_on_this_machine_gets_predict_and_the_plain_reply_adapter(script
     assert (proxy.program, proxy.adapter, proxy.max_tokens) == ("cot", "chat", 1000)
     # a user's own server (transformers serve, LM Studio's OpenAI route): the local care
     own = config(model="openai/SmolLM2-135M-Instruct", api_base="http://localhost:8000/v1")
-    assert (own.program, own.adapter, own.max_tokens) == ("predict", "chat-plain", 256)
+    assert (own.program, own.adapter, own.max_tokens) == ("predict", "chat-plain", 128)
     assert (config(serve=tmp_path).program, config(serve=tmp_path).adapter) == (
         "predict",
         "chat-plain",
