@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -2007,10 +2007,109 @@ def key_status(variable: str) -> str:
 
 
 class CommandLine(argparse.ArgumentParser):
-    """argparse that reports a usage error as the scripts' one line, exit 2, not its usage block."""
+    """argparse that reports a usage error as the scripts' one line, exit 2, not its usage block,
+    and points a mistyped flag, or another tool's spelling of it, to this script's."""
 
     def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown and unknown.group(1).startswith("-"):
+            flag = unknown.group(1).split("=")[0]
+            raise UsageError(f"unknown flag {flag}{self.did_you_mean(flag)} (see --help)")
         raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
+
+    def did_you_mean(self, flag: str) -> str:
+        import difflib
+
+        known = [option for action in self._actions for option in action.option_strings]
+        ours = OTHER_SPELLINGS.get(flag)
+        if ours in known:
+            return f"; this script spells it {ours}"
+        close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.75)
+        return f"; did you mean {close[0]}?" if close else ""
+
+
+# What users of Hugging Face's Trainer and TRL type for settings these scripts spell their way.
+OTHER_SPELLINGS = {
+    "--output_dir": "--output-dir",
+    "--num_train_epochs": "--epochs",
+    "--per_device_train_batch_size": "--batch-size",
+    "--gradient_accumulation_steps": "--grad-accum",
+    "--learning_rate": "--learning-rate",
+    "--max_steps": "--max-steps",
+    "--save_steps": "--save-steps",
+    "--max_seq_length": "--max-length",
+    "--max_length": "--max-length",
+    "--lora_r": "--lora-r",
+    "--lora_alpha": "--lora-alpha",
+    "--lora_dropout": "--lora-dropout",
+    "--load_in_4bit": "--load-in-4bit",
+    "--report_to": "--report-to",
+    "--model_name_or_path": "--model",
+    "--dataset_name": "--data",
+}
+
+
+def setting(default, help: str, *, check=None, choices=None, metavar=None, shown=None):
+    """A Config field and its command-line flag in one place: the default, the help, the check.
+
+    `check` reads and checks the flag's text (number(int, 1), path_arg, ...; by default from the
+    field's type); `shown` is the default as --help says it when the field's own default is
+    worked out later from other settings (None in the field).
+    """
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "check": check,
+            "choices": choices,
+            "metavar": metavar,
+            "shown": shown,
+        },
+    )
+
+
+def build_command_line(
+    settings: type, *, prog: str, description: str, examples: str
+) -> CommandLine:
+    """The command line of a settings dataclass: a --flag-name for each field made with setting(),
+    its help ending with its default, abbreviations refused (--epoch is not --epochs)."""
+    parser = CommandLine(
+        prog=prog,
+        description=description,
+        epilog=examples,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for spec in fields(settings):
+        meta = spec.metadata
+        if "help" not in meta:
+            continue  # worked out, not set: Config's own bookkeeping
+        flag = "--" + spec.name.replace("_", "-")
+        shown = spec.default if meta["shown"] is None else meta["shown"]
+        text = meta["help"] + ("" if shown in (None, False) else f" (default: {shown})")
+        text = text.replace("%", "%%")  # argparse formats help with %
+        if spec.type in (bool, "bool"):  # annotations are text here (from __future__)
+            parser.add_argument(flag, action="store_true", default=spec.default, help=text)
+            continue
+        annotation = str(spec.type)
+        check = meta["check"] or (
+            path_arg
+            if "Path" in annotation
+            else number(int)
+            if annotation.startswith("int")
+            else number(float)
+            if annotation.startswith("float")
+            else text_arg
+        )
+        parser.add_argument(
+            flag,
+            type=check,
+            choices=meta["choices"],
+            default=spec.default,
+            metavar=meta["metavar"],
+            help=text,
+        )
+    return parser
 
 
 def number(kind: type, low=None, high=None, *, above: bool = False, below: bool = False):
