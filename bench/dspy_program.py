@@ -34,7 +34,6 @@ from pathlib import Path
 
 import common
 from common import REPO
-from dspy_local import served
 
 sys.path.insert(0, str(REPO))
 import dspy_example as dx  # noqa: E402
@@ -136,7 +135,11 @@ def main() -> None:
     dx.import_dspy()
     import dspy
 
-    with tempfile.TemporaryDirectory() as tmp, served(folder, [], Path(tmp) / "serve.log") as url:
+    with tempfile.TemporaryDirectory() as tmp, dx.local_server_stopped_at_the_end():
+        # the script's own LocalServer: it dies with this process, however that ends
+        server = dx.LocalServer(Path(folder), Path(tmp) / "serve.log")
+        server.start(600)
+        url = server.api_base
 
         def record(row: dict) -> None:
             rows[f"{row['candidate']}/{row['phase']}"] = row
