@@ -7,10 +7,12 @@ appears. A stage's time runs from its header to the next one (stage 6 to the pro
 what the scripts themselves reuse (the dequantized model, after its first run).
 
 - demo: the three dry runs, then huggingface_lora.py --model smollm2-offline --run --max-steps 60;
-- compare: LoRA with --merge on the same model, DSPy on the base model served locally, DSPy on
-  the merged LoRA model served the same way, and OpenAI's --record-plan row. dspy_example.py
-  serves the model itself with --serve where it has that flag; otherwise this bench starts
-  `transformers serve` for it and times the server's start as its own row.
+- compare: the Makefile's steps: LoRA on the same model; DSPy on the base model served locally
+  (it writes its train pairs as its program sends them); LoRA on those pairs, merged (train
+  only); DSPy again on the merged model, with the base model as the plain model and baseline;
+  OpenAI's --record-plan row. dspy_example.py serves each model itself with --serve where it
+  has that flag; otherwise this bench starts `transformers serve` for it and times the server's
+  start as its own row.
 
 `make compare` takes tens of minutes on two cores; --small runs the same commands scaled down
 (LoRA --max-steps 4 --test-limit 4; DSPy --train-limit 4 --test-limit 4 --max-tokens 128),
@@ -102,7 +104,6 @@ def plans(model: str, small: bool, cwd: Path) -> dict[str, list]:
     if model == "tiny":  # random weights never write DSPy's format: compile without calls
         dspy += ["--optimizer", "labeled"]
     serve = has_flag("dspy_example.py", "--serve", cwd)
-    named = has_flag("dspy_example.py", "--results-name", cwd)
 
     def dspy_step(label: str, folder: Path, extra: list[str]):
         argv = [py, "dspy_example.py", "--run", *dspy, *extra, "--output-dir", str(cmp_dir)]
@@ -110,17 +111,24 @@ def plans(model: str, small: bool, cwd: Path) -> dict[str, list]:
             return (label, argv[:2] + ["--serve", str(folder)] + argv[2:])
         return (label, ("serve", folder, argv))
 
+    weights = cmp_dir / "bt"  # prompt, weights, prompt: the weights' run and its merged model
     compare = [
         (
-            "huggingface_lora.py --run --merge",
-            [py, "huggingface_lora.py", "--model", model, "--run", "--merge", *lora]
+            "huggingface_lora.py --run",
+            [py, "huggingface_lora.py", "--model", model, "--run", *lora]
             + ["--output-dir", str(cmp_dir)],
         ),
         dspy_step("dspy_example.py --run, base model", base, []),
+        (
+            "huggingface_lora.py --run on DSPy's train pairs",
+            [py, "huggingface_lora.py", "--model", str(base), "--run", "--merge", *lora]
+            + ["--data", str(cmp_dir / "dspy" / "finetune.jsonl"), "--test-limit", "0"]
+            + ["--output-dir", str(weights)],
+        ),
         dspy_step(
-            "dspy_example.py --run, LoRA-merged model",
-            cmp_dir / "huggingface" / "merged",
-            ["--results-name", "dspy+lora"] if named else [],
+            "dspy_example.py --run, tuned model",
+            weights / "huggingface" / "merged",
+            ["--base-model", str(base), "--results-name", "better-together"],
         ),
         ("openai_finetune.py --record-plan", [py, "openai_finetune.py", "--record-plan"]
          + ["--output-dir", str(cmp_dir)]),
