@@ -294,7 +294,10 @@ SHARED_FLAGS = {
     "empty model": (["--model", ""], r"--model: empty value \(an unset shell variable\?\)"),
     "empty question": (["--ask", " "], r"--ask: empty value"),
     "empty output dir": (["--output-dir", ""], r"--output-dir: empty path"),
-    "mistyped flag": (["--train-limt", "3"], r"unrecognized arguments: --train-limt 3"),
+    "mistyped flag": (
+        ["--train-limt", "3"],
+        r"unknown flag --train-limt; did you mean --train-limit\?",
+    ),
     "flag without its value": (["--test-limit"], r"--test-limit: expected one argument"),
 }
 OWN_FLAGS = {

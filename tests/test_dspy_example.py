@@ -440,7 +440,7 @@ def test_stopping_stage_5_waits_for_no_reply_and_the_same_command_resumes(
     calls = json.loads((tmp_path / "outputs" / "results" / "dspy.json").read_text())["lm_calls"]
     hits = sum(phase["cache_hits"] for phase in calls.values())
     assert hits >= 1  # what was answered before the signal is not sent again
-    assert server.count == interrupted + (8 - hits)
+    assert server.count == interrupted + (12 - hits)  # plain, baseline, tuned: 4 each
 
 
 @pytest.mark.parametrize("optimizer", ["bootstrap", "random-search"])

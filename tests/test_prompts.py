@@ -118,7 +118,7 @@ def test_dspy_paid_step_goes_ahead_when_the_user_types_y(chat_server, tmp_path):
     result = dspy(tmp_path, chat_server, keys=b"y\n")
     assert result.returncode == 0, result.output[-3000:]
     assert "Go ahead? [y/N]" in result.stdout
-    assert chat_server.count == 2
+    assert chat_server.count == 3  # the plain model, the baseline, the tuned program
 
 
 @pytest.mark.parametrize("keys", [b"n\n", b"\n", CTRL_D], ids=["n", "Enter", "Ctrl-D"])
