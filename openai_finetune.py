@@ -1294,10 +1294,12 @@ def show_real_run_command(cfg: Config, plan: Plan) -> None:
 # =====================================================================================
 # Optional: job recovery (the job's record in OUTPUT_DIR/openai/job.json, a rerun that finds
 # the job it started instead of paying for another, --job-id to resume watching, --cancel).
-# Delete this section together with the lines marked "# job recovery" (with the block a marked
-# line opens), `job_started_earlier(...) or` in tune(), the Config fields job_id and cancel,
-# and the words of messages that name record_path() or those flags. Other clouds' deploy()
-# records its deployment here: delete that section first, or keep this one.
+# Delete this section with the lines marked "# job recovery" (a marked line that opens a block
+# goes with its block); `ruff check` then names the few lines left to change: in tune(),
+# `job_started_earlier(...) or` and the messages of lost_contact() and stopped_watching();
+# --ask's recorded_model(); the messages that say where record_path() is. The fields job_id
+# and cancel can stay in Config, unused. Other clouds' deploy() records its deployment here:
+# delete that section first, or keep this one.
 # =====================================================================================
 
 
@@ -1508,10 +1510,10 @@ def cancel_job(cfg: Config) -> None:
 
 
 # =====================================================================================
-# Optional: other clouds that speak this API (Azure OpenAI, Nebius). Delete this section
-# together with the lines marked "# other clouds" (with the block a marked line opens), the
-# Config fields base_deployment, azure_tier and deploy_timeout, and the words of the
-# docstring, the help and the messages that name them.
+# Optional: other clouds that speak this API (Azure OpenAI, Nebius). Delete this section with
+# the lines marked "# other clouds" (a marked line that opens a block goes with its block), the
+# Config fields base_deployment, azure_tier and deploy_timeout, and the words of the docstring,
+# the help and the messages that name Azure or Nebius.
 # =====================================================================================
 
 AZURE_PLACEHOLDER = "https://YOUR-RESOURCE.openai.azure.com/openai/v1/"  # until an endpoint is set
@@ -1657,7 +1659,7 @@ def ask(cfg: Config) -> None:
         "answer (--ask)",
         "Ask your question to the base model and the recorded fine-tuned model.",
     )
-    tuned_model = cfg.tuned_model or recorded_model(cfg)  # job recovery
+    tuned_model = cfg.tuned_model or recorded_model(cfg)
     base_name = base_model_name(cfg)
     base_url = resolve_base_url(cfg)
     count_tokens, _ = load_token_counter(cfg.model)
