@@ -11,7 +11,7 @@ When to pick it
     Changing only the prompt (DSPy) is cheaper and trains nothing; training a LoRA adapter on
     an open model keeps the data and the model on your own machine.
 
-What it costs (prices as of 2026-11-25; the table PRICES below has the links)
+What it costs (prices as of 2026-11-25: the table PRICES below, the pages in PROVIDERS)
     gpt-4o-mini-2024-07-18: training $3.00 per million tokens; the tuned model then costs
     $0.30 in / $1.20 out per million tokens. This data set (130 training conversations,
     12.5k tokens, 3 epochs) trains for about $0.11; answering the 36 test questions with both
