@@ -11,7 +11,7 @@ When to pick it
     Changing only the prompt (DSPy) is cheaper and trains nothing; training a LoRA adapter on
     an open model keeps the data and the model on your own machine.
 
-What it costs (prices as of 2026-11-25; the table PRICES below has the links)
+What it costs (prices as of 2026-11-25: the table PRICES below, the pages in PROVIDERS)
     gpt-4o-mini-2024-07-18: training $3.00 per million tokens; the tuned model then costs
     $0.30 in / $1.20 out per million tokens. This data set (130 training conversations,
     12.5k tokens, 3 epochs) trains for about $0.11; answering the 36 test questions with both
@@ -36,10 +36,10 @@ How to run
     tiktoken's cache, or the copy of the encoding that litellm ships).
 
 How to read it
-    main() is the table of contents: six stages, one function each, in the order they run
-    (prepare_data, format_data, configure_model, tune, answer, compare). Each stage shows the
-    calls that matter; below the marked line "How each stage does it" come the helpers, stage by
-    stage, then --ask, --cancel and --check-file, the reference tables and the command line.
+    main() is the table of contents: six stages, one function each, in the order they run; each
+    shows the calls that matter. Below the line "How each stage does it" come their helpers,
+    stage by stage; then the optional parts, each a section you can delete (job recovery, other
+    clouds); --ask and --check-file; the reference tables and the command line.
 """
 
 from __future__ import annotations
@@ -76,53 +76,95 @@ from rich.table import Table
 # =====================================================================================
 
 APPROACH = "openai"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
-
-# The smallest, cheapest snapshot OpenAI still fine-tunes (Azure tunes the same one).
-DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
-# The same instruction opens every conversation, in the training file and in every question
-# asked later: the tuned model learns to answer under exactly this prompt.
+DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"  # the cheapest snapshot OpenAI and Azure still fine-tune
+# It opens every conversation, trained or asked later: the tuned model learns to answer under it.
 SYSTEM_PROMPT = (
     "You are a patient, knowledgeable teacher. Answer the student's question correctly "
     "in one to three clear sentences."
 )
 ANSWER_MAX_TOKENS = 300  # far more than three sentences need; a runaway reply stops here
-# What produces every answer, base and tuned alike: temperature 0 keeps the comparison
-# repeatable; the model's own end of turn is the only stop rule.
+# Base and tuned alike: temperature 0 keeps the comparison repeatable; no stop but end of turn.
 DECODING = {"temperature": 0, "max_tokens": ANSWER_MAX_TOKENS, "stop": "the model's end of turn"}
-MIN_EXAMPLES = 10  # the API refuses fewer (invalid_n_examples)
-RECOMMENDED_EXAMPLES = 50  # OpenAI suggests starting with 50 well-crafted examples
+PROVIDERS: dict[str, dict] = {}  # by name: filled in by the reference tables and other clouds
+
+
+def option(default, help: str, *limits, check=None, above=False, below=False, **flag):
+    """The shared setting(), which comes after Config: number(*limits) checks a flag when read."""
+    if limits:
+        check = lambda text: number(*limits, above=above, below=below)(text)  # noqa: E731
+    meta = {"help": help, "check": check, "choices": None, "metavar": None, "shown": None}
+    return field(default=default, metadata=meta | flag)
 
 
 @dataclass
 class Config:
-    """Every setting of a run. The command line fills it in and takes its defaults from here."""
+    """Every setting of a run: default, help and check. The command line is built from it."""
 
-    # Written out rather than DATA_FILE: that name is defined in the shared helpers at the end
-    # of the file, after this class is built. Both are small_edu_qa.jsonl beside the script.
-    data: Path = Path(__file__).with_name("small_edu_qa.jsonl")
-    model: str | None = None  # None: the provider's default_model (see PROVIDERS)
-    run: bool = False  # a dry run unless asked: nothing is sent or spent by accident
-    yes: bool = False  # a paid step asks first; --yes is for scripts that cannot answer
-    max_cost: float | None = None  # a ceiling in USD, checked against stage 3's estimate
-    train_limit: int | None = None  # a smaller, cheaper job while trying things out
-    test_limit: int | None = None  # fewer test questions: each one is two paid requests; 0: none
-    output_dir: Path = Path("outputs")  # everything a run writes, in one folder to delete
-    seed: int = 42  # the job's seed and the validation slice: the same run twice is the same
-    ask: str | None = None  # one question of your own, to the models an earlier run recorded
-    provider: str = "openai"  # any cloud in PROVIDERS: they all speak this API
-    base_url: str | None = None  # any other server that speaks it (a proxy, a local one)
-    epochs: int | None = None  # None: the number OpenAI itself picks for this many examples
-    suffix: str = "edu-qa"  # part of the tuned model's name, to tell your models apart
-    valid_fraction: float = 0.1  # of train, held out for validation loss (test stays unseen)
-    job_id: str | None = None  # watch a job already started instead of starting another
-    cancel: str | None = None  # a job to stop: it stops spending
-    tuned_model: str | None = None  # answer with a model tuned earlier, without a new job
-    base_deployment: str | None = None  # Azure serves each model under a deployment name
-    azure_tier: str = "developerTier"  # the cheapest Azure training, with no hosting fee
-    poll_interval: float = 10.0  # seconds between looks at the job: a job takes minutes
-    deploy_timeout: float = 1800.0  # Nebius: how long to wait for a deployment to turn active
-    check_file: Path | None = None  # check a chat file of your own, without a run
-    record_plan: bool = False  # a dry run that leaves its estimate in the comparison table
+    data: Path = option(  # DATA_FILE, written out: it is defined after this class is built
+        Path(__file__).with_name("small_edu_qa.jsonl"),
+        "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion records",
+        shown="small_edu_qa.jsonl beside the script",
+    )
+    model: str | None = option(  # None: the provider's default_model (see PROVIDERS)
+        None, "base model to fine-tune", shown="the provider's, see --provider"
+    )
+    run: bool = option(False, "really do the paid steps (default: dry run)")  # never by accident
+    yes: bool = option(False, "do not ask before a paid step")  # for scripts that cannot answer
+    max_cost: float | None = option(  # checked against stage 3's estimate
+        None, "refuse a paid step whose estimate is higher", float, 0, metavar="USD"
+    )
+    train_limit: int | None = option(None, "use the first N train examples", int, 1, metavar="N")
+    test_limit: int | None = option(  # each test question is two paid requests
+        None, "use the first N test examples (0: train only, answer none)", int, 0, metavar="N"
+    )
+    output_dir: Path = option(Path("outputs"), "where everything is written")  # one to delete
+    seed: int = option(  # the range numpy's seeding accepts (seed_arg)
+        42, "the job's seed and the validation slice: a rerun repeats", check=lambda t: seed_arg(t)
+    )
+    ask: str | None = option(
+        None, "answer one question with the base and tuned model", metavar="QUESTION"
+    )
+    provider: str = option(
+        "openai", "the cloud: sets base URL, key variable, default model, prices, deploy step",
+        choices=PROVIDERS,
+    )  # fmt: skip
+    base_url: str | None = option(
+        None, "any server that speaks this API", shown="the provider's, or $OPENAI_BASE_URL"
+    )
+    epochs: int | None = option(None, "training epochs", int, 1, shown="chosen as OpenAI does")
+    suffix: str = option("edu-qa", "added to the fine-tuned model's name")  # to tell them apart
+    valid_fraction: float = option(  # test stays unseen: this slice comes out of train
+        0.1, "share of the train split held out as the job's validation file",
+        float, 0, 1, below=True, metavar="F",
+    )  # fmt: skip
+    job_id: str | None = option(None, "watch this job instead of creating one", metavar="FTJOB")
+    cancel: str | None = option(None, "cancel this job and exit", metavar="FTJOB")  # stops spending
+    tuned_model: str | None = option(
+        None, "answer with this fine-tuned model (ft:..., an Azure deployment, a Nebius model)",
+        metavar="NAME",
+    )  # fmt: skip
+    base_deployment: str | None = option(
+        None, "Azure: the deployment that serves the base model", metavar="NAME",
+        shown="the model name",
+    )  # fmt: skip
+    azure_tier: str = option(  # developerTier: the cheapest Azure training, with no hosting fee
+        "developerTier", "Azure trainingType",
+        choices=("GlobalStandard", "Standard", "developerTier"),
+    )  # fmt: skip
+    poll_interval: float = option(  # a job takes minutes
+        10.0, "seconds between job polls", float, 0, 3600, above=True, metavar="S"
+    )
+    deploy_timeout: float = option(
+        1800.0, "Nebius: stop waiting for the deployment after S seconds (a rerun waits again)",
+        float, 0, above=True, metavar="S",
+    )  # fmt: skip
+    check_file: Path | None = option(
+        None, "only validate a chat-format file and exit", metavar="JSONL"
+    )
+    record_plan: bool = option(
+        False, "dry run: write results/openai.json as a 'not run' row with the estimate, for the "
+        "comparison table (a real run's results are kept)",
+    )  # fmt: skip
     argv: list[str] = field(default_factory=list)  # this run's flags, for resume commands
 
 
@@ -131,16 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     load_env_file()
     if cfg.check_file:
-        check_file(cfg)
-        return
+        return check_file(cfg)
     if cfg.cancel or not cfg.ask:  # --ask alone writes nothing
         check_output_dir(cfg.output_dir)  # in a dry run too: the real run must not find out late
-    if cfg.cancel:
-        cancel_job(cfg)
-        return
+    if cfg.cancel:  # job recovery
+        return cancel_job(cfg)
     if cfg.ask:
-        ask(cfg)
-        return
+        return ask(cfg)
     started = time.monotonic()
     data = prepare_data(cfg)
     formatted = format_data(cfg, data)
@@ -157,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
 # =====================================================================================
 
 
-def prepare_data(cfg: Config) -> dict:
+def prepare_data(cfg: Config) -> Data:
     stage(
         1, "prepare_data", "Load the question/answer pairs, check them, and split train from test."
     )
@@ -170,8 +209,7 @@ def prepare_data(cfg: Config) -> dict:
     table.add_column("subject")
     table.add_column("train", justify="right")
     table.add_column("test", justify="right")
-    subjects = sorted({e["subject"] for e in train + test})
-    for subject in subjects:
+    for subject in sorted({e["subject"] for e in train + test}):
         table.add_row(
             escape(subject),
             str(sum(e["subject"] == subject for e in train)),
@@ -180,22 +218,21 @@ def prepare_data(cfg: Config) -> dict:
     table.add_row("[bold]total", f"[bold]{len(train)}", f"[bold]{len(test)}")
     console.print(table)
     say_what_is_trained(cfg, examples)
-    return {"train": train, "test": test}
+    return Data(train, test)
 
 
-def format_data(cfg: Config, data: dict) -> dict:
+def format_data(cfg: Config, data: Data) -> Formatted:
     stage(
         2,
         "format_data",
         "Write the train split as chat conversations, hold a slice out for validation, and check "
         "the file the way the API will.",
     )
-    train = data["train"]
     # A held-out slice of train (never test) lets the job report validation loss.
-    held_out = validation_slice(cfg, len(train))
+    held_out = validation_slice(cfg, len(data.train))
     rows: dict[str, list[str]] = {"train": [], "valid": []}
     ids: dict[str, list[str]] = {"train": [], "valid": []}  # line n of a file is ids[...][n - 1]
-    for index, example in enumerate(train):
+    for index, example in enumerate(data.train):
         conversation = {"messages": training_chat(example)}  # never the id, subject or split
         side = "valid" if index in held_out else "train"
         rows[side].append(json.dumps(conversation, ensure_ascii=False) + "\n")
@@ -215,65 +252,60 @@ def format_data(cfg: Config, data: dict) -> dict:
     if problem:
         raise UsageError(problem)
     show_format_report(report, valid_report, ids, max_tokens)
-
     # What answering the test split will send and (roughly) get back, for the estimate.
-    test = data["test"]
-    return {
-        "train_path": train_path,
-        "valid_path": valid_path,
-        "n_train": len(rows["train"]),
-        "n_valid": len(rows["valid"]),
-        "report": report,
-        "token_label": token_label,
-        "n_test": len(test),
-        "test_prompt_tokens": sum(prompt_tokens(count_tokens, test_prompt(e)) for e in test),
-        "test_reply_tokens": sum(count_tokens(e["answer"]) for e in test),
-    }
+    return Formatted(
+        train_path=train_path,
+        valid_path=valid_path,
+        n_train=len(rows["train"]),
+        report=report,
+        token_label=token_label,
+        n_test=len(data.test),
+        test_prompt_tokens=sum(prompt_tokens(count_tokens, test_prompt(e)) for e in data.test),
+        test_reply_tokens=sum(count_tokens(e["answer"]) for e in data.test),
+    )
 
 
-def configure_model(cfg: Config, formatted: dict) -> dict:
+def configure_model(cfg: Config, formatted: Formatted) -> Plan:
     stage(
         3,
         "configure_model",
         "Choose the base model and the job's settings, and estimate what it will cost.",
     )
-    epochs, why = choose_epochs(cfg, formatted["n_train"])
+    epochs, why = choose_epochs(cfg, formatted.n_train)
+    # n_epochs only when asked for: otherwise OpenAI picks it (by the rule choose_epochs shows).
     hyperparameters: dict = {"n_epochs": cfg.epochs} if cfg.epochs else {}
-    if cfg.provider == "nebius":
+    if cfg.provider == "nebius":  # other clouds
         hyperparameters = {"n_epochs": epochs, "lora": True}  # LoRA adapters are what it serves
     method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
-    billed = epochs * formatted["report"]["billed_tokens_per_epoch"]
+    extra_body = None  # fields the SDK has no parameter for
+    if cfg.provider == "azure":  # other clouds
+        extra_body = {"trainingType": cfg.azure_tier}
+    billed = epochs * formatted.report["billed_tokens_per_epoch"]
     costs = estimate_costs(
-        cfg.provider,
-        cfg.model,
-        billed,
-        formatted["test_prompt_tokens"],
-        formatted["test_reply_tokens"],
+        cfg.provider, cfg.model, billed, formatted.test_prompt_tokens, formatted.test_reply_tokens
     )
     # A tag derived from exactly what would be trained: the same data and settings give the same
     # tag, which is how a rerun finds the job an earlier run already started.
     run_tag = run_tag_of(cfg, formatted, method)
-    # What POST fine_tuning/jobs will carry besides the file ids (the dry run shows it too).
-    job = {
-        "model": cfg.model,
-        "suffix": cfg.suffix,
-        "seed": cfg.seed,
-        "method": method,
-        "metadata": {"run_tag": run_tag},
-    }
-    extra_body = {"trainingType": cfg.azure_tier} if cfg.provider == "azure" else None
-    base_url = resolve_base_url(cfg)
-    show_job_settings(cfg, formatted, base_url, method, extra_body, (epochs, why), billed, costs)
-    return {
-        "base_url": base_url,
-        "job": job,
-        "costs": costs,
-        "run_tag": run_tag,
-        "extra_body": extra_body,
-    }
+    plan = Plan(
+        base_url=resolve_base_url(cfg),
+        # What POST fine_tuning/jobs carries besides the file ids (the dry run shows it too).
+        job={
+            "model": cfg.model,
+            "suffix": cfg.suffix,
+            "seed": cfg.seed,
+            "method": method,
+            "metadata": {"run_tag": run_tag},
+        },
+        extra_body=extra_body,
+        run_tag=run_tag,
+        costs=costs,
+    )
+    show_job_settings(cfg, formatted, plan, (epochs, why), billed)
+    return plan
 
 
-def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
+def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
     stage(
         4,
         "tune",
@@ -282,36 +314,15 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
     if not cfg.run:
         show_tune_requests(cfg, formatted, plan)
         return None
-    client, record = confirm_tuning(cfg, formatted, plan)
+    client = confirm_tuning(cfg, formatted, plan)
     if cfg.tuned_model and not cfg.job_id:
         console.print(f"using --tuned-model {cfg.tuned_model}: no job is created")
-        return {"tuned_model": cfg.tuned_model, "job_id": None, "trained_tokens": None}
+        return Tuned(cfg.tuned_model, None, None)
     import openai
 
-    job, record = job_started_earlier(cfg, client, plan, record)
-    if job is None:
-        record = new_record(cfg, plan)
-        train_path, valid_path = formatted["train_path"], formatted["valid_path"]
-        for role, path in (("training_file", train_path), ("validation_file", valid_path)):
-            if path is None:
-                continue
-            try:
-                uploaded = client.files.create(  # the very bytes that were validated
-                    file=(path.name, path.read_bytes(), "application/jsonl"), purpose="fine-tune"
-                )
-            except openai.APIError as exc:
-                raise ServiceError(upload_failed(path, exc)) from None
-            record[role] = uploaded.id
-            console.print(f"uploaded {path.name} as {uploaded.id}")
-            save_record(cfg, record)
-        # Sent once, never retried: a retry after a lost answer could start a second paid job.
-        try:
-            job = client.with_options(max_retries=0).fine_tuning.jobs.create(
-                **job_request(plan, record), extra_body=plan["extra_body"]
-            )
-        except (openai.APIConnectionError, openai.APIStatusError) as exc:
-            job = job_after_failed_create(cfg, client, plan, record, exc)
-    show_job_started(cfg, job, record)
+    # A job this exact data started earlier (or --job-id) is watched, not started again.
+    job = job_started_earlier(cfg, client, plan) or start_job(cfg, client, formatted, plan)
+    show_job_started(cfg, job)  # job recovery
     # Poll until the job ends, printing new events; while nothing changes, back off up to 6x.
     seen, last_status, interval, started = set(), None, cfg.poll_interval, time.monotonic()
     try:
@@ -322,72 +333,78 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
             except openai.APIError as exc:
                 raise ServiceError(lost_contact(cfg, job.id, exc)) from None
             fresh = show_new_events(events, seen)
-            last_status = show_status_change(cfg, job, last_status, record, started)
+            if job.status != last_status:
+                console.print(
+                    f"status: [bold]{job.status}[/bold] after {time.monotonic() - started:.0f}s"
+                )
+                remember(cfg, status=job.status)  # job recovery
+                last_status = job.status
             if job.status in ("succeeded", "failed", "cancelled"):
                 break
             interval = cfg.poll_interval if fresh else min(interval * 1.5, 6 * cfg.poll_interval)
             time.sleep(interval)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(stopped_watching(cfg, job.id)) from None
-    check_job_succeeded(cfg, job, record)
-    tuned_model = deploy(cfg, client, plan, job, record)
-    return {"tuned_model": tuned_model, "job_id": job.id, "trained_tokens": job.trained_tokens}
+    check_job_succeeded(cfg, job)
+    # OpenAI serves the tuned model as soon as the job succeeds; other clouds deploy it first.
+    tuned_model = job.fine_tuned_model
+    if cfg.provider != "openai":  # other clouds
+        tuned_model = deploy(cfg, client, plan, job)
+    return Tuned(tuned_model, job.id, job.trained_tokens)
 
 
-def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | None) -> dict | None:
+def answer(
+    cfg: Config, data: Data, formatted: Formatted, plan: Plan, tuned: Tuned | None
+) -> Answers | None:
     stage(5, "answer", "Ask the base model and the fine-tuned model the held-out test questions.")
-    test = data["test"]
-    base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
-    if not test:
+    base_name = base_model_name(cfg)
+    if not data.test:
         console.print(TRAIN_ONLY["answer"])
         return None
     if not cfg.run:
-        show_answer_request(plan, base_name, test)
+        show_answer_request(plan, base_name, data.test)
         return None
-    if not tuned or not tuned["tuned_model"]:
+    if not tuned or not tuned.model:
         console.print("skipped: the fine-tuned model is not deployed yet (see stage 4)")
         return None
     import openai
 
-    client = make_client(cfg, plan["base_url"])
-    models = (("baseline", "base", base_name), ("tuned", "tuned", tuned["tuned_model"]))
+    client = make_client(cfg, plan.base_url)
+    models = (("baseline", "base", base_name), ("tuned", "tuned", tuned.model))
     usage, rows, cut = Counter(), [], Counter()
     try:
-        for number, example in enumerate(test, start=1):
+        for number, example in enumerate(data.test, start=1):
             question = example["question"]
             row = {"id": example["id"], "question": question, "reference": example["answer"]}
             for side, short, model in models:
                 try:
-                    request = chat_request(model, question, test_prompt(example))
-                    reply = client.chat.completions.create(**request)
+                    reply = client.chat.completions.create(
+                        **chat_request(model, test_prompt(example))
+                    )
                 except openai.NotFoundError as exc:
                     raise UsageError(no_such_model(model, exc)) from None
                 row[side] = reply_text(reply)
                 cut[side] += reply.choices[0].finish_reason == "length"  # ran to max_tokens
-                used_in, used_out = reply_usage(reply)
-                usage.update({f"{short}_in": used_in, f"{short}_out": used_out})
+                used = reply.usage  # as the server counted them (None: it did not)
+                usage[f"{short}_in"] += used.prompt_tokens if used else 0
+                usage[f"{short}_out"] += used.completion_tokens if used else 0
             rows.append(row)
-            console.print(f"  [{number}/{len(test)}] {example['id']}")
+            console.print(f"  [{number}/{len(data.test)}] {example['id']}")
     except openai.APIError as exc:
         raise ServiceError(
             f"answering failed after the SDK's retries ({api_error(exc)}); the tuned model is "
-            f"{tuned['tuned_model']} (recorded in {record_path(cfg)}); rerun with --tuned-model "
-            f"{tuned['tuned_model']} to answer again without training"
+            f"{tuned.model} (recorded in {record_path(cfg)}); rerun with --tuned-model "
+            f"{tuned.model} to answer again without training"
         ) from None
     answer_cost, training_cost = answering_costs(plan, tuned, usage)
-    show_first_answers(rows[0], base_name, tuned["tuned_model"])
+    show_first_answers(rows[0], base_name, tuned.model)
     console.print(f"tokens used: {dict(usage)}; answering cost {money(answer_cost)}")
-    return {
-        "questions": rows,
-        "answer_cost": answer_cost,
-        "training_cost": training_cost,
-        "usage": dict(usage),
-        "cut": {side: cut[side] for side in ("baseline", "tuned")},
-    }
+    cut_by_side = {side: cut[side] for side in ("baseline", "tuned")}
+    return Answers(rows, answer_cost, training_cost, cut_by_side)
 
 
 def compare(
-    cfg: Config, plan: dict, tuned: dict | None, answers: dict | None, seconds: float
+    cfg: Config, plan: Plan, tuned: Tuned | None, answers: Answers | None, seconds: float
 ) -> None:
     stage(
         6,
@@ -402,26 +419,26 @@ def compare(
             record_plan(cfg, plan)
         compare_results(cfg.output_dir, write=cfg.record_plan)
         return
-    actual = add_costs(answers["training_cost"], answers["answer_cost"])
+    actual = add_costs(answers.training_cost, answers.answer_cost)
     # Without a job (--tuned-model alone) nothing was trained, so only answering was estimated.
-    estimated = plan["costs"]["total" if tuned["job_id"] else "answering"]
+    estimated = plan.costs["total" if tuned.job_id else "answering"]
     result = write_results(
         cfg.output_dir,
         model=cfg.model,
-        tuned_model=tuned["tuned_model"],
-        questions=answers["questions"],
+        tuned_model=tuned.model,
+        questions=answers.questions,
         cost_usd=actual,
         seconds=seconds,
         decoding=DECODING,
-        cut=answers["cut"],
+        cut=answers.cut,
         extra={
             "provider": cfg.provider,
-            "job_id": tuned["job_id"],
-            "trained_tokens": tuned["trained_tokens"],
+            "job_id": tuned.job_id,
+            "trained_tokens": tuned.trained_tokens,
             "estimated_cost_usd": estimated,
-            "training_cost_usd": answers["training_cost"],
-            "answer_cost_usd": answers["answer_cost"],
-            "prices_as_of": PRICES[cfg.provider]["as_of"],
+            "training_cost_usd": answers.training_cost,
+            "answer_cost_usd": answers.answer_cost,
+            "prices_as_of": PRICES_AS_OF,
         },
     )
     console.print(
@@ -436,7 +453,16 @@ def compare(
 # How each stage does it
 # =====================================================================================
 
-# ----- Stage 1 · prepare_data: what this script takes from a file in another format
+# ----- Stage 1 · prepare_data: the examples, and what this script takes from other formats
+
+
+@dataclass
+class Data:
+    """Stage 1's examples: each a dict of id, subject, question, answer (and a chat's messages)."""
+
+    train: list[dict]
+    test: list[dict]
+
 
 # What stages 5 and 6 say for --test-limit 0, a run that only trains.
 TRAIN_ONLY = {
@@ -468,6 +494,21 @@ def say_what_is_trained(cfg: Config, examples: list[dict]) -> None:
 
 # ----- Stage 2 · format_data: the chat files
 
+
+@dataclass
+class Formatted:
+    """Stage 2's files, checked as the API will check them, and the tokens the estimate needs."""
+
+    train_path: Path
+    valid_path: Path | None  # None: too few examples to hold a slice out
+    n_train: int
+    report: dict  # validate_chat_file's, for the training file
+    token_label: str  # how the tokens were counted, and how exactly
+    n_test: int
+    test_prompt_tokens: int  # what answering the test split sends to each model
+    test_reply_tokens: int  # and gets back, if replies are as long as the references
+
+
 # Stage 2's output for the data beside the script, with the default settings, is kept beside
 # the script too, for readers to see.
 TRAINING_FILE = Path(__file__).with_name("openai_edu_qa_training.jsonl")
@@ -497,12 +538,12 @@ def validation_slice(cfg: Config, n_train: int) -> set[int]:
     return set(random.Random(cfg.seed).sample(range(n_train), n_valid))
 
 
-def training_path(cfg: Config) -> Path:
-    """Where stage 2 writes the training file that tune() uploads.
+def write_chat_files(cfg: Config, rows: dict[str, list[str]]) -> tuple[Path, Path | None]:
+    """Write the training file, and the validation file when a slice was held out.
 
-    The copy beside the script is the repository's own data as the default settings format it.
-    Other data, --train-limit, --seed or --valid-fraction write under the output dir instead,
-    so trying the script never rewrites that kept file with something else.
+    The training file beside the script is the repository's own data as the default settings
+    format it. Other data, --train-limit, --seed or --valid-fraction write under the output dir
+    instead, so trying the script never rewrites that kept file with something else.
     """
     default = Config()
     as_kept = (
@@ -510,23 +551,15 @@ def training_path(cfg: Config) -> Path:
         and cfg.train_limit is None
         and (cfg.seed, cfg.valid_fraction) == (default.seed, default.valid_fraction)
     )
-    return TRAINING_FILE if as_kept else cfg.output_dir / "openai" / TRAINING_FILE.name
-
-
-def write_chat_files(cfg: Config, rows: dict[str, list[str]]) -> tuple[Path, Path | None]:
-    """Write the training file, and the validation file when a slice was held out."""
-    train_path = training_path(cfg)
+    train_path = TRAINING_FILE if as_kept else cfg.output_dir / "openai" / TRAINING_FILE.name
     write_atomic(train_path, "".join(rows["train"]))
     console.print(f"wrote {train_path} ({len(rows['train'])} conversations, chat format)")
-    valid_path = None
-    if rows["valid"]:
-        valid_path = cfg.output_dir / "openai" / VALIDATION_NAME
-        write_atomic(valid_path, "".join(rows["valid"]))
-        console.print(
-            f"wrote {valid_path} ({len(rows['valid'])} held out from train for validation)"
-        )
-    else:
+    if not rows["valid"]:
         console.print("no validation file: too few training examples to hold any out")
+        return train_path, None
+    valid_path = cfg.output_dir / "openai" / VALIDATION_NAME
+    write_atomic(valid_path, "".join(rows["valid"]))
+    console.print(f"wrote {valid_path} ({len(rows['valid'])} held out from train for validation)")
     return train_path, valid_path
 
 
@@ -556,17 +589,15 @@ def show_format_report(
 
     table = Table(title="Per-example distributions (training file)")
     table.add_column("")
-    for column in ("min", "p10", "median", "mean", "p90", "max"):
+    columns = ("min", "p10", "median", "mean", "p90", "max")
+    for column in columns:
         table.add_column(column, justify="right")
     for title, key in (
         ("messages", "messages"),
         ("tokens, whole example", "total_tokens"),
         ("tokens, assistant (trained)", "assistant_tokens"),
     ):
-        stats = report[key]
-        table.add_row(
-            title, *(str(stats.get(c, "-")) for c in ("min", "p10", "median", "mean", "p90", "max"))
-        )
+        table.add_row(title, *(str(report[key].get(column, "-")) for column in columns))
     console.print(table)
     console.print(f"{report['billed_tokens_per_epoch']:,} billable tokens per epoch")
     for name, checked, named in (
@@ -820,11 +851,23 @@ def first_format_error(report: dict, path: Path) -> str | None:
 # ----- Stage 3 · configure_model: the job's settings and what they cost
 
 
+@dataclass
+class Plan:
+    """Stage 3's job: where it goes, what POST fine_tuning/jobs carries, what it is estimated
+    to cost."""
+
+    base_url: str  # with its trailing slash: each path is joined onto it
+    job: dict  # the request's fields besides the file ids
+    extra_body: dict | None  # fields the SDK has no parameter for
+    run_tag: str  # 16 hex digits of what is trained: a rerun of the same finds its job
+    costs: dict  # estimate_costs(): training, answering, total (None: no known price), price
+
+
 def choose_epochs(cfg: Config, n_examples: int) -> tuple[int, str]:
     """The number of epochs the job will train for, and why that number."""
     if cfg.epochs:
         return cfg.epochs, "from --epochs"
-    if cfg.provider == "nebius":
+    if cfg.provider == "nebius":  # other clouds
         return 3, "Nebius's default n_epochs"
     why = f"n_epochs auto: the rule OpenAI uses for {n_examples} examples"
     return default_epochs(n_examples), why
@@ -839,33 +882,31 @@ def default_epochs(n_examples: int) -> int:
     return 3
 
 
-def run_tag_of(cfg: Config, formatted: dict, method: dict) -> str:
+def run_tag_of(cfg: Config, formatted: Formatted, method: dict) -> str:
     """16 hex digits of a hash over the files to upload and the job's settings."""
     digest = hashlib.sha256()
-    for path in (formatted["train_path"], formatted["valid_path"]):
+    for path in (formatted.train_path, formatted.valid_path):
         digest.update(path.read_bytes() if path else b"")
     digest.update(json.dumps([cfg.provider, cfg.model, cfg.suffix, cfg.seed, method]).encode())
     return digest.hexdigest()[:16]
 
 
-def resolve_base_url(cfg: Config) -> str | None:
+def resolve_base_url(cfg: Config) -> str:
     # With a trailing slash, as the SDK makes it: the paths below are joined onto it.
     if cfg.base_url:
-        return cfg.base_url.rstrip("/") + "/"
-    if cfg.provider == "openai":
+        url = cfg.base_url
+    elif cfg.provider == "openai":
         url = os.environ.get("OPENAI_BASE_URL") or PROVIDERS["openai"]["base_url"]
-        return url.rstrip("/") + "/"
-    if cfg.provider == "azure":
-        endpoint = os.environ.get("AZURE_OPENAI_ENDPOINT")
-        return endpoint.rstrip("/") + "/openai/v1/" if endpoint else None
-    return PROVIDERS[cfg.provider]["base_url"]
+    else:  # other clouds
+        url = cloud_base_url(cfg)
+    return url.rstrip("/") + "/"
 
 
 def estimate_costs(
     provider: str, model: str, billed_tokens: int, prompt_tokens: int, reply_tokens: int
 ) -> dict:
     """Training and answering cost from the price table (None where a price is unknown)."""
-    price = PRICES[provider]["models"].get(model, {})
+    price = PRICES.get(provider, {}).get(model, {})
     training = usd(billed_tokens, price.get("train"))
     baseline = add_costs(
         usd(prompt_tokens, price.get("input")), usd(reply_tokens, price.get("output"))
@@ -895,35 +936,25 @@ def money(cost: float | None) -> str:
 
 
 def show_job_settings(
-    cfg: Config,
-    formatted: dict,
-    base_url: str | None,
-    method: dict,
-    extra_body: dict | None,
-    epochs_why: tuple[int, str],
-    billed: int,
-    costs: dict,
+    cfg: Config, formatted: Formatted, plan: Plan, epochs_why: tuple[int, str], billed: int
 ) -> None:
     """Stage 3's table: where the job goes, what it trains, and what it is estimated to cost."""
     epochs, why = epochs_why
     provider = PROVIDERS[cfg.provider]
-    prices = PRICES[cfg.provider]
     table = Table(title="The fine-tuning job", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("provider", f"{cfg.provider} ({key_status(provider['key_var'])})")
-    table.add_row("base URL", base_url or AZURE_PLACEHOLDER)
+    table.add_row("base URL", plan.base_url)
     table.add_row("base model", cfg.model)
     table.add_row("suffix / seed", f"{cfg.suffix} / {cfg.seed}")
-    table.add_row("method", json.dumps(method))
-    if extra_body:
-        table.add_row("extra body", json.dumps(extra_body))
+    table.add_row("method", json.dumps(plan.job["method"]))
+    if plan.extra_body:
+        table.add_row("extra body", json.dumps(plan.extra_body))
     table.add_row("epochs", f"{epochs} ({why})")
-    table.add_row(
-        "billed tokens",
-        f"{epochs} epochs x {formatted['report']['billed_tokens_per_epoch']:,} = {billed:,}",
-    )
-    price = costs["price"]
+    per_epoch = formatted.report["billed_tokens_per_epoch"]
+    table.add_row("billed tokens", f"{epochs} epochs x {per_epoch:,} = {billed:,}")
+    price = plan.costs["price"]
     if price:
         table.add_row(
             "prices (USD / 1M tokens)",
@@ -932,76 +963,76 @@ def show_job_settings(
         )
     else:
         table.add_row("prices", f"[yellow]not in this script's table for {cfg.model}[/yellow]")
-    table.add_row("price table", f"as of {prices['as_of']}; check {prices['source']}")
-    table.add_row("estimate: training", money(costs["training"]))
-    table.add_row(
-        "estimate: answering",
-        f"{money(costs['answering'])} ({formatted['n_test']} questions x 2 models)",
-    )
-    table.add_row("[bold]estimate: total", f"[bold]{money(costs['total'])}")
+    table.add_row("price table", f"as of {PRICES_AS_OF}; check {provider['prices']}")
+    table.add_row("estimate: training", money(plan.costs["training"]))
+    answering = money(plan.costs["answering"])
+    table.add_row("estimate: answering", f"{answering} ({formatted.n_test} questions x 2 models)")
+    table.add_row("[bold]estimate: total", f"[bold]{money(plan.costs['total'])}")
     console.print(table)
     console.print(
         "[dim]The answering estimate assumes replies as long as the reference answers; "
-        f"tokens: {formatted['token_label']}.[/dim]"
+        f"tokens: {formatted.token_label}.[/dim]"
     )
 
 
-# ----- Stage 4 · tune: the client, the job's record, the job, the deployment
+# ----- Stage 4 · tune: the client, the job, its events
 
 
-def show_tune_requests(cfg: Config, formatted: dict, plan: dict) -> None:
+@dataclass
+class Tuned:
+    """Stage 4's model, and the job that trained it (None: --tuned-model, no job)."""
+
+    model: str | None  # None: trained, but not servable yet (Azure: deploy it first)
+    job_id: str | None
+    trained_tokens: int | None  # what the job billed, as the service counted
+
+
+def show_tune_requests(cfg: Config, formatted: Formatted, plan: Plan) -> None:
     """The dry run of stage 4: each request a real run would send, in order."""
-    train_path, valid_path = formatted["train_path"], formatted["valid_path"]
-    base = plan["base_url"] or AZURE_PLACEHOLDER
+    base = plan.base_url
     console.print("A real run would send (nothing is sent now):")
-    for path in filter(None, (train_path, valid_path)):
+    for path in filter(None, (formatted.train_path, formatted.valid_path)):
         size = path.stat().st_size
         show_command(f"POST {base}files  purpose=fine-tune  {path.name} ({size:,} bytes)")
-    show_command(f"GET  {base}fine_tuning/jobs?metadata[run_tag]={plan['run_tag']}")
+    show_command(f"GET  {base}fine_tuning/jobs?metadata[run_tag]={plan.run_tag}")
     console.print("       (is a job for this exact data already running? then reuse it)")
     show_command(f"POST {base}fine_tuning/jobs  (sent once, never retried)")
     files = {"training_file": "<id of the uploaded training file>"}
-    if valid_path:
+    if formatted.valid_path:
         files["validation_file"] = "<id of the uploaded validation file>"
-    body = {"model": cfg.model, **files, **plan["job"], **(plan["extra_body"] or {})}
-    console.print_json(json.dumps(body))
+    console.print_json(
+        json.dumps({"model": cfg.model, **files, **plan.job, **(plan.extra_body or {})})
+    )
     show_command(f"GET  {base}fine_tuning/jobs/<id> and .../events until the job ends")
-    if cfg.provider == "azure":
-        console.print("  then print the `az` command that deploys the model (Azure needs it)")
-    if cfg.provider == "nebius":
-        show_command(f"POST {urljoin(base, '../v0/models')}  (deploy the LoRA adapter)")
+    if cfg.provider != "openai":  # other clouds
+        show_deploy_requests(cfg, base)
 
 
-def confirm_tuning(cfg: Config, formatted: dict, plan: dict) -> tuple:
-    """Refuse what cannot work, then guard the spending. Returns the client and the job record."""
-    if formatted["report"]["errors"].get("too_few_examples") and not (
-        cfg.job_id or cfg.tuned_model
-    ):
+def confirm_tuning(cfg: Config, formatted: Formatted, plan: Plan):
+    """Refuse what cannot work, then guard the spending. Returns the client."""
+    if formatted.report["errors"].get("too_few_examples") and not (cfg.job_id or cfg.tuned_model):
         raise UsageError(
-            f"{formatted['train_path'].name}: {ERROR_HELP['too_few_examples']}; "
+            f"{formatted.train_path.name}: {ERROR_HELP['too_few_examples']}; "
             "add more train examples"
         )
-    record = load_record(cfg)
     if cfg.tuned_model and not cfg.job_id:
-        what, estimate = "Answering the test questions", plan["costs"]["answering"]
+        what, estimate = "Answering the test questions", plan.costs["answering"]
     elif cfg.job_id:
-        what, estimate = (
-            f"Watching {cfg.job_id}, then answering the test questions",
-            plan["costs"]["answering"],
-        )
+        what = f"Watching {cfg.job_id}, then answering the test questions"
+        estimate = plan.costs["answering"]
     else:
-        what, estimate = "The fine-tuning job and the answers", plan["costs"]["total"]
-    client = make_client(cfg, plan["base_url"])  # checks the key and URL before asking
+        what, estimate = "The fine-tuning job and the answers", plan.costs["total"]
+    client = make_client(cfg, plan.base_url)  # checks the key and URL before asking
     confirm_paid_step(what, estimate, yes=cfg.yes, max_cost=cfg.max_cost)
-    return client, record
+    return client
 
 
-def make_client(cfg: Config, base_url: str | None):
+def make_client(cfg: Config, base_url: str):
     """The SDK client (imported here: a dry run never loads it and never builds a client)."""
     key_var = PROVIDERS[cfg.provider]["key_var"]
     if not os.environ.get(key_var):
         raise UsageError(f"{key_var} is not set; put it in the environment or in .env")
-    if not base_url:
+    if base_url == AZURE_PLACEHOLDER:  # other clouds
         raise UsageError(
             "no Azure endpoint: set AZURE_OPENAI_ENDPOINT (https://RESOURCE.openai.azure.com) "
             "or pass --base-url https://RESOURCE.openai.azure.com/openai/v1/"
@@ -1036,6 +1067,242 @@ def api_error(exc) -> str:
     return " ".join(filter(None, parts))
 
 
+def start_job(cfg: Config, client, formatted: Formatted, plan: Plan):
+    """Upload the files (the very bytes that were validated), then create the job, once."""
+    import openai
+
+    files = {}
+    for role, path in (
+        ("training_file", formatted.train_path),
+        ("validation_file", formatted.valid_path),
+    ):
+        if path is None:
+            continue
+        try:
+            uploaded = client.files.create(
+                file=(path.name, path.read_bytes(), "application/jsonl"), purpose="fine-tune"
+            )
+        except openai.APIError as exc:
+            raise ServiceError(
+                f"uploading {path.name} failed: {api_error(exc)}; nothing was started"
+            ) from None
+        files[role] = uploaded.id
+        console.print(f"uploaded {path.name} as {uploaded.id}")
+        save_record(cfg, new_record(cfg, plan) | files)  # job recovery
+    # Sent once, never retried: the SDK sends no idempotency key for it, so a retry after an
+    # answer that was lost could start a second paid job.
+    try:
+        return client.with_options(max_retries=0).fine_tuning.jobs.create(
+            **plan.job, **files, extra_body=plan.extra_body
+        )
+    except (openai.APIConnectionError, openai.APIStatusError) as exc:
+        if isinstance(exc, openai.APIConnectionError | openai.InternalServerError):  # job recovery
+            return job_after_lost_create(cfg, client, plan, exc)
+        if isinstance(exc, openai.PermissionDeniedError) and exc.code == "training_not_available":
+            message = TRAINING_NOT_AVAILABLE.format(
+                files=", ".join(files.values()), record=record_path(cfg)
+            )
+            raise ServiceError(message) from None
+        raise ServiceError(f"creating the job was refused: {api_error(exc)}") from None
+
+
+def show_new_events(events: list, seen: set[str]) -> list:
+    """Print the events not printed yet, oldest first; return them."""
+    fresh = [e for e in reversed(events) if e.id not in seen]
+    for event in fresh:
+        seen.add(event.id)
+        when = datetime.fromtimestamp(event.created_at, UTC).strftime("%H:%M:%S")
+        console.print(f"  [dim]{when}[/dim] {escape(event.message)}")
+    return fresh
+
+
+def check_job_succeeded(cfg: Config, job) -> None:
+    """Record how the job ended; a job that did not succeed ends the run, saying why."""
+    remember(  # job recovery
+        cfg, status=job.status, fine_tuned_model=job.fine_tuned_model,
+        trained_tokens=job.trained_tokens,
+    )  # fmt: skip
+    if job.status != "succeeded":
+        err = job.error
+        detail = f"{err.code}: {err.message}" if err and err.code else "no error details given"
+        raise ServiceError(
+            f"job {job.id} {job.status}: {detail}. The job is recorded in {record_path(cfg)}; "
+            "fix what the message names and run again (that starts a new job)"
+        )
+    trained = job.trained_tokens or 0
+    console.print(
+        f"[green]fine-tuned model: {job.fine_tuned_model}[/green] ({trained:,} trained tokens)"
+    )
+
+
+def command_line(cfg: Config, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
+    """This run's command line with some flags (and their values) dropped and others added."""
+    takes_value = {"--job-id", "--cancel", "--max-cost", "--tuned-model"}
+    kept, skip = [], False
+    for arg in cfg.argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in drop:
+            skip = name in takes_value and "=" not in arg
+            continue
+        kept.append(arg)
+    return shlex.join(["python", Path(sys.argv[0]).name, *kept, *add])
+
+
+def show_command(command: str) -> None:
+    """A command or request to copy: one line however narrow the terminal, never markup."""
+    console.print(f"  {command}", soft_wrap=True, markup=False)
+
+
+# ----- Stage 5 · answer: the chat requests and what they cost
+
+
+@dataclass
+class Answers:
+    """Stage 5's replies, question by question, and what they and the training cost."""
+
+    questions: list[dict]  # id, question, reference, baseline, tuned
+    answer_cost: float | None  # from each reply's usage (None: no known price)
+    training_cost: float | None  # from the job's trained tokens; 0.0 without a job
+    cut: dict[str, int]  # replies that ran to max_tokens, by side
+
+
+def test_prompt(example: dict) -> list[dict]:
+    """What a test example is asked with: a chat record's own messages up to its last user
+    turn (its own system prompt), or the question under this script's system prompt."""
+    if "messages" not in example:
+        return chat_messages(example["question"])
+    messages = example["messages"]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    # "weight" is a training file's key; a chat request refuses it
+    return [{k: v for k, v in m.items() if k != "weight"} for m in messages[: last_user + 1]]
+
+
+def chat_request(model: str, messages: list[dict]) -> dict:
+    """The one chat request this script sends, for the base and the tuned model alike."""
+    return {
+        "model": model,
+        "messages": messages,
+        "temperature": DECODING["temperature"],
+        "max_tokens": DECODING["max_tokens"],
+    }
+
+
+def base_model_name(cfg: Config) -> str:
+    """The name the base model answers to: on Azure, the deployment that serves it."""
+    if cfg.provider == "azure":  # other clouds
+        return cfg.base_deployment or cfg.model
+    return cfg.model
+
+
+def show_answer_request(plan: Plan, base_name: str, test: list[dict]) -> None:
+    """The dry run of stage 5: the request each test question would be sent as."""
+    request = chat_request(base_name, test_prompt(test[0]))
+    console.print(
+        f"A real run sends {len(test)} requests like this to each model (base, then tuned):"
+    )
+    show_command(f"POST {plan.base_url}chat/completions")
+    console.print_json(json.dumps(request))
+
+
+def no_such_model(model: str, exc) -> str:
+    """A model name the server does not know is the user's to fix: asking again cannot help."""
+    if exc.code == "DeploymentNotFound":  # other clouds
+        return (
+            f"Azure has no deployment named {model} (HTTP 404 DeploymentNotFound): deploy the "
+            "model, then pass the deployment's name with --base-deployment (the base model) "
+            "or --tuned-model (the fine-tuned one)"
+        )
+    return (
+        f"the server has no model named {model} ({api_error(exc)}); check --model and --tuned-model"
+    )
+
+
+def reply_text(reply) -> str:
+    return (reply.choices[0].message.content or "").strip()
+
+
+def answering_costs(plan: Plan, tuned: Tuned, usage: Counter) -> tuple:
+    """What the answers cost (from each reply's usage) and what the training cost."""
+    prices = plan.costs["price"]
+    answer_cost = add_costs(
+        usd(usage["base_in"], prices.get("input")),
+        usd(usage["base_out"], prices.get("output")),
+        usd(usage["tuned_in"], prices.get("ft_input")),
+        usd(usage["tuned_out"], prices.get("ft_output")),
+    )
+    # Billed by the job's trained tokens; a job that does not report them has no known cost.
+    training_cost = usd(tuned.trained_tokens, prices.get("train")) if tuned.job_id else 0.0
+    return answer_cost, training_cost
+
+
+def show_first_answers(first: dict, base_name: str, tuned_model: str) -> None:
+    table = Table(title=escape(f"First test question: {first['question']}"), show_lines=True)
+    table.add_column("reference")
+    table.add_column(f"base: {base_name}")
+    table.add_column(f"tuned: {tuned_model}")
+    table.add_row(*(escape(first[key]) for key in ("reference", "baseline", "tuned")))
+    console.print(table)
+
+
+# ----- Stage 6 · compare: a plan in place of results, the command for a real run
+
+
+def record_plan(cfg: Config, plan: Plan) -> None:
+    """--record-plan: a row for the comparison that says this approach was not run, and what it
+    would cost, so a table of measured runs shows the cloud option too. A real run's results
+    are never replaced by it."""
+    path = cfg.output_dir / "results" / f"{APPROACH}.json"
+    try:
+        if "status" not in json.loads(path.read_text(encoding="utf-8")):
+            console.print(f"{path} holds a real run's results: kept, no plan written")
+            return
+    except (OSError, ValueError):
+        pass  # no results yet, or not a results file: the plan takes its place
+    closed = datetime.now(UTC).date().isoformat() >= "2027-01-06"
+    why = key_status(PROVIDERS[cfg.provider]["key_var"])
+    note = (
+        f"not run ({why}); a real run is estimated at {money(plan.costs['total'])} to train "
+        f"and answer (prices as of {PRICES_AS_OF}). "
+        + ("OpenAI takes no new fine-tuning jobs " + ("since" if closed else "from"))
+        + " 2027-01-06: Azure OpenAI (--provider azure) and Nebius (--provider nebius) take the "
+        "same calls"
+    )
+    row = {
+        "approach": APPROACH,
+        "model": f"{cfg.model} ({cfg.provider})",
+        "status": "not run",
+        "note": note,
+        "estimated_cost_usd": plan.costs["total"],
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_atomic(path, json.dumps(row, indent=2) + "\n")
+    console.print(f"wrote {path}: {note}", markup=False)
+
+
+def show_real_run_command(cfg: Config, plan: Plan) -> None:
+    """The end of a dry run: the command that does it for real, capped a little above the
+    estimate."""
+    total = plan.costs["total"]
+    cap = () if total is None else ("--max-cost", f"{math.ceil(total * 125) / 100:.2f}")
+    console.print("\nDry run: nothing was sent and nothing was spent. To run it for real:")
+    show_command(command_line(cfg, ("--max-cost", "--record-plan"), ("--run", *cap)))
+
+
+# =====================================================================================
+# Optional: job recovery (the job's record in OUTPUT_DIR/openai/job.json, a rerun that finds
+# the job it started instead of paying for another, --job-id to resume watching, --cancel).
+# Delete this section with the lines marked "# job recovery" (a marked line that opens a block
+# goes with its block); `ruff check` then names the few lines left to change: in tune(),
+# `job_started_earlier(...) or` and the messages of lost_contact() and stopped_watching();
+# --ask's recorded_model(); the messages that say where record_path() is. The fields job_id
+# and cancel can stay in Config, unused. Other clouds' deploy() records its deployment here:
+# delete that section first, or keep this one.
+# =====================================================================================
+
+
 def record_path(cfg: Config) -> Path:
     return cfg.output_dir / "openai" / "job.json"
 
@@ -1051,26 +1318,33 @@ def load_record(cfg: Config) -> dict:
 
 
 def save_record(cfg: Config, record: dict) -> None:
+    """Write the job's record at once, whole: a rerun, --ask and --cancel read it."""
     record["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
     write_atomic(record_path(cfg), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
-def new_record(cfg: Config, plan: dict) -> dict:
+def remember(cfg: Config, **facts) -> None:
+    """Add facts about the job (its id, status, model) to its record."""
+    save_record(cfg, load_record(cfg) | facts)
+
+
+def new_record(cfg: Config, plan: Plan) -> dict:
     """The record of a job about to start: where, on which model, for which data."""
     return {
         "provider": cfg.provider,
-        "base_url": plan["base_url"],
+        "base_url": plan.base_url,
         "model": cfg.model,
-        "run_tag": plan["run_tag"],
-        "estimated_cost_usd": plan["costs"]["total"],
+        "run_tag": plan.run_tag,
+        "estimated_cost_usd": plan.costs["total"],
     }
 
 
-def job_started_earlier(cfg: Config, client, plan: dict, record: dict) -> tuple:
-    """The job to watch instead of starting one (--job-id, or one this exact data started
-    earlier) and the record to keep for it; (None, record) when a new job is needed."""
+def job_started_earlier(cfg: Config, client, plan: Plan):
+    """The job to watch instead of starting one: --job-id, or one this exact data started
+    earlier (from the record, or by its metadata tag). None when a new job is needed."""
     import openai
 
+    record = load_record(cfg)
     if cfg.job_id:
         try:
             job = client.fine_tuning.jobs.retrieve(cfg.job_id)
@@ -1087,16 +1361,16 @@ def job_started_earlier(cfg: Config, client, plan: dict, record: dict) -> tuple:
                 f"{escape(job.model)} to compare the tuned model with its own base[/yellow]"
             )
     else:
-        job = find_existing_job(cfg, client, plan["run_tag"], record)
+        job = find_existing_job(cfg, client, plan, record)
     if job is not None and record.get("job_id") != job.id:
         # Adopting a job this record does not know (found by tag, or given with --job-id).
-        record = {
-            **new_record(cfg, plan),
+        adopted = {
             "run_tag": (job.metadata or {}).get("run_tag"),
             "training_file": job.training_file,
             "validation_file": job.validation_file,
         }
-    return job, record
+        save_record(cfg, new_record(cfg, plan) | adopted)
+    return job
 
 
 def live_jobs_tagged(client, run_tag: str) -> list:
@@ -1111,20 +1385,20 @@ def live_jobs_tagged(client, run_tag: str) -> list:
     ]
 
 
-def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
+def find_existing_job(cfg: Config, client, plan: Plan, record: dict):
     """A job this data already started (from the record, or by its metadata tag), or None."""
     import openai
 
     candidates = []
-    same_place = record.get("base_url") == resolve_base_url(cfg)
     try:
-        if same_place and record.get("run_tag") == run_tag and record.get("job_id"):
+        same = record.get("base_url") == plan.base_url and record.get("run_tag") == plan.run_tag
+        if same and record.get("job_id"):
             # NotFound: the record is another account's job; look it up by tag instead.
             with contextlib.suppress(openai.NotFoundError):
                 job = client.fine_tuning.jobs.retrieve(record["job_id"])
                 if job.status not in ("failed", "cancelled"):
                     candidates.append(job)
-        candidates = candidates or live_jobs_tagged(client, run_tag)
+        candidates = candidates or live_jobs_tagged(client, plan.run_tag)
     except openai.APIError as exc:
         console.print(
             f"[yellow]could not look for an earlier job ({escape(api_error(exc))}); "
@@ -1150,414 +1424,64 @@ def find_existing_job(cfg: Config, client, run_tag: str, record: dict):
     return None
 
 
-def upload_failed(path: Path, exc) -> str:
-    return f"uploading {path.name} failed: {api_error(exc)}; nothing was started"
-
-
-def job_request(plan: dict, record: dict) -> dict:
-    """POST fine_tuning/jobs: the job's settings and the ids of the files uploaded for it."""
-    kwargs = {**plan["job"], "training_file": record["training_file"]}
-    if record.get("validation_file"):
-        kwargs["validation_file"] = record["validation_file"]
-    return kwargs
-
-
-def job_after_failed_create(cfg: Config, client, plan: dict, record: dict, exc):
-    """Creating the job failed. The SDK sends no idempotency key for it, so the create is
-    never retried; where the answer may just have been lost, the job is looked for by its tag
-    instead. Returns the job found, or raises saying what was kept."""
+def job_after_lost_create(cfg: Config, client, plan: Plan, exc):
+    """Creating the job got no answer (a dropped connection, a 5xx): it may have started all the
+    same. It is looked for by its tag rather than created again; returns it, or raises saying
+    what was kept."""
     import openai
 
-    if isinstance(exc, openai.PermissionDeniedError):
-        if exc.code == "training_not_available":
-            files = ", ".join(
-                filter(None, (record.get("training_file"), record.get("validation_file")))
-            )
-            raise ServiceError(
-                TRAINING_NOT_AVAILABLE.format(files=files, record=record_path(cfg))
-            ) from None
-        raise ServiceError(f"creating the job was refused: {api_error(exc)}") from None
-    if isinstance(exc, openai.APIConnectionError | openai.InternalServerError):
-        console.print(
-            f"[yellow]creating the job failed ({escape(api_error(exc))}); it may have started "
-            "anyway: looking for it by its tag[/yellow]"
-        )
-        with contextlib.suppress(openai.APIError):
-            for job in live_jobs_tagged(client, plan["run_tag"]):
-                console.print(f"found it: {job.id}")
-                return job
-        raise ServiceError(
-            f"creating the job failed ({api_error(exc)}) and no job with tag {plan['run_tag']} "
-            f"exists yet; the uploaded files are recorded in {record_path(cfg)}. Run the same "
-            "command again: it looks for the job before creating one"
-        ) from None
-    raise ServiceError(f"creating the job was refused: {api_error(exc)}") from None
+    console.print(
+        f"[yellow]creating the job failed ({escape(api_error(exc))}); it may have started "
+        "anyway: looking for it by its tag[/yellow]"
+    )
+    with contextlib.suppress(openai.APIError):
+        for job in live_jobs_tagged(client, plan.run_tag):
+            console.print(f"found it: {job.id}")
+            return job
+    raise ServiceError(
+        f"creating the job failed ({api_error(exc)}) and no job with tag {plan.run_tag} "
+        f"exists yet; the uploaded files are recorded in {record_path(cfg)}. Run the same "
+        "command again: it looks for the job before creating one"
+    ) from None
 
 
-def show_job_started(cfg: Config, job, record: dict) -> None:
+def show_job_started(cfg: Config, job) -> None:
     """Record the job, and say how to stop watching it and how to cancel it."""
-    record.update(job_id=job.id, model=job.model, status=job.status)
-    save_record(cfg, record)
+    remember(cfg, job_id=job.id, model=job.model, status=job.status)
     console.print(f"job {job.id} on {job.model}; recorded in {record_path(cfg)}")
     console.print("[dim]Ctrl-C stops watching (the job keeps running); cancel it with:[/dim]")
     show_command(cancel_command(cfg, job.id))
 
 
-def show_new_events(events: list, seen: set[str]) -> list:
-    """Print the events not printed yet, oldest first; return them."""
-    fresh = [e for e in reversed(events) if e.id not in seen]
-    for event in fresh:
-        seen.add(event.id)
-        when = datetime.fromtimestamp(event.created_at, UTC).strftime("%H:%M:%S")
-        console.print(f"  [dim]{when}[/dim] {escape(event.message)}")
-    return fresh
-
-
-def show_status_change(cfg: Config, job, last_status: str | None, record: dict, started: float):
-    """Print and record the job's status when it changed; return the status now."""
-    if job.status != last_status:
-        elapsed = time.monotonic() - started
-        console.print(f"status: [bold]{job.status}[/bold] after {elapsed:.0f}s")
-        record["status"] = job.status
-        save_record(cfg, record)
-    return job.status
-
-
-def resume_command(cfg: Config, job_id: str) -> str:
-    return command_line(cfg, ("--job-id",), ("--job-id", job_id))
-
-
 def lost_contact(cfg: Config, job_id: str, exc) -> str:
     return (
         f"lost contact while watching {job_id} ({api_error(exc)}); the job keeps "
-        f"running. Resume with: {resume_command(cfg, job_id)}"
+        f"running. Resume with: {command_line(cfg, ('--job-id',), ('--job-id', job_id))}"
     )
 
 
 def stopped_watching(cfg: Config, job_id: str) -> str:
     return (
         f"stopped watching; job {job_id} keeps running on the server. Resume watching with:\n"
-        f"  {resume_command(cfg, job_id)}\nor cancel it with:\n  {cancel_command(cfg, job_id)}"
+        f"  {command_line(cfg, ('--job-id',), ('--job-id', job_id))}\nor cancel it with:\n"
+        f"  {cancel_command(cfg, job_id)}"
     )
-
-
-def check_job_succeeded(cfg: Config, job, record: dict) -> None:
-    """Record how the job ended; a job that did not succeed ends the run, saying why."""
-    record.update(
-        status=job.status, fine_tuned_model=job.fine_tuned_model, trained_tokens=job.trained_tokens
-    )
-    save_record(cfg, record)
-    if job.status != "succeeded":
-        err = job.error
-        detail = f"{err.code}: {err.message}" if err and err.code else "no error details given"
-        raise ServiceError(
-            f"job {job.id} {job.status}: {detail}. The job is recorded in {record_path(cfg)}; "
-            "fix what the message names and run again (that starts a new job)"
-        )
-    trained = job.trained_tokens or 0
-    console.print(
-        f"[green]fine-tuned model: {job.fine_tuned_model}[/green] ({trained:,} trained tokens)"
-    )
-
-
-def deploy(cfg: Config, client, plan: dict, job, record: dict) -> str | None:
-    """Make the fine-tuned model servable. OpenAI: nothing to do. Azure: a management-plane
-    call (your Azure login, not the API key), so print it. Nebius: POST /v0/models."""
-    if cfg.provider == "openai":
-        return job.fine_tuned_model
-    if cfg.provider == "azure":
-        if cfg.tuned_model:
-            record.update(deployed_model=cfg.tuned_model)  # what --ask answers with later
-            save_record(cfg, record)
-            return cfg.tuned_model
-        resource = (urlsplit(plan["base_url"]).hostname or "RESOURCE").split(".")[0]
-        deployment = f"{cfg.suffix}-ft"
-        command = (
-            "az cognitiveservices account deployment create "
-            f"--resource-group <RESOURCE_GROUP> --name {resource} --deployment-name {deployment} "
-            f"--model-name {job.fine_tuned_model} --model-version 1 --model-format OpenAI "
-            f"--sku-name {AZURE_TIERS[cfg.azure_tier]} --sku-capacity 1"
-        )
-        record.update(deploy_command=command)
-        save_record(cfg, record)
-        console.print("Azure serves a fine-tuned model only once it is deployed. Deploy it with:")
-        show_command(command)
-        if cfg.azure_tier == "developerTier":
-            console.print(
-                "  (developer tier: no hosting fee; Azure deletes the deployment after 24 h)"
-            )
-        console.print("then answer with it:")
-        add = ("--job-id", job.id, "--tuned-model", deployment)
-        show_command(command_line(cfg, ("--job-id", "--tuned-model"), add))
-        return None
-    # Nebius: the newest checkpoint of the job becomes a served LoRA model (once).
-    if record.get("deployed_model"):
-        console.print(f"already deployed as {record['deployed_model']}")
-        return record["deployed_model"]
-    import openai
-
-    v0 = urljoin(plan["base_url"], "../v0/models")
-    try:
-        name = record.get("deploying_model")
-        if name:  # an earlier run started it and stopped waiting: wait for that one
-            console.print(f"waiting for the deployment an earlier run started: {name}")
-            model = client.get(f"{v0}/{name.rsplit(':', 1)[-1]}", cast_to=object)
-        else:
-            checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
-            if not checkpoints:
-                raise ServiceError(f"job {job.id} has no checkpoint to deploy")
-            body = {
-                "name": f"{cfg.suffix}-{job.id.split('-')[-1][:8]}",
-                "base_model": NEBIUS_SERVING_BASE.get(job.model, job.model),
-                "source": f"{job.id}:{checkpoints[0].id}",
-            }
-            console.print("deploying the adapter:")
-            show_command(f"POST {v0} {json.dumps(body)}")
-            # Not idempotent either (each call makes another model), so it is sent once and
-            # recorded: a rerun waits for this one instead of deploying a second.
-            model = client.post(v0, cast_to=object, body=body, options={"max_retries": 0})
-            name = model["name"]
-            record.update(deploying_model=name)
-            save_record(cfg, record)
-        short = name.rsplit(":", 1)[-1]
-        deadline = time.monotonic() + cfg.deploy_timeout
-        while model.get("status") not in ("active", "error", "deleted"):
-            if time.monotonic() > deadline:
-                raise ServiceError(
-                    f"Nebius is still {model.get('status')} {name} after --deploy-timeout "
-                    f"{cfg.deploy_timeout:g}s; the job {job.id} succeeded and the deployment is "
-                    f"recorded in {record_path(cfg)}: run the same command again to keep waiting"
-                )
-            time.sleep(cfg.poll_interval)
-            model = client.get(f"{v0}/{short}", cast_to=object)
-            console.print(f"  model {name}: {model.get('status')}")
-    except openai.APIError as exc:
-        raise ServiceError(
-            f"deploying the fine-tuned model failed ({api_error(exc)}); the job {job.id} succeeded "
-            f"and is recorded in {record_path(cfg)}; run the same command again to retry"
-        ) from None
-    record.pop("deploying_model", None)
-    if model.get("status") != "active":
-        save_record(cfg, record)
-        reason = model.get("status_reason")
-        raise ServiceError(
-            f"Nebius could not deploy {name}: {model.get('status')}"
-            + (f" ({reason})" if reason else "")
-            + "; run the same command again to deploy the job's checkpoint anew"
-        )
-    record.update(deployed_model=name)
-    save_record(cfg, record)
-    return name
-
-
-def command_line(cfg: Config, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
-    """This run's command line with some flags (and their values) dropped and others added."""
-    takes_value = {"--job-id", "--cancel", "--max-cost", "--tuned-model"}
-    kept, skip = [], False
-    for arg in cfg.argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in drop:
-            skip = name in takes_value and "=" not in arg
-            continue
-        kept.append(arg)
-    return shlex.join(["python", Path(sys.argv[0]).name, *kept, *add])
-
-
-def show_command(command: str) -> None:
-    """A command or request to copy: one line however narrow the terminal, never markup."""
-    console.print(f"  {command}", soft_wrap=True, markup=False)
 
 
 def cancel_command(cfg: Config, job_id: str) -> str:
     return command_line(cfg, ("--job-id", "--cancel", "--run", "--yes"), ("--cancel", job_id))
 
 
-# ----- Stage 5 · answer: the chat requests and what they cost
-
-
-def test_prompt(example: dict) -> list[dict]:
-    """What a test example is asked with: a chat record's own messages up to its last user
-    turn (its own system prompt), or the question under this script's system prompt."""
-    if "messages" not in example:
-        return chat_messages(example["question"])
-    messages = example["messages"]
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    # "weight" is a training file's key; a chat request refuses it
-    return [{k: v for k, v in m.items() if k != "weight"} for m in messages[: last_user + 1]]
-
-
-def chat_request(model: str, question: str, messages: list[dict] | None = None) -> dict:
-    """The one chat request this script sends, for the base and the tuned model alike."""
-    return {
-        "model": model,
-        "messages": messages or chat_messages(question),
-        "temperature": DECODING["temperature"],
-        "max_tokens": DECODING["max_tokens"],
-    }
-
-
-def show_answer_request(plan: dict, base_name: str, test: list[dict]) -> None:
-    """The dry run of stage 5: the request each test question would be sent as."""
-    request = chat_request(base_name, test[0]["question"], test_prompt(test[0]))
-    console.print(
-        f"A real run sends {len(test)} requests like this to each model (base, then tuned):"
-    )
-    show_command(f"POST {plan['base_url'] or AZURE_PLACEHOLDER}chat/completions")
-    console.print_json(json.dumps(request))
-
-
-def no_such_model(model: str, exc) -> str:
-    """A model name the server does not know is the user's to fix: asking again cannot help."""
-    if exc.code == "DeploymentNotFound":
-        return (
-            f"Azure has no deployment named {model} (HTTP 404 DeploymentNotFound): deploy the "
-            "model, then pass the deployment's name with --base-deployment (the base model) "
-            "or --tuned-model (the fine-tuned one)"
-        )
-    return (
-        f"the server has no model named {model} ({api_error(exc)}); check --model and --tuned-model"
-    )
-
-
-def reply_text(reply) -> str:
-    return (reply.choices[0].message.content or "").strip()
-
-
-def reply_usage(reply) -> tuple[int, int]:
-    """Input and output tokens of one reply, as the server counted them (0 where it did not)."""
-    usage = reply.usage
-    return (usage.prompt_tokens if usage else 0), (usage.completion_tokens if usage else 0)
-
-
-def answering_costs(plan: dict, tuned: dict, usage: Counter) -> tuple:
-    """What the answers cost (from each reply's usage) and what the training cost."""
-    prices = plan["costs"]["price"]
-    answer_cost = add_costs(
-        usd(usage["base_in"], prices.get("input")),
-        usd(usage["base_out"], prices.get("output")),
-        usd(usage["tuned_in"], prices.get("ft_input")),
-        usd(usage["tuned_out"], prices.get("ft_output")),
-    )
-    # Billed by the job's trained tokens; a job that does not report them has no known cost.
-    training_cost = usd(tuned["trained_tokens"], prices.get("train")) if tuned["job_id"] else 0.0
-    return answer_cost, training_cost
-
-
-def show_first_answers(first: dict, base_name: str, tuned_model: str) -> None:
-    table = Table(title=escape(f"First test question: {first['question']}"), show_lines=True)
-    table.add_column("reference")
-    table.add_column(f"base: {base_name}")
-    table.add_column(f"tuned: {tuned_model}")
-    table.add_row(*(escape(first[key]) for key in ("reference", "baseline", "tuned")))
-    console.print(table)
-
-
-# ----- Stage 6 · compare: a plan in place of results, the command for a real run
-
-
-def record_plan(cfg: Config, plan: dict) -> None:
-    """--record-plan: a row for the comparison that says this approach was not run, and what it
-    would cost, so a table of measured runs shows the cloud option too. A real run's results
-    are never replaced by it."""
-    path = cfg.output_dir / "results" / f"{APPROACH}.json"
-    try:
-        if "status" not in json.loads(path.read_text(encoding="utf-8")):
-            console.print(f"{path} holds a real run's results: kept, no plan written")
-            return
-    except (OSError, ValueError):
-        pass  # no results yet, or not a results file: the plan takes its place
-    closed = datetime.now(UTC).date().isoformat() >= "2027-01-06"
-    why = key_status(PROVIDERS[cfg.provider]["key_var"])
-    note = (
-        f"not run ({why}); a real run is estimated at {money(plan['costs']['total'])} to train "
-        f"and answer (prices as of {PRICES[cfg.provider]['as_of']}). "
-        + (
-            "OpenAI takes no new fine-tuning jobs since 2027-01-06"
-            if closed
-            else "OpenAI takes no new fine-tuning jobs from 2027-01-06"
-        )
-        + ": Azure OpenAI (--provider azure) and Nebius (--provider nebius) take the same calls"
-    )
-    row = {
-        "approach": APPROACH,
-        "model": f"{cfg.model} ({cfg.provider})",
-        "status": "not run",
-        "note": note,
-        "estimated_cost_usd": plan["costs"]["total"],
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    write_atomic(path, json.dumps(row, indent=2) + "\n")
-    console.print(f"wrote {path}: {note}", markup=False)
-
-
-def show_real_run_command(cfg: Config, plan: dict) -> None:
-    """The end of a dry run: the command that does it for real, capped a little above the
-    estimate."""
-    total = plan["costs"]["total"]
-    cap = () if total is None else ("--max-cost", f"{math.ceil(total * 125) / 100:.2f}")
-    console.print("\nDry run: nothing was sent and nothing was spent. To run it for real:")
-    show_command(command_line(cfg, ("--max-cost", "--record-plan"), ("--run", *cap)))
-
-
-# =====================================================================================
-# The other entry points: --ask, --cancel, --check-file
-# =====================================================================================
-
-
-def ask(cfg: Config) -> None:
-    """--ask: one question of the user's, base and tuned model side by side, no tuning."""
-    stage(
-        5,
-        "answer (--ask)",
-        "Ask your question to the base model and the recorded fine-tuned model.",
-    )
+def recorded_model(cfg: Config) -> str:
+    """--ask: the model an earlier real run recorded (deployed, or as the job named it)."""
     record = load_record(cfg)
-    tuned_model = cfg.tuned_model or record.get("deployed_model") or record.get("fine_tuned_model")
-    if not tuned_model:
+    model = record.get("deployed_model") or record.get("fine_tuned_model")
+    if not model:
         raise UsageError(
             f"no fine-tuned model recorded in {record_path(cfg)}: finish a real run first, "
             "or pass --tuned-model"
         )
-    base_name = (cfg.base_deployment or cfg.model) if cfg.provider == "azure" else cfg.model
-    base_url = resolve_base_url(cfg)
-    count_tokens, _ = load_token_counter(cfg.model)
-    # At most ANSWER_MAX_TOKENS come back from each model: the estimate is an upper bound.
-    estimate = estimate_costs(
-        cfg.provider,
-        cfg.model,
-        0,
-        prompt_tokens(count_tokens, chat_messages(cfg.ask)),
-        ANSWER_MAX_TOKENS,
-    )["answering"]
-    if not cfg.run:
-        console.print(
-            f"A real run (add --run) sends to {base_url or AZURE_PLACEHOLDER}chat/completions, "
-            f"for {base_name} and then for {tuned_model} (at most {money(estimate)}):"
-        )
-        console.print_json(json.dumps(chat_request(base_name, cfg.ask)))
-        return
-    confirm_paid_step("Answering your question twice", estimate, yes=cfg.yes, max_cost=cfg.max_cost)
-    import openai
-
-    client = make_client(cfg, base_url)
-    table = Table(title=escape(cfg.ask), show_lines=True)
-    try:
-        for label, model in (("base", base_name), ("tuned", tuned_model)):
-            table.add_column(f"{label}: {model}")
-        replies = []
-        for model in (base_name, tuned_model):
-            try:
-                reply = client.chat.completions.create(**chat_request(model, cfg.ask))
-            except openai.NotFoundError as exc:
-                raise UsageError(no_such_model(model, exc)) from None
-            replies.append(escape(reply_text(reply)))
-        table.add_row(*replies)
-    except openai.APIError as exc:
-        raise ServiceError(f"asking failed after the SDK's retries: {api_error(exc)}") from None
-    console.print(table)
+    return model
 
 
 def cancel_job(cfg: Config) -> None:
@@ -1581,10 +1505,194 @@ def cancel_job(cfg: Config) -> None:
     except openai.APIError as exc:
         raise ServiceError(f"cancelling {cfg.cancel} failed: {api_error(exc)}") from None
     console.print(f"job {job.id}: {job.status}")
+    if load_record(cfg).get("job_id") == job.id:
+        remember(cfg, status=job.status)
+
+
+# =====================================================================================
+# Optional: other clouds that speak this API (Azure OpenAI, Nebius). Delete this section with
+# the lines marked "# other clouds" (a marked line that opens a block goes with its block), the
+# Config fields base_deployment, azure_tier and deploy_timeout, and the words of the docstring,
+# the help and the messages that name Azure or Nebius.
+# =====================================================================================
+
+AZURE_PLACEHOLDER = "https://YOUR-RESOURCE.openai.azure.com/openai/v1/"  # until an endpoint is set
+PROVIDERS.update(
+    azure={
+        # https://RESOURCE.openai.azure.com/openai/v1/ (from AZURE_OPENAI_ENDPOINT or --base-url)
+        "base_url": AZURE_PLACEHOLDER,
+        "key_var": "AZURE_OPENAI_API_KEY",
+        "default_model": DEFAULT_MODEL,
+        "max_tokens_per_example": 65536,
+        "docs": "https://learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle",
+        # Prices vary by region and tier (developer, global, regional): look yours up there.
+        "prices": "https://azure.microsoft.com/pricing/details/cognitive-services/openai-service/",
+    },
+    nebius={
+        "base_url": "https://api.tokenfactory.nebius.com/v1/",
+        "key_var": "NEBIUS_API_KEY",
+        "default_model": "meta-llama/Meta-Llama-3.1-8B-Instruct",
+        "max_tokens_per_example": 8192,  # the job's default context_length
+        "docs": "https://docs.tokenfactory.nebius.com/post-training/how-to-fine-tune",
+        "prices": "https://docs.tokenfactory.nebius.com/post-training/models",
+    },
+)
+# Nebius serves LoRA adapters on top of a serving flavour of the base model.
+NEBIUS_SERVING_BASE = {
+    "meta-llama/Meta-Llama-3.1-8B-Instruct": "meta-llama/Meta-Llama-3.1-8B-Instruct-fast"
+}
+
+
+def cloud_base_url(cfg: Config) -> str:
+    """Azure's v1 API under the resource's endpoint (the placeholder until one is set)."""
+    endpoint = os.environ.get("AZURE_OPENAI_ENDPOINT") if cfg.provider == "azure" else None
+    return endpoint.rstrip("/") + "/openai/v1/" if endpoint else PROVIDERS[cfg.provider]["base_url"]
+
+
+def show_deploy_requests(cfg: Config, base: str) -> None:
+    """The dry run of the step after the job: the model is served only once deployed."""
+    if cfg.provider == "azure":
+        console.print("  then print the `az` command that deploys the model (Azure needs it)")
+    if cfg.provider == "nebius":
+        show_command(f"POST {urljoin(base, '../v0/models')}  (deploy the LoRA adapter)")
+
+
+def deploy(cfg: Config, client, plan: Plan, job) -> str | None:
+    """Make the fine-tuned model servable. Azure: a management-plane call (your Azure login,
+    not the API key), so it is printed, and None returned until it is done. Nebius: POST
+    /v0/models, then wait until the model is active."""
+    if cfg.provider == "nebius":
+        return deploy_on_nebius(cfg, client, plan, job)
+    if cfg.tuned_model:
+        remember(cfg, deployed_model=cfg.tuned_model)  # what --ask answers with later
+        return cfg.tuned_model
+    resource = (urlsplit(plan.base_url).hostname or "RESOURCE").split(".")[0]
+    deployment = f"{cfg.suffix}-ft"
+    # The deployment's SKU is the training tier's name, capitalised.
+    command = (
+        "az cognitiveservices account deployment create "
+        f"--resource-group <RESOURCE_GROUP> --name {resource} --deployment-name {deployment} "
+        f"--model-name {job.fine_tuned_model} --model-version 1 --model-format OpenAI "
+        f"--sku-name {cfg.azure_tier[0].upper() + cfg.azure_tier[1:]} --sku-capacity 1"
+    )
+    remember(cfg, deploy_command=command)
+    console.print("Azure serves a fine-tuned model only once it is deployed. Deploy it with:")
+    show_command(command)
+    if cfg.azure_tier == "developerTier":
+        console.print("  (developer tier: no hosting fee; Azure deletes the deployment after 24 h)")
+    console.print("then answer with it:")
+    add = ("--job-id", job.id, "--tuned-model", deployment)
+    show_command(command_line(cfg, ("--job-id", "--tuned-model"), add))
+    return None
+
+
+def deploy_on_nebius(cfg: Config, client, plan: Plan, job) -> str:
+    """The newest checkpoint of the job becomes a served LoRA model, once: a rerun waits for
+    the deployment an earlier run started instead of starting a second."""
+    import openai
+
     record = load_record(cfg)
-    if record.get("job_id") == job.id:
-        record["status"] = job.status
+    if record.get("deployed_model"):
+        console.print(f"already deployed as {record['deployed_model']}")
+        return record["deployed_model"]
+    v0 = urljoin(plan.base_url, "../v0/models")
+    try:
+        name = record.get("deploying_model")
+        if name:  # an earlier run started it and stopped waiting: wait for that one
+            console.print(f"waiting for the deployment an earlier run started: {name}")
+            model = client.get(f"{v0}/{name.rsplit(':', 1)[-1]}", cast_to=object)
+        else:
+            checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
+            if not checkpoints:
+                raise ServiceError(f"job {job.id} has no checkpoint to deploy")
+            body = {
+                "name": f"{cfg.suffix}-{job.id.split('-')[-1][:8]}",
+                "base_model": NEBIUS_SERVING_BASE.get(job.model, job.model),
+                "source": f"{job.id}:{checkpoints[0].id}",
+            }
+            console.print("deploying the adapter:")
+            show_command(f"POST {v0} {json.dumps(body)}")
+            # Not idempotent either (each call makes another model), so it is sent once and
+            # recorded: a rerun waits for this one instead of deploying a second.
+            model = client.post(v0, cast_to=object, body=body, options={"max_retries": 0})
+            name = model["name"]
+            remember(cfg, deploying_model=name)
+        deadline = time.monotonic() + cfg.deploy_timeout
+        while model.get("status") not in ("active", "error", "deleted"):
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"Nebius is still {model.get('status')} {name} after --deploy-timeout "
+                    f"{cfg.deploy_timeout:g}s; the job {job.id} succeeded and the deployment is "
+                    f"recorded in {record_path(cfg)}: run the same command again to keep waiting"
+                )
+            time.sleep(cfg.poll_interval)
+            model = client.get(f"{v0}/{name.rsplit(':', 1)[-1]}", cast_to=object)
+            console.print(f"  model {name}: {model.get('status')}")
+    except openai.APIError as exc:
+        raise ServiceError(
+            f"deploying the fine-tuned model failed ({api_error(exc)}); the job {job.id} succeeded "
+            f"and is recorded in {record_path(cfg)}; run the same command again to retry"
+        ) from None
+    # Waited for, one way or the other: a rerun deploys anew (error) or uses it (active).
+    record = {k: v for k, v in load_record(cfg).items() if k != "deploying_model"}
+    if model.get("status") != "active":
         save_record(cfg, record)
+        reason = model.get("status_reason")
+        raise ServiceError(
+            f"Nebius could not deploy {name}: {model.get('status')}"
+            + (f" ({reason})" if reason else "")
+            + "; run the same command again to deploy the job's checkpoint anew"
+        )
+    save_record(cfg, record | {"deployed_model": name})
+    return name
+
+
+# =====================================================================================
+# The other entry points: --ask, --check-file
+# =====================================================================================
+
+
+def ask(cfg: Config) -> None:
+    """--ask: one question of the user's, base and tuned model side by side, no tuning."""
+    stage(
+        5,
+        "answer (--ask)",
+        "Ask your question to the base model and the recorded fine-tuned model.",
+    )
+    tuned_model = cfg.tuned_model or recorded_model(cfg)
+    base_name = base_model_name(cfg)
+    base_url = resolve_base_url(cfg)
+    count_tokens, _ = load_token_counter(cfg.model)
+    messages = chat_messages(cfg.ask)
+    # At most ANSWER_MAX_TOKENS come back from each model: the estimate is an upper bound.
+    estimate = estimate_costs(
+        cfg.provider, cfg.model, 0, prompt_tokens(count_tokens, messages), ANSWER_MAX_TOKENS
+    )["answering"]
+    if not cfg.run:
+        console.print(
+            f"A real run (add --run) sends to {base_url}chat/completions, "
+            f"for {base_name} and then for {tuned_model} (at most {money(estimate)}):"
+        )
+        console.print_json(json.dumps(chat_request(base_name, messages)))
+        return
+    confirm_paid_step("Answering your question twice", estimate, yes=cfg.yes, max_cost=cfg.max_cost)
+    import openai
+
+    client = make_client(cfg, base_url)
+    table = Table(title=escape(cfg.ask), show_lines=True)
+    replies = []
+    try:
+        for label, model in (("base", base_name), ("tuned", tuned_model)):
+            table.add_column(f"{label}: {model}")
+            try:
+                reply = client.chat.completions.create(**chat_request(model, messages))
+            except openai.NotFoundError as exc:
+                raise UsageError(no_such_model(model, exc)) from None
+            replies.append(escape(reply_text(reply)))
+    except openai.APIError as exc:
+        raise ServiceError(f"asking failed after the SDK's retries: {api_error(exc)}") from None
+    table.add_row(*replies)
+    console.print(table)
 
 
 def check_file(cfg: Config) -> None:
@@ -1601,85 +1709,45 @@ def check_file(cfg: Config) -> None:
 
 
 # =====================================================================================
-# Reference tables: the providers, their prices, the validator's messages
+# Reference tables: OpenAI's facts and prices, the validator's messages
 # =====================================================================================
 
-# Each provider speaks the same API; only these facts differ. Read from their docs 2026-11.
-AZURE_PLACEHOLDER = "https://YOUR-RESOURCE.openai.azure.com/openai/v1/"  # until an endpoint is set
-PROVIDERS = {
-    "openai": {
-        "base_url": "https://api.openai.com/v1/",
-        "key_var": "OPENAI_API_KEY",
-        "default_model": DEFAULT_MODEL,
-        "max_tokens_per_example": 65536,
-        "docs": "https://developers.openai.com/api/docs/guides/supervised-fine-tuning",
-    },
-    "azure": {
-        # https://RESOURCE.openai.azure.com/openai/v1/ (from AZURE_OPENAI_ENDPOINT or --base-url)
-        "base_url": None,
-        "key_var": "AZURE_OPENAI_API_KEY",
-        "default_model": DEFAULT_MODEL,
-        "max_tokens_per_example": 65536,
-        "docs": "https://learn.microsoft.com/azure/ai-foundry/openai/api-version-lifecycle",
-    },
-    "nebius": {
-        "base_url": "https://api.tokenfactory.nebius.com/v1/",
-        "key_var": "NEBIUS_API_KEY",
-        "default_model": "meta-llama/Meta-Llama-3.1-8B-Instruct",
-        "max_tokens_per_example": 8192,  # the job's default context_length
-        "docs": "https://docs.tokenfactory.nebius.com/post-training/how-to-fine-tune",
-    },
+PROVIDERS["openai"] = {
+    "base_url": "https://api.openai.com/v1/",  # or $OPENAI_BASE_URL
+    "key_var": "OPENAI_API_KEY",
+    "default_model": DEFAULT_MODEL,
+    "max_tokens_per_example": 65536,
+    "docs": "https://developers.openai.com/api/docs/guides/supervised-fine-tuning",
+    "prices": "https://developers.openai.com/api/docs/pricing",
 }
 
-# USD per million tokens. "train" is per trained token (epochs x file tokens); "input"/"output"
-# price the base model; "ft_input"/"ft_output" price the fine-tuned model. A model missing here
-# has no estimate: the script says so and points at the page. "as_of" is when the numbers were
-# checked: the inference prices against the price map litellm 1.110.2 ships (kept from the
-# official page), the training prices against published copies of the official page, which
-# could not be opened directly from where this was written. Check the link before a big run.
+# USD per million tokens, by provider and model. "train" is per trained token (epochs x file
+# tokens); "input"/"output" price the base model; "ft_input"/"ft_output" price the fine-tuned
+# model. A model missing here has no estimate: the script says so and points at the provider's
+# price page. PRICES_AS_OF is when the numbers were checked: the inference prices against the
+# price map litellm 1.110.2 ships (kept from the official page), the training prices against
+# published copies of the official page, which could not be opened directly from where this was
+# written. Check the link before a big run.
+PRICES_AS_OF = "2026-11-25"
 PRICES = {
     "openai": {
-        "as_of": "2026-11-25",
-        "source": "https://developers.openai.com/api/docs/pricing",
-        "models": {
-            "gpt-4o-mini-2024-07-18": dict(
-                train=3.00, input=0.15, output=0.60, ft_input=0.30, ft_output=1.20
-            ),
-            "gpt-4o-2024-08-06": dict(
-                train=25.00, input=2.50, output=10.00, ft_input=3.75, ft_output=15.00
-            ),
-            "gpt-4.1-2025-04-14": dict(
-                train=25.00, input=2.00, output=8.00, ft_input=3.00, ft_output=12.00
-            ),
-            "gpt-4.1-mini-2025-04-14": dict(
-                train=5.00, input=0.40, output=1.60, ft_input=0.80, ft_output=3.20
-            ),
-        },
-    },
-    "azure": {
-        # Prices vary by region and tier (developer, global, regional); look yours up there.
-        "as_of": "2026-11-25",
-        "source": "https://azure.microsoft.com/pricing/details/cognitive-services/openai-service/",
-        "models": {},
-    },
-    "nebius": {
-        "as_of": "2026-11-25",
-        "source": "https://docs.tokenfactory.nebius.com/post-training/models",
-        "models": {},
+        "gpt-4o-mini-2024-07-18": dict(
+            train=3.00, input=0.15, output=0.60, ft_input=0.30, ft_output=1.20
+        ),
+        "gpt-4o-2024-08-06": dict(
+            train=25.00, input=2.50, output=10.00, ft_input=3.75, ft_output=15.00
+        ),
+        "gpt-4.1-2025-04-14": dict(
+            train=25.00, input=2.00, output=8.00, ft_input=3.00, ft_output=12.00
+        ),
+        "gpt-4.1-mini-2025-04-14": dict(
+            train=5.00, input=0.40, output=1.60, ft_input=0.80, ft_output=3.20
+        ),
     },
 }
 
-# Azure: what --azure-tier sends as trainingType, and the deployment SKU that matches it.
-AZURE_TIERS = {
-    "developerTier": "DeveloperTier",
-    "GlobalStandard": "GlobalStandard",
-    "Standard": "Standard",
-}
-# Nebius serves LoRA adapters on top of a serving flavour of the base model.
-NEBIUS_SERVING_BASE = {
-    "meta-llama/Meta-Llama-3.1-8B-Instruct": "meta-llama/Meta-Llama-3.1-8B-Instruct-fast"
-}
-
+MIN_EXAMPLES = 10  # the API refuses fewer (invalid_n_examples)
+RECOMMENDED_EXAMPLES = 50  # OpenAI suggests starting with 50 well-crafted examples
 ALLOWED_MESSAGE_KEYS = {
     "role",
     "content",
@@ -1724,185 +1792,31 @@ Three ways forward:
 # The command line
 # =====================================================================================
 
-
-def build_parser() -> argparse.ArgumentParser:
-    d = Config()  # every default below is the one written in Config
-    parser = CommandLine(
-        description="Fine-tune a model on educational Q/A pairs with the OpenAI fine-tuning API.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""examples:
+EXAMPLES = """\
+examples:
   dry run (sends nothing, spends nothing):  python openai_finetune.py
   real run, asks before paying:             python openai_finetune.py --run --max-cost 0.50
   resume watching a job:                    python openai_finetune.py --run --job-id ftjob-abc
   another cloud:                            python openai_finetune.py --provider nebius --run
   offline smoke run (no key, no network):   python openai_finetune.py --train-limit 20
   check a chat file of your own:            python openai_finetune.py --check-file my.jsonl
-""",
-    )
-    parser.add_argument(
-        "--data",
-        type=path_arg,
-        default=d.data,
-        help=(
-            "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion "
-            "records (default: small_edu_qa.jsonl beside the script)"
-        ),
-    )
-    parser.add_argument(
-        "--model",
-        type=text_arg,
-        default=d.model,
-        help="base model to fine-tune (default: the provider's, see --provider)",
-    )
-    parser.add_argument(
-        "--run",
-        action="store_true",
-        default=d.run,
-        help="really do the paid steps (default: dry run)",
-    )
-    parser.add_argument(
-        "--yes", action="store_true", default=d.yes, help="do not ask before a paid step"
-    )
-    parser.add_argument(
-        "--max-cost",
-        type=number(float, 0),
-        default=d.max_cost,
-        metavar="USD",
-        help="refuse a paid step whose estimate is higher",
-    )
-    parser.add_argument(
-        "--train-limit",
-        type=number(int, 1),
-        default=d.train_limit,
-        metavar="N",
-        help="use the first N train examples",
-    )
-    parser.add_argument(
-        "--test-limit",
-        type=number(int, 0),
-        default=d.test_limit,
-        metavar="N",
-        help="use the first N test examples (0: train only, answer none)",
-    )
-    parser.add_argument(
-        "--output-dir", type=path_arg, default=d.output_dir, help="where everything is written"
-    )
-    parser.add_argument("--seed", type=seed_arg, default=d.seed)
-    parser.add_argument(
-        "--ask",
-        type=text_arg,
-        default=d.ask,
-        metavar="QUESTION",
-        help="answer one question with the base and tuned model",
-    )
-    # ----- this script's own flags
-    parser.add_argument(
-        "--provider",
-        choices=sorted(PROVIDERS),
-        default=d.provider,
-        help="the cloud: sets base URL, key variable, default model, prices, deploy step",
-    )
-    parser.add_argument(
-        "--base-url",
-        type=text_arg,
-        default=d.base_url,
-        help="any server that speaks this API (default: the provider's, or $OPENAI_BASE_URL)",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=number(int, 1),
-        default=d.epochs,
-        help="training epochs (default: chosen as OpenAI does)",
-    )
-    parser.add_argument(
-        "--suffix",
-        type=text_arg,
-        default=d.suffix,
-        help="added to the fine-tuned model's name",
-    )
-    parser.add_argument(
-        "--valid-fraction",
-        type=number(float, 0, 1, below=True),
-        default=d.valid_fraction,
-        metavar="F",
-        help="share of the train split held out as the job's validation file "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--job-id",
-        type=text_arg,
-        default=d.job_id,
-        metavar="FTJOB",
-        help="watch this job instead of creating one",
-    )
-    parser.add_argument(
-        "--cancel",
-        type=text_arg,
-        default=d.cancel,
-        metavar="FTJOB",
-        help="cancel this job and exit",
-    )
-    parser.add_argument(
-        "--tuned-model",
-        type=text_arg,
-        default=d.tuned_model,
-        metavar="NAME",
-        help="answer with this fine-tuned model (ft:..., an Azure deployment, a Nebius model)",
-    )
-    parser.add_argument(
-        "--base-deployment",
-        type=text_arg,
-        default=d.base_deployment,
-        metavar="NAME",
-        help="Azure: the deployment that serves the base model (default: the model name)",
-    )
-    parser.add_argument(
-        "--azure-tier",
-        choices=sorted(AZURE_TIERS),
-        default=d.azure_tier,
-        help="Azure trainingType",
-    )
-    parser.add_argument(
-        "--poll-interval",
-        type=number(float, 0, 3600, above=True),
-        default=d.poll_interval,
-        metavar="S",
-        help="seconds between job polls",
-    )
-    parser.add_argument(
-        "--deploy-timeout",
-        type=number(float, 0, above=True),
-        default=d.deploy_timeout,
-        metavar="S",
-        help="Nebius: stop waiting for the deployment after S seconds (a rerun waits again)",
-    )
-    parser.add_argument(
-        "--check-file",
-        type=path_arg,
-        default=d.check_file,
-        metavar="JSONL",
-        help="only validate a chat-format file and exit",
-    )
-    parser.add_argument(
-        "--record-plan",
-        action="store_true",
-        default=d.record_plan,
-        help="dry run: write results/openai.json as a 'not run' row with the estimate, for the "
-        "comparison table (a real run's results are kept)",
-    )
-    return parser
+"""
 
 
 def parse_config(argv: list[str] | None) -> Config:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.base_url:
-        parts = urlsplit(args.base_url)
+    parser = build_command_line(
+        Config,
+        prog="openai_finetune.py",
+        description="Fine-tune a model on educational Q/A pairs with the OpenAI fine-tuning API.",
+        examples=EXAMPLES,
+    )
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if cfg.base_url:
+        parts = urlsplit(cfg.base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            parser.error(f"--base-url {args.base_url}: not an http(s) URL like https://HOST/v1/")
-    if args.provider == "azure" and "." in args.suffix:
+            parser.error(f"--base-url {cfg.base_url}: not an http(s) URL like https://HOST/v1/")
+    if cfg.provider == "azure" and "." in cfg.suffix:  # other clouds
         parser.error("--suffix: Azure does not allow dots in the suffix")
-    cfg = Config(**vars(args))
     cfg.argv = list(sys.argv[1:] if argv is None else argv)
     cfg.model = cfg.model or PROVIDERS[cfg.provider]["default_model"]
     return cfg

@@ -504,6 +504,43 @@ def test_the_fake_moves_on_the_clock_and_pages_its_events(api):
     assert not rest.has_more
 
 
+# ---------------------------------------------------------------------------- the command line
+def test_help_shows_each_settings_flag_with_its_help_and_default(oft, monkeypatch, capsys):
+    """Each setting is written once, as a Config field: --help reads its flag, help and default
+    from there, so a default changed in Config is the default --help shows."""
+    from dataclasses import fields
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line a flag
+    with pytest.raises(SystemExit):
+        oft.parse_config(["--help"])
+    options = capsys.readouterr().out.split("\noptions:\n")[1].split("\n\n")[0]
+    # One entry a flag: its line, and the help argparse puts under a long one.
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", options)]
+    settings = [spec for spec in fields(oft.Config) if "help" in spec.metadata]
+    assert len(settings) == len(fields(oft.Config)) - 1  # all but argv, this run's own flags
+    for spec in settings:
+        flag = "--" + spec.name.replace("_", "-")
+        (line,) = [entry for entry in entries if entry.startswith(flag + " ")]
+        meta = spec.metadata
+        shown = spec.default if meta["shown"] is None else meta["shown"]
+        expected = meta["help"] + ("" if shown in (None, False) else f" (default: {shown})")
+        assert line.endswith(expected), (flag, line)
+    assert oft.Config().seed == 42  # the defaults --help shows are the ones a run gets
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epoch", "2"], "unknown flag --epoch; did you mean --epochs? (see --help)"),
+        (["--provider", "aws"], "--provider: invalid choice: 'aws' (choose from 'azure', "),
+    ],
+    ids=["abbreviation", "unknown provider"],
+)
+def test_a_flag_is_taken_only_as_spelled(oft, capsys, args, message):
+    assert oft.run_cli(oft.main, args) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
 # ---------------------------------------------------------------------------- the guard
 @pytest.mark.parametrize(
     "args, env, message",
