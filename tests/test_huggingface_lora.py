@@ -432,7 +432,7 @@ def test_a_template_without_a_system_role_gets_the_instructions_in_the_question(
 # ---------------------------------------------------------------------------- estimates
 def test_preset_sizes_match_the_published_parameter_counts(hf):
     def sizes(preset: str) -> dict:
-        config, _ = hf.model_config("hub", hf.PRESETS[preset]["id"], None, run=False)
+        config, _ = hf.resolve_model(preset).config(hf.Config(), None)
         return hf.size_model(config, hf.Config(), dropout=0.05)
 
     smol, llama = sizes("smollm2-135m"), sizes("llama2-7b")
@@ -446,7 +446,7 @@ def test_preset_sizes_match_the_published_parameter_counts(hf):
 
 def test_stage_3_names_what_sits_outside_nn_linear_for_each_kind_of_model(hf):
     def outside(preset: str) -> str:
-        config, _ = hf.model_config("hub", hf.PRESETS[preset]["id"], None, run=False)
+        config, _ = hf.resolve_model(preset).config(hf.Config(), None)
         sizes = hf.size_model(config, hf.Config(), dropout=0.0)
         assert sizes["quantizable"] < 0.5 * sizes["total"]  # the case the warning is for
         return hf.unquantized_text(sizes)
