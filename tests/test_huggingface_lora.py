@@ -485,6 +485,30 @@ def test_qlora_settings_are_nf4_double_quantized_and_refused_without_cuda(hf, ru
     assert re.match(r"error: --load-in-4bit needs a CUDA GPU", result.stderr)
 
 
+# ---------------------------------------------------------------------------- settings
+def test_each_setting_is_written_once_and_help_shows_its_flag_help_and_default(
+    hf, capsys, monkeypatch
+):
+    """Config is the one place of each default and help: --help is built from it."""
+    from dataclasses import fields
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a help text
+    with pytest.raises(SystemExit) as done:
+        hf.parse_config(["--help"])
+    assert done.value.code == 0
+    # One block a flag: its name (and metavar), then its help, on one line or the next.
+    options = capsys.readouterr().out.split("\n\nexamples:")[0]
+    blocks = [" ".join(b.split()) for b in re.split(r"\n  (?=--)", options)]
+    for spec in fields(hf.Config):
+        flag = "--" + spec.name.replace("_", "-")
+        (text,) = [b for b in blocks if b.split()[0] == flag]
+        assert spec.metadata["help"] in text, text
+        default = spec.metadata["shown"] or spec.default
+        if default not in (None, False):
+            assert text.endswith(f"{spec.metadata['help']} (default: {default})"), text
+    assert hf.Config().seed == 42 and hf.Config().lora_dropout is None  # built with no arguments
+
+
 # ---------------------------------------------------------------------------- bad input
 BAD_INPUTS = {
     "empty data file": ({"bad.jsonl": ""}, ["--data", "bad.jsonl"], r"bad\.jsonl: no examples"),
