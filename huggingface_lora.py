@@ -106,8 +106,7 @@ def option(default, help: str, *limits, check=None, above=False, below=False, **
 
 @dataclass
 class Config:
-    """Every setting of a run: its default, its flag's help and its check. The command line is
-    built from this class, and takes its defaults from here."""
+    """Every setting of a run, with its flag's help and check: the command line is built from it."""
 
     data: Path = option(  # DATA_FILE, written out: it is defined after this class is built
         Path(__file__).with_name("small_edu_qa.jsonl"),
@@ -940,35 +939,31 @@ def report_dropped(train_ids: list[str], eval_ids: list[str], max_length: int, e
 
 def show_tokens(tokenizer, example: dict) -> None:
     """Print one example token by token: dim = prompt (label -100), green = trained."""
-    labels = example["labels"]
+    ids, labels = example["input_ids"], example["labels"]
+
+    def tokens(start: int, end: int) -> Text:
+        text = Text()
+        for token, label in zip(ids[start:end], labels[start:end], strict=True):
+            piece = tokenizer.decode([token]).replace("\n", "\\n")
+            text.append(piece, style="dim" if label == -100 else "bold green")
+            text.append("|", style="dim blue")
+        return text
+
     turns = sum(
         label != -100 and (i == 0 or labels[i - 1] == -100) for i, label in enumerate(labels)
     )
     if turns > 1:  # a chat of several answers: one text, in order, reads better than two parts
-        text = Text()
-        for token, label in zip(example["input_ids"], labels, strict=True):
-            piece = tokenizer.decode([token]).replace("\n", "\\n")
-            text.append(piece, style="dim" if label == -100 else "bold green")
-            text.append("|", style="dim blue")
         console.print(
             f"one chat, {len(labels)} tokens: {turns} assistant turns trained (green), the rest "
             "label -100 (dim: given to the model, not trained):"
         )
-        console.print(text)
+        console.print(tokens(0, len(ids)))
         return
-    parts = {"prompt": Text(), "trained": Text()}
-    for token, label in zip(example["input_ids"], example["labels"], strict=True):
-        part = "prompt" if label == -100 else "trained"
-        piece = tokenizer.decode([token]).replace("\n", "\\n")
-        style = "dim" if part == "prompt" else "bold green"
-        parts[part].append(piece, style=style)
-        parts[part].append("|", style="dim blue")
-    n_prompt = sum(1 for label in example["labels"] if label == -100)
-    n_trained = len(example["labels"]) - n_prompt
+    n_prompt = labels.count(-100)  # one answer: the prompt, then what is trained
     console.print(f"prompt, {n_prompt} tokens, label -100 (given to the model, not trained):")
-    console.print(parts["prompt"])
-    console.print(f"trained, {n_trained} tokens: the answer and its end-of-turn token:")
-    console.print(parts["trained"])
+    console.print(tokens(0, n_prompt))
+    console.print(f"trained, {len(ids) - n_prompt} tokens: the answer and its end-of-turn token:")
+    console.print(tokens(n_prompt, len(ids)))
 
 
 def show_token_counts(train_rows: list[dict]) -> int:
@@ -1738,50 +1733,33 @@ def preset(name: str) -> dict | None:
 
 # Known shapes of the models this tutorial talks about, so a dry run can size them without
 # downloading anything. Values are from each model's config.json on the Hugging Face Hub.
+# fmt: off
 PRESETS = {
     "smollm2-135m": {
         "id": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "license": "Apache-2.0",
         "config": {
-            "model_type": "llama",
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 30,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "vocab_size": 49152,
-            "max_position_embeddings": 8192,
-            "tie_word_embeddings": True,
+            "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "vocab_size": 49152, "max_position_embeddings": 8192, "tie_word_embeddings": True,
         },
     },
     "llama2-7b": {
         "id": "meta-llama/Llama-2-7b-chat-hf",
         "license": "Llama 2 Community License (gated: accept it on the Hub, then set HF_TOKEN)",
         "config": {
-            "model_type": "llama",
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 32,
-            "vocab_size": 32000,
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": False,
+            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False,
         },
     },
     "llama2-13b": {
         "id": "meta-llama/Llama-2-13b-chat-hf",
         "license": "Llama 2 Community License (gated: accept it on the Hub, then set HF_TOKEN)",
         "config": {
-            "model_type": "llama",
-            "hidden_size": 5120,
-            "intermediate_size": 13824,
-            "num_hidden_layers": 40,
-            "num_attention_heads": 40,
-            "num_key_value_heads": 40,
-            "vocab_size": 32000,
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": False,
+            "model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824,
+            "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+            "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False,
         },
     },
     # A base model: no chat template, so the fallback template below is used. Its config has
@@ -1790,37 +1768,24 @@ PRESETS = {
         "id": "google/gemma-3-270m",
         "license": "Gemma Terms of Use (gated: accept them on the Hub, then set HF_TOKEN)",
         "config": {
-            "model_type": "gemma3_text",
-            "hidden_size": 640,
-            "intermediate_size": 2048,
-            "num_hidden_layers": 18,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 256,
-            "vocab_size": 262144,
-            "max_position_embeddings": 32768,
-            "sliding_window": 512,
-            "tie_word_embeddings": True,
+            "model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048,
+            "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+            "head_dim": 256, "vocab_size": 262144, "max_position_embeddings": 32768,
+            "sliding_window": 512, "tie_word_embeddings": True,
         },
     },
     "mixtral-8x7b": {
         "id": "mistralai/Mixtral-8x7B-Instruct-v0.1",
         "license": "Apache-2.0",
         "config": {
-            "model_type": "mixtral",
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "num_local_experts": 8,
-            "num_experts_per_tok": 2,
-            "vocab_size": 32000,
-            "max_position_embeddings": 32768,
-            "tie_word_embeddings": False,
+            "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+            "max_position_embeddings": 32768, "tie_word_embeddings": False,
         },
     },
 }
+# fmt: on
 
 
 # =====================================================================================
@@ -2149,18 +2114,13 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TINY_CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
     "tie_word_embeddings": True,
     # Wider than the usual 0.02 so the tied output layer can make confident predictions at
     # all: with 0.02 a 64-wide model's logits stay near uniform and LoRA has little to move.
     "initializer_range": 0.1,
-}
+}  # fmt: skip
 
 
 # =====================================================================================
