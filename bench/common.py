@@ -91,7 +91,8 @@ def quiet():
     was = hl.console.quiet
     hl.console.quiet = True
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        # stdout too: in a log (not a terminal) the Trainer prints its log lines there
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         hl.console.quiet = was
