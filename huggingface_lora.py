@@ -83,8 +83,7 @@ from rich.text import Text
 APPROACH = "huggingface"
 # Small, Apache-2.0, has a chat template, and trains on a laptop CPU in minutes.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# The same system prompt as the OpenAI fine-tuning approach, so the two fine-tuned models are
-# compared on equal terms.
+# The OpenAI fine-tuning approach's system prompt too: the two tuned models compare fairly.
 SYSTEM_PROMPT = (
     "You are a patient, knowledgeable teacher. Answer the student's question correctly "
     "in one to three clear sentences."
@@ -136,30 +135,30 @@ class Config:
         None, "dropout on the adapter's input", float, 0, 1, below=True,
         shown=f"{LORA_DROPOUT:g}, 0 for mixture-of-experts models",
     )  # fmt: skip
-    target_modules: str = option(
+    target_modules: str = option(  # an adapter beside every linear layer, not a few
         "all-linear", "'all-linear' or comma-separated module names, e.g. q_proj,v_proj"
     )
-    load_in_4bit: bool = option(False, "QLoRA: 4-bit NF4 base (needs a CUDA GPU)")
+    load_in_4bit: bool = option(False, "QLoRA: a 4-bit NF4 base, for a big model (CUDA GPU)")
     # training
-    epochs: float = option(3.0, "passes over the pairs; more memorise", float, 0, above=True)
+    epochs: float = option(3.0, "passes over the pairs; many more memorise", float, 0, above=True)
     learning_rate: float | None = option(
         None, "the peak learning rate", float, 0, above=True,
         shown=f"{LEARNING_RATE:g}; tiny: {TINY_LEARNING_RATE:g}",
     )  # fmt: skip
     batch_size: int = option(4, "pairs per step: small enough for a laptop's memory", int, 1)
     grad_accum: int = option(1, "steps summed per update: a larger batch, same memory", int, 1)
-    max_length: int = option(512, "tokens; longer examples dropped, never cut (their end)", int, 8)
+    max_length: int = option(512, "tokens; longer pairs left out: a cut one loses its end", int, 8)
     eval_fraction: float = option(
         0.1, "share of train held out for eval loss (test stays unseen)", float, 0, 1, below=True
     )
     save_steps: int = option(50, "a checkpoint and an eval this often: what --resume uses", int, 1)
-    max_steps: int | None = option(None, "stop after N optimizer steps", int, 1)
-    activation_checkpointing: bool = option(False, "less memory (activations recomputed)")
-    resume: bool = option(False, "continue from the last checkpoint")
+    max_steps: int | None = option(None, "stop after N optimizer steps (a quick try)", int, 1)
+    activation_checkpointing: bool = option(False, "recompute activations: less memory, more time")
+    resume: bool = option(False, "continue from the last checkpoint instead of starting over")
     merge: bool = option(False, "also write a merged full model, for tools that know no LoRA")
     # answering
     max_new_tokens: int = option(128, "three sentences fit; a runaway answer stops here", int, 1)
-    gen_batch_size: int = option(8, "questions answered together (left-padded)", int, 1)
+    gen_batch_size: int = option(8, "questions answered together (left-padded)", int, 1)  # fewer steps
 
 
 def main(argv: list[str] | None = None) -> None:
