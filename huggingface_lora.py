@@ -158,7 +158,7 @@ class Config:
     merge: bool = option(False, "also write a merged full model, for tools that know no LoRA")
     # answering
     max_new_tokens: int = option(128, "three sentences fit; a runaway answer stops here", int, 1)
-    gen_batch_size: int = option(8, "questions answered together (left-padded)", int, 1)  # fewer steps
+    gen_batch_size: int = option(8, "questions answered at once (left-padded): fewer steps", int, 1)
 
 
 def main(argv: list[str] | None = None) -> None:
