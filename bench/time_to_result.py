@@ -94,11 +94,7 @@ def plans(model: str, small: bool, cwd: Path) -> dict[str, list]:
         ),
     ]
     cmp_dir = Path("outputs/compare")
-    if model == "tiny":
-        base = cmp_dir / "huggingface" / "tiny-base"
-    else:
-        kind, source = common.hl.resolve_model(model)
-        base = cmp_dir / "huggingface" / "gguf" / Path(source).stem if kind == "gguf" else model
+    base = common.hl.resolve_model(model).base(common.hl.Config(output_dir=cmp_dir))
     lora = ["--max-steps", "4", "--test-limit", "4"] if small else []
     dspy = ["--train-limit", "4", "--test-limit", "4", "--max-tokens", "128"] if small else []
     if model == "tiny":  # random weights never write DSPy's format: compile without calls

@@ -60,8 +60,8 @@ def run_ours(cfg, formatted) -> tuple[dict, object]:
     with common.quiet(), common.instrumented(record, {}):
         plan = hl.configure_model(cfg, formatted)
         tuned = hl.tune(cfg, formatted, plan)
-    trained = sum(sum(label != -100 for label in r["labels"]) for r in formatted["train_rows"])
-    return {"record": record, "trained_tokens": trained}, tuned["model"]
+    trained = sum(sum(label != -100 for label in r["labels"]) for r in formatted.train_rows)
+    return {"record": record, "trained_tokens": trained}, tuned.model
 
 
 def run_trl(cfg, formatted, source: str, padding_free: bool) -> tuple[dict, object]:
@@ -70,13 +70,13 @@ def run_trl(cfg, formatted, source: str, padding_free: bool) -> tuple[dict, obje
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    system_in_user = formatted["generation"]["system_in_user"]
+    system_in_user = formatted.generation["system_in_user"]
     pairs = [
         {
             "prompt": hl.chat(e["question"], None, system_in_user),
             "completion": [{"role": "assistant", "content": e["answer"]}],
         }
-        for e in formatted["train_part"]
+        for e in formatted.train_part
     ]
     tokenizer = AutoTokenizer.from_pretrained(source)
     hl.ensure_chat_template(tokenizer)
@@ -84,7 +84,7 @@ def run_trl(cfg, formatted, source: str, padding_free: bool) -> tuple[dict, obje
     dropout = hl.Config().lora_dropout
     dropout = 0.05 if dropout is None else dropout
     # The script's learning rate: 2e-4, or 1e-2 for the tiny random model.
-    plan_lr = cfg.learning_rate or (1e-2 if formatted["kind"] == "tiny" else 2e-4)
+    plan_lr = cfg.learning_rate or (1e-2 if isinstance(formatted.source, hl.TinyModel) else 2e-4)
     args = SFTConfig(
         output_dir=str(cfg.output_dir / "trl"),
         max_steps=cfg.max_steps,
@@ -146,9 +146,9 @@ def one_arm(arm: str, model_name: str, output_dir: Path, steps: int) -> dict:
         "padding": padding,
         "train_seconds": record.ended - record.began,
         "peak_rss": common.peak_rss_bytes(),
-        "heldout_loss": heldout_loss(model, formatted["eval_rows"]),
+        "heldout_loss": heldout_loss(model, formatted.eval_rows),
         "trained_tokens": int(measured["trained_tokens"]),
-        "examples": len(formatted["train_rows"]),
+        "examples": len(formatted.train_rows),
         "threads": torch.get_num_threads(),
     }
 

@@ -432,7 +432,7 @@ def test_a_template_without_a_system_role_gets_the_instructions_in_the_question(
 # ---------------------------------------------------------------------------- estimates
 def test_preset_sizes_match_the_published_parameter_counts(hf):
     def sizes(preset: str) -> dict:
-        config, _ = hf.model_config("hub", hf.PRESETS[preset]["id"], None, run=False)
+        config, _ = hf.resolve_model(preset).config(hf.Config(), None)
         return hf.size_model(config, hf.Config(), dropout=0.05)
 
     smol, llama = sizes("smollm2-135m"), sizes("llama2-7b")
@@ -446,7 +446,7 @@ def test_preset_sizes_match_the_published_parameter_counts(hf):
 
 def test_stage_3_names_what_sits_outside_nn_linear_for_each_kind_of_model(hf):
     def outside(preset: str) -> str:
-        config, _ = hf.model_config("hub", hf.PRESETS[preset]["id"], None, run=False)
+        config, _ = hf.resolve_model(preset).config(hf.Config(), None)
         sizes = hf.size_model(config, hf.Config(), dropout=0.0)
         assert sizes["quantizable"] < 0.5 * sizes["total"]  # the case the warning is for
         return hf.unquantized_text(sizes)
@@ -483,6 +483,30 @@ def test_qlora_settings_are_nf4_double_quantized_and_refused_without_cuda(hf, ru
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert re.match(r"error: --load-in-4bit needs a CUDA GPU", result.stderr)
+
+
+# ---------------------------------------------------------------------------- settings
+def test_each_setting_is_written_once_and_help_shows_its_flag_help_and_default(
+    hf, capsys, monkeypatch
+):
+    """Config is the one place of each default and help: --help is built from it."""
+    from dataclasses import fields
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a help text
+    with pytest.raises(SystemExit) as done:
+        hf.parse_config(["--help"])
+    assert done.value.code == 0
+    # One block a flag: its name (and metavar), then its help, on one line or the next.
+    options = capsys.readouterr().out.split("\n\nexamples:")[0]
+    blocks = [" ".join(b.split()) for b in re.split(r"\n  (?=--)", options)]
+    for spec in fields(hf.Config):
+        flag = "--" + spec.name.replace("_", "-")
+        (text,) = [b for b in blocks if b.split()[0] == flag]
+        assert spec.metadata["help"] in text, text
+        default = spec.metadata["shown"] or spec.default
+        if default not in (None, False):
+            assert text.endswith(f"{spec.metadata['help']} (default: {default})"), text
+    assert hf.Config().seed == 42 and hf.Config().lora_dropout is None  # built with no arguments
 
 
 # ---------------------------------------------------------------------------- bad input
