@@ -2533,30 +2533,13 @@ OTHER_SPELLINGS = {
 }
 
 
-def setting(default, help: str, *, check=None, choices=None, metavar=None, shown=None):
-    """A Config field and its command-line flag in one place: the default, the help, the check.
-
-    `check` reads and checks the flag's text (number(int, 1), path_arg, ...; by default from the
-    field's type); `shown` is the default as --help says it when the field's own default is
-    worked out later from other settings (None in the field).
-    """
-    return field(
-        default=default,
-        metadata={
-            "help": help,
-            "check": check,
-            "choices": choices,
-            "metavar": metavar,
-            "shown": shown,
-        },
-    )
-
-
 def build_command_line(
     settings: type, *, prog: str, description: str, examples: str
 ) -> CommandLine:
-    """The command line of a settings dataclass: a --flag-name for each field made with setting(),
-    its help ending with its default, abbreviations refused (--epoch is not --epochs)."""
+    """The command line of a settings dataclass: a --flag-name for each field whose metadata has a
+    "help" (each script's option()), the help ending with the default, abbreviations refused
+    (--epoch is not --epochs), and a "check" that reads the flag's text (by default, from the
+    field's type)."""
     parser = CommandLine(
         prog=prog,
         description=description,

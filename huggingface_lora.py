@@ -95,8 +95,13 @@ TINY_LEARNING_RATE = 1e-2  # a random 64-wide model needs much larger steps to l
 
 
 def option(default, help: str, *limits, check=None, above=False, below=False, **flag):
-    """setting(default, help, check=number(*limits), ...) of the shared helpers at the end of the
-    file, which are defined after Config is built: so the check is made when a flag is read."""
+    """A Config field that is also a command-line flag: its default, help and check in one place.
+
+    `limits` are number()'s (kind, low, high): the shared helpers at the end of the file define
+    number(), after Config is built, so the check looks it up when a flag is read. `flag` holds
+    argparse's choices and metavar, and `shown`: the default as --help says it, when the field's
+    own (None) is worked out later from other settings. build_command_line() reads them all.
+    """
     if limits:
         check = lambda text: number(*limits, above=above, below=below)(text)  # noqa: E731
     meta = {"help": help, "check": check, "choices": None, "metavar": None, "shown": None}
@@ -2390,30 +2395,13 @@ OTHER_SPELLINGS = {
 }
 
 
-def setting(default, help: str, *, check=None, choices=None, metavar=None, shown=None):
-    """A Config field and its command-line flag in one place: the default, the help, the check.
-
-    `check` reads and checks the flag's text (number(int, 1), path_arg, ...; by default from the
-    field's type); `shown` is the default as --help says it when the field's own default is
-    worked out later from other settings (None in the field).
-    """
-    return field(
-        default=default,
-        metadata={
-            "help": help,
-            "check": check,
-            "choices": choices,
-            "metavar": metavar,
-            "shown": shown,
-        },
-    )
-
-
 def build_command_line(
     settings: type, *, prog: str, description: str, examples: str
 ) -> CommandLine:
-    """The command line of a settings dataclass: a --flag-name for each field made with setting(),
-    its help ending with its default, abbreviations refused (--epoch is not --epochs)."""
+    """The command line of a settings dataclass: a --flag-name for each field whose metadata has a
+    "help" (each script's option()), the help ending with the default, abbreviations refused
+    (--epoch is not --epochs), and a "check" that reads the flag's text (by default, from the
+    field's type)."""
     parser = CommandLine(
         prog=prog,
         description=description,

@@ -126,3 +126,16 @@ def test_no_shared_helper_takes_the_name_of_one_of_the_scripts_own(script):
         names |= {t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)}
         (own if node.lineno < banner_line else shared).update(names)
     assert not own & shared, f"defined in the script and again in the shared block: {own & shared}"
+
+
+def test_option_is_the_same_text_in_the_three_scripts():
+    """Config's option() must come before Config, so it cannot live in the shared block at the
+    end; it is shared all the same, word for word."""
+
+    def option(script: str) -> str:
+        node = functions(script)["option"]
+        return "\n".join(source(script).splitlines()[node.lineno - 1 : node.end_lineno])
+
+    first, *others = SCRIPTS
+    for script in others:
+        assert option(script) == option(first), f"{script}'s option() differs from {first}'s"
