@@ -2768,9 +2768,10 @@ ROWS = {
 def short_model(name: str) -> str:
     """A model as a label: the last part of a path or hub id, without a note or quantization.
 
-    "smollm2-offline (SmolLM2-135M-Instruct.Q4_1.gguf)" names its file in the note: that wins.
+    A note that names the model wins: "smollm2-offline (HuggingFaceTB/SmolLM2-135M-Instruct,
+    Q4_1 GGUF ...)" is SmolLM2-135M-Instruct, as is the folder "SmolLM2-135M-Instruct.Q4_1".
     """
-    note = re.search(r"\(([^()]*\.gguf)\)$", str(name))
+    note = re.search(r"\(([\w.-]+/[\w.-]+|[\w.-]+\.gguf)[,)]", str(name))
     name = note.group(1) if note else re.sub(r"\s*\(.*\)$", "", str(name)).rstrip("/")
     name = re.sub(r"-\d{4}-\d{2}-\d{2}$", "", re.split(r"[/\\]", name)[-1])  # a snapshot's date
     return re.sub(r"\.(Q\d\w*|F16|F32|BF16)(\.gguf)?$|\.gguf$", "", name, flags=re.IGNORECASE)
