@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
 # =====================================================================================
 
 
-def prepare_data(cfg: Config) -> dict:
+def prepare_data(cfg: Config) -> Data:
     stage(1, "prepare_data", "Load the question/answer pairs, check them, split train and test.")
     examples = load_examples(cfg.data)
     train = take(examples, "train", cfg.train_limit)
@@ -141,10 +141,10 @@ def prepare_data(cfg: Config) -> dict:
         f"10 to 50). The {len(test)} test pairs are never shown to it: they only score the result."
     )
     # All of them, not only --train-limit's: the fine-tuning data stage 4 writes uses every pair.
-    return {"train": train, "test": test, "train_all": take(examples, "train", None)}
+    return Data(train, test, train_all=take(examples, "train", None))
 
 
-def format_data(cfg: Config, data: dict) -> Formatted:
+def format_data(cfg: Config, data: Data) -> Formatted:
     stage(2, "format_data", "Turn each pair into a dspy.Example; show the exact prompt DSPy sends.")
     import dspy
 
@@ -152,8 +152,8 @@ def format_data(cfg: Config, data: dict) -> Formatted:
         example = dspy.Example(question=row["question"], answer=row["answer"])
         return example.with_inputs("question")  # the answer is the label, never an input
 
-    trainset = [to_example(row) for row in data["train"]]
-    testset = [to_example(row) for row in data["test"]]
+    trainset = [to_example(row) for row in data.train]
+    testset = [to_example(row) for row in data.test]
     signature = teacher_signature()
     # --program: Predict asks for the answer; ChainOfThought adds a `reasoning` field before it.
     baseline = build_program(cfg.program, signature)
@@ -165,7 +165,7 @@ def format_data(cfg: Config, data: dict) -> Formatted:
     first = testset[0]
     messages = adapter.format(predict_signature, demos=[], inputs={"question": first.question})
     console.print(
-        f"\nThe exact prompt the baseline sends for test question {data['test'][0]['id']} "
+        f"\nThe exact prompt the baseline sends for test question {data.test[0]['id']} "
         "(ChatAdapter.format, no LM call):"
     )
     print_prompt(messages)
@@ -182,7 +182,7 @@ def format_data(cfg: Config, data: dict) -> Formatted:
         prompt_tokens,
         reply_tokens,
         loaded,
-        data["train_all"],
+        data.train_all,
     )
 
 
@@ -232,53 +232,51 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
     return plan
 
 
-def tune(cfg: Config, formatted: Formatted, plan: Plan):
+def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
     stage(4, "tune", "Compile: the optimizer picks the demos (MIPROv2 also rewrites instructions).")
     import dspy
 
-    original = formatted.signature.instructions
     if formatted.loaded is not None:
         console.print(f"--load {cfg.load}: using this compiled program; nothing to compile.")
-        show_program(formatted.loaded, original, cfg.metric_threshold)
-        plan.demos = len(predictor(formatted.loaded).demos)
-        if cfg.run and not cfg.ask:
-            export_finetune_data(cfg, formatted, formatted.loaded)
-        return formatted.loaded
-    compile_calls = next(phase.calls for phase in plan.phases if phase.name == "compile")
-    console.print(describe_optimizer(cfg, compile_calls=compile_calls))
-    if not cfg.run:
-        console.print(f"dry run: would compile and save the program to {cfg.program_path}")
-        return None
-
-    student = build_program(cfg.program, formatted.signature)
-    before = history_ids()
-    plan.phase = "compile"
-    try:
-        with dspy_parallel_in_daemon_threads():  # Ctrl-C waits for no call in flight
-            program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
-    except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
-        raise ServiceError(
-            f"{cfg.model} answered MIPROv2's instruction proposer in a form DSPy could not "
-            "read; try a stronger model or another --optimizer. "
-            f"Kept: {kept_note(cfg, plan)}"
-        ) from None
-    except Exception as exc:
-        # DSPy's parallel evaluator (random search, MIPROv2) gives up after max_errors failed
-        # calls with a plain Exception; DSPy logged each failure just above.
-        if "Execution cancelled" not in str(exc):
-            raise
-        raise why_the_optimizer_stopped(cfg, plan) from None
-    plan.actual["compile"] = tally_since(before)
-    say_replies(cfg, plan, "compile")
-    save_program(program, cfg.program_path)
-    console.print(f"saved the compiled program to {cfg.program_path} (reuse it with --load)")
-    show_program(program, original, cfg.metric_threshold)
-    plan.demos = len(predictor(program).demos)
-    export_finetune_data(cfg, formatted, program)  # the weights' half of "prompt and weights"
-    return program
+        tuned = Tuned(formatted.loaded, cfg.load)
+    else:
+        compile_calls = next(phase.calls for phase in plan.phases if phase.name == "compile")
+        console.print(describe_optimizer(cfg, compile_calls=compile_calls))
+        if not cfg.run:
+            console.print(f"dry run: would compile and save the program to {cfg.program_path}")
+            return None
+        student = build_program(cfg.program, formatted.signature)
+        before = history_ids()
+        plan.phase = "compile"
+        try:
+            with dspy_parallel_in_daemon_threads():  # Ctrl-C waits for no call in flight
+                program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
+        except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
+            raise ServiceError(
+                f"{cfg.model} answered MIPROv2's instruction proposer in a form DSPy could not "
+                f"read; try a stronger model or another --optimizer. Kept: {kept_note(cfg, plan)}"
+            ) from None
+        except Exception as exc:
+            # DSPy's parallel evaluator (random search, MIPROv2) gives up after max_errors failed
+            # calls with a plain Exception; DSPy logged each failure just above.
+            if "Execution cancelled" not in str(exc):
+                raise
+            raise why_the_optimizer_stopped(cfg, plan) from None
+        plan.actual["compile"] = tally_since(before)
+        say_replies(cfg, plan, "compile")
+        save_program(program, cfg.program_path)
+        console.print(f"saved the compiled program to {cfg.program_path} (reuse it with --load)")
+        tuned = Tuned(program, cfg.program_path)
+    show_program(tuned.program, formatted.signature.instructions, cfg.metric_threshold)
+    plan.demos = len(predictor(tuned.program).demos)
+    if cfg.run and not cfg.ask:
+        export_finetune_data(cfg, formatted, tuned.program)  # the weights' half of "both levers"
+    return tuned
 
 
-def answer(cfg: Config, data: dict, formatted: Formatted, plan: Plan, tuned) -> list[dict] | None:
+def answer(
+    cfg: Config, data: Data, formatted: Formatted, plan: Plan, tuned: Tuned | None
+) -> Answers | None:
     stage(5, "answer", "Answer the held-out questions: the plain model, uncompiled and compiled.")
     import dspy
 
@@ -295,7 +293,7 @@ def answer(cfg: Config, data: dict, formatted: Formatted, plan: Plan, tuned) -> 
 
     baseline = build_program(cfg.program, formatted.signature)
     programs = {"plain": build_program("predict", formatted.signature), "baseline": baseline}
-    programs["tuned"] = tuned
+    programs["tuned"] = tuned.program
     replies = {}
     with base_model_served(cfg, plan):  # --base-model: the plain model and the baseline run on it
         for name in phases:
@@ -304,18 +302,19 @@ def answer(cfg: Config, data: dict, formatted: Formatted, plan: Plan, tuned) -> 
                 settings["adapter"] = plain_prompt_adapter()
             replies[name] = answer_phase(cfg, plan, name, programs[name], formatted, settings)
 
-    answers = []
-    for i, row in enumerate(data["test"]):
-        answers.append(
-            {"id": row["id"], "question": row["question"], "reference": row["answer"]}
-            | {name: replies[name][i]["answer"] for name in phases}
-            | {"tuned_reasoning": replies["tuned"][i]["reasoning"]}
-        )
+    questions = [
+        {"id": row["id"], "question": row["question"], "reference": row["answer"]}
+        | {name: replies[name][i]["answer"] for name in phases}
+        for i, row in enumerate(data.test)
+    ]
+    answers = Answers(questions, [reply["reasoning"] for reply in replies["tuned"]])
     show_answers(cfg, answers)
     return answers
 
 
-def compare(cfg: Config, plan: Plan, tuned, answers: list[dict] | None, seconds: float) -> None:
+def compare(
+    cfg: Config, plan: Plan, tuned: Tuned | None, answers: Answers | None, seconds: float
+) -> None:
     stage(
         6,
         "compare",
@@ -336,8 +335,8 @@ def compare(cfg: Config, plan: Plan, tuned, answers: list[dict] | None, seconds:
     result = write_results(
         cfg.output_dir,
         model=served_label(cfg.serve) if cfg.serve else cfg.model,
-        tuned_model=f"{cfg.model} + {cfg.program_path if cfg.load is None else cfg.load}",
-        questions=answers,
+        tuned_model=f"{cfg.model} + {tuned.path}",
+        questions=answers.questions,
         cost_usd=cost,
         seconds=seconds,
         decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "stop": stop},
@@ -578,7 +577,16 @@ class Config:
 # How each stage does it
 # =====================================================================================
 
-# ----- Stage 1 · prepare_data: the folders a run writes to, the counts by subject
+# ----- Stage 1 · prepare_data: the pairs, the folders a run writes to, the counts by subject
+
+
+@dataclass
+class Data:
+    """Stage 1's pairs, as load_examples() reads them: id, subject, question, answer, split."""
+
+    train: list[dict]  # the first --train-limit train pairs: all the optimizer sees
+    test: list[dict]  # the first --test-limit test pairs: they only score the result
+    train_all: list[dict]  # every train pair: the fine-tuning data stage 4 writes
 
 
 def check_output_dirs(cfg: Config) -> None:
@@ -799,13 +807,13 @@ def print_prompt(messages: list[dict]) -> None:
 
 
 def estimate_tokens(
-    cfg: Config, data: dict, adapter, predict_signature, trainset, testset, loaded
+    cfg: Config, data: Data, adapter, predict_signature, trainset, testset, loaded
 ) -> tuple[dict[str, int], int]:
     """Tokens per call of each phase, and of a reply; print them, and warn of any too long.
 
     Counted on the prompts ChatAdapter writes, with LiteLLM's token counter: no LM call.
     """
-    train, first = data["train"], testset[0]
+    train, first = data.train, testset[0]
     zero_shot = [
         count_tokens(cfg.model, adapter.format(predict_signature, [], {"question": ex.question}))
         for ex in testset
@@ -847,7 +855,7 @@ def estimate_tokens(
     sent = {"baseline", "tuned"} | ({"compile"} if compiles else set())
     report_long_prompts(
         cfg.model,
-        data["test"],
+        data.test,
         zero_shot,
         {phase: n for phase, n in prompt_tokens.items() if phase in sent},
         [] if loaded is not None else train[: len(demos)],
@@ -1594,6 +1602,14 @@ def local_server_stopped_at_the_end():
 # ----- Stage 4 · tune: the optimizer, its metric, the compiled program
 
 
+@dataclass
+class Tuned:
+    """Stage 4's result: the compiled program, and the file it was saved to or loaded from."""
+
+    program: object
+    path: Path
+
+
 def rouge_metric(example, prediction, trace=None) -> float:
     """The optimizer's metric: the shared ROUGE-L, on the 0-1 scale DSPy's optimizers use.
 
@@ -1898,6 +1914,15 @@ def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
 # ----- Stage 5 · answer: the plain model, the mark every approach shares
 
 
+@dataclass
+class Answers:
+    """Stage 5's answers: a row per test question with its id, question, reference and the
+    answer of each phase (plain, baseline, tuned), as write_results() scores them."""
+
+    questions: list[dict]
+    tuned_reasoning: list[str]  # the compiled program's reasoning (ChainOfThought), per row
+
+
 def plain_messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
@@ -2093,17 +2118,19 @@ def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
     return results
 
 
-def show_answers(cfg: Config, answers: list[dict]) -> None:
+def show_answers(cfg: Config, answers: Answers) -> None:
     """Stage 5's last words: your question's two answers (--ask), and the tuned reasoning."""
     if cfg.ask:
-        row = answers[0]
+        row = answers.questions[0]
         console.print(f"question: {row['question']}", markup=False)
         console.print(f"baseline: {row['baseline']}", markup=False)
         console.print(f"tuned:    {row['tuned']}", markup=False)
     else:
-        console.print(f"answered {len(answers)} test questions twice; stage 6 scores them")
-    console.print(f"the compiled program's reasoning for {answers[0]['id']}:")
-    console.print(f"  {answers[0]['tuned_reasoning']}", markup=False)
+        console.print(
+            f"answered {len(answers.questions)} test questions twice; stage 6 scores them"
+        )
+    console.print(f"the compiled program's reasoning for {answers.questions[0]['id']}:")
+    console.print(f"  {answers.tuned_reasoning[0]}", markup=False)
 
 
 # ----- Stage 6 · compare: what was sent and spent, what was read, the command for a real run
@@ -2205,7 +2232,7 @@ def ask(cfg: Config) -> None:
     stage(1, "prepare_data", "Load the question/answer pairs, check them, split train and test.")
     console.print("--ask: no data needed; the demos come from the saved program.")
     row = {"id": "ask", "subject": "yours", "question": cfg.ask.strip(), "answer": ""}
-    data = {"train": [], "test": [{**row, "split": "test"}], "train_all": []}
+    data = Data(train=[], test=[{**row, "split": "test"}], train_all=[])
     import_dspy()
     formatted = format_data(cfg, data)
     with local_server_stopped_at_the_end():
