@@ -26,8 +26,10 @@ How to run it
     python dspy_example.py --run --ask "Why is the sky blue?"   # ask the compiled program
 
 How to read it
-    main() is the table of contents; below the stages, their helpers stage by stage, then the
-    optional parts, --ask, the reference tables and the command line.
+    main() is the table of contents, then the six stages, then Config: every setting with its
+    default and help (the command line is built from it). Below them, the helpers stage by
+    stage; then the optional parts, each a section a copy can delete (the estimates, a local
+    server, a Ctrl-C that waits for nothing); --ask, the reference tables, the command line.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from rich.table import Table
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 # =====================================================================================
-# Settings: the defaults, each written once (Config, after the six stages, holds them all)
+# Settings: the defaults Config is built from (Config itself comes after the six stages)
 # =====================================================================================
 
 APPROACH = "dspy"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
@@ -87,11 +89,17 @@ LOCAL_MAX_TOKENS = 128
 HOSTED_THREADS = 8  # parallel calls a hosted API (or vLLM, Ollama) serves at once
 SERVE_THREADS = 1  # `transformers serve` writes one reply at a time: more only queue (LocalServer)
 
-# The program, and the adapter that writes its prompt, chosen by measurement (PROGRAMS,
-# bench/dspy_program.py): a hosted model follows ChatAdapter's format; a small one on your own
+# The program, and the adapter that writes its prompt and reads its reply, chosen by measurement
+# (bench/dspy_program.py): a hosted model follows ChatAdapter's format; a small one on your own
 # machine (--serve, a local provider or --api-base) needs the plain-reply adapter.
-PROGRAMS = ("predict", "cot")  # dspy.Predict, dspy.ChainOfThought (a reasoning, then the answer)
-ADAPTERS = ("chat", "chat-no-retry", "chat-plain", "json", "xml")
+PROGRAMS = {"predict": "dspy.Predict", "cot": "dspy.ChainOfThought"}  # cot: reasoning, answer
+ADAPTERS = {  # how each asks the model to lay out its reply (build_adapter, say_replies)
+    "chat": "ChatAdapter's [[ ## field ## ]] sections, with DSPy's JSON retry",
+    "chat-no-retry": "ChatAdapter's [[ ## field ## ]] sections, no retry",
+    "chat-plain": "ChatAdapter's sections, or a plain reply read as the answer",
+    "json": "JSONAdapter: a JSON object",
+    "xml": "XMLAdapter: <field> tags, with DSPy's JSON retry",
+}
 HOSTED_PROGRAM, HOSTED_ADAPTER = "cot", "chat"
 LOCAL_PROGRAM, LOCAL_ADAPTER = "predict", "chat-plain"
 OPTIMIZERS = ("bootstrap", "random-search", "mipro", "labeled")  # OPTIMIZER_DESCRIPTIONS says
@@ -103,17 +111,14 @@ SYSTEM_PROMPT = (
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The table of contents: the six stages in order, unless --ask asks for one answer."""
+    """The table of contents: the six stages in order (with --ask, on your one question)."""
     cfg = parse_config(argv)
     check_output_dirs(cfg)  # in a dry run too: the real run must not find out late
     load_env_file()
-    if cfg.ask:
-        ask(cfg)
-        return
-    data = prepare_data(cfg)
+    data = ask(cfg) if cfg.ask else prepare_data(cfg)
     import_dspy()
     formatted = format_data(cfg, data)
-    with local_server_stopped_at_the_end():  # with --serve, a real run starts one in stage 3
+    with local_server_stopped_at_the_end():  # --serve: a real run starts one in stage 3
         plan = configure_model(cfg, formatted)
         started = time.monotonic()  # the results record the time of stages 4 to 6
         with lm_errors_explained(cfg, plan):
@@ -156,34 +161,23 @@ def format_data(cfg: Config, data: Data) -> Formatted:
     testset = [to_example(row) for row in data.test]
     signature = teacher_signature()
     # --program: Predict asks for the answer; ChainOfThought adds a `reasoning` field before it.
-    baseline = build_program(cfg.program, signature)
-    predict_signature = predictor(baseline).signature
+    predict_signature = predictor(build_program(cfg.program, signature)).signature
     adapter = build_adapter(cfg.adapter)  # --adapter: writes the prompt, reads the reply
     show_example((trainset or testset)[0], predict_signature)
     show_program_choice(cfg)
 
-    first = testset[0]
-    messages = adapter.format(predict_signature, demos=[], inputs={"question": first.question})
+    first = data.test[0]
+    messages = adapter.format(predict_signature, demos=[], inputs={"question": first["question"]})
     console.print(
-        f"\nThe exact prompt the baseline sends for test question {data.test[0]['id']} "
+        f"\nThe exact prompt the baseline sends for test question {first['id']} "
         "(ChatAdapter.format, no LM call):"
     )
     print_prompt(messages)
 
     loaded = load_program(cfg.load, cfg.program, signature) if cfg.load else None
-    prompt_tokens, reply_tokens = estimate_tokens(
-        cfg, data, adapter, predict_signature, trainset, testset, loaded
-    )
-    return Formatted(
-        trainset,
-        testset,
-        signature,
-        adapter,
-        prompt_tokens,
-        reply_tokens,
-        loaded,
-        data.train_all,
-    )
+    formatted = Formatted(trainset, testset, signature, adapter, loaded, data.train_all)
+    estimate_tokens(cfg, data, formatted)  # estimates: tokens per call of each phase
+    return formatted
 
 
 def configure_model(cfg: Config, formatted: Formatted) -> Plan:
@@ -191,28 +185,21 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
         3, "configure_model", "Pick the LM, check its key, estimate calls and cost before sending."
     )
     provider = provider_of(cfg.model, cfg.api_base)
-    key_variable = key_variable_for(cfg, provider)
-    server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log") if cfg.serve else None
-    show_settings(cfg, provider, key_variable, server)
-
-    phases = plan_phases(cfg, formatted)
-    if cfg.serve is not None:
-        check_serve(cfg, phases)
-    price = (0.0, 0.0) if cfg.serve is not None else price_per_token(cfg.model)
-    estimate = None if price is None else sum(phase_cost(phase, price) or 0 for phase in phases)
-    show_estimate(cfg, phases, price, estimate)
-    plan = Plan(phases, price, estimate, key_variable)
-
+    plan = Plan(key_variable=key_variable_for(cfg, provider))
+    if cfg.serve is not None:  # --serve: the server to start, not started yet
+        plan.server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log")
+    show_settings(cfg, provider, plan)
+    estimate_calls(cfg, formatted, plan)  # estimates: calls, tokens and USD of each phase
+    if plan.server is not None:
+        check_serve(cfg, plan)  # --serve: the prompts fit the model, the server can run here
     if not cfg.run:
-        if server is not None:
-            console.print(f"dry run: would start `{server.command()}`; nothing is started.")
         console.print("dry run: no LM client is built and nothing is sent.")
         return plan
 
     # The guard: everything below spends money, so check it all before the first request.
-    check_before_sending(cfg, plan, server)
-    if server is not None:
-        start_server(cfg, plan, server)
+    check_before_sending(cfg, plan)
+    if plan.server is not None:
+        start_server(cfg, plan)  # --serve: stopped when the run ends
     import dspy
 
     # DSPy caches every call on disk, keyed on the model and the messages but NOT on api_base:
@@ -222,10 +209,10 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
         dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     else:
         dspy.configure_cache(disk_cache_dir=str(cfg.cache_dir))
-    lm = build_lm(cfg, cfg.model, client_settings(cfg, key_variable, server))  # api_base, key
-    plan.base_lm = lm
-    if cfg.base_model is not None and cfg.serve is None:  # with --serve: in stage 5
-        plan.base_lm = build_lm(cfg, cfg.base_model, client_settings(cfg, key_variable, server))
+    client = client_settings(cfg, plan)  # api_base, key
+    plan.base_lm = lm = build_lm(cfg, cfg.model, client)
+    if cfg.base_model is not None and plan.server is None:  # with --serve: in stage 5
+        plan.base_lm = build_lm(cfg, cfg.base_model, client)
     callback = watch_lm_errors(plan, formatted.adapter)
     dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[callback])
     console.print(f"built dspy.LM({cfg.model!r}, engine={cfg.engine!r}); key passed, not shown")
@@ -240,8 +227,7 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
         console.print(f"--load {cfg.load}: using this compiled program; nothing to compile.")
         tuned = Tuned(formatted.loaded, cfg.load)
     else:
-        compile_calls = next(phase.calls for phase in plan.phases if phase.name == "compile")
-        console.print(describe_optimizer(cfg, compile_calls=compile_calls))
+        console.print(describe_optimizer(cfg, len(formatted.trainset)))
         if not cfg.run:
             console.print(f"dry run: would compile and save the program to {cfg.program_path}")
             return None
@@ -249,7 +235,7 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
         before = history_ids()
         plan.phase = "compile"
         try:
-            with dspy_parallel_in_daemon_threads():  # Ctrl-C waits for no call in flight
+            with dspy_parallel_in_daemon_threads():  # interrupts: wait for no call in flight
                 program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
         except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
             raise ServiceError(
@@ -291,11 +277,13 @@ def answer(
         )
         return None
 
-    baseline = build_program(cfg.program, formatted.signature)
-    programs = {"plain": build_program("predict", formatted.signature), "baseline": baseline}
-    programs["tuned"] = tuned.program
+    programs = {
+        "plain": build_program("predict", formatted.signature),
+        "baseline": build_program(cfg.program, formatted.signature),
+        "tuned": tuned.program,
+    }
     replies = {}
-    with base_model_served(cfg, plan):  # --base-model: the plain model and the baseline run on it
+    with base_model_served(cfg, plan):  # --serve --base-model: the plain model and baseline's
         for name in phases:
             settings = {"lm": plan.base_lm if name != "tuned" else dspy.settings.lm}
             if name == "plain":
@@ -320,21 +308,24 @@ def compare(
         "compare",
         "Score both with ROUGE-L, write the results, compare with the other approaches.",
     )
+    if cfg.ask:
+        console.print("--ask writes no results: it answered your question only.")
+        return
     if answers is None:
         compare_results(cfg.output_dir, write=False)
         return
 
-    if cfg.serve is not None:  # your own machine: LiteLLM has no price for a folder, none is due
+    if plan.server is not None:  # --serve: LiteLLM has no price for a folder, none is due
         for actual in plan.actual.values():
             actual["cost_usd"] = 0.0
-    show_calls(plan)
+    show_calls(plan)  # estimates: estimated against actual, phase by phase
     cost = show_actual_cost(plan)
     replies = show_replies(cfg, plan)
 
     stop = stop_strings(cfg.adapter)
     result = write_results(
         cfg.output_dir,
-        model=served_label(cfg.serve) if cfg.serve else cfg.model,
+        model=model_label(cfg, None),
         tuned_model=f"{cfg.model} + {tuned.path}",
         questions=answers.questions,
         cost_usd=cost,
@@ -342,7 +333,7 @@ def compare(
         decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "stop": stop},
         # calls that ran to --max-tokens: one per answer, unless DSPy asked again in JSON
         cut={name: actual["cut_at_max_tokens"] for name, actual in plan.actual.items()},
-        plain_name=base_model_label(cfg),
+        plain_name=model_label(cfg, cfg.base_model),
         extra={
             "program": cfg.program,
             "adapter": cfg.adapter,
@@ -354,7 +345,7 @@ def compare(
             # answer of "" (scored 0; counted as unusable above for baseline and tuned)
             "unparsed": {name: tally["unparsed"] for name, tally in replies.items()},
             "replies": replies,
-            "server": plan.server.command() if plan.server else None,
+            "server": plan.server.command() if plan.server else None,  # --serve
         },
         name=cfg.results_name,
     )
@@ -368,7 +359,7 @@ def compare(
 
 
 # Python builds Config as it reads it, before the shared block at the end of the file defines
-# setting() and number(); these two stand in for them here (same field, same check).
+# setting() and number(): these two stand in for them (the same field, the same check later).
 def flag(default, help: str, **how):
     """setting(default, help, check=, choices=, metavar=, shown=): a field and its flag."""
     keys = ("check", "choices", "metavar", "shown")
@@ -447,10 +438,8 @@ class Config:
     )
     adapter: str = flag(
         "auto",
-        "chat: ChatAdapter with its JSON retry; chat-no-retry; chat-plain: ChatAdapter that reads "
-        "a reply without field markers as the answer, no retry; json: JSONAdapter; xml: "
-        f"XMLAdapter. auto: {LOCAL_ADAPTER} for a model on this machine, {HOSTED_ADAPTER} for a "
-        "hosted one",
+        "; ".join(f"{name}: {how}" for name, how in ADAPTERS.items())
+        + f"; auto: {LOCAL_ADAPTER} for a model on this machine, {HOSTED_ADAPTER} for a hosted one",
         choices=("auto", *ADAPTERS),
     )
     base_model: str | None = flag(
@@ -577,6 +566,7 @@ class Config:
 # How each stage does it
 # =====================================================================================
 
+
 # ----- Stage 1 · prepare_data: the pairs, the folders a run writes to, the counts by subject
 
 
@@ -629,7 +619,7 @@ def say_what_is_used(examples: list[dict]) -> None:
         )
 
 
-# ----- Stage 2 · format_data: the signature, the program, the prompt and its tokens
+# ----- Stage 2 · format_data: the signature, the program, the adapter, the prompt
 
 
 def import_dspy() -> None:
@@ -650,10 +640,10 @@ class Formatted:
     testset: list
     signature: type
     adapter: object
-    prompt_tokens: dict[str, int]  # mean tokens per call, by phase
-    reply_tokens: int  # estimated tokens per reply (reasoning + answer)
     loaded: object | None = None  # the compiled program from --load, if any
     finetune_rows: list = field(default_factory=list)  # every train pair, for export_finetune_data
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # estimates: per call, by phase
+    reply_tokens: int = 0  # estimates: tokens per reply (reasoning + answer)
 
 
 def teacher_signature():
@@ -766,8 +756,8 @@ def show_program_choice(cfg: Config) -> None:
     """Which program and adapter this run uses, and why (the --program/--adapter auto rule)."""
     where = "a model on this machine" if cfg.local else "a hosted model"
     console.print(
-        f"program: {PROGRAM_CLASSES[cfg.program]}, adapter: {cfg.adapter} "
-        f"({ADAPTER_FORMATS[cfg.adapter]}); auto picks {LOCAL_PROGRAM} + {LOCAL_ADAPTER} for a "
+        f"program: {PROGRAMS[cfg.program]}, adapter: {cfg.adapter} "
+        f"({ADAPTERS[cfg.adapter]}); auto picks {LOCAL_PROGRAM} + {LOCAL_ADAPTER} for a "
         f"model on this machine, {HOSTED_PROGRAM} + {HOSTED_ADAPTER} for a hosted one: this is "
         f"{where}"
     )
@@ -806,172 +796,21 @@ def print_prompt(messages: list[dict]) -> None:
     console.rule(style="dim")
 
 
-def estimate_tokens(
-    cfg: Config, data: Data, adapter, predict_signature, trainset, testset, loaded
-) -> tuple[dict[str, int], int]:
-    """Tokens per call of each phase, and of a reply; print them, and warn of any too long.
-
-    Counted on the prompts ChatAdapter writes, with LiteLLM's token counter: no LM call.
-    """
-    train, first = data.train, testset[0]
-    zero_shot = [
-        count_tokens(cfg.model, adapter.format(predict_signature, [], {"question": ex.question}))
-        for ex in testset
-    ]
-    prompt_tokens = {"baseline": round(sum(zero_shot) / len(zero_shot))}
-    plain = [count_tokens(cfg.model, plain_messages(ex.question)) for ex in testset]
-    prompt_tokens["plain"] = round(sum(plain) / len(plain))
-    if loaded is not None:
-        demos = predictor(loaded).demos
-        tuned_signature = predictor(loaded).signature
-        teacher_demos: list = []
-    else:
-        # Before compiling, the tuned prompt is approximated: the first training pairs as demos,
-        # the bootstrapped ones with a reasoning as long as their answer.
-        n_boot = 0 if cfg.optimizer == "labeled" else min(cfg.max_bootstrapped_demos, len(train))
-        n_demos = min(max(cfg.max_labeled_demos, n_boot), len(train))
-        cot = cfg.program == "cot"
-        demos = [
-            ex.copy(reasoning=ex.answer) if i < n_boot and cot else ex
-            for i, ex in enumerate(trainset[:n_demos])
-        ]
-        tuned_signature = predict_signature
-        # While bootstrapping, the teacher sees max_labeled_demos training pairs as demos.
-        teacher_demos = trainset[: min(cfg.max_labeled_demos, max(0, len(trainset) - 1))]
-    prompt_tokens["tuned"] = count_tokens(
-        cfg.model, adapter.format(tuned_signature, demos, {"question": first.question})
-    )
-    prompt_tokens["compile"] = count_tokens(
-        cfg.model, adapter.format(predict_signature, teacher_demos, {"question": first.question})
-    )
-    answers = [count_tokens(cfg.model, [{"role": "user", "content": r["answer"]}]) for r in train]
-    # A reply holds an answer (and a reasoning with ChainOfThought), each assumed as long as a
-    # reference answer, and the adapter's markers.
-    per_field = round(sum(answers) / len(answers)) if answers else 60
-    reply_tokens = (2 if cfg.program == "cot" else 1) * per_field + 20
-
-    compiles = loaded is None and cfg.optimizer != "labeled"
-    show_token_counts(cfg, prompt_tokens, reply_tokens, len(teacher_demos), len(demos), loaded)
-    sent = {"baseline", "tuned"} | ({"compile"} if compiles else set())
-    report_long_prompts(
-        cfg.model,
-        data.test,
-        zero_shot,
-        {phase: n for phase, n in prompt_tokens.items() if phase in sent},
-        [] if loaded is not None else train[: len(demos)],
-    )
-    return prompt_tokens, reply_tokens
-
-
-def show_token_counts(
-    cfg: Config, prompt_tokens: dict, reply_tokens: int, n_teacher: int, n_demos: int, loaded
-) -> None:
-    """Stage 2's table of tokens per call, phase by phase."""
-    table = Table(title=f"tokens per call ({cfg.model}, LiteLLM's token counter)")
-    table.add_column("prompt")
-    table.add_column("tokens", justify="right")
-    table.add_row("plain: the plain chat prompt, no DSPy (mean)", str(prompt_tokens["plain"]))
-    table.add_row(
-        "baseline: zero-shot, mean over the test questions", str(prompt_tokens["baseline"])
-    )
-    if loaded is None and cfg.optimizer != "labeled":
-        table.add_row(
-            f"compile: {n_teacher} labeled demos + question", str(prompt_tokens["compile"])
-        )
-    which = f"saved program, {n_demos} demos" if loaded else f"~{n_demos} demos, estimated"
-    table.add_row(f"tuned: {which}", str(prompt_tokens["tuned"]))
-    fields = "reasoning + answer" if cfg.program == "cot" else "answer"
-    table.add_row(f"reply: {fields} (estimated)", str(reply_tokens))
-    console.print(table)
-
-
-def count_tokens(model: str, messages: list[dict]) -> int:
-    """Tokens of a chat prompt, counted the way LiteLLM counts them for this model."""
-    import litellm
-
-    # For a Llama or Cohere model name LiteLLM downloads a tokenizer from Hugging Face; a dry
-    # run sends nothing, and tiktoken's count (LiteLLM's fallback) is close enough to estimate.
-    litellm.disable_hf_tokenizer_download = True
-    return litellm.token_counter(model=model, messages=messages)
-
-
-def context_window(model: str) -> int | None:
-    """Input tokens the model takes, from LiteLLM's bundled map (never asks a server)."""
-    import litellm
-
-    for key in (model, model.split("/", 1)[-1]):
-        tokens = (litellm.model_cost.get(key) or {}).get("max_input_tokens")
-        if tokens:
-            return int(tokens)
-    return None
-
-
-def report_long_prompts(
-    model: str, test: list[dict], zero_shot: list[int], prompt_tokens: dict, demos: list[dict]
-) -> None:
-    """Say which prompts will not fit the model's context window, and what happens to them.
-
-    `demos` are the training pairs the tuned and compiling prompts carry (none for a loaded
-    program, whose demos are its own).
-    """
-    window = context_window(model)
-    if window is None:
-        console.print(
-            f"[dim]{escape(model)}'s context window is not in LiteLLM's map: prompt lengths are "
-            f"not checked against it (the longest prompt here: {max(prompt_tokens.values()):,} "
-            "tokens)[/dim]"
-        )
-        return
-    over = [row["id"] for row, tokens in zip(test, zero_shot, strict=True) if tokens > window]
-    if over:
-        console.print(
-            f"[yellow]{len(over)} test question(s) ({escape(', '.join(over[:5]))}) alone are over "
-            f"{escape(model)}'s {window:,}-token context window: the provider would refuse "
-            "those calls and a real run would stop there; shorten them or drop them[/yellow]"
-        )
-    longest = max(demos, key=lambda row: len(row["question"]) + len(row["answer"]), default=None)
-    culprit = (
-        f"The longest demo is training pair {escape(longest['id'])} "
-        f"({len(longest['answer']):,} characters of answer); shorten it, drop it, or lower "
-        "--max-labeled-demos"
-        if longest
-        else "Compile again with shorter training pairs"
-    )
-    for phase, what in (("compile", "compiling call"), ("tuned", "compiled call")):
-        if prompt_tokens.get(phase, 0) > window:
-            console.print(
-                f"[yellow]with its demos the {phase} prompt is about {prompt_tokens[phase]:,} "
-                f"tokens, over {escape(model)}'s {window:,}-token context window: the provider "
-                f"would refuse every {what}. {culprit}[/yellow]"
-            )
-
-
-# ----- Stage 3 · configure_model: the LM, its key, the plan of calls and its price
-
-
-@dataclass
-class Phase:
-    """One block of LM calls in a real run, with the tokens each call sends and gets back."""
-
-    name: str
-    what: str
-    calls: int  # an upper bound where the optimizer may stop early
-    prompt_tokens: int  # per call
-    completion_tokens: int  # per call
+# ----- Stage 3 · configure_model: the LM, its key, the guard before the first call
 
 
 @dataclass
 class Plan:
-    """The plan of calls, its price, and what was really spent, by phase."""
+    """The LM and its key, the guard's estimate, and what was really spent, by phase."""
 
-    phases: list[Phase]
-    price: tuple[float, float] | None
-    estimate_usd: float | None
     key_variable: str | None
+    phases: list[Phase] = field(default_factory=list)  # estimates: the calls of each phase
+    price: tuple[float, float] | None = None  # estimates: USD per token in and out
+    estimate_usd: float | None = None  # what the guard checks against --max-cost
     actual: dict[str, dict] = field(default_factory=dict)  # tally_since() of each phase run
     demos: int | None = None  # demos in the compiled program
     first_lm_error: BaseException | None = None  # kept by the callback in configure_model
-    server: LocalServer | None = None  # --serve: the server this run started
+    server: LocalServer | None = None  # --serve: the server this run starts
     base_lm: object | None = None  # the plain model's and the baseline's: --base-model, or --model
     phase: str = "baseline"  # the phase whose replies are being parsed now
     replies: dict[str, dict] = field(default_factory=dict)  # parse outcomes, by phase
@@ -1001,7 +840,7 @@ def on_this_machine(model: str, api_base: str | None, serve: Path | None) -> boo
     Such a model gets the local defaults: a shorter reply limit, and the program and adapter a
     small model can follow (PROGRAMS, ADAPTERS). Keys and prices are the provider's as usual.
     """
-    if serve is not None or model.split("/", 1)[0] in LOCAL_PROVIDERS:
+    if serve is not None or model.split("/", 1)[0] in LOCAL_PROVIDERS:  # --serve, or ollama...
         return True
     from urllib.parse import urlparse
 
@@ -1010,38 +849,25 @@ def on_this_machine(model: str, api_base: str | None, serve: Path | None) -> boo
     return loopback and price_per_token(model) is None
 
 
-def model_size(cfg: Config) -> int | None:
-    """Parameters of the model, roughly: from --serve's config.json, else from its name
-    ("llama3.2:1b", "qwen2.5-0.5b-instruct", "SmolLM2-135M"). None when neither says."""
-    if cfg.serve is not None:
-        try:
-            config = json.loads((cfg.serve / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = {}
-        config = config.get("text_config", config) if isinstance(config, dict) else {}
-        try:  # embeddings, then per layer 4 attention and 3 MLP matrices (a dense model)
-            hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
-            heads = int(config["num_attention_heads"])
-            kv = int(config.get("num_key_value_heads") or heads) * (hidden // heads)
-            mlp = int(config.get("intermediate_size") or 4 * hidden)
-            per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp
-            return int(config["vocab_size"]) * hidden + layers * per_layer
-        except (KeyError, TypeError, ValueError, ZeroDivisionError):
-            pass
-    name = (cfg.serve.name if cfg.serve is not None else cfg.model).lower()
-    found = re.findall(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([mb])(?![a-z])", name.replace("_", "-"))
-    if not found:
+def price_per_token(model: str) -> tuple[float, float] | None:
+    """USD per input and per output token from LiteLLM's price map, or None if it lists no price."""
+    import litellm
+
+    try:
+        cost_in, cost_out = litellm.cost_per_token(
+            model=model, prompt_tokens=1_000_000, completion_tokens=1_000_000
+        )
+    except Exception:  # LiteLLM raises a plain Exception for a model its map does not list
         return None
-    amount, unit = found[-1]
-    return int(float(amount) * (1e6 if unit == "m" else 1e9))
+    return cost_in / 1_000_000, cost_out / 1_000_000
 
 
 def key_variable_for(cfg: Config, provider: str) -> str | None:
     """The environment variable the model's key must come from, or None when none is needed."""
     if cfg.api_key_env:
         return cfg.api_key_env
-    if cfg.serve is not None:
-        return None  # the server this script starts takes any key
+    if cfg.serve is not None:  # --serve: the server this script starts takes any key
+        return None
     if provider in KEY_VARIABLES:
         return KEY_VARIABLES[provider]
     if provider in LOCAL_PROVIDERS:
@@ -1052,18 +878,17 @@ def key_variable_for(cfg: Config, provider: str) -> str | None:
     return missing[0] if missing else None
 
 
-def show_settings(
-    cfg: Config, provider: str, key_variable: str | None, server: LocalServer | None
-) -> None:
+def show_settings(cfg: Config, provider: str, plan: Plan) -> None:
     """Stage 3's table of what the LM client will be: model, server, key, decoding, cache."""
     settings = Table(show_header=False, box=None)
     settings.add_row("model", f"{cfg.model} (provider: {provider})")
-    if server is not None:
+    if plan.server is not None:  # --serve
+        server = plan.server
         settings.add_row("server", f"{server.api_base}, started for this run: {server.command()}")
     else:
         settings.add_row("server", cfg.api_base or "the provider's own API")
     settings.add_row(
-        "key", key_status(key_variable) if key_variable else "none needed (local server)"
+        "key", key_status(plan.key_variable) if plan.key_variable else "none needed (local server)"
     )
     settings.add_row("size", size_note(cfg))
     settings.add_row("engine", f"{cfg.engine} (dspy.LM(engine=...))")
@@ -1077,6 +902,19 @@ def show_settings(
         "cache", "off (--no-cache)" if cfg.no_cache else f"{cfg.cache_dir} (a re-run costs nothing)"
     )
     console.print(settings)
+
+
+def model_size(cfg: Config) -> int | None:
+    """Parameters of the model, roughly: from --serve's config.json, else from its name
+    ("llama3.2:1b", "qwen2.5-0.5b-instruct", "SmolLM2-135M"). None when neither says."""
+    if cfg.serve is not None and (size := served_size(cfg.serve)):  # --serve
+        return size
+    name = cfg.model.rsplit("/", 1)[-1].lower()  # with --serve, its folder's name
+    found = re.findall(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([mb])(?![a-z])", name.replace("_", "-"))
+    if not found:
+        return None
+    amount, unit = found[-1]
+    return int(float(amount) * (1e6 if unit == "m" else 1e9))
 
 
 def size_note(cfg: Config) -> str:
@@ -1099,134 +937,21 @@ def size_note(cfg: Config) -> str:
     )
 
 
-def plan_phases(cfg: Config, formatted: Formatted) -> list[Phase]:
-    """The three blocks of calls a real run makes, with their counts and tokens per call."""
-    calls = planned_calls(
-        cfg, len(formatted.trainset), len(formatted.testset), formatted.loaded is None
-    )
-    what = {
-        "plain": "answer the test questions with the plain chat prompt",
-        "baseline": "answer the test questions, uncompiled",
-        "compile": f"{cfg.optimizer}: pick demos on the train set (upper bound)",
-        "tuned": "answer the test questions, compiled",
-    }
-    return [
-        Phase(
-            name,
-            what[name],
-            calls[name],
-            formatted.prompt_tokens[name],
-            formatted.reply_tokens,
-        )
-        for name in PHASES
-    ]
-
-
-def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) -> dict[str, int]:
-    """How many LM calls each phase makes at most, from how each optimizer works in DSPy 3.4."""
-    if not compile_needed or cfg.optimizer == "labeled":
-        compile_calls = 0  # LabeledFewShot copies training pairs into the prompt: no calls
-    elif cfg.optimizer == "bootstrap":
-        # One call per training question until max_bootstrapped_demos runs scored well enough.
-        compile_calls = n_train if cfg.max_bootstrapped_demos else 0
-    elif cfg.optimizer == "random-search":
-        # Candidate programs: zero-shot, labeled-only, a plain bootstrap, then num_candidates
-        # bootstraps on shuffled data. All but the first two bootstrap (up to one call per
-        # training question), and every one is then scored on the whole training set.
-        candidates = cfg.num_candidates + 3
-        compile_calls = (cfg.num_candidates + 1) * n_train + candidates * n_train
-    else:  # mipro, auto="light": 80% of the training set held out, at most 100 of it scored
-        held_out = max(1, int(n_train * 0.8))
-        n_fit, n_val = n_train - held_out, min(100, held_out)
-        # 6 demo sets like random search's (zero-shot and labeled-only need no call), 3
-        # instructions of 3 calls each (describe program, describe module, propose), and a
-        # data summary of one call per 10 examples (at most 9) plus 2.
-        bootstraps = 4 * n_fit
-        proposals = 3 * 3 + 2 + min(9, max(0, math.ceil(n_fit / 10) - 1))
-        trials = int(max(2 * 2 * math.log2(6), 1.5 * 6))
-        if n_val > 50:  # minibatches of 35, a full evaluation every 5 trials
-            evaluations = 35 * trials + n_val * (trials // 5 + 1)
-        else:  # the default program, then every trial on the whole validation set
-            evaluations = n_val * (trials + 1)
-        compile_calls = bootstraps + proposals + evaluations
-    plain = 0 if cfg.ask else n_test  # --ask answers with the two programs only
-    return {"plain": plain, "baseline": n_test, "compile": compile_calls, "tuned": n_test}
-
-
-def price_per_token(model: str) -> tuple[float, float] | None:
-    """USD per input and per output token from LiteLLM's price map, or None if it lists no price."""
-    import litellm
-
-    try:
-        cost_in, cost_out = litellm.cost_per_token(
-            model=model, prompt_tokens=1_000_000, completion_tokens=1_000_000
-        )
-    except Exception:  # LiteLLM raises a plain Exception for a model its map does not list
-        return None
-    return cost_in / 1_000_000, cost_out / 1_000_000
-
-
-def phase_cost(phase: Phase, price: tuple[float, float] | None) -> float | None:
-    if price is None:
-        return None
-    return phase.calls * (phase.prompt_tokens * price[0] + phase.completion_tokens * price[1])
-
-
-def show_estimate(
-    cfg: Config, phases: list[Phase], price: tuple[float, float] | None, estimate: float | None
-) -> None:
-    """Stage 3's table of calls, tokens and USD, and where the prices come from."""
-    table = Table(title="calls and cost of a real run (estimate)")
-    for column in ("phase", "what", "calls", "tokens in/out per call", "USD"):
-        table.add_column(column, justify="right" if column in ("calls", "USD") else "left")
-    for phase in phases:
-        cost = phase_cost(phase, price)
-        table.add_row(
-            phase.name,
-            phase.what,
-            str(phase.calls),
-            f"{phase.prompt_tokens} / {phase.completion_tokens}",
-            "?" if cost is None else f"{cost:.4f}",
-        )
-    table.add_row(
-        "total",
-        "",
-        str(sum(phase.calls for phase in phases)),
-        f"{sum(p.calls * (p.prompt_tokens + p.completion_tokens) for p in phases):,} tokens",
-        "?" if estimate is None else f"{estimate:.4f}",
-        style="bold",
-    )
-    console.print(table)
-    if cfg.serve is not None:
-        console.print("a model on this machine: no price per token, only electricity.")
-    elif price is None:
-        console.print(
-            f"LiteLLM {version('litellm')}'s price map lists no price for {cfg.model}: "
-            "the cost is unknown (a model on your own server costs only its electricity)."
-        )
-    else:
-        console.print(
-            f"prices: ${price[0] * 1e6:.3f} in / ${price[1] * 1e6:.3f} out per 1M tokens, from the "
-            f"price map bundled with LiteLLM {version('litellm')} (read offline; check the "
-            "provider's price page for today's)."
-        )
-
-
-def check_before_sending(cfg: Config, plan: Plan, server: LocalServer | None) -> None:
+def check_before_sending(cfg: Config, plan: Plan) -> None:
     """The guard of a real run: the key is set, and a paid run is confirmed within --max-cost."""
     if plan.key_variable and not os.environ.get(plan.key_variable):
         raise UsageError(
             f"{plan.key_variable} is not set; {cfg.model} needs it: export it or put it in .env "
             "(nothing was sent)"
         )
-    if server is not None:
+    if plan.server is not None:  # --serve
         console.print("your own machine: nothing to pay, nothing to confirm.")
     elif plan.estimate_usd == 0:
         console.print("LiteLLM prices this model at $0 (a local server): nothing to confirm.")
     else:
-        total_calls = sum(phase.calls for phase in plan.phases)
+        calls = sum(phase.calls for phase in plan.phases)  # estimates
         confirm_paid_step(
-            f"{total_calls} LM calls to {cfg.model}",
+            f"{calls} LM calls to {cfg.model}",
             plan.estimate_usd,
             yes=cfg.yes,
             max_cost=cfg.max_cost,
@@ -1252,13 +977,13 @@ def build_lm(cfg: Config, model: str, client: dict):
         raise UsageError(f"--model {model}: {str(exc).splitlines()[0]}") from None
 
 
-def client_settings(cfg: Config, key_variable: str | None, server: LocalServer | None) -> dict:
+def client_settings(cfg: Config, plan: Plan) -> dict:
     """What dspy.LM passes on to the client: the server to call and the key, when there is one."""
     client = {"api_base": cfg.api_base} if cfg.api_base else {}
-    if key_variable:
-        client["api_key"] = os.environ[key_variable]
-    elif server is not None:
-        client["api_key"] = "local"  # the OpenAI client wants one; transformers serve reads none
+    if plan.key_variable:
+        client["api_key"] = os.environ[plan.key_variable]
+    elif plan.server is not None:  # --serve: the OpenAI client wants a key; the server reads none
+        client["api_key"] = "local"
     return client
 
 
@@ -1368,24 +1093,785 @@ def shorten(text: str, limit: int) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-# ----- Stage 3 · configure_model: --serve, a local model folder behind `transformers serve`
+# ----- Stage 4 · tune: the optimizer, its metric, the compiled program
 
 
-def check_serve(cfg: Config, phases: list[Phase]) -> None:
+@dataclass
+class Tuned:
+    """Stage 4's result: the compiled program, and the file it was saved to or loaded from."""
+
+    program: object
+    path: Path
+
+
+def rouge_metric(example, prediction, trace=None) -> float:
+    """The optimizer's metric: the shared ROUGE-L, on the 0-1 scale DSPy's optimizers use.
+
+    BootstrapFewShot keeps a demo only when this reaches --metric-threshold (divided by 100);
+    the random search and MIPROv2 also average it to rank whole programs.
+    """
+    return rouge_l(getattr(prediction, "answer", None) or "", example.answer) / 100
+
+
+def build_optimizer(cfg: Config):
+    """The --optimizer, with this run's demo counts and metric (see OPTIMIZER_DESCRIPTIONS)."""
+    import dspy
+
+    if cfg.optimizer == "labeled":
+        return dspy.LabeledFewShot(k=cfg.max_labeled_demos)
+    common = {
+        "metric": rouge_metric,
+        "metric_threshold": cfg.metric_threshold / 100,
+        "max_bootstrapped_demos": cfg.max_bootstrapped_demos,
+        "max_labeled_demos": cfg.max_labeled_demos,
+        "max_errors": cfg.max_errors,
+    }
+    if cfg.optimizer == "bootstrap":
+        return dspy.BootstrapFewShot(**common)
+    if cfg.optimizer == "random-search":
+        return dspy.BootstrapFewShotWithRandomSearch(
+            **common, num_candidate_programs=cfg.num_candidates, num_threads=cfg.threads
+        )
+    return dspy.MIPROv2(**common, auto="light", num_threads=cfg.threads, seed=cfg.seed)
+
+
+def describe_optimizer(cfg: Config, n_train: int) -> str:
+    """What the chosen optimizer does, in one sentence, with this run's numbers."""
+    return OPTIMIZER_DESCRIPTIONS[cfg.optimizer].format(
+        calls=n_train if cfg.max_bootstrapped_demos else 0,  # BootstrapFewShot: one a question
+        boot=cfg.max_bootstrapped_demos,
+        threshold=cfg.metric_threshold,
+        labeled=cfg.max_labeled_demos,
+        candidates=cfg.num_candidates + 3,
+    )
+
+
+def why_the_optimizer_stopped(cfg: Config, plan: Plan) -> Exception:
+    """The error to raise when an optimizer gave up after max_errors failed calls."""
+    import dspy
+
+    first = plan.first_lm_error
+    if isinstance(first, (dspy.LMAuthError, dspy.LMInvalidRequestError)):
+        return first  # the user's to fix: lm_errors_explained says how, exit 2
+    return ServiceError(
+        f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (the "
+        f"first: {describe_lm_error(first) if first else 'see above'}). Kept: "
+        f"{kept_note(cfg, plan)}; run the same command again to resume"
+    )
+
+
+def save_program(program, path: Path) -> None:
+    """Save the compiled program whole or not at all."""
+    # Module.save writes in place; write beside it and rename, so the file is whole or absent.
+    tmp = path.with_name(f".program.{os.getpid()}.tmp.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        program.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_finetune_data(cfg: Config, formatted: Formatted, program) -> None:
+    """Write every train pair as this program sends it, in OpenAI chat format, for fine-tuning.
+
+    adapter.format_finetune_data is what dspy.BootstrapFinetune trains on: the program's own
+    system and user messages, and the reply in the adapter's format, here with the teacher's
+    answer as the reply. Weights tuned on it answer in the program's format, so the prompt can
+    be optimized again on them: DSPy's BetterTogether. Without the demos: with them every
+    example would carry the whole demo block (SmolLM2: 264 tokens an example without, 1,759
+    with 16 demos, mean over the 144 train pairs), over a LoRA run's --max-length of 512.
+    """
+    sent = predictor(program).signature  # the compiled instructions; ChainOfThought's reasoning
+    lines = []
+    for row in formatted.finetune_rows:
+        outputs = {"answer": row["answer"], "reasoning": ""}  # no reference reasoning exists
+        record = formatted.adapter.format_finetune_data(
+            sent, demos=[], inputs={"question": row["question"]}, outputs=outputs
+        )
+        record = {"id": row["id"], "split": "train", **record}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_atomic(cfg.finetune_path, "".join(lines))
+    shown = shlex.quote(str(cfg.finetune_path))
+    console.print(
+        f"wrote {cfg.finetune_path}: all {len(lines)} train pairs as this program sends them "
+        f"(adapter.format_finetune_data, no demos), OpenAI chat format. Fine-tune on it, e.g.:\n"
+        f"  python huggingface_lora.py --data {shown} --test-limit 0 --merge --run\n"
+        f"  python openai_finetune.py --data {shown} --test-limit 0 --run\n"
+        "then run this script on the tuned model (--serve its merged folder, --base-model the "
+        "base) to optimize the prompt again: prompt, weights, prompt."
+    )
+
+
+def show_program(program, original_instructions: str, threshold: float) -> None:
+    """What the optimizer changed: the demos it put in the prompt, and the instructions."""
+    demos = predictor(program).demos
+    table = Table(title=f"{len(demos)} demos now in front of every question", show_lines=False)
+    table.add_column("#", justify="right")
+    table.add_column("kind")
+    table.add_column("question")
+    table.add_column("answer")
+    for number, demo in enumerate(demos, start=1):
+        kind = "bootstrapped" if demo.get("augmented") else "labeled"
+        answer = str(demo.get("answer", ""))
+        table.add_row(
+            str(number),
+            kind,
+            str(demo.get("question", "")),
+            answer[:120] + ("…" if len(answer) > 120 else ""),
+        )
+    console.print(table)
+    console.print(
+        f"[dim]bootstrapped: the model's own reasoning and answer on a training question, kept "
+        f"because it scored at least {threshold:g} ROUGE-L; labeled: a training pair as written.[/]"
+    )
+    instructions = predictor(program).signature.instructions
+    if instructions == original_instructions:
+        console.print("instructions (unchanged: this optimizer only picks demos):")
+    else:
+        console.print("instructions, as the optimizer rewrote them:")
+    console.print(f"  {instructions}", markup=False)
+
+
+def kept_note(cfg: Config, plan: Plan) -> str:
+    """What a failed real run leaves behind that the next run reuses."""
+    kept = "nothing (--no-cache)" if cfg.no_cache else f"every answered call, in {cfg.cache_dir}"
+    if plan.demos is not None and cfg.load is None:
+        kept += f", and the compiled program {cfg.program_path}"
+    return kept
+
+
+@contextlib.contextmanager
+def lm_errors_explained(cfg: Config, plan: Plan):
+    """Around stages 4 and 5: every failed LM call becomes one line and its exit code."""
+    import dspy  # for its error classes: every failed LM call is raised as a dspy.LMError
+
+    try:
+        yield
+    except dspy.LMAuthError:
+        # Not the provider's message: OpenAI's quotes the start and the end of the key.
+        raise UsageError(
+            f"{cfg.model}: the key in {plan.key_variable} was refused (HTTP 401); check it "
+            "(nothing else was sent)"
+        ) from None
+    except dspy.LMInvalidRequestError as exc:
+        # An unknown model name, a prompt too long: DSPy does not retry these, and neither
+        # would running the same command again help.
+        raise UsageError(
+            f"{cfg.model} refused the request: {describe_lm_error(exc)}; check --model "
+            "(the request was not retried)"
+        ) from None
+    except dspy.LMError as exc:
+        tries = f"after {cfg.num_retries} retries" if dspy.is_retryable_lm_error(exc) else "at once"
+        raise ServiceError(
+            f"{cfg.model} failed {tries}: {describe_lm_error(exc)}. Kept: "
+            f"{kept_note(cfg, plan)}; run the same command again to resume (calls in the cache "
+            "are not sent again)"
+        ) from None
+    except KeyboardInterrupt:
+        exit_before_teardown()  # interrupts: LM calls may still be in flight
+        raise KeyboardInterrupt(
+            f"kept {kept_note(cfg, plan)}; run the same command to resume"
+        ) from None
+
+
+# ----- Stages 4 and 5: the calls of each phase, counted from DSPy's history, and its replies
+
+
+def history_ids() -> set[str]:
+    """Ids of every LM call recorded so far in this process.
+
+    DSPy's global history holds the calls of every LM, including the copies an optimizer makes
+    of ours (MIPROv2 proposes instructions with one); lm.history would miss those.
+    """
+    from dspy.clients.base_lm import GLOBAL_HISTORY
+
+    return {entry["uuid"] for entry in list(GLOBAL_HISTORY)}
+
+
+def was_cache_hit(entry: dict) -> bool:
+    """Whether DSPy answered this call from its cache instead of sending it.
+
+    Through LiteLLM, DSPy marks the replayed reply; its own engine marks nothing, but records a
+    replayed call with no usage and the cost of the call it replays. A call with neither usage
+    nor cost counts as sent: a server that reports no usage is not a free cache hit.
+    """
+    if getattr(entry["response"], "cache_hit", False):
+        return True
+    return not entry.get("usage") and entry.get("cost") is not None
+
+
+def reported_usage(entry: dict) -> bool:
+    """Whether the server said what the call used (LiteLLM fills in zeros when it did not)."""
+    return bool((entry.get("usage") or {}).get("prompt_tokens"))
+
+
+NO_CALLS = {
+    "sent": 0,
+    "cache_hits": 0,
+    "prompt_tokens": 0,
+    "completion_tokens": 0,
+    "cost_usd": 0.0,
+    "cut_at_max_tokens": 0,
+}
+
+
+def finish_reason(entry: dict) -> str | None:
+    """Why the reply ended: "stop" (end of turn or a stop string) or "length" (--max-tokens)."""
+    response = entry["response"]
+    choices = getattr(response, "choices", None) or []
+    reason = getattr(choices[0], "finish_reason", None) if choices else None
+    return reason or getattr(response, "finish_reason", None)
+
+
+def tally_since(before: set[str]) -> dict:
+    """Calls recorded since `before`: sent, answered from the cache, tokens, and actual cost."""
+    from dspy.clients.base_lm import GLOBAL_HISTORY
+
+    entries = [entry for entry in list(GLOBAL_HISTORY) if entry["uuid"] not in before]
+    sent = [entry for entry in entries if not was_cache_hit(entry)]
+    costs = [entry.get("cost") if reported_usage(entry) else None for entry in sent]
+    return {
+        "sent": len(sent),
+        "cache_hits": len(entries) - len(sent),
+        "prompt_tokens": sum((entry["usage"] or {}).get("prompt_tokens") or 0 for entry in sent),
+        "completion_tokens": sum(
+            (entry["usage"] or {}).get("completion_tokens") or 0 for entry in sent
+        ),
+        # A cache hit keeps the cost of the call it replays; it costs nothing now, so only the
+        # calls really sent are summed. One unpriced call, or one whose usage the server did
+        # not report, makes the total unknown.
+        "cost_usd": None if any(cost is None for cost in costs) else sum(costs),
+        # replies that ran to --max-tokens, cached ones included: the same replies either way
+        "cut_at_max_tokens": sum(finish_reason(entry) == "length" for entry in entries),
+    }
+
+
+def json_retry(adapter) -> bool:
+    """Whether DSPy asks again in JSON when `adapter` cannot read a reply (one more call)."""
+    import dspy
+
+    return bool(getattr(adapter, "use_json_adapter_fallback", False)) and not isinstance(
+        adapter, dspy.JSONAdapter
+    )
+
+
+def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
+    """After a phase: how many replies DSPy could not read, and the first of them."""
+    tally = plan.replies.get(phase, new_reply_tally())
+    actual = plan.actual.get(phase, NO_CALLS)
+    calls, cut = actual["sent"] + actual["cache_hits"], actual["cut_at_max_tokens"]
+    n, bad = tally["replies"], tally["not_in_format"]
+    if phase == "plain":
+        console.print(
+            f"plain: {calls} replies to the plain chat prompt (nothing for DSPy to parse)"
+        )
+    else:
+        console.print(f"{phase}: {n - bad} of {n} replies read ({ADAPTERS[cfg.adapter]})")
+    if tally["plain"]:
+        console.print(f"  {tally['plain']} of them had no field markers: read whole as the answer")
+    if bad:
+        retry = f"DSPy asked each again in JSON (+{bad} calls), {tally['json_rescued']} parsed; "
+        console.print(
+            f"  {bad} not in it: {retry if tally['json_rescued'] + tally['unparsed'] else ''}"
+            f"[bold]{tally['unparsed']} unparsed[/]: an empty answer, scored 0"
+        )
+        first = tally["first_unparsed"] or "(empty)"
+        console.print("  the first reply it could not read, as the model wrote it:")
+        console.print(f"  [dim]{escape(first)}[/]")
+        if first in STOP:
+            console.print(
+                f"  (the model began by writing {first}, a stop string: it was echoing the "
+                "prompt, so the reply ends there, empty)"
+            )
+    if cut:
+        console.print(
+            f"  {cut} of {calls} calls ran to --max-tokens {cfg.max_tokens} before a stop "
+            f"string {stop_strings(cfg.adapter)} (a model repeating itself, or a long answer)"
+        )
+
+
+# ----- Stage 5 · answer: the plain model, the programs, in parallel
+
+
+@dataclass
+class Answers:
+    """Stage 5's answers: a row per test question with its id, question, reference and the
+    answer of each phase (plain, baseline, tuned), as write_results() scores them."""
+
+    questions: list[dict]
+    tuned_reasoning: list[str]  # the compiled program's reasoning (ChainOfThought), per row
+
+
+def plain_messages(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def plain_prompt_adapter():
+    """The plain model's prompt as a DSPy adapter: SYSTEM_PROMPT and the question, nothing else;
+    the whole reply is the answer.
+
+    The same words the fine-tuning approaches prompt with, so the plain phase scores what the
+    model does untouched. As an adapter it goes through the very LM the programs use: the same
+    decoding, cache, retries and call counting.
+    """
+    import dspy
+
+    class PlainPromptAdapter(dspy.ChatAdapter):
+        def format(self, signature, demos, inputs) -> list[dict]:
+            return plain_messages(inputs["question"])
+
+        def parse(self, signature, completion: str) -> dict:
+            return {"answer": completion.strip()}
+
+    return PlainPromptAdapter(use_json_adapter_fallback=False)
+
+
+def answer_phase(cfg: Config, plan: Plan, name: str, program, formatted: Formatted, settings):
+    """Answer every test question with `program`, under these dspy settings (lm, adapter);
+    count the calls and the replies."""
+    import dspy
+
+    before = history_ids()
+    plan.phase = name
+    with dspy.context(**settings):
+        replies = answer_all(program, formatted.testset, cfg.threads, name)
+    plan.actual[name] = tally_since(before)
+    say_replies(cfg, plan, name)
+    return replies
+
+
+def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
+    """Run `program` on every example in `threads` threads, with a progress bar.
+
+    dspy.Evaluate does the same, but it scores a call that failed as 0 and carries on; here a
+    call that still fails after DSPy's retries stops the run (exit 1) instead of writing a wrong
+    score. A reply the adapter cannot parse, even after DSPy's JSON fallback (one more call, not
+    in the estimate), is a bad answer, not a failure: it scores 0.
+    """
+    import contextvars
+    from concurrent.futures import as_completed
+
+    import dspy
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    def one(example) -> dict:
+        try:
+            prediction = program(**example.inputs())
+        except dspy.AdapterParseError:  # a program that is not build_program()'s
+            return {"answer": "", "reasoning": UNPARSED}
+        return {
+            "answer": prediction.answer or "",
+            "reasoning": getattr(prediction, "reasoning", None) or "",
+        }
+
+    results: list[dict] = [{} for _ in examples]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    pool, wait = DaemonThreads(threads), True  # interrupts: else ThreadPoolExecutor(threads)
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"{label:>8}", total=len(examples))
+            # Each call runs in a copy of this thread's context, so settings made with
+            # dspy.context(...) reach the worker threads (dspy.Parallel does the same).
+            futures = {
+                pool.submit(contextvars.copy_context().run, one, example): i
+                for i, example in enumerate(examples)
+            }
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                progress.advance(task)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: wait for no call in flight
+        wait = False
+        raise
+    finally:
+        # Send nothing more: drop the calls not started yet. After a failed call, the calls in
+        # flight still land in the cache, for the next run.
+        pool.shutdown(wait=wait)
+    return results
+
+
+def show_answers(cfg: Config, answers: Answers) -> None:
+    """Stage 5's last words: your question's two answers (--ask), and the tuned reasoning."""
+    if cfg.ask:
+        row = answers.questions[0]
+        console.print(f"question: {row['question']}", markup=False)
+        console.print(f"baseline: {row['baseline']}", markup=False)
+        console.print(f"tuned:    {row['tuned']}", markup=False)
+    else:
+        console.print(
+            f"answered {len(answers.questions)} test questions twice; stage 6 scores them"
+        )
+    console.print(f"the compiled program's reasoning for {answers.questions[0]['id']}:")
+    console.print(f"  {answers.tuned_reasoning[0]}", markup=False)
+
+
+# ----- Stage 6 · compare: what was spent, what was read, the command for a real run
+
+
+def show_actual_cost(plan: Plan) -> float | None:
+    """Say what the calls really cost (None: unknown) and how many came from the cache."""
+    actuals = [plan.actual[name] for name in PHASES if name in plan.actual]
+    costs = [a["cost_usd"] for a in actuals]
+    cost = None if any(c is None for c in costs) else sum(costs)
+    sent = sum(a["sent"] for a in actuals)
+    cached = sum(a["cache_hits"] for a in actuals)
+    console.print(
+        f"actual cost: {'unknown' if cost is None else f'${cost:.4f}'} for {sent} calls sent; "
+        f"{cached} answered from the cache at no cost (DSPy's history, cache hits counted apart)."
+    )
+    return cost
+
+
+def show_replies(cfg: Config, plan: Plan) -> dict[str, dict]:
+    """Stage 6's account of every reply: read, asked again in JSON, or unparsed (scored 0)."""
+    table = Table(title="replies, by phase: what DSPy could read")
+    columns = ("phase", "replies", "in format", "read whole", "not read", "JSON parsed")
+    columns += ("unparsed (scored 0)", f"cut at {cfg.max_tokens} tokens")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    replies = {}
+    for name in PHASES:
+        if name not in plan.actual or name == "plain":  # the plain prompt asks for no format
+            continue
+        tally = replies[name] = plan.replies.get(name, new_reply_tally())
+        actual = plan.actual[name]
+        cut = f"{actual['cut_at_max_tokens']} of {actual['sent'] + actual['cache_hits']}"
+        n, bad = tally["replies"], tally["not_in_format"]
+        cells = (n, n - bad - tally["plain"], tally["plain"], bad, tally["json_rescued"])
+        table.add_row(name, *map(str, cells), str(tally["unparsed"]), cut)
+    console.print(table)
+    retry = json_retry(build_adapter(cfg.adapter))
+    retry = "asked again in JSON (one more call, counted in 'sent' above), " if retry else ""
+    console.print(
+        f"[dim]in format: the adapter read every field ({ADAPTERS[cfg.adapter]}); read "
+        "whole: a reply without field markers, taken as the answer; not read: a reply the "
+        f"adapter could not parse, {retry}an empty answer if still unread (unparsed, scored 0). "
+        f"Cut: calls that ran to --max-tokens before a stop string {stop_strings(cfg.adapter)}.[/]"
+    )
+    return replies
+
+
+def model_label(cfg: Config, model: str | None) -> str:
+    """A model as the results name it (None: --model), a folder --serve served by its path."""
+    if cfg.serve is None:  # --serve
+        return model or cfg.model
+    return served_label(Path(model).resolve() if model else cfg.serve)
+
+
+def show_real_run_command(cfg: Config, plan: Plan) -> None:
+    """A dry run ends with the command for the real one, and the key it still needs."""
+    command = shlex.join([Path(sys.argv[0]).name, *cfg.argv])
+    need = plan.key_variable and not os.environ.get(plan.key_variable)
+    console.print()
+    console.print("Real run (sends the calls above):", style="bold")
+    if need:
+        console.print(f"  export {plan.key_variable}=...   # or put it in .env")
+    console.print(f"  python {command} --run", markup=False)
+
+
+# =====================================================================================
+# Optional: the estimates before a paid step (tokens per call, calls per phase, their price).
+# Delete this section with the lines marked `estimates` (stages 2, 3 and 6, Formatted, Plan,
+# check_before_sending, check_serve); a paid run then asks with its cost unknown, and
+# --max-cost refuses it.
+# =====================================================================================
+
+
+@dataclass
+class Phase:
+    """One block of LM calls in a real run, with the tokens each call sends and gets back."""
+
+    name: str
+    what: str
+    calls: int  # an upper bound where the optimizer may stop early
+    prompt_tokens: int  # per call
+    completion_tokens: int  # per call
+
+
+def estimate_tokens(cfg: Config, data: Data, formatted: Formatted) -> None:
+    """Tokens per call of each phase, and of a reply; print them, and warn of any too long.
+
+    Counted on the prompts the adapter writes, with LiteLLM's token counter: no LM call.
+    """
+    adapter, trainset, testset = formatted.adapter, formatted.trainset, formatted.testset
+    loaded, prompt_tokens = formatted.loaded, formatted.prompt_tokens
+    predict_signature = predictor(build_program(cfg.program, formatted.signature)).signature
+    train, first = data.train, testset[0]
+    zero_shot = [
+        count_tokens(cfg.model, adapter.format(predict_signature, [], {"question": ex.question}))
+        for ex in testset
+    ]
+    prompt_tokens["baseline"] = round(sum(zero_shot) / len(zero_shot))
+    plain = [count_tokens(cfg.model, plain_messages(ex.question)) for ex in testset]
+    prompt_tokens["plain"] = round(sum(plain) / len(plain))
+    if loaded is not None:
+        demos = predictor(loaded).demos
+        tuned_signature = predictor(loaded).signature
+        teacher_demos: list = []
+    else:
+        # Before compiling, the tuned prompt is approximated: the first training pairs as demos,
+        # the bootstrapped ones with a reasoning as long as their answer.
+        n_boot = 0 if cfg.optimizer == "labeled" else min(cfg.max_bootstrapped_demos, len(train))
+        n_demos = min(max(cfg.max_labeled_demos, n_boot), len(train))
+        cot = cfg.program == "cot"
+        demos = [
+            ex.copy(reasoning=ex.answer) if i < n_boot and cot else ex
+            for i, ex in enumerate(trainset[:n_demos])
+        ]
+        tuned_signature = predict_signature
+        # While bootstrapping, the teacher sees max_labeled_demos training pairs as demos.
+        teacher_demos = trainset[: min(cfg.max_labeled_demos, max(0, len(trainset) - 1))]
+    prompt_tokens["tuned"] = count_tokens(
+        cfg.model, adapter.format(tuned_signature, demos, {"question": first.question})
+    )
+    prompt_tokens["compile"] = count_tokens(
+        cfg.model, adapter.format(predict_signature, teacher_demos, {"question": first.question})
+    )
+    answers = [count_tokens(cfg.model, [{"role": "user", "content": r["answer"]}]) for r in train]
+    # A reply holds an answer (and a reasoning with ChainOfThought), each assumed as long as a
+    # reference answer, and the adapter's markers.
+    per_field = round(sum(answers) / len(answers)) if answers else 60
+    formatted.reply_tokens = reply_tokens = (2 if cfg.program == "cot" else 1) * per_field + 20
+
+    compiles = loaded is None and cfg.optimizer != "labeled"
+    show_token_counts(cfg, prompt_tokens, reply_tokens, len(teacher_demos), len(demos), loaded)
+    sent = {"baseline", "tuned"} | ({"compile"} if compiles else set())
+    report_long_prompts(
+        cfg.model,
+        data.test,
+        zero_shot,
+        {phase: n for phase, n in prompt_tokens.items() if phase in sent},
+        [] if loaded is not None else train[: len(demos)],
+    )
+
+
+def show_token_counts(
+    cfg: Config, prompt_tokens: dict, reply_tokens: int, n_teacher: int, n_demos: int, loaded
+) -> None:
+    """Stage 2's table of tokens per call, phase by phase."""
+    table = Table(title=f"tokens per call ({cfg.model}, LiteLLM's token counter)")
+    table.add_column("prompt")
+    table.add_column("tokens", justify="right")
+    table.add_row("plain: the plain chat prompt, no DSPy (mean)", str(prompt_tokens["plain"]))
+    table.add_row(
+        "baseline: zero-shot, mean over the test questions", str(prompt_tokens["baseline"])
+    )
+    if loaded is None and cfg.optimizer != "labeled":
+        table.add_row(
+            f"compile: {n_teacher} labeled demos + question", str(prompt_tokens["compile"])
+        )
+    which = f"saved program, {n_demos} demos" if loaded else f"~{n_demos} demos, estimated"
+    table.add_row(f"tuned: {which}", str(prompt_tokens["tuned"]))
+    fields = "reasoning + answer" if cfg.program == "cot" else "answer"
+    table.add_row(f"reply: {fields} (estimated)", str(reply_tokens))
+    console.print(table)
+
+
+def count_tokens(model: str, messages: list[dict]) -> int:
+    """Tokens of a chat prompt, counted the way LiteLLM counts them for this model."""
+    import litellm
+
+    # For a Llama or Cohere model name LiteLLM downloads a tokenizer from Hugging Face; a dry
+    # run sends nothing, and tiktoken's count (LiteLLM's fallback) is close enough to estimate.
+    litellm.disable_hf_tokenizer_download = True
+    return litellm.token_counter(model=model, messages=messages)
+
+
+def context_window(model: str) -> int | None:
+    """Input tokens the model takes, from LiteLLM's bundled map (never asks a server)."""
+    import litellm
+
+    for key in (model, model.split("/", 1)[-1]):
+        tokens = (litellm.model_cost.get(key) or {}).get("max_input_tokens")
+        if tokens:
+            return int(tokens)
+    return None
+
+
+def report_long_prompts(
+    model: str, test: list[dict], zero_shot: list[int], prompt_tokens: dict, demos: list[dict]
+) -> None:
+    """Say which prompts will not fit the model's context window, and what happens to them.
+
+    `demos` are the training pairs the tuned and compiling prompts carry (none for a loaded
+    program, whose demos are its own).
+    """
+    window = context_window(model)
+    if window is None:
+        console.print(
+            f"[dim]{escape(model)}'s context window is not in LiteLLM's map: prompt lengths are "
+            f"not checked against it (the longest prompt here: {max(prompt_tokens.values()):,} "
+            "tokens)[/dim]"
+        )
+        return
+    over = [row["id"] for row, tokens in zip(test, zero_shot, strict=True) if tokens > window]
+    if over:
+        console.print(
+            f"[yellow]{len(over)} test question(s) ({escape(', '.join(over[:5]))}) alone are over "
+            f"{escape(model)}'s {window:,}-token context window: the provider would refuse "
+            "those calls and a real run would stop there; shorten them or drop them[/yellow]"
+        )
+    longest = max(demos, key=lambda row: len(row["question"]) + len(row["answer"]), default=None)
+    culprit = (
+        f"The longest demo is training pair {escape(longest['id'])} "
+        f"({len(longest['answer']):,} characters of answer); shorten it, drop it, or lower "
+        "--max-labeled-demos"
+        if longest
+        else "Compile again with shorter training pairs"
+    )
+    for phase, what in (("compile", "compiling call"), ("tuned", "compiled call")):
+        if prompt_tokens.get(phase, 0) > window:
+            console.print(
+                f"[yellow]with its demos the {phase} prompt is about {prompt_tokens[phase]:,} "
+                f"tokens, over {escape(model)}'s {window:,}-token context window: the provider "
+                f"would refuse every {what}. {culprit}[/yellow]"
+            )
+
+
+def estimate_calls(cfg: Config, formatted: Formatted, plan: Plan) -> None:
+    """The blocks of calls a real run makes, their counts, tokens and price; print the table."""
+    calls = planned_calls(
+        cfg, len(formatted.trainset), len(formatted.testset), formatted.loaded is None
+    )
+    what = {
+        "plain": "answer the test questions with the plain chat prompt",
+        "baseline": "answer the test questions, uncompiled",
+        "compile": f"{cfg.optimizer}: pick demos on the train set (upper bound)",
+        "tuned": "answer the test questions, compiled",
+    }
+    tokens = formatted.prompt_tokens
+    plan.phases = [
+        Phase(name, what[name], calls[name], tokens[name], formatted.reply_tokens)
+        for name in PHASES
+    ]
+    # your own machine: nothing to pay per token
+    plan.price = (0.0, 0.0) if plan.server is not None else price_per_token(cfg.model)
+    if plan.price is not None:
+        plan.estimate_usd = sum(phase_cost(phase, plan.price) or 0 for phase in plan.phases)
+    show_estimate(cfg, plan)
+
+
+def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) -> dict[str, int]:
+    """How many LM calls each phase makes at most, from how each optimizer works in DSPy 3.4."""
+    if not compile_needed or cfg.optimizer == "labeled":
+        compile_calls = 0  # LabeledFewShot copies training pairs into the prompt: no calls
+    elif cfg.optimizer == "bootstrap":
+        # One call per training question until max_bootstrapped_demos runs scored well enough.
+        compile_calls = n_train if cfg.max_bootstrapped_demos else 0
+    elif cfg.optimizer == "random-search":
+        # Candidate programs: zero-shot, labeled-only, a plain bootstrap, then num_candidates
+        # bootstraps on shuffled data. All but the first two bootstrap (up to one call per
+        # training question), and every one is then scored on the whole training set.
+        candidates = cfg.num_candidates + 3
+        compile_calls = (cfg.num_candidates + 1) * n_train + candidates * n_train
+    else:  # mipro, auto="light": 80% of the training set held out, at most 100 of it scored
+        held_out = max(1, int(n_train * 0.8))
+        n_fit, n_val = n_train - held_out, min(100, held_out)
+        # 6 demo sets like random search's (zero-shot and labeled-only need no call), 3
+        # instructions of 3 calls each (describe program, describe module, propose), and a
+        # data summary of one call per 10 examples (at most 9) plus 2.
+        bootstraps = 4 * n_fit
+        proposals = 3 * 3 + 2 + min(9, max(0, math.ceil(n_fit / 10) - 1))
+        trials = int(max(2 * 2 * math.log2(6), 1.5 * 6))
+        if n_val > 50:  # minibatches of 35, a full evaluation every 5 trials
+            evaluations = 35 * trials + n_val * (trials // 5 + 1)
+        else:  # the default program, then every trial on the whole validation set
+            evaluations = n_val * (trials + 1)
+        compile_calls = bootstraps + proposals + evaluations
+    plain = 0 if cfg.ask else n_test  # --ask answers with the two programs only
+    return {"plain": plain, "baseline": n_test, "compile": compile_calls, "tuned": n_test}
+
+
+def phase_cost(phase: Phase, price: tuple[float, float] | None) -> float | None:
+    if price is None:
+        return None
+    return phase.calls * (phase.prompt_tokens * price[0] + phase.completion_tokens * price[1])
+
+
+def show_estimate(cfg: Config, plan: Plan) -> None:
+    """Stage 3's table of calls, tokens and USD, and where the prices come from."""
+    phases, price, estimate = plan.phases, plan.price, plan.estimate_usd
+    table = Table(title="calls and cost of a real run (estimate)")
+    for column in ("phase", "what", "calls", "tokens in/out per call", "USD"):
+        table.add_column(column, justify="right" if column in ("calls", "USD") else "left")
+    for phase in phases:
+        cost = phase_cost(phase, price)
+        table.add_row(
+            phase.name,
+            phase.what,
+            str(phase.calls),
+            f"{phase.prompt_tokens} / {phase.completion_tokens}",
+            "?" if cost is None else f"{cost:.4f}",
+        )
+    table.add_row(
+        "total",
+        "",
+        str(sum(phase.calls for phase in phases)),
+        f"{sum(p.calls * (p.prompt_tokens + p.completion_tokens) for p in phases):,} tokens",
+        "?" if estimate is None else f"{estimate:.4f}",
+        style="bold",
+    )
+    console.print(table)
+    if plan.server is not None:
+        console.print("a model on this machine: no price per token, only electricity.")
+    elif price is None:
+        console.print(
+            f"LiteLLM {version('litellm')}'s price map lists no price for {cfg.model}: "
+            "the cost is unknown (a model on your own server costs only its electricity)."
+        )
+    else:
+        console.print(
+            f"prices: ${price[0] * 1e6:.3f} in / ${price[1] * 1e6:.3f} out per 1M tokens, from the "
+            f"price map bundled with LiteLLM {version('litellm')} (read offline; check the "
+            "provider's price page for today's)."
+        )
+
+
+def show_calls(plan: Plan) -> None:
+    """Stage 6's table of LM calls, phase by phase: estimated, sent, cached, tokens, USD."""
+    table = Table(title="LM calls: estimated vs actual")
+    columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase in plan.phases:
+        actual = plan.actual.get(phase.name, NO_CALLS)
+        est = phase_cost(phase, plan.price)
+        table.add_row(
+            phase.name,
+            str(phase.calls),
+            str(actual["sent"]),
+            str(actual["cache_hits"]),
+            f"{actual['prompt_tokens']:,} / {actual['completion_tokens']:,}",
+            "?" if est is None else f"{est:.4f}",
+            "?" if actual["cost_usd"] is None else f"{actual['cost_usd']:.4f}",
+        )
+    console.print(table)
+
+
+# =====================================================================================
+# Optional: --serve, a model folder on this machine behind `transformers serve`, started and
+# stopped by the run. Delete this section with Config's serve fields, every use of them
+# (cfg.serve, self.serve, args.serve) and the lines marked `--serve`.
+# =====================================================================================
+
+
+def check_serve(cfg: Config, plan: Plan) -> None:
     """--serve: the prompts fit the model, and transformers serve can run here."""
-    check_context(cfg.serve, phases, cfg.max_tokens)
+    check_context(cfg.serve, plan.phases, cfg.max_tokens)  # estimates: the prompt sizes
     if missing := missing_serve_packages():
         need = f"transformers serve needs {', '.join(missing)}: "
         need += "pip install 'transformers[serving]'"
         if cfg.run:
             raise UsageError(f"--serve: {need} (nothing was started)")
         console.print(f"[yellow]a real run with --serve would stop here: {need}[/]")
+    if not cfg.run:
+        console.print(f"dry run: would start `{plan.server.command()}`; nothing is started.")
 
 
-def start_server(cfg: Config, plan: Plan, server: LocalServer) -> None:
+def start_server(cfg: Config, plan: Plan) -> None:
     """Start --serve's server and point the run at it (stopped when the run ends)."""
-    seconds = server.start(cfg.serve_timeout)
-    plan.server, cfg.api_base = server, server.api_base
+    seconds = plan.server.start(cfg.serve_timeout)
+    cfg.api_base = plan.server.api_base
     console.print(
         f"the server answered after {seconds:.0f} s; --model {cfg.model} --api-base "
         f"{cfg.api_base} (stopped when this run ends)"
@@ -1450,6 +1936,24 @@ def served_context_window(folder: Path) -> int | None:
     config = config.get("text_config", config)  # a multimodal model keeps it one level down
     value = config.get("max_position_embeddings") if isinstance(config, dict) else None
     return value if isinstance(value, int) and value > 0 else None
+
+
+def served_size(folder: Path) -> int | None:
+    """Parameters of the served model, counted from its config.json (None: it does not say)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    try:  # embeddings, then per layer 4 attention and 3 MLP matrices (a dense model)
+        hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        kv = int(config.get("num_key_value_heads") or heads) * (hidden // heads)
+        mlp = int(config.get("intermediate_size") or 4 * hidden)
+        per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp
+        return int(config["vocab_size"]) * hidden + layers * per_layer
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 # The child process: `transformers serve` itself, run by this script's own Python so it comes
@@ -1599,354 +2103,6 @@ def local_server_stopped_at_the_end():
             server.stop(grace)
 
 
-# ----- Stage 4 · tune: the optimizer, its metric, the compiled program
-
-
-@dataclass
-class Tuned:
-    """Stage 4's result: the compiled program, and the file it was saved to or loaded from."""
-
-    program: object
-    path: Path
-
-
-def rouge_metric(example, prediction, trace=None) -> float:
-    """The optimizer's metric: the shared ROUGE-L, on the 0-1 scale DSPy's optimizers use.
-
-    BootstrapFewShot keeps a demo only when this reaches --metric-threshold (divided by 100);
-    the random search and MIPROv2 also average it to rank whole programs.
-    """
-    return rouge_l(getattr(prediction, "answer", None) or "", example.answer) / 100
-
-
-def build_optimizer(cfg: Config):
-    import dspy
-
-    threshold = cfg.metric_threshold / 100
-    if cfg.optimizer == "labeled":
-        return dspy.LabeledFewShot(k=cfg.max_labeled_demos)
-    if cfg.optimizer == "bootstrap":
-        return dspy.BootstrapFewShot(
-            metric=rouge_metric,
-            metric_threshold=threshold,
-            max_bootstrapped_demos=cfg.max_bootstrapped_demos,
-            max_labeled_demos=cfg.max_labeled_demos,
-            max_errors=cfg.max_errors,
-        )
-    if cfg.optimizer == "random-search":
-        return dspy.BootstrapFewShotWithRandomSearch(
-            metric=rouge_metric,
-            metric_threshold=threshold,
-            max_bootstrapped_demos=cfg.max_bootstrapped_demos,
-            max_labeled_demos=cfg.max_labeled_demos,
-            num_candidate_programs=cfg.num_candidates,
-            num_threads=cfg.threads,
-            max_errors=cfg.max_errors,
-        )
-    return dspy.MIPROv2(
-        metric=rouge_metric,
-        auto="light",
-        metric_threshold=threshold,
-        max_bootstrapped_demos=cfg.max_bootstrapped_demos,
-        max_labeled_demos=cfg.max_labeled_demos,
-        num_threads=cfg.threads,
-        max_errors=cfg.max_errors,
-        seed=cfg.seed,
-    )
-
-
-def describe_optimizer(cfg: Config, compile_calls: int) -> str:
-    """What the chosen optimizer does, in one sentence, with this run's numbers."""
-    return OPTIMIZER_DESCRIPTIONS[cfg.optimizer].format(
-        calls=compile_calls,
-        boot=cfg.max_bootstrapped_demos,
-        threshold=cfg.metric_threshold,
-        labeled=cfg.max_labeled_demos,
-        candidates=cfg.num_candidates + 3,
-    )
-
-
-def why_the_optimizer_stopped(cfg: Config, plan: Plan) -> Exception:
-    """The error to raise when an optimizer gave up after max_errors failed calls."""
-    import dspy
-
-    first = plan.first_lm_error
-    if isinstance(first, (dspy.LMAuthError, dspy.LMInvalidRequestError)):
-        return first  # the user's to fix: lm_errors_explained says how, exit 2
-    return ServiceError(
-        f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (the "
-        f"first: {describe_lm_error(first) if first else 'see above'}). Kept: "
-        f"{kept_note(cfg, plan)}; run the same command again to resume"
-    )
-
-
-def save_program(program, path: Path) -> None:
-    """Save the compiled program whole or not at all."""
-    # Module.save writes in place; write beside it and rename, so the file is whole or absent.
-    tmp = path.with_name(f".program.{os.getpid()}.tmp.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        program.save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def export_finetune_data(cfg: Config, formatted: Formatted, program) -> None:
-    """Write every train pair as this program sends it, in OpenAI chat format, for fine-tuning.
-
-    adapter.format_finetune_data is what dspy.BootstrapFinetune trains on: the program's own
-    system and user messages, and the reply in the adapter's format, here with the teacher's
-    answer as the reply. Weights tuned on it answer in the program's format, so the prompt can
-    be optimized again on them: DSPy's BetterTogether. Without the demos: with them every
-    example would carry the whole demo block (SmolLM2: 264 tokens an example without, 1,759
-    with 16 demos, mean over the 144 train pairs), over a LoRA run's --max-length of 512.
-    """
-    sent = predictor(program).signature  # the compiled instructions; ChainOfThought's reasoning
-    lines = []
-    for row in formatted.finetune_rows:
-        outputs = {"answer": row["answer"], "reasoning": ""}  # no reference reasoning exists
-        record = formatted.adapter.format_finetune_data(
-            sent, demos=[], inputs={"question": row["question"]}, outputs=outputs
-        )
-        record = {"id": row["id"], "split": "train", **record}
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    write_atomic(cfg.finetune_path, "".join(lines))
-    shown = shlex.quote(str(cfg.finetune_path))
-    console.print(
-        f"wrote {cfg.finetune_path}: all {len(lines)} train pairs as this program sends them "
-        f"(adapter.format_finetune_data, no demos), OpenAI chat format. Fine-tune on it, e.g.:\n"
-        f"  python huggingface_lora.py --data {shown} --test-limit 0 --merge --run\n"
-        f"  python openai_finetune.py --data {shown} --test-limit 0 --run\n"
-        "then run this script on the tuned model (--serve its merged folder, --base-model the "
-        "base) to optimize the prompt again: prompt, weights, prompt."
-    )
-
-
-def show_program(program, original_instructions: str, threshold: float) -> None:
-    """What the optimizer changed: the demos it put in the prompt, and the instructions."""
-    demos = predictor(program).demos
-    table = Table(title=f"{len(demos)} demos now in front of every question", show_lines=False)
-    table.add_column("#", justify="right")
-    table.add_column("kind")
-    table.add_column("question")
-    table.add_column("answer")
-    for number, demo in enumerate(demos, start=1):
-        kind = "bootstrapped" if demo.get("augmented") else "labeled"
-        answer = str(demo.get("answer", ""))
-        table.add_row(
-            str(number),
-            kind,
-            str(demo.get("question", "")),
-            answer[:120] + ("…" if len(answer) > 120 else ""),
-        )
-    console.print(table)
-    console.print(
-        f"[dim]bootstrapped: the model's own reasoning and answer on a training question, kept "
-        f"because it scored at least {threshold:g} ROUGE-L; labeled: a training pair as written.[/]"
-    )
-    instructions = predictor(program).signature.instructions
-    if instructions == original_instructions:
-        console.print("instructions (unchanged: this optimizer only picks demos):")
-    else:
-        console.print("instructions, as the optimizer rewrote them:")
-    console.print(f"  {instructions}", markup=False)
-
-
-def kept_note(cfg: Config, plan: Plan) -> str:
-    """What a failed real run leaves behind that the next run reuses."""
-    kept = "nothing (--no-cache)" if cfg.no_cache else f"every answered call, in {cfg.cache_dir}"
-    if plan.demos is not None and cfg.load is None:
-        kept += f", and the compiled program {cfg.program_path}"
-    return kept
-
-
-@contextlib.contextmanager
-def lm_errors_explained(cfg: Config, plan: Plan):
-    """Around stages 4 and 5: every failed LM call becomes one line and its exit code."""
-    import dspy  # for its error classes: every failed LM call is raised as a dspy.LMError
-
-    try:
-        yield
-    except dspy.LMAuthError:
-        # Not the provider's message: OpenAI's quotes the start and the end of the key.
-        raise UsageError(
-            f"{cfg.model}: the key in {plan.key_variable} was refused (HTTP 401); check it "
-            "(nothing else was sent)"
-        ) from None
-    except dspy.LMInvalidRequestError as exc:
-        # An unknown model name, a prompt too long: DSPy does not retry these, and neither
-        # would running the same command again help.
-        raise UsageError(
-            f"{cfg.model} refused the request: {describe_lm_error(exc)}; check --model "
-            "(the request was not retried)"
-        ) from None
-    except dspy.LMError as exc:
-        tries = f"after {cfg.num_retries} retries" if dspy.is_retryable_lm_error(exc) else "at once"
-        raise ServiceError(
-            f"{cfg.model} failed {tries}: {describe_lm_error(exc)}. Kept: "
-            f"{kept_note(cfg, plan)}; run the same command again to resume (calls in the cache "
-            "are not sent again)"
-        ) from None
-    except KeyboardInterrupt:
-        exit_before_teardown()  # LM calls may still be in flight: see DaemonThreads
-        raise KeyboardInterrupt(
-            f"kept {kept_note(cfg, plan)}; run the same command to resume"
-        ) from None
-
-
-# ----- Stages 4 and 5: the calls of each phase, counted from DSPy's history, and its replies
-
-
-def history_ids() -> set[str]:
-    """Ids of every LM call recorded so far in this process.
-
-    DSPy's global history holds the calls of every LM, including the copies an optimizer makes
-    of ours (MIPROv2 proposes instructions with one); lm.history would miss those.
-    """
-    from dspy.clients.base_lm import GLOBAL_HISTORY
-
-    return {entry["uuid"] for entry in list(GLOBAL_HISTORY)}
-
-
-def was_cache_hit(entry: dict) -> bool:
-    """Whether DSPy answered this call from its cache instead of sending it.
-
-    Through LiteLLM, DSPy marks the replayed reply; its own engine marks nothing, but records a
-    replayed call with no usage and the cost of the call it replays. A call with neither usage
-    nor cost counts as sent: a server that reports no usage is not a free cache hit.
-    """
-    if getattr(entry["response"], "cache_hit", False):
-        return True
-    return not entry.get("usage") and entry.get("cost") is not None
-
-
-def reported_usage(entry: dict) -> bool:
-    """Whether the server said what the call used (LiteLLM fills in zeros when it did not)."""
-    return bool((entry.get("usage") or {}).get("prompt_tokens"))
-
-
-NO_CALLS = {
-    "sent": 0,
-    "cache_hits": 0,
-    "prompt_tokens": 0,
-    "completion_tokens": 0,
-    "cost_usd": 0.0,
-    "cut_at_max_tokens": 0,
-}
-
-
-def finish_reason(entry: dict) -> str | None:
-    """Why the reply ended: "stop" (end of turn or a stop string) or "length" (--max-tokens)."""
-    response = entry["response"]
-    choices = getattr(response, "choices", None) or []
-    reason = getattr(choices[0], "finish_reason", None) if choices else None
-    return reason or getattr(response, "finish_reason", None)
-
-
-def tally_since(before: set[str]) -> dict:
-    """Calls recorded since `before`: sent, answered from the cache, tokens, and actual cost."""
-    from dspy.clients.base_lm import GLOBAL_HISTORY
-
-    entries = [entry for entry in list(GLOBAL_HISTORY) if entry["uuid"] not in before]
-    sent = [entry for entry in entries if not was_cache_hit(entry)]
-    costs = [entry.get("cost") if reported_usage(entry) else None for entry in sent]
-    return {
-        "sent": len(sent),
-        "cache_hits": len(entries) - len(sent),
-        "prompt_tokens": sum((entry["usage"] or {}).get("prompt_tokens") or 0 for entry in sent),
-        "completion_tokens": sum(
-            (entry["usage"] or {}).get("completion_tokens") or 0 for entry in sent
-        ),
-        # A cache hit keeps the cost of the call it replays; it costs nothing now, so only the
-        # calls really sent are summed. One unpriced call, or one whose usage the server did
-        # not report, makes the total unknown.
-        "cost_usd": None if any(cost is None for cost in costs) else sum(costs),
-        # replies that ran to --max-tokens, cached ones included: the same replies either way
-        "cut_at_max_tokens": sum(finish_reason(entry) == "length" for entry in entries),
-    }
-
-
-def json_retry(adapter) -> bool:
-    """Whether DSPy asks again in JSON when `adapter` cannot read a reply (one more call)."""
-    import dspy
-
-    return bool(getattr(adapter, "use_json_adapter_fallback", False)) and not isinstance(
-        adapter, dspy.JSONAdapter
-    )
-
-
-def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
-    """After a phase: how many replies DSPy could not read, and the first of them."""
-    tally = plan.replies.get(phase, new_reply_tally())
-    actual = plan.actual.get(phase, NO_CALLS)
-    calls, cut = actual["sent"] + actual["cache_hits"], actual["cut_at_max_tokens"]
-    n, bad = tally["replies"], tally["not_in_format"]
-    if phase == "plain":
-        console.print(
-            f"plain: {calls} replies to the plain chat prompt (nothing for DSPy to parse)"
-        )
-    else:
-        console.print(f"{phase}: {n - bad} of {n} replies read ({ADAPTER_FORMATS[cfg.adapter]})")
-    if tally["plain"]:
-        console.print(f"  {tally['plain']} of them had no field markers: read whole as the answer")
-    if bad:
-        retry = f"DSPy asked each again in JSON (+{bad} calls), {tally['json_rescued']} parsed; "
-        console.print(
-            f"  {bad} not in it: {retry if tally['json_rescued'] + tally['unparsed'] else ''}"
-            f"[bold]{tally['unparsed']} unparsed[/]: an empty answer, scored 0"
-        )
-        first = tally["first_unparsed"] or "(empty)"
-        console.print("  the first reply it could not read, as the model wrote it:")
-        console.print(f"  [dim]{escape(first)}[/]")
-        if first in STOP:
-            console.print(
-                f"  (the model began by writing {first}, a stop string: it was echoing the "
-                "prompt, so the reply ends there, empty)"
-            )
-    if cut:
-        console.print(
-            f"  {cut} of {calls} calls ran to --max-tokens {cfg.max_tokens} before a stop "
-            f"string {stop_strings(cfg.adapter)} (a model repeating itself, or a long answer)"
-        )
-
-
-# ----- Stage 5 · answer: the plain model, the mark every approach shares
-
-
-@dataclass
-class Answers:
-    """Stage 5's answers: a row per test question with its id, question, reference and the
-    answer of each phase (plain, baseline, tuned), as write_results() scores them."""
-
-    questions: list[dict]
-    tuned_reasoning: list[str]  # the compiled program's reasoning (ChainOfThought), per row
-
-
-def plain_messages(question: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-
-
-def plain_prompt_adapter():
-    """The plain model's prompt as a DSPy adapter: SYSTEM_PROMPT and the question, nothing else;
-    the whole reply is the answer.
-
-    The same words the fine-tuning approaches prompt with, so the plain phase scores what the
-    model does untouched. As an adapter it goes through the very LM the programs use: the same
-    decoding, cache, retries and call counting.
-    """
-    import dspy
-
-    class PlainPromptAdapter(dspy.ChatAdapter):
-        def format(self, signature, demos, inputs) -> list[dict]:
-            return plain_messages(inputs["question"])
-
-        def parse(self, signature, completion: str) -> dict:
-            return {"answer": completion.strip()}
-
-    return PlainPromptAdapter(use_json_adapter_fallback=False)
-
-
 @contextlib.contextmanager
 def base_model_served(cfg: Config, plan: Plan):
     """--serve with --base-model FOLDER: that folder, served for the plain and baseline phases.
@@ -1969,21 +2125,12 @@ def base_model_served(cfg: Config, plan: Plan):
         server.stop()
 
 
-def answer_phase(cfg: Config, plan: Plan, name: str, program, formatted: Formatted, settings):
-    """Answer every test question with `program`, under these dspy settings (lm, adapter);
-    count the calls and the replies."""
-    import dspy
-
-    before = history_ids()
-    plan.phase = name
-    with dspy.context(**settings):
-        replies = answer_all(program, formatted.testset, cfg.threads, name)
-    plan.actual[name] = tally_since(before)
-    say_replies(cfg, plan, name)
-    return replies
-
-
-# ----- Stages 4 and 5: threads that Ctrl-C and SIGTERM never wait for
+# =====================================================================================
+# Optional: Ctrl-C and SIGTERM that wait for no LM call in flight (minutes, against a slow
+# local server). Delete this section with its three uses, marked `interrupts`: DaemonThreads in
+# answer_all (ThreadPoolExecutor from concurrent.futures instead), the with-block in tune and
+# exit_before_teardown() in lm_errors_explained.
+# =====================================================================================
 
 
 class DaemonThreads(Executor):
@@ -2066,193 +2213,28 @@ def dspy_parallel_in_daemon_threads():
         parallelizer.ThreadPoolExecutor = original
 
 
-# ----- Stage 5 · answer: in parallel, a failed call stopping the run
-
-
-def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
-    """Run `program` on every example in `threads` threads, with a progress bar.
-
-    dspy.Evaluate does the same, but it scores a call that failed as 0 and carries on; here a
-    call that still fails after DSPy's retries stops the run (exit 1) instead of writing a wrong
-    score. A reply the adapter cannot parse, even after DSPy's JSON fallback (one more call, not
-    in the estimate), is a bad answer, not a failure: it scores 0.
-    """
-    import contextvars
-    from concurrent.futures import as_completed
-
-    import dspy
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    def one(example) -> dict:
-        try:
-            prediction = program(**example.inputs())
-        except dspy.AdapterParseError:  # a program that is not build_program()'s
-            return {"answer": "", "reasoning": UNPARSED}
-        return {
-            "answer": prediction.answer or "",
-            "reasoning": getattr(prediction, "reasoning", None) or "",
-        }
-
-    results: list[dict] = [{} for _ in examples]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    pool, wait = DaemonThreads(threads), True
-    try:
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task(f"{label:>8}", total=len(examples))
-            # Each call runs in a copy of this thread's context, so settings made with
-            # dspy.context(...) reach the worker threads (dspy.Parallel does the same).
-            futures = {
-                pool.submit(contextvars.copy_context().run, one, example): i
-                for i, example in enumerate(examples)
-            }
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                progress.advance(task)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: wait for no call in flight
-        wait = False
-        raise
-    finally:
-        # Send nothing more: drop the calls not started yet. After a failed call, the calls in
-        # flight still land in the cache, for the next run.
-        pool.shutdown(wait=wait)
-    return results
-
-
-def show_answers(cfg: Config, answers: Answers) -> None:
-    """Stage 5's last words: your question's two answers (--ask), and the tuned reasoning."""
-    if cfg.ask:
-        row = answers.questions[0]
-        console.print(f"question: {row['question']}", markup=False)
-        console.print(f"baseline: {row['baseline']}", markup=False)
-        console.print(f"tuned:    {row['tuned']}", markup=False)
-    else:
-        console.print(
-            f"answered {len(answers.questions)} test questions twice; stage 6 scores them"
-        )
-    console.print(f"the compiled program's reasoning for {answers.questions[0]['id']}:")
-    console.print(f"  {answers.tuned_reasoning[0]}", markup=False)
-
-
-# ----- Stage 6 · compare: what was sent and spent, what was read, the command for a real run
-
-
-def show_calls(plan: Plan) -> None:
-    """Stage 6's table of LM calls, phase by phase: estimated, sent, cached, tokens, USD."""
-    table = Table(title="LM calls: estimated vs actual")
-    columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "phase" else "right")
-    for phase in plan.phases:
-        actual = plan.actual.get(phase.name, NO_CALLS)
-        est = phase_cost(phase, plan.price)
-        table.add_row(
-            phase.name,
-            str(phase.calls),
-            str(actual["sent"]),
-            str(actual["cache_hits"]),
-            f"{actual['prompt_tokens']:,} / {actual['completion_tokens']:,}",
-            "?" if est is None else f"{est:.4f}",
-            "?" if actual["cost_usd"] is None else f"{actual['cost_usd']:.4f}",
-        )
-    console.print(table)
-
-
-def show_actual_cost(plan: Plan) -> float | None:
-    """Say what the calls really cost (None: unknown) and how many came from the cache."""
-    actuals = [plan.actual[name] for name in PHASES if name in plan.actual]
-    costs = [a["cost_usd"] for a in actuals]
-    cost = None if any(c is None for c in costs) else sum(costs)
-    sent = sum(a["sent"] for a in actuals)
-    cached = sum(a["cache_hits"] for a in actuals)
-    console.print(
-        f"actual cost: {'unknown' if cost is None else f'${cost:.4f}'} for {sent} calls sent; "
-        f"{cached} answered from the cache at no cost (DSPy's history, cache hits counted apart)."
-    )
-    return cost
-
-
-def show_replies(cfg: Config, plan: Plan) -> dict[str, dict]:
-    """Stage 6's account of every reply: read, asked again in JSON, or unparsed (scored 0)."""
-    table = Table(title="replies, by phase: what DSPy could read")
-    columns = ("phase", "replies", "in format", "read whole", "not read", "JSON parsed")
-    columns += ("unparsed (scored 0)", f"cut at {cfg.max_tokens} tokens")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "phase" else "right")
-    replies = {}
-    for name in PHASES:
-        if name not in plan.actual or name == "plain":  # the plain prompt asks for no format
-            continue
-        tally = replies[name] = plan.replies.get(name, new_reply_tally())
-        actual = plan.actual[name]
-        cut = f"{actual['cut_at_max_tokens']} of {actual['sent'] + actual['cache_hits']}"
-        n, bad = tally["replies"], tally["not_in_format"]
-        cells = (n, n - bad - tally["plain"], tally["plain"], bad, tally["json_rescued"])
-        table.add_row(name, *map(str, cells), str(tally["unparsed"]), cut)
-    console.print(table)
-    retry = json_retry(build_adapter(cfg.adapter))
-    retry = "asked again in JSON (one more call, counted in 'sent' above), " if retry else ""
-    console.print(
-        f"[dim]in format: the adapter read every field ({ADAPTER_FORMATS[cfg.adapter]}); read "
-        "whole: a reply without field markers, taken as the answer; not read: a reply the "
-        f"adapter could not parse, {retry}an empty answer if still unread (unparsed, scored 0). "
-        f"Cut: calls that ran to --max-tokens before a stop string {stop_strings(cfg.adapter)}.[/]"
-    )
-    return replies
-
-
-def base_model_label(cfg: Config) -> str:
-    """The model of the plain-model mark and the baseline, named as the results name models."""
-    if cfg.base_model is None:
-        return served_label(cfg.serve) if cfg.serve else cfg.model
-    return served_label(Path(cfg.base_model).resolve()) if cfg.serve else cfg.base_model
-
-
-def show_real_run_command(cfg: Config, plan: Plan) -> None:
-    """A dry run ends with the command for the real one, and the key it still needs."""
-    command = shlex.join([Path(sys.argv[0]).name, *cfg.argv])
-    need = plan.key_variable and not os.environ.get(plan.key_variable)
-    console.print()
-    console.print("Real run (sends the calls above):", style="bold")
-    if need:
-        console.print(f"  export {plan.key_variable}=...   # or put it in .env")
-    console.print(f"  python {command} --run", markup=False)
-
-
 # =====================================================================================
 # The other entry point: --ask
 # =====================================================================================
 
 
-def ask(cfg: Config) -> None:
+def ask(cfg: Config) -> Data:
     """--ask: one question of your own, to the baseline and to the program a real run saved.
 
-    The stages of a run, on that one question: no data is read, nothing is compiled (the
-    saved program is loaded in stage 2) and no results are written.
+    Stage 1 of a run on that one question: no data is read. The other stages run as usual,
+    except that nothing is compiled (the saved program is loaded in stage 2) and no results
+    are written.
     """
     stage(1, "prepare_data", "Load the question/answer pairs, check them, split train and test.")
     console.print("--ask: no data needed; the demos come from the saved program.")
     row = {"id": "ask", "subject": "yours", "question": cfg.ask.strip(), "answer": ""}
-    data = Data(train=[], test=[{**row, "split": "test"}], train_all=[])
-    import_dspy()
-    formatted = format_data(cfg, data)
-    with local_server_stopped_at_the_end():
-        plan = configure_model(cfg, formatted)
-        with lm_errors_explained(cfg, plan):
-            tuned = tune(cfg, formatted, plan)  # the saved program, shown
-            answer(cfg, data, formatted, plan, tuned)
-        stage(
-            6,
-            "compare",
-            "Score both with ROUGE-L, write the results, compare with the other approaches.",
-        )
-        console.print("--ask writes no results: it answered your question only.")
-    if not cfg.run:
-        show_real_run_command(cfg, plan)
+    return Data(train=[], test=[{**row, "split": "test"}], train_all=[])
 
 
 # =====================================================================================
-# Reference tables: providers, optimizers
+# Reference tables: providers, phases, optimizers
 # =====================================================================================
+
 
 # The environment variable holding each provider's key; other providers are asked of LiteLLM.
 KEY_VARIABLES = {
@@ -2264,19 +2246,11 @@ KEY_VARIABLES = {
 # Servers that run on your own machine and need no key.
 LOCAL_PROVIDERS = ("ollama", "ollama_chat", "hosted_vllm", "lm_studio")
 
+
 PHASES = ("plain", "baseline", "compile", "tuned")  # the blocks of LM calls of a real run
-PROGRAM_CLASSES = {"predict": "dspy.Predict", "cot": "dspy.ChainOfThought"}
 # Below this many parameters a model is small: it rarely follows an adapter's format unaided.
 SMALL_MODEL = 3e9
 
-# How each adapter asks the model to lay out its reply (say_replies names it).
-ADAPTER_FORMATS = {
-    "chat": "ChatAdapter's [[ ## field ## ]] sections, with DSPy's JSON retry",
-    "chat-no-retry": "ChatAdapter's [[ ## field ## ]] sections, no retry",
-    "chat-plain": "ChatAdapter's sections, or a plain reply read as the answer",
-    "json": "JSONAdapter: a JSON object",
-    "xml": "XMLAdapter: <field> tags, with DSPy's JSON retry",
-}
 
 # What each optimizer does, as stage 4 says it before compiling (filled in by describe_optimizer).
 OPTIMIZER_DESCRIPTIONS = {
