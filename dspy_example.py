@@ -87,7 +87,7 @@ STOP = ["[[ ## completed ## ]]", "[[ ## question ## ]]"]
 HOSTED_MAX_TOKENS = 1000
 LOCAL_MAX_TOKENS = 128
 HOSTED_THREADS = 8  # parallel calls a hosted API (or vLLM, Ollama) serves at once
-SERVE_THREADS = 1  # `transformers serve` writes one reply at a time: more only queue (LocalServer)
+SERVE_THREADS = 1  # --serve: `transformers serve` writes one reply at a time, more only queue
 
 # The program, and the adapter that writes its prompt and reads its reply, chosen by measurement
 # (bench/dspy_program.py): a hosted model follows ChatAdapter's format; a small one on your own
@@ -190,16 +190,16 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
         plan.server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log")
     show_settings(cfg, provider, plan)
     estimate_calls(cfg, formatted, plan)  # estimates: calls, tokens and USD of each phase
-    if plan.server is not None:
-        check_serve(cfg, plan)  # --serve: the prompts fit the model, the server can run here
+    if plan.server is not None:  # --serve: the prompts fit the model, the server can run here
+        check_serve(cfg, plan)
     if not cfg.run:
         console.print("dry run: no LM client is built and nothing is sent.")
         return plan
 
     # The guard: everything below spends money, so check it all before the first request.
     check_before_sending(cfg, plan)
-    if plan.server is not None:
-        start_server(cfg, plan)  # --serve: stopped when the run ends
+    if plan.server is not None:  # --serve: start it (stopped when the run ends)
+        start_server(cfg, plan)
     import dspy
 
     # DSPy caches every call on disk, keyed on the model and the messages but NOT on api_base:
@@ -211,7 +211,7 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
         dspy.configure_cache(disk_cache_dir=str(cfg.cache_dir))
     client = client_settings(cfg, plan)  # api_base, key
     plan.base_lm = lm = build_lm(cfg, cfg.model, client)
-    if cfg.base_model is not None and plan.server is None:  # with --serve: in stage 5
+    if cfg.base_model is not None and plan.server is None:  # a served one starts in stage 5
         plan.base_lm = build_lm(cfg, cfg.base_model, client)
     callback = watch_lm_errors(plan, formatted.adapter)
     dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[callback])
@@ -345,7 +345,7 @@ def compare(
             # answer of "" (scored 0; counted as unusable above for baseline and tuned)
             "unparsed": {name: tally["unparsed"] for name, tally in replies.items()},
             "replies": replies,
-            "server": plan.server.command() if plan.server else None,  # --serve
+            "server": plan.server.command() if plan.server else None,
         },
         name=cfg.results_name,
     )
@@ -549,14 +549,15 @@ class Config:
             # transformers serve names the model after the folder it was given, and refuses
             # any other name; "openai/" tells LiteLLM to speak the OpenAI chat API to it.
             self.model = f"openai/{self.serve}"
+            self.threads = self.threads or SERVE_THREADS
         self.model = self.model or DEFAULT_MODEL
-        self.local = local = on_this_machine(self.model, self.api_base, self.serve)
+        self.local = local = on_this_machine(self)
         if self.program == "auto":
             self.program = LOCAL_PROGRAM if local else HOSTED_PROGRAM
         if self.adapter == "auto":
             self.adapter = LOCAL_ADAPTER if local else HOSTED_ADAPTER
         self.max_tokens = self.max_tokens or (LOCAL_MAX_TOKENS if local else HOSTED_MAX_TOKENS)
-        self.threads = self.threads or (SERVE_THREADS if self.serve else HOSTED_THREADS)  # --serve
+        self.threads = self.threads or HOSTED_THREADS
         self.cache_dir = self.cache_dir or self.output_dir / "dspy" / "cache"
         if self.ask and self.load is None:
             self.load = self.program_path
@@ -810,7 +811,7 @@ class Plan:
     actual: dict[str, dict] = field(default_factory=dict)  # tally_since() of each phase run
     demos: int | None = None  # demos in the compiled program
     first_lm_error: BaseException | None = None  # kept by the callback in configure_model
-    server: LocalServer | None = None  # --serve: the server this run starts
+    server: object | None = None  # the LocalServer this run starts (--serve), or None
     base_lm: object | None = None  # the plain model's and the baseline's: --base-model, or --model
     phase: str = "baseline"  # the phase whose replies are being parsed now
     replies: dict[str, dict] = field(default_factory=dict)  # parse outcomes, by phase
@@ -832,7 +833,7 @@ def provider_of(model: str, api_base: str | None) -> str:
     return provider
 
 
-def on_this_machine(model: str, api_base: str | None, serve: Path | None) -> bool:
+def on_this_machine(cfg: Config) -> bool:
     """Whether the model runs on this machine: --serve, a local provider, or an --api-base on
     loopback serving a model LiteLLM has no price for (a priced name there is a proxy to a paid
     API, which stays a hosted model).
@@ -840,13 +841,15 @@ def on_this_machine(model: str, api_base: str | None, serve: Path | None) -> boo
     Such a model gets the local defaults: a shorter reply limit, and the program and adapter a
     small model can follow (PROGRAMS, ADAPTERS). Keys and prices are the provider's as usual.
     """
-    if serve is not None or model.split("/", 1)[0] in LOCAL_PROVIDERS:  # --serve, or ollama...
+    if cfg.serve is not None:  # --serve
+        return True
+    if cfg.model.split("/", 1)[0] in LOCAL_PROVIDERS:
         return True
     from urllib.parse import urlparse
 
-    host = (urlparse(api_base).hostname or "") if api_base else ""
+    host = (urlparse(cfg.api_base).hostname or "") if cfg.api_base else ""
     loopback = host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.")
-    return loopback and price_per_token(model) is None
+    return loopback and price_per_token(cfg.model) is None
 
 
 def price_per_token(model: str) -> tuple[float, float] | None:
@@ -882,7 +885,7 @@ def show_settings(cfg: Config, provider: str, plan: Plan) -> None:
     """Stage 3's table of what the LM client will be: model, server, key, decoding, cache."""
     settings = Table(show_header=False, box=None)
     settings.add_row("model", f"{cfg.model} (provider: {provider})")
-    if plan.server is not None:  # --serve
+    if plan.server is not None:
         server = plan.server
         settings.add_row("server", f"{server.api_base}, started for this run: {server.command()}")
     else:
@@ -909,7 +912,7 @@ def model_size(cfg: Config) -> int | None:
     ("llama3.2:1b", "qwen2.5-0.5b-instruct", "SmolLM2-135M"). None when neither says."""
     if cfg.serve is not None and (size := served_size(cfg.serve)):  # --serve
         return size
-    name = cfg.model.rsplit("/", 1)[-1].lower()  # with --serve, its folder's name
+    name = cfg.model.rsplit("/", 1)[-1].lower()  # a served folder: its name
     found = re.findall(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([mb])(?![a-z])", name.replace("_", "-"))
     if not found:
         return None
@@ -944,7 +947,7 @@ def check_before_sending(cfg: Config, plan: Plan) -> None:
             f"{plan.key_variable} is not set; {cfg.model} needs it: export it or put it in .env "
             "(nothing was sent)"
         )
-    if plan.server is not None:  # --serve
+    if plan.server is not None:
         console.print("your own machine: nothing to pay, nothing to confirm.")
     elif plan.estimate_usd == 0:
         console.print("LiteLLM prices this model at $0 (a local server): nothing to confirm.")
@@ -982,7 +985,7 @@ def client_settings(cfg: Config, plan: Plan) -> dict:
     client = {"api_base": cfg.api_base} if cfg.api_base else {}
     if plan.key_variable:
         client["api_key"] = os.environ[plan.key_variable]
-    elif plan.server is not None:  # --serve: the OpenAI client wants a key; the server reads none
+    elif plan.server is not None:  # the OpenAI client wants a key; transformers serve reads none
         client["api_key"] = "local"
     return client
 
@@ -1553,9 +1556,9 @@ def show_replies(cfg: Config, plan: Plan) -> dict[str, dict]:
 
 def model_label(cfg: Config, model: str | None) -> str:
     """A model as the results name it (None: --model), a folder --serve served by its path."""
-    if cfg.serve is None:  # --serve
-        return model or cfg.model
-    return served_label(Path(model).resolve() if model else cfg.serve)
+    if cfg.serve is not None:  # --serve
+        return served_label(Path(model).resolve() if model else cfg.serve)
+    return model or cfg.model
 
 
 def show_real_run_command(cfg: Config, plan: Plan) -> None:
@@ -1571,9 +1574,9 @@ def show_real_run_command(cfg: Config, plan: Plan) -> None:
 
 # =====================================================================================
 # Optional: the estimates before a paid step (tokens per call, calls per phase, their price).
-# Delete this section with the lines marked `estimates` (stages 2, 3 and 6, Formatted, Plan,
-# check_before_sending, check_serve); a paid run then asks with its cost unknown, and
-# --max-cost refuses it.
+# Delete this section with the statements marked `estimates` (in stages 2, 3 and 6, Formatted,
+# Plan, check_before_sending's count of calls, check_serve) and --serve's check_context; a paid
+# run then asks with its cost unknown, and --max-cost refuses it.
 # =====================================================================================
 
 
@@ -1850,8 +1853,9 @@ def show_calls(plan: Plan) -> None:
 
 # =====================================================================================
 # Optional: --serve, a model folder on this machine behind `transformers serve`, started and
-# stopped by the run. Delete this section with Config's serve fields, every use of them
-# (cfg.serve, self.serve, args.serve) and the lines marked `--serve`.
+# stopped by the run. Delete this section with Config's serve fields (and --threads' note on
+# them) and the statements marked `--serve` (a marked `with` keeps its body); Plan.server then
+# stays None.
 # =====================================================================================
 
 
@@ -2128,8 +2132,8 @@ def base_model_served(cfg: Config, plan: Plan):
 # =====================================================================================
 # Optional: Ctrl-C and SIGTERM that wait for no LM call in flight (minutes, against a slow
 # local server). Delete this section with its three uses, marked `interrupts`: DaemonThreads in
-# answer_all (ThreadPoolExecutor from concurrent.futures instead), the with-block in tune and
-# exit_before_teardown() in lm_errors_explained.
+# answer_all (ThreadPoolExecutor from concurrent.futures instead), the `with` in tune (it keeps
+# its body) and exit_before_teardown() in lm_errors_explained.
 # =====================================================================================
 
 
