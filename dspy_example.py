@@ -26,8 +26,10 @@ How to run it
     python dspy_example.py --run --ask "Why is the sky blue?"   # ask the compiled program
 
 How to read it
-    main() is the table of contents; below the stages, their helpers stage by stage, then the
-    optional parts, --ask, the reference tables and the command line.
+    main() is the table of contents, then the six stages, then Config: every setting with its
+    default and help (the command line is built from it). Below them, the helpers stage by
+    stage; then the optional parts, each a section a copy can delete (the estimates, a local
+    server, a Ctrl-C that waits for nothing); --ask, the reference tables, the command line.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from rich.table import Table
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 # =====================================================================================
-# Settings: each default is written here, once
+# Settings: the defaults Config is built from (Config itself comes after the six stages)
 # =====================================================================================
 
 APPROACH = "dspy"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
@@ -85,15 +87,22 @@ STOP = ["[[ ## completed ## ]]", "[[ ## question ## ]]"]
 HOSTED_MAX_TOKENS = 1000
 LOCAL_MAX_TOKENS = 128
 HOSTED_THREADS = 8  # parallel calls a hosted API (or vLLM, Ollama) serves at once
-SERVE_THREADS = 1  # `transformers serve` writes one reply at a time: more only queue (LocalServer)
+SERVE_THREADS = 1  # --serve: `transformers serve` writes one reply at a time, more only queue
 
-# The program, and the adapter that writes its prompt, chosen by measurement (PROGRAMS,
-# bench/dspy_program.py): a hosted model follows ChatAdapter's format; a small one on your own
+# The program, and the adapter that writes its prompt and reads its reply, chosen by measurement
+# (bench/dspy_program.py): a hosted model follows ChatAdapter's format; a small one on your own
 # machine (--serve, a local provider or --api-base) needs the plain-reply adapter.
-PROGRAMS = ("predict", "cot")  # dspy.Predict, dspy.ChainOfThought (a reasoning, then the answer)
-ADAPTERS = ("chat", "chat-no-retry", "chat-plain", "json", "xml")
+PROGRAMS = {"predict": "dspy.Predict", "cot": "dspy.ChainOfThought"}  # cot: reasoning, answer
+ADAPTERS = {  # how each asks the model to lay out its reply (build_adapter, say_replies)
+    "chat": "ChatAdapter's [[ ## field ## ]] sections, with DSPy's JSON retry",
+    "chat-no-retry": "ChatAdapter's [[ ## field ## ]] sections, no retry",
+    "chat-plain": "ChatAdapter's sections, or a plain reply read as the answer",
+    "json": "JSONAdapter: a JSON object",
+    "xml": "XMLAdapter: <field> tags, with DSPy's JSON retry",
+}
 HOSTED_PROGRAM, HOSTED_ADAPTER = "cot", "chat"
 LOCAL_PROGRAM, LOCAL_ADAPTER = "predict", "chat-plain"
+OPTIMIZERS = ("bootstrap", "random-search", "mipro", "labeled")  # OPTIMIZER_DESCRIPTIONS says
 # The plain model, the mark every approach shares: the untuned model with this plain prompt.
 SYSTEM_PROMPT = (
     "You are a patient, knowledgeable teacher. Answer the student's question correctly "
@@ -101,87 +110,15 @@ SYSTEM_PROMPT = (
 )
 
 
-@dataclass
-class Config:
-    """Every setting of a run. The command line fills it in and takes its defaults from here."""
-
-    data: Path = Path(__file__).with_name("small_edu_qa.jsonl")  # DATA_FILE, defined later
-    model: str = DEFAULT_MODEL  # any LiteLLM model string: provider/model
-    run: bool = False  # without it: a dry run that sends nothing
-    yes: bool = False  # a paid step asks first; --yes is for scripts that cannot answer
-    max_cost: float | None = None  # USD: a ceiling checked against stage 3's estimate
-    train_limit: int | None = 30  # DSPy needs few examples: 10 to 50 is the sweet spot
-    test_limit: int | None = None  # None: every test question (each one costs two calls)
-    output_dir: Path = Path("outputs")  # everything a run writes, in one folder to delete
-    seed: int = 42  # MIPROv2's search: the same run twice proposes the same programs
-    ask: str | None = None  # one question of your own, to the program a real run saved
-    # --- DSPy's own settings ---
-    api_base: str | None = None  # an OpenAI-compatible server, Ollama, vLLM, a proxy
-    api_key_env: str | None = None  # read the key from this variable instead of the provider's
-    engine: str = "litellm"  # "litellm" or DSPy 3.4's "auto" (its own client for some providers)
-    program: str = "auto"  # PROGRAMS, or auto: LOCAL_PROGRAM on your machine, else HOSTED_PROGRAM
-    adapter: str = "auto"  # ADAPTERS, or auto: LOCAL_ADAPTER on your machine, else HOSTED_ADAPTER
-    base_model: str | None = None  # the untuned model --model was tuned from (plain, baseline)
-    optimizer: str = "bootstrap"  # see OPTIMIZERS; this one learns demos in one pass, cheapest
-    metric_threshold: float = 30.0  # ROUGE-L x100 a bootstrapped demo must reach
-    max_bootstrapped_demos: int = 4  # demos generated by the model and kept when they scored well
-    max_labeled_demos: int = 16  # demos in all: training pairs as written fill the rest
-    num_candidates: int = 8  # random-search: how many demo sets to try
-    temperature: float = 0.0  # set explicitly: DSPy's defaults changed in 3.0.4
-    max_tokens: int | None = None  # None: HOSTED_MAX_TOKENS, or LOCAL_MAX_TOKENS on your machine
-    threads: int | None = None  # parallel calls (answering, scoring candidates); None: above
-    num_retries: int = 3  # DSPy retries a failed call this often, backing off 1, 2, 4 s
-    max_errors: int = 3  # failed examples an optimizer tolerates before it stops
-    load: Path | None = None  # a compiled program to use instead of compiling
-    cache_dir: Path | None = None  # default OUTPUT_DIR/dspy/cache
-    no_cache: bool = False  # send every call, even one answered before (to time a server)
-    serve: Path | None = None  # a local model folder: run `transformers serve` on it for this run
-    serve_timeout: float = 300.0  # seconds the server may take to load the model and answer
-    results_name: str | None = None  # results/<name>.json; None: the approach's name, "dspy"
-    argv: list[str] = field(default_factory=list)  # this run's flags, for the real-run command
-    local: bool = field(init=False)  # the model runs on this machine (on_this_machine)
-    program_path: Path = field(init=False)  # where the compiled program is saved
-    finetune_path: Path = field(init=False)  # the train pairs as the program sends them (chat)
-
-    def __post_init__(self):
-        if self.results_name is None:
-            self.results_name = APPROACH
-        # One compiled program (and its fine-tuning data) per results name: runs side by side.
-        suffix = "" if self.results_name == APPROACH else f"-{self.results_name}"
-        self.program_path = self.output_dir / "dspy" / f"program{suffix}.json"
-        self.finetune_path = self.output_dir / "dspy" / f"finetune{suffix}.jsonl"
-        if self.serve is not None:
-            self.serve = self.serve.resolve()
-            # transformers serve names the model after the folder it was given, and refuses
-            # any other name; "openai/" tells LiteLLM to speak the OpenAI chat API to it.
-            self.model = f"openai/{self.serve}"
-        self.local = local = on_this_machine(self.model, self.api_base, self.serve)
-        if self.program == "auto":
-            self.program = LOCAL_PROGRAM if local else HOSTED_PROGRAM
-        if self.adapter == "auto":
-            self.adapter = LOCAL_ADAPTER if local else HOSTED_ADAPTER
-        if self.max_tokens is None:
-            self.max_tokens = LOCAL_MAX_TOKENS if local else HOSTED_MAX_TOKENS
-        if self.threads is None:
-            self.threads = SERVE_THREADS if self.serve is not None else HOSTED_THREADS
-        if self.cache_dir is None:
-            self.cache_dir = self.output_dir / "dspy" / "cache"
-        if self.ask and self.load is None:
-            self.load = self.program_path
-
-
 def main(argv: list[str] | None = None) -> None:
-    """The table of contents: the six stages in order, unless --ask asks for one answer."""
+    """The table of contents: the six stages in order (with --ask, on your one question)."""
     cfg = parse_config(argv)
     check_output_dirs(cfg)  # in a dry run too: the real run must not find out late
     load_env_file()
-    if cfg.ask:
-        ask(cfg)
-        return
-    data = prepare_data(cfg)
+    data = ask(cfg) if cfg.ask else prepare_data(cfg)
     import_dspy()
     formatted = format_data(cfg, data)
-    with local_server_stopped_at_the_end():  # with --serve, a real run starts one in stage 3
+    with local_server_stopped_at_the_end():  # --serve: a real run starts one in stage 3
         plan = configure_model(cfg, formatted)
         started = time.monotonic()  # the results record the time of stages 4 to 6
         with lm_errors_explained(cfg, plan):
@@ -197,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
 # =====================================================================================
 
 
-def prepare_data(cfg: Config) -> dict:
+def prepare_data(cfg: Config) -> Data:
     stage(1, "prepare_data", "Load the question/answer pairs, check them, split train and test.")
     examples = load_examples(cfg.data)
     train = take(examples, "train", cfg.train_limit)
@@ -209,10 +146,10 @@ def prepare_data(cfg: Config) -> dict:
         f"10 to 50). The {len(test)} test pairs are never shown to it: they only score the result."
     )
     # All of them, not only --train-limit's: the fine-tuning data stage 4 writes uses every pair.
-    return {"train": train, "test": test, "train_all": take(examples, "train", None)}
+    return Data(train, test, train_all=take(examples, "train", None))
 
 
-def format_data(cfg: Config, data: dict) -> Formatted:
+def format_data(cfg: Config, data: Data) -> Formatted:
     stage(2, "format_data", "Turn each pair into a dspy.Example; show the exact prompt DSPy sends.")
     import dspy
 
@@ -220,38 +157,27 @@ def format_data(cfg: Config, data: dict) -> Formatted:
         example = dspy.Example(question=row["question"], answer=row["answer"])
         return example.with_inputs("question")  # the answer is the label, never an input
 
-    trainset = [to_example(row) for row in data["train"]]
-    testset = [to_example(row) for row in data["test"]]
+    trainset = [to_example(row) for row in data.train]
+    testset = [to_example(row) for row in data.test]
     signature = teacher_signature()
     # --program: Predict asks for the answer; ChainOfThought adds a `reasoning` field before it.
-    baseline = build_program(cfg.program, signature)
-    predict_signature = predictor(baseline).signature
+    predict_signature = predictor(build_program(cfg.program, signature)).signature
     adapter = build_adapter(cfg.adapter)  # --adapter: writes the prompt, reads the reply
     show_example((trainset or testset)[0], predict_signature)
     show_program_choice(cfg)
 
-    first = testset[0]
-    messages = adapter.format(predict_signature, demos=[], inputs={"question": first.question})
+    first = data.test[0]
+    messages = adapter.format(predict_signature, demos=[], inputs={"question": first["question"]})
     console.print(
-        f"\nThe exact prompt the baseline sends for test question {data['test'][0]['id']} "
+        f"\nThe exact prompt the baseline sends for test question {first['id']} "
         "(ChatAdapter.format, no LM call):"
     )
     print_prompt(messages)
 
     loaded = load_program(cfg.load, cfg.program, signature) if cfg.load else None
-    prompt_tokens, reply_tokens = estimate_tokens(
-        cfg, data, adapter, predict_signature, trainset, testset, loaded
-    )
-    return Formatted(
-        trainset,
-        testset,
-        signature,
-        adapter,
-        prompt_tokens,
-        reply_tokens,
-        loaded,
-        data["train_all"],
-    )
+    formatted = Formatted(trainset, testset, signature, adapter, loaded, data.train_all)
+    estimate_tokens(cfg, data, formatted)  # estimates: tokens per call of each phase
+    return formatted
 
 
 def configure_model(cfg: Config, formatted: Formatted) -> Plan:
@@ -259,28 +185,21 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
         3, "configure_model", "Pick the LM, check its key, estimate calls and cost before sending."
     )
     provider = provider_of(cfg.model, cfg.api_base)
-    key_variable = key_variable_for(cfg, provider)
-    server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log") if cfg.serve else None
-    show_settings(cfg, provider, key_variable, server)
-
-    phases = plan_phases(cfg, formatted)
-    if cfg.serve is not None:
-        check_serve(cfg, phases)
-    price = (0.0, 0.0) if cfg.serve is not None else price_per_token(cfg.model)
-    estimate = None if price is None else sum(phase_cost(phase, price) or 0 for phase in phases)
-    show_estimate(cfg, phases, price, estimate)
-    plan = Plan(phases, price, estimate, key_variable)
-
+    plan = Plan(key_variable=key_variable_for(cfg, provider))
+    if cfg.serve is not None:  # --serve: the server to start, not started yet
+        plan.server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log")
+    show_settings(cfg, provider, plan)
+    estimate_calls(cfg, formatted, plan)  # estimates: calls, tokens and USD of each phase
+    if plan.server is not None:  # --serve: the prompts fit the model, the server can run here
+        check_serve(cfg, plan)
     if not cfg.run:
-        if server is not None:
-            console.print(f"dry run: would start `{server.command()}`; nothing is started.")
         console.print("dry run: no LM client is built and nothing is sent.")
         return plan
 
     # The guard: everything below spends money, so check it all before the first request.
-    check_before_sending(cfg, plan, server)
-    if server is not None:
-        start_server(cfg, plan, server)
+    check_before_sending(cfg, plan)
+    if plan.server is not None:  # --serve: start it (stopped when the run ends)
+        start_server(cfg, plan)
     import dspy
 
     # DSPy caches every call on disk, keyed on the model and the messages but NOT on api_base:
@@ -290,63 +209,60 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
         dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     else:
         dspy.configure_cache(disk_cache_dir=str(cfg.cache_dir))
-    lm = build_lm(cfg, cfg.model, client_settings(cfg, key_variable, server))  # api_base, key
-    plan.base_lm = lm
-    if cfg.base_model is not None and cfg.serve is None:  # with --serve: in stage 5
-        plan.base_lm = build_lm(cfg, cfg.base_model, client_settings(cfg, key_variable, server))
+    client = client_settings(cfg, plan)  # api_base, key
+    plan.base_lm = lm = build_lm(cfg, cfg.model, client)
+    if cfg.base_model is not None and plan.server is None:  # a served one starts in stage 5
+        plan.base_lm = build_lm(cfg, cfg.base_model, client)
     callback = watch_lm_errors(plan, formatted.adapter)
     dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[callback])
     console.print(f"built dspy.LM({cfg.model!r}, engine={cfg.engine!r}); key passed, not shown")
     return plan
 
 
-def tune(cfg: Config, formatted: Formatted, plan: Plan):
+def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
     stage(4, "tune", "Compile: the optimizer picks the demos (MIPROv2 also rewrites instructions).")
     import dspy
 
-    original = formatted.signature.instructions
     if formatted.loaded is not None:
         console.print(f"--load {cfg.load}: using this compiled program; nothing to compile.")
-        show_program(formatted.loaded, original, cfg.metric_threshold)
-        plan.demos = len(predictor(formatted.loaded).demos)
-        if cfg.run and not cfg.ask:
-            export_finetune_data(cfg, formatted, formatted.loaded)
-        return formatted.loaded
-    compile_calls = next(phase.calls for phase in plan.phases if phase.name == "compile")
-    console.print(describe_optimizer(cfg, compile_calls=compile_calls))
-    if not cfg.run:
-        console.print(f"dry run: would compile and save the program to {cfg.program_path}")
-        return None
-
-    student = build_program(cfg.program, formatted.signature)
-    before = history_ids()
-    plan.phase = "compile"
-    try:
-        with dspy_parallel_in_daemon_threads():  # Ctrl-C waits for no call in flight
-            program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
-    except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
-        raise ServiceError(
-            f"{cfg.model} answered MIPROv2's instruction proposer in a form DSPy could not "
-            "read; try a stronger model or another --optimizer. "
-            f"Kept: {kept_note(cfg, plan)}"
-        ) from None
-    except Exception as exc:
-        # DSPy's parallel evaluator (random search, MIPROv2) gives up after max_errors failed
-        # calls with a plain Exception; DSPy logged each failure just above.
-        if "Execution cancelled" not in str(exc):
-            raise
-        raise why_the_optimizer_stopped(cfg, plan) from None
-    plan.actual["compile"] = tally_since(before)
-    say_replies(cfg, plan, "compile")
-    save_program(program, cfg.program_path)
-    console.print(f"saved the compiled program to {cfg.program_path} (reuse it with --load)")
-    show_program(program, original, cfg.metric_threshold)
-    plan.demos = len(predictor(program).demos)
-    export_finetune_data(cfg, formatted, program)  # the weights' half of "prompt and weights"
-    return program
+        tuned = Tuned(formatted.loaded, cfg.load)
+    else:
+        console.print(describe_optimizer(cfg, len(formatted.trainset)))
+        if not cfg.run:
+            console.print(f"dry run: would compile and save the program to {cfg.program_path}")
+            return None
+        student = build_program(cfg.program, formatted.signature)
+        before = history_ids()
+        plan.phase = "compile"
+        try:
+            with dspy_parallel_in_daemon_threads():  # interrupts: wait for no call in flight
+                program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
+        except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
+            raise ServiceError(
+                f"{cfg.model} answered MIPROv2's instruction proposer in a form DSPy could not "
+                f"read; try a stronger model or another --optimizer. Kept: {kept_note(cfg, plan)}"
+            ) from None
+        except Exception as exc:
+            # DSPy's parallel evaluator (random search, MIPROv2) gives up after max_errors failed
+            # calls with a plain Exception; DSPy logged each failure just above.
+            if "Execution cancelled" not in str(exc):
+                raise
+            raise why_the_optimizer_stopped(cfg, plan) from None
+        plan.actual["compile"] = tally_since(before)
+        say_replies(cfg, plan, "compile")
+        save_program(program, cfg.program_path)
+        console.print(f"saved the compiled program to {cfg.program_path} (reuse it with --load)")
+        tuned = Tuned(program, cfg.program_path)
+    show_program(tuned.program, formatted.signature.instructions, cfg.metric_threshold)
+    plan.demos = len(predictor(tuned.program).demos)
+    if cfg.run and not cfg.ask:
+        export_finetune_data(cfg, formatted, tuned.program)  # the weights' half of "both levers"
+    return tuned
 
 
-def answer(cfg: Config, data: dict, formatted: Formatted, plan: Plan, tuned) -> list[dict] | None:
+def answer(
+    cfg: Config, data: Data, formatted: Formatted, plan: Plan, tuned: Tuned | None
+) -> Answers | None:
     stage(5, "answer", "Answer the held-out questions: the plain model, uncompiled and compiled.")
     import dspy
 
@@ -361,57 +277,63 @@ def answer(cfg: Config, data: dict, formatted: Formatted, plan: Plan, tuned) -> 
         )
         return None
 
-    baseline = build_program(cfg.program, formatted.signature)
-    programs = {"plain": build_program("predict", formatted.signature), "baseline": baseline}
-    programs["tuned"] = tuned
+    programs = {
+        "plain": build_program("predict", formatted.signature),
+        "baseline": build_program(cfg.program, formatted.signature),
+        "tuned": tuned.program,
+    }
     replies = {}
-    with base_model_served(cfg, plan):  # --base-model: the plain model and the baseline run on it
+    with base_model_served(cfg, plan):  # --serve --base-model: the plain model and baseline's
         for name in phases:
             settings = {"lm": plan.base_lm if name != "tuned" else dspy.settings.lm}
             if name == "plain":
                 settings["adapter"] = plain_prompt_adapter()
             replies[name] = answer_phase(cfg, plan, name, programs[name], formatted, settings)
 
-    answers = []
-    for i, row in enumerate(data["test"]):
-        answers.append(
-            {"id": row["id"], "question": row["question"], "reference": row["answer"]}
-            | {name: replies[name][i]["answer"] for name in phases}
-            | {"tuned_reasoning": replies["tuned"][i]["reasoning"]}
-        )
+    questions = [
+        {"id": row["id"], "question": row["question"], "reference": row["answer"]}
+        | {name: replies[name][i]["answer"] for name in phases}
+        for i, row in enumerate(data.test)
+    ]
+    answers = Answers(questions, [reply["reasoning"] for reply in replies["tuned"]])
     show_answers(cfg, answers)
     return answers
 
 
-def compare(cfg: Config, plan: Plan, tuned, answers: list[dict] | None, seconds: float) -> None:
+def compare(
+    cfg: Config, plan: Plan, tuned: Tuned | None, answers: Answers | None, seconds: float
+) -> None:
     stage(
         6,
         "compare",
         "Score both with ROUGE-L, write the results, compare with the other approaches.",
     )
+    if cfg.ask:
+        console.print("--ask writes no results: it answered your question only.")
+        return
     if answers is None:
         compare_results(cfg.output_dir, write=False)
         return
 
-    if cfg.serve is not None:  # your own machine: LiteLLM has no price for a folder, none is due
+    if plan.server is not None:  # --serve: LiteLLM has no price for a folder, none is due
         for actual in plan.actual.values():
             actual["cost_usd"] = 0.0
-    show_calls(plan)
+    show_calls(plan)  # estimates: estimated against actual, phase by phase
     cost = show_actual_cost(plan)
     replies = show_replies(cfg, plan)
 
     stop = stop_strings(cfg.adapter)
     result = write_results(
         cfg.output_dir,
-        model=served_label(cfg.serve) if cfg.serve else cfg.model,
-        tuned_model=f"{cfg.model} + {cfg.program_path if cfg.load is None else cfg.load}",
-        questions=answers,
+        model=model_label(cfg, None),
+        tuned_model=f"{cfg.model} + {tuned.path}",
+        questions=answers.questions,
         cost_usd=cost,
         seconds=seconds,
         decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "stop": stop},
         # calls that ran to --max-tokens: one per answer, unless DSPy asked again in JSON
         cut={name: actual["cut_at_max_tokens"] for name, actual in plan.actual.items()},
-        plain_name=base_model_label(cfg),
+        plain_name=model_label(cfg, cfg.base_model),
         extra={
             "program": cfg.program,
             "adapter": cfg.adapter,
@@ -432,10 +354,230 @@ def compare(cfg: Config, plan: Plan, tuned, answers: list[dict] | None, seconds:
 
 
 # =====================================================================================
+# Settings: every setting of a run, with its default, help and check, written once
+# =====================================================================================
+
+
+# Python builds Config as it reads it, before the shared block at the end of the file defines
+# setting() and number(): these two stand in for them (the same field, the same check later).
+def flag(default, help: str, **how):
+    """setting(default, help, check=, choices=, metavar=, shown=): a field and its flag."""
+    keys = ("check", "choices", "metavar", "shown")
+    return field(default=default, metadata={**dict.fromkeys(keys), "help": help, **how})
+
+
+def checked(kind: type, low=None, high=None, *, above: bool = False):
+    """number(kind, low, high): a finite int or float in a range, looked up when a flag is read."""
+    return lambda text: number(kind, low, high, above=above)(text)
+
+
+@dataclass
+class Config:
+    """Every setting of a run: its default, its help and its check, written once. The command
+    line is built from these fields; Config() alone is a default run. A default worked out from
+    other settings is None here, its rule in `shown`, and __post_init__ works it out."""
+
+    data: Path = flag(
+        Path(__file__).with_name("small_edu_qa.jsonl"),  # DATA_FILE, defined later
+        "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion records",
+        shown="small_edu_qa.jsonl beside the script",
+    )
+    model: str | None = flag(
+        None, "LiteLLM model string, provider/model", shown=f"{DEFAULT_MODEL}, or --serve's folder"
+    )
+    run: bool = flag(False, "really send the calls (default: dry run, which sends nothing)")
+    yes: bool = flag(False, "do not ask before a paid step (for scripts that cannot answer)")
+    max_cost: float | None = flag(
+        None, "refuse a paid step whose estimate is higher", check=checked(float, 0), metavar="USD"
+    )
+    train_limit: int | None = flag(
+        30,
+        "use the first N train examples (DSPy needs 10 to 50)",
+        check=checked(int, 1),
+        metavar="N",
+    )
+    test_limit: int | None = flag(
+        None, "use the first N test examples", check=checked(int, 1), metavar="N", shown="all"
+    )
+    output_dir: Path = flag(Path("outputs"), "where everything is written, one folder to delete")
+    seed: int = flag(
+        42,
+        "seed for MIPROv2's search (the other optimizers fix theirs)",
+        check=checked(int, 0, 2**32 - 1),  # the range numpy's seeding accepts
+    )
+    ask: str | None = flag(
+        None,
+        "answer one question with the baseline and the compiled program (uses a saved run)",
+        metavar="QUESTION",
+    )
+    # --- DSPy's own settings ---
+    api_base: str | None = flag(
+        None,
+        "server to send the calls to (Ollama, vLLM, any OpenAI-compatible server, a proxy)",
+        metavar="URL",
+        shown="the provider's own API",
+    )
+    api_key_env: str | None = flag(
+        None,
+        "environment variable holding the key",
+        metavar="VAR",
+        shown="the provider's, e.g. OPENAI_API_KEY",
+    )
+    engine: str = flag(
+        "litellm",
+        "litellm: every call goes through LiteLLM; auto: DSPy 3.4's own client for OpenAI, "
+        "Anthropic, Ollama and vLLM, LiteLLM for the rest",
+        choices=("litellm", "auto"),
+    )
+    # "auto" stays in the field, as the flag's default; __post_init__ resolves it for the run.
+    program: str = flag(
+        "auto",
+        "predict: dspy.Predict; cot: dspy.ChainOfThought (a reasoning, then the answer); auto: "
+        f"{LOCAL_PROGRAM} for a model on this machine, {HOSTED_PROGRAM} for a hosted one",
+        choices=("auto", *PROGRAMS),
+    )
+    adapter: str = flag(
+        "auto",
+        "; ".join(f"{name}: {how}" for name, how in ADAPTERS.items())
+        + f"; auto: {LOCAL_ADAPTER} for a model on this machine, {HOSTED_ADAPTER} for a hosted one",
+        choices=("auto", *ADAPTERS),
+    )
+    base_model: str | None = flag(
+        None,
+        "when --model is a fine-tuned model: the untuned model it was tuned from, on which the "
+        "plain model and the uncompiled baseline run (a LiteLLM model string; with --serve, a "
+        "model folder, served for those calls)",
+        metavar="MODEL",
+        shown="--model itself",
+    )
+    optimizer: str = flag(
+        "bootstrap",
+        "bootstrap: BootstrapFewShot, demos in one pass, cheapest; random-search: "
+        "BootstrapFewShotWithRandomSearch; mipro: MIPROv2 auto=light (needs optuna); "
+        "labeled: LabeledFewShot (no LM calls)",
+        choices=OPTIMIZERS,
+    )
+    metric_threshold: float = flag(
+        30.0, "ROUGE-L (0-100) a bootstrapped demo must reach to be kept", metavar="ROUGE"
+    )
+    max_bootstrapped_demos: int = flag(
+        4,
+        "demos the model writes itself, kept when they reach --metric-threshold",
+        check=checked(int, 0),
+        metavar="N",
+    )
+    max_labeled_demos: int = flag(
+        16,
+        "demos in all: training pairs as written fill the rest",
+        check=checked(int, 1),
+        metavar="N",
+    )
+    num_candidates: int = flag(
+        8, "random-search: demo sets to try", check=checked(int, 1), metavar="N"
+    )
+    temperature: float = flag(
+        0.0,
+        "sampling temperature, set explicitly: DSPy's defaults changed in 3.0.4",
+        check=checked(float, 0),
+        shown="0.0",  # a default of 0 would not be shown (0.0 == False)
+    )
+    max_tokens: int | None = flag(
+        None,
+        "longest reply",
+        check=checked(int, 1),
+        metavar="N",
+        shown=f"{HOSTED_MAX_TOKENS} for a hosted API, {LOCAL_MAX_TOKENS} for a model on this "
+        "machine: --serve, a local provider or server",
+    )
+    threads: int | None = flag(
+        None,
+        "parallel calls when answering and when random-search/mipro score candidates",
+        check=checked(int, 1),
+        shown=f"{HOSTED_THREADS}, or {SERVE_THREADS} with --serve",
+    )
+    num_retries: int = flag(
+        3,
+        "DSPy retries a failed call this often, backing off 1, 2, 4 s",
+        check=checked(int, 0),
+        metavar="N",
+    )
+    max_errors: int = flag(
+        3,
+        "failed examples an optimizer tolerates before it stops",
+        check=checked(int, 1),
+        metavar="N",
+    )
+    load: Path | None = flag(None, "use this compiled program, skip compiling", metavar="PATH")
+    cache_dir: Path | None = flag(
+        None, "DSPy's disk cache of LM calls", metavar="DIR", shown="OUTPUT_DIR/dspy/cache"
+    )
+    no_cache: bool = flag(False, "send every call, even one answered before (to time a server)")
+    results_name: str | None = flag(
+        None,
+        "write OUTPUT_DIR/results/NAME.json, e.g. to keep a run on a base model and one on a "
+        "fine-tuned model side by side",
+        metavar="NAME",
+        shown=APPROACH,
+    )
+    # --- the local server (its section below) ---
+    serve: Path | None = flag(
+        None,
+        "a local transformers model folder: start `transformers serve FOLDER` on a free "
+        "127.0.0.1 port for this run, use it as the model, stop it at the end",
+        metavar="FOLDER",
+    )
+    serve_timeout: float = flag(
+        300.0,
+        "how long --serve waits for the server to load the model",
+        check=checked(float, 0, above=True),
+        metavar="SECONDS",
+    )
+    # --- worked out, not set ---
+    argv: list[str] = field(default_factory=list)  # this run's flags, for the real-run command
+    local: bool = field(init=False)  # the model runs on this machine (on_this_machine)
+    program_path: Path = field(init=False)  # where the compiled program is saved
+    finetune_path: Path = field(init=False)  # the train pairs as the program sends them (chat)
+
+    def __post_init__(self):
+        self.results_name = self.results_name or APPROACH
+        # One compiled program (and its fine-tuning data) per results name: runs side by side.
+        suffix = "" if self.results_name == APPROACH else f"-{self.results_name}"
+        self.program_path = self.output_dir / "dspy" / f"program{suffix}.json"
+        self.finetune_path = self.output_dir / "dspy" / f"finetune{suffix}.jsonl"
+        if self.serve is not None:  # --serve
+            self.serve = self.serve.resolve()
+            # transformers serve names the model after the folder it was given, and refuses
+            # any other name; "openai/" tells LiteLLM to speak the OpenAI chat API to it.
+            self.model = f"openai/{self.serve}"
+            self.threads = self.threads or SERVE_THREADS
+        self.model = self.model or DEFAULT_MODEL
+        self.local = local = on_this_machine(self)
+        if self.program == "auto":
+            self.program = LOCAL_PROGRAM if local else HOSTED_PROGRAM
+        if self.adapter == "auto":
+            self.adapter = LOCAL_ADAPTER if local else HOSTED_ADAPTER
+        self.max_tokens = self.max_tokens or (LOCAL_MAX_TOKENS if local else HOSTED_MAX_TOKENS)
+        self.threads = self.threads or HOSTED_THREADS
+        self.cache_dir = self.cache_dir or self.output_dir / "dspy" / "cache"
+        if self.ask and self.load is None:
+            self.load = self.program_path
+
+
+# =====================================================================================
 # How each stage does it
 # =====================================================================================
 
-# ----- Stage 1 · prepare_data: the folders a run writes to, the counts by subject
+
+# ----- Stage 1 · prepare_data: the pairs, the folders a run writes to, the counts by subject
+
+
+@dataclass
+class Data:
+    """Stage 1's pairs, as load_examples() reads them: id, subject, question, answer, split."""
+
+    train: list[dict]  # the first --train-limit train pairs: all the optimizer sees
+    test: list[dict]  # the first --test-limit test pairs: they only score the result
+    train_all: list[dict]  # every train pair: the fine-tuning data stage 4 writes
 
 
 def check_output_dirs(cfg: Config) -> None:
@@ -478,7 +620,7 @@ def say_what_is_used(examples: list[dict]) -> None:
         )
 
 
-# ----- Stage 2 · format_data: the signature, the program, the prompt and its tokens
+# ----- Stage 2 · format_data: the signature, the program, the adapter, the prompt
 
 
 def import_dspy() -> None:
@@ -499,10 +641,10 @@ class Formatted:
     testset: list
     signature: type
     adapter: object
-    prompt_tokens: dict[str, int]  # mean tokens per call, by phase
-    reply_tokens: int  # estimated tokens per reply (reasoning + answer)
     loaded: object | None = None  # the compiled program from --load, if any
     finetune_rows: list = field(default_factory=list)  # every train pair, for export_finetune_data
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # estimates: per call, by phase
+    reply_tokens: int = 0  # estimates: tokens per reply (reasoning + answer)
 
 
 def teacher_signature():
@@ -615,8 +757,8 @@ def show_program_choice(cfg: Config) -> None:
     """Which program and adapter this run uses, and why (the --program/--adapter auto rule)."""
     where = "a model on this machine" if cfg.local else "a hosted model"
     console.print(
-        f"program: {PROGRAM_CLASSES[cfg.program]}, adapter: {cfg.adapter} "
-        f"({ADAPTER_FORMATS[cfg.adapter]}); auto picks {LOCAL_PROGRAM} + {LOCAL_ADAPTER} for a "
+        f"program: {PROGRAMS[cfg.program]}, adapter: {cfg.adapter} "
+        f"({ADAPTERS[cfg.adapter]}); auto picks {LOCAL_PROGRAM} + {LOCAL_ADAPTER} for a "
         f"model on this machine, {HOSTED_PROGRAM} + {HOSTED_ADAPTER} for a hosted one: this is "
         f"{where}"
     )
@@ -655,172 +797,21 @@ def print_prompt(messages: list[dict]) -> None:
     console.rule(style="dim")
 
 
-def estimate_tokens(
-    cfg: Config, data: dict, adapter, predict_signature, trainset, testset, loaded
-) -> tuple[dict[str, int], int]:
-    """Tokens per call of each phase, and of a reply; print them, and warn of any too long.
-
-    Counted on the prompts ChatAdapter writes, with LiteLLM's token counter: no LM call.
-    """
-    train, first = data["train"], testset[0]
-    zero_shot = [
-        count_tokens(cfg.model, adapter.format(predict_signature, [], {"question": ex.question}))
-        for ex in testset
-    ]
-    prompt_tokens = {"baseline": round(sum(zero_shot) / len(zero_shot))}
-    plain = [count_tokens(cfg.model, plain_messages(ex.question)) for ex in testset]
-    prompt_tokens["plain"] = round(sum(plain) / len(plain))
-    if loaded is not None:
-        demos = predictor(loaded).demos
-        tuned_signature = predictor(loaded).signature
-        teacher_demos: list = []
-    else:
-        # Before compiling, the tuned prompt is approximated: the first training pairs as demos,
-        # the bootstrapped ones with a reasoning as long as their answer.
-        n_boot = 0 if cfg.optimizer == "labeled" else min(cfg.max_bootstrapped_demos, len(train))
-        n_demos = min(max(cfg.max_labeled_demos, n_boot), len(train))
-        cot = cfg.program == "cot"
-        demos = [
-            ex.copy(reasoning=ex.answer) if i < n_boot and cot else ex
-            for i, ex in enumerate(trainset[:n_demos])
-        ]
-        tuned_signature = predict_signature
-        # While bootstrapping, the teacher sees max_labeled_demos training pairs as demos.
-        teacher_demos = trainset[: min(cfg.max_labeled_demos, max(0, len(trainset) - 1))]
-    prompt_tokens["tuned"] = count_tokens(
-        cfg.model, adapter.format(tuned_signature, demos, {"question": first.question})
-    )
-    prompt_tokens["compile"] = count_tokens(
-        cfg.model, adapter.format(predict_signature, teacher_demos, {"question": first.question})
-    )
-    answers = [count_tokens(cfg.model, [{"role": "user", "content": r["answer"]}]) for r in train]
-    # A reply holds an answer (and a reasoning with ChainOfThought), each assumed as long as a
-    # reference answer, and the adapter's markers.
-    per_field = round(sum(answers) / len(answers)) if answers else 60
-    reply_tokens = (2 if cfg.program == "cot" else 1) * per_field + 20
-
-    compiles = loaded is None and cfg.optimizer != "labeled"
-    show_token_counts(cfg, prompt_tokens, reply_tokens, len(teacher_demos), len(demos), loaded)
-    sent = {"baseline", "tuned"} | ({"compile"} if compiles else set())
-    report_long_prompts(
-        cfg.model,
-        data["test"],
-        zero_shot,
-        {phase: n for phase, n in prompt_tokens.items() if phase in sent},
-        [] if loaded is not None else train[: len(demos)],
-    )
-    return prompt_tokens, reply_tokens
-
-
-def show_token_counts(
-    cfg: Config, prompt_tokens: dict, reply_tokens: int, n_teacher: int, n_demos: int, loaded
-) -> None:
-    """Stage 2's table of tokens per call, phase by phase."""
-    table = Table(title=f"tokens per call ({cfg.model}, LiteLLM's token counter)")
-    table.add_column("prompt")
-    table.add_column("tokens", justify="right")
-    table.add_row("plain: the plain chat prompt, no DSPy (mean)", str(prompt_tokens["plain"]))
-    table.add_row(
-        "baseline: zero-shot, mean over the test questions", str(prompt_tokens["baseline"])
-    )
-    if loaded is None and cfg.optimizer != "labeled":
-        table.add_row(
-            f"compile: {n_teacher} labeled demos + question", str(prompt_tokens["compile"])
-        )
-    which = f"saved program, {n_demos} demos" if loaded else f"~{n_demos} demos, estimated"
-    table.add_row(f"tuned: {which}", str(prompt_tokens["tuned"]))
-    fields = "reasoning + answer" if cfg.program == "cot" else "answer"
-    table.add_row(f"reply: {fields} (estimated)", str(reply_tokens))
-    console.print(table)
-
-
-def count_tokens(model: str, messages: list[dict]) -> int:
-    """Tokens of a chat prompt, counted the way LiteLLM counts them for this model."""
-    import litellm
-
-    # For a Llama or Cohere model name LiteLLM downloads a tokenizer from Hugging Face; a dry
-    # run sends nothing, and tiktoken's count (LiteLLM's fallback) is close enough to estimate.
-    litellm.disable_hf_tokenizer_download = True
-    return litellm.token_counter(model=model, messages=messages)
-
-
-def context_window(model: str) -> int | None:
-    """Input tokens the model takes, from LiteLLM's bundled map (never asks a server)."""
-    import litellm
-
-    for key in (model, model.split("/", 1)[-1]):
-        tokens = (litellm.model_cost.get(key) or {}).get("max_input_tokens")
-        if tokens:
-            return int(tokens)
-    return None
-
-
-def report_long_prompts(
-    model: str, test: list[dict], zero_shot: list[int], prompt_tokens: dict, demos: list[dict]
-) -> None:
-    """Say which prompts will not fit the model's context window, and what happens to them.
-
-    `demos` are the training pairs the tuned and compiling prompts carry (none for a loaded
-    program, whose demos are its own).
-    """
-    window = context_window(model)
-    if window is None:
-        console.print(
-            f"[dim]{escape(model)}'s context window is not in LiteLLM's map: prompt lengths are "
-            f"not checked against it (the longest prompt here: {max(prompt_tokens.values()):,} "
-            "tokens)[/dim]"
-        )
-        return
-    over = [row["id"] for row, tokens in zip(test, zero_shot, strict=True) if tokens > window]
-    if over:
-        console.print(
-            f"[yellow]{len(over)} test question(s) ({escape(', '.join(over[:5]))}) alone are over "
-            f"{escape(model)}'s {window:,}-token context window: the provider would refuse "
-            "those calls and a real run would stop there; shorten them or drop them[/yellow]"
-        )
-    longest = max(demos, key=lambda row: len(row["question"]) + len(row["answer"]), default=None)
-    culprit = (
-        f"The longest demo is training pair {escape(longest['id'])} "
-        f"({len(longest['answer']):,} characters of answer); shorten it, drop it, or lower "
-        "--max-labeled-demos"
-        if longest
-        else "Compile again with shorter training pairs"
-    )
-    for phase, what in (("compile", "compiling call"), ("tuned", "compiled call")):
-        if prompt_tokens.get(phase, 0) > window:
-            console.print(
-                f"[yellow]with its demos the {phase} prompt is about {prompt_tokens[phase]:,} "
-                f"tokens, over {escape(model)}'s {window:,}-token context window: the provider "
-                f"would refuse every {what}. {culprit}[/yellow]"
-            )
-
-
-# ----- Stage 3 · configure_model: the LM, its key, the plan of calls and its price
-
-
-@dataclass
-class Phase:
-    """One block of LM calls in a real run, with the tokens each call sends and gets back."""
-
-    name: str
-    what: str
-    calls: int  # an upper bound where the optimizer may stop early
-    prompt_tokens: int  # per call
-    completion_tokens: int  # per call
+# ----- Stage 3 · configure_model: the LM, its key, the guard before the first call
 
 
 @dataclass
 class Plan:
-    """The plan of calls, its price, and what was really spent, by phase."""
+    """The LM and its key, the guard's estimate, and what was really spent, by phase."""
 
-    phases: list[Phase]
-    price: tuple[float, float] | None
-    estimate_usd: float | None
     key_variable: str | None
+    phases: list[Phase] = field(default_factory=list)  # estimates: the calls of each phase
+    price: tuple[float, float] | None = None  # estimates: USD per token in and out
+    estimate_usd: float | None = None  # what the guard checks against --max-cost
     actual: dict[str, dict] = field(default_factory=dict)  # tally_since() of each phase run
     demos: int | None = None  # demos in the compiled program
     first_lm_error: BaseException | None = None  # kept by the callback in configure_model
-    server: LocalServer | None = None  # --serve: the server this run started
+    server: object | None = None  # the LocalServer this run starts (--serve), or None
     base_lm: object | None = None  # the plain model's and the baseline's: --base-model, or --model
     phase: str = "baseline"  # the phase whose replies are being parsed now
     replies: dict[str, dict] = field(default_factory=dict)  # parse outcomes, by phase
@@ -842,7 +833,7 @@ def provider_of(model: str, api_base: str | None) -> str:
     return provider
 
 
-def on_this_machine(model: str, api_base: str | None, serve: Path | None) -> bool:
+def on_this_machine(cfg: Config) -> bool:
     """Whether the model runs on this machine: --serve, a local provider, or an --api-base on
     loopback serving a model LiteLLM has no price for (a priced name there is a proxy to a paid
     API, which stays a hosted model).
@@ -850,47 +841,36 @@ def on_this_machine(model: str, api_base: str | None, serve: Path | None) -> boo
     Such a model gets the local defaults: a shorter reply limit, and the program and adapter a
     small model can follow (PROGRAMS, ADAPTERS). Keys and prices are the provider's as usual.
     """
-    if serve is not None or model.split("/", 1)[0] in LOCAL_PROVIDERS:
+    if cfg.serve is not None:  # --serve
+        return True
+    if cfg.model.split("/", 1)[0] in LOCAL_PROVIDERS:
         return True
     from urllib.parse import urlparse
 
-    host = (urlparse(api_base).hostname or "") if api_base else ""
+    host = (urlparse(cfg.api_base).hostname or "") if cfg.api_base else ""
     loopback = host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.")
-    return loopback and price_per_token(model) is None
+    return loopback and price_per_token(cfg.model) is None
 
 
-def model_size(cfg: Config) -> int | None:
-    """Parameters of the model, roughly: from --serve's config.json, else from its name
-    ("llama3.2:1b", "qwen2.5-0.5b-instruct", "SmolLM2-135M"). None when neither says."""
-    if cfg.serve is not None:
-        try:
-            config = json.loads((cfg.serve / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = {}
-        config = config.get("text_config", config) if isinstance(config, dict) else {}
-        try:  # embeddings, then per layer 4 attention and 3 MLP matrices (a dense model)
-            hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
-            heads = int(config["num_attention_heads"])
-            kv = int(config.get("num_key_value_heads") or heads) * (hidden // heads)
-            mlp = int(config.get("intermediate_size") or 4 * hidden)
-            per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp
-            return int(config["vocab_size"]) * hidden + layers * per_layer
-        except (KeyError, TypeError, ValueError, ZeroDivisionError):
-            pass
-    name = (cfg.serve.name if cfg.serve is not None else cfg.model).lower()
-    found = re.findall(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([mb])(?![a-z])", name.replace("_", "-"))
-    if not found:
+def price_per_token(model: str) -> tuple[float, float] | None:
+    """USD per input and per output token from LiteLLM's price map, or None if it lists no price."""
+    import litellm
+
+    try:
+        cost_in, cost_out = litellm.cost_per_token(
+            model=model, prompt_tokens=1_000_000, completion_tokens=1_000_000
+        )
+    except Exception:  # LiteLLM raises a plain Exception for a model its map does not list
         return None
-    amount, unit = found[-1]
-    return int(float(amount) * (1e6 if unit == "m" else 1e9))
+    return cost_in / 1_000_000, cost_out / 1_000_000
 
 
 def key_variable_for(cfg: Config, provider: str) -> str | None:
     """The environment variable the model's key must come from, or None when none is needed."""
     if cfg.api_key_env:
         return cfg.api_key_env
-    if cfg.serve is not None:
-        return None  # the server this script starts takes any key
+    if cfg.serve is not None:  # --serve: the server this script starts takes any key
+        return None
     if provider in KEY_VARIABLES:
         return KEY_VARIABLES[provider]
     if provider in LOCAL_PROVIDERS:
@@ -901,18 +881,17 @@ def key_variable_for(cfg: Config, provider: str) -> str | None:
     return missing[0] if missing else None
 
 
-def show_settings(
-    cfg: Config, provider: str, key_variable: str | None, server: LocalServer | None
-) -> None:
+def show_settings(cfg: Config, provider: str, plan: Plan) -> None:
     """Stage 3's table of what the LM client will be: model, server, key, decoding, cache."""
     settings = Table(show_header=False, box=None)
     settings.add_row("model", f"{cfg.model} (provider: {provider})")
-    if server is not None:
+    if plan.server is not None:
+        server = plan.server
         settings.add_row("server", f"{server.api_base}, started for this run: {server.command()}")
     else:
         settings.add_row("server", cfg.api_base or "the provider's own API")
     settings.add_row(
-        "key", key_status(key_variable) if key_variable else "none needed (local server)"
+        "key", key_status(plan.key_variable) if plan.key_variable else "none needed (local server)"
     )
     settings.add_row("size", size_note(cfg))
     settings.add_row("engine", f"{cfg.engine} (dspy.LM(engine=...))")
@@ -926,6 +905,19 @@ def show_settings(
         "cache", "off (--no-cache)" if cfg.no_cache else f"{cfg.cache_dir} (a re-run costs nothing)"
     )
     console.print(settings)
+
+
+def model_size(cfg: Config) -> int | None:
+    """Parameters of the model, roughly: from --serve's config.json, else from its name
+    ("llama3.2:1b", "qwen2.5-0.5b-instruct", "SmolLM2-135M"). None when neither says."""
+    if cfg.serve is not None and (size := served_size(cfg.serve)):  # --serve
+        return size
+    name = cfg.model.rsplit("/", 1)[-1].lower()  # a served folder: its name
+    found = re.findall(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([mb])(?![a-z])", name.replace("_", "-"))
+    if not found:
+        return None
+    amount, unit = found[-1]
+    return int(float(amount) * (1e6 if unit == "m" else 1e9))
 
 
 def size_note(cfg: Config) -> str:
@@ -948,134 +940,21 @@ def size_note(cfg: Config) -> str:
     )
 
 
-def plan_phases(cfg: Config, formatted: Formatted) -> list[Phase]:
-    """The three blocks of calls a real run makes, with their counts and tokens per call."""
-    calls = planned_calls(
-        cfg, len(formatted.trainset), len(formatted.testset), formatted.loaded is None
-    )
-    what = {
-        "plain": "answer the test questions with the plain chat prompt",
-        "baseline": "answer the test questions, uncompiled",
-        "compile": f"{cfg.optimizer}: pick demos on the train set (upper bound)",
-        "tuned": "answer the test questions, compiled",
-    }
-    return [
-        Phase(
-            name,
-            what[name],
-            calls[name],
-            formatted.prompt_tokens[name],
-            formatted.reply_tokens,
-        )
-        for name in PHASES
-    ]
-
-
-def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) -> dict[str, int]:
-    """How many LM calls each phase makes at most, from how each optimizer works in DSPy 3.4."""
-    if not compile_needed or cfg.optimizer == "labeled":
-        compile_calls = 0  # LabeledFewShot copies training pairs into the prompt: no calls
-    elif cfg.optimizer == "bootstrap":
-        # One call per training question until max_bootstrapped_demos runs scored well enough.
-        compile_calls = n_train if cfg.max_bootstrapped_demos else 0
-    elif cfg.optimizer == "random-search":
-        # Candidate programs: zero-shot, labeled-only, a plain bootstrap, then num_candidates
-        # bootstraps on shuffled data. All but the first two bootstrap (up to one call per
-        # training question), and every one is then scored on the whole training set.
-        candidates = cfg.num_candidates + 3
-        compile_calls = (cfg.num_candidates + 1) * n_train + candidates * n_train
-    else:  # mipro, auto="light": 80% of the training set held out, at most 100 of it scored
-        held_out = max(1, int(n_train * 0.8))
-        n_fit, n_val = n_train - held_out, min(100, held_out)
-        # 6 demo sets like random search's (zero-shot and labeled-only need no call), 3
-        # instructions of 3 calls each (describe program, describe module, propose), and a
-        # data summary of one call per 10 examples (at most 9) plus 2.
-        bootstraps = 4 * n_fit
-        proposals = 3 * 3 + 2 + min(9, max(0, math.ceil(n_fit / 10) - 1))
-        trials = int(max(2 * 2 * math.log2(6), 1.5 * 6))
-        if n_val > 50:  # minibatches of 35, a full evaluation every 5 trials
-            evaluations = 35 * trials + n_val * (trials // 5 + 1)
-        else:  # the default program, then every trial on the whole validation set
-            evaluations = n_val * (trials + 1)
-        compile_calls = bootstraps + proposals + evaluations
-    plain = 0 if cfg.ask else n_test  # --ask answers with the two programs only
-    return {"plain": plain, "baseline": n_test, "compile": compile_calls, "tuned": n_test}
-
-
-def price_per_token(model: str) -> tuple[float, float] | None:
-    """USD per input and per output token from LiteLLM's price map, or None if it lists no price."""
-    import litellm
-
-    try:
-        cost_in, cost_out = litellm.cost_per_token(
-            model=model, prompt_tokens=1_000_000, completion_tokens=1_000_000
-        )
-    except Exception:  # LiteLLM raises a plain Exception for a model its map does not list
-        return None
-    return cost_in / 1_000_000, cost_out / 1_000_000
-
-
-def phase_cost(phase: Phase, price: tuple[float, float] | None) -> float | None:
-    if price is None:
-        return None
-    return phase.calls * (phase.prompt_tokens * price[0] + phase.completion_tokens * price[1])
-
-
-def show_estimate(
-    cfg: Config, phases: list[Phase], price: tuple[float, float] | None, estimate: float | None
-) -> None:
-    """Stage 3's table of calls, tokens and USD, and where the prices come from."""
-    table = Table(title="calls and cost of a real run (estimate)")
-    for column in ("phase", "what", "calls", "tokens in/out per call", "USD"):
-        table.add_column(column, justify="right" if column in ("calls", "USD") else "left")
-    for phase in phases:
-        cost = phase_cost(phase, price)
-        table.add_row(
-            phase.name,
-            phase.what,
-            str(phase.calls),
-            f"{phase.prompt_tokens} / {phase.completion_tokens}",
-            "?" if cost is None else f"{cost:.4f}",
-        )
-    table.add_row(
-        "total",
-        "",
-        str(sum(phase.calls for phase in phases)),
-        f"{sum(p.calls * (p.prompt_tokens + p.completion_tokens) for p in phases):,} tokens",
-        "?" if estimate is None else f"{estimate:.4f}",
-        style="bold",
-    )
-    console.print(table)
-    if cfg.serve is not None:
-        console.print("a model on this machine: no price per token, only electricity.")
-    elif price is None:
-        console.print(
-            f"LiteLLM {version('litellm')}'s price map lists no price for {cfg.model}: "
-            "the cost is unknown (a model on your own server costs only its electricity)."
-        )
-    else:
-        console.print(
-            f"prices: ${price[0] * 1e6:.3f} in / ${price[1] * 1e6:.3f} out per 1M tokens, from the "
-            f"price map bundled with LiteLLM {version('litellm')} (read offline; check the "
-            "provider's price page for today's)."
-        )
-
-
-def check_before_sending(cfg: Config, plan: Plan, server: LocalServer | None) -> None:
+def check_before_sending(cfg: Config, plan: Plan) -> None:
     """The guard of a real run: the key is set, and a paid run is confirmed within --max-cost."""
     if plan.key_variable and not os.environ.get(plan.key_variable):
         raise UsageError(
             f"{plan.key_variable} is not set; {cfg.model} needs it: export it or put it in .env "
             "(nothing was sent)"
         )
-    if server is not None:
+    if plan.server is not None:
         console.print("your own machine: nothing to pay, nothing to confirm.")
     elif plan.estimate_usd == 0:
         console.print("LiteLLM prices this model at $0 (a local server): nothing to confirm.")
     else:
-        total_calls = sum(phase.calls for phase in plan.phases)
+        calls = sum(phase.calls for phase in plan.phases)  # estimates
         confirm_paid_step(
-            f"{total_calls} LM calls to {cfg.model}",
+            f"{calls} LM calls to {cfg.model}",
             plan.estimate_usd,
             yes=cfg.yes,
             max_cost=cfg.max_cost,
@@ -1101,13 +980,13 @@ def build_lm(cfg: Config, model: str, client: dict):
         raise UsageError(f"--model {model}: {str(exc).splitlines()[0]}") from None
 
 
-def client_settings(cfg: Config, key_variable: str | None, server: LocalServer | None) -> dict:
+def client_settings(cfg: Config, plan: Plan) -> dict:
     """What dspy.LM passes on to the client: the server to call and the key, when there is one."""
     client = {"api_base": cfg.api_base} if cfg.api_base else {}
-    if key_variable:
-        client["api_key"] = os.environ[key_variable]
-    elif server is not None:
-        client["api_key"] = "local"  # the OpenAI client wants one; transformers serve reads none
+    if plan.key_variable:
+        client["api_key"] = os.environ[plan.key_variable]
+    elif plan.server is not None:  # the OpenAI client wants a key; transformers serve reads none
+        client["api_key"] = "local"
     return client
 
 
@@ -1217,24 +1096,786 @@ def shorten(text: str, limit: int) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-# ----- Stage 3 · configure_model: --serve, a local model folder behind `transformers serve`
+# ----- Stage 4 · tune: the optimizer, its metric, the compiled program
 
 
-def check_serve(cfg: Config, phases: list[Phase]) -> None:
+@dataclass
+class Tuned:
+    """Stage 4's result: the compiled program, and the file it was saved to or loaded from."""
+
+    program: object
+    path: Path
+
+
+def rouge_metric(example, prediction, trace=None) -> float:
+    """The optimizer's metric: the shared ROUGE-L, on the 0-1 scale DSPy's optimizers use.
+
+    BootstrapFewShot keeps a demo only when this reaches --metric-threshold (divided by 100);
+    the random search and MIPROv2 also average it to rank whole programs.
+    """
+    return rouge_l(getattr(prediction, "answer", None) or "", example.answer) / 100
+
+
+def build_optimizer(cfg: Config):
+    """The --optimizer, with this run's demo counts and metric (see OPTIMIZER_DESCRIPTIONS)."""
+    import dspy
+
+    if cfg.optimizer == "labeled":
+        return dspy.LabeledFewShot(k=cfg.max_labeled_demos)
+    common = {
+        "metric": rouge_metric,
+        "metric_threshold": cfg.metric_threshold / 100,
+        "max_bootstrapped_demos": cfg.max_bootstrapped_demos,
+        "max_labeled_demos": cfg.max_labeled_demos,
+        "max_errors": cfg.max_errors,
+    }
+    if cfg.optimizer == "bootstrap":
+        return dspy.BootstrapFewShot(**common)
+    if cfg.optimizer == "random-search":
+        return dspy.BootstrapFewShotWithRandomSearch(
+            **common, num_candidate_programs=cfg.num_candidates, num_threads=cfg.threads
+        )
+    return dspy.MIPROv2(**common, auto="light", num_threads=cfg.threads, seed=cfg.seed)
+
+
+def describe_optimizer(cfg: Config, n_train: int) -> str:
+    """What the chosen optimizer does, in one sentence, with this run's numbers."""
+    return OPTIMIZER_DESCRIPTIONS[cfg.optimizer].format(
+        calls=n_train if cfg.max_bootstrapped_demos else 0,  # BootstrapFewShot: one a question
+        boot=cfg.max_bootstrapped_demos,
+        threshold=cfg.metric_threshold,
+        labeled=cfg.max_labeled_demos,
+        candidates=cfg.num_candidates + 3,
+    )
+
+
+def why_the_optimizer_stopped(cfg: Config, plan: Plan) -> Exception:
+    """The error to raise when an optimizer gave up after max_errors failed calls."""
+    import dspy
+
+    first = plan.first_lm_error
+    if isinstance(first, (dspy.LMAuthError, dspy.LMInvalidRequestError)):
+        return first  # the user's to fix: lm_errors_explained says how, exit 2
+    return ServiceError(
+        f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (the "
+        f"first: {describe_lm_error(first) if first else 'see above'}). Kept: "
+        f"{kept_note(cfg, plan)}; run the same command again to resume"
+    )
+
+
+def save_program(program, path: Path) -> None:
+    """Save the compiled program whole or not at all."""
+    # Module.save writes in place; write beside it and rename, so the file is whole or absent.
+    tmp = path.with_name(f".program.{os.getpid()}.tmp.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        program.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_finetune_data(cfg: Config, formatted: Formatted, program) -> None:
+    """Write every train pair as this program sends it, in OpenAI chat format, for fine-tuning.
+
+    adapter.format_finetune_data is what dspy.BootstrapFinetune trains on: the program's own
+    system and user messages, and the reply in the adapter's format, here with the teacher's
+    answer as the reply. Weights tuned on it answer in the program's format, so the prompt can
+    be optimized again on them: DSPy's BetterTogether. Without the demos: with them every
+    example would carry the whole demo block (SmolLM2: 264 tokens an example without, 1,759
+    with 16 demos, mean over the 144 train pairs), over a LoRA run's --max-length of 512.
+    """
+    sent = predictor(program).signature  # the compiled instructions; ChainOfThought's reasoning
+    lines = []
+    for row in formatted.finetune_rows:
+        outputs = {"answer": row["answer"], "reasoning": ""}  # no reference reasoning exists
+        record = formatted.adapter.format_finetune_data(
+            sent, demos=[], inputs={"question": row["question"]}, outputs=outputs
+        )
+        record = {"id": row["id"], "split": "train", **record}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_atomic(cfg.finetune_path, "".join(lines))
+    shown = shlex.quote(str(cfg.finetune_path))
+    console.print(
+        f"wrote {cfg.finetune_path}: all {len(lines)} train pairs as this program sends them "
+        f"(adapter.format_finetune_data, no demos), OpenAI chat format. Fine-tune on it, e.g.:\n"
+        f"  python huggingface_lora.py --data {shown} --test-limit 0 --merge --run\n"
+        f"  python openai_finetune.py --data {shown} --test-limit 0 --run\n"
+        "then run this script on the tuned model (--serve its merged folder, --base-model the "
+        "base) to optimize the prompt again: prompt, weights, prompt."
+    )
+
+
+def show_program(program, original_instructions: str, threshold: float) -> None:
+    """What the optimizer changed: the demos it put in the prompt, and the instructions."""
+    demos = predictor(program).demos
+    table = Table(title=f"{len(demos)} demos now in front of every question", show_lines=False)
+    table.add_column("#", justify="right")
+    table.add_column("kind")
+    table.add_column("question")
+    table.add_column("answer")
+    for number, demo in enumerate(demos, start=1):
+        kind = "bootstrapped" if demo.get("augmented") else "labeled"
+        answer = str(demo.get("answer", ""))
+        table.add_row(
+            str(number),
+            kind,
+            str(demo.get("question", "")),
+            answer[:120] + ("…" if len(answer) > 120 else ""),
+        )
+    console.print(table)
+    console.print(
+        f"[dim]bootstrapped: the model's own reasoning and answer on a training question, kept "
+        f"because it scored at least {threshold:g} ROUGE-L; labeled: a training pair as written.[/]"
+    )
+    instructions = predictor(program).signature.instructions
+    if instructions == original_instructions:
+        console.print("instructions (unchanged: this optimizer only picks demos):")
+    else:
+        console.print("instructions, as the optimizer rewrote them:")
+    console.print(f"  {instructions}", markup=False)
+
+
+def kept_note(cfg: Config, plan: Plan) -> str:
+    """What a failed real run leaves behind that the next run reuses."""
+    kept = "nothing (--no-cache)" if cfg.no_cache else f"every answered call, in {cfg.cache_dir}"
+    if plan.demos is not None and cfg.load is None:
+        kept += f", and the compiled program {cfg.program_path}"
+    return kept
+
+
+@contextlib.contextmanager
+def lm_errors_explained(cfg: Config, plan: Plan):
+    """Around stages 4 and 5: every failed LM call becomes one line and its exit code."""
+    import dspy  # for its error classes: every failed LM call is raised as a dspy.LMError
+
+    try:
+        yield
+    except dspy.LMAuthError:
+        # Not the provider's message: OpenAI's quotes the start and the end of the key.
+        raise UsageError(
+            f"{cfg.model}: the key in {plan.key_variable} was refused (HTTP 401); check it "
+            "(nothing else was sent)"
+        ) from None
+    except dspy.LMInvalidRequestError as exc:
+        # An unknown model name, a prompt too long: DSPy does not retry these, and neither
+        # would running the same command again help.
+        raise UsageError(
+            f"{cfg.model} refused the request: {describe_lm_error(exc)}; check --model "
+            "(the request was not retried)"
+        ) from None
+    except dspy.LMError as exc:
+        tries = f"after {cfg.num_retries} retries" if dspy.is_retryable_lm_error(exc) else "at once"
+        raise ServiceError(
+            f"{cfg.model} failed {tries}: {describe_lm_error(exc)}. Kept: "
+            f"{kept_note(cfg, plan)}; run the same command again to resume (calls in the cache "
+            "are not sent again)"
+        ) from None
+    except KeyboardInterrupt:
+        exit_before_teardown()  # interrupts: LM calls may still be in flight
+        raise KeyboardInterrupt(
+            f"kept {kept_note(cfg, plan)}; run the same command to resume"
+        ) from None
+
+
+# ----- Stages 4 and 5: the calls of each phase, counted from DSPy's history, and its replies
+
+
+def history_ids() -> set[str]:
+    """Ids of every LM call recorded so far in this process.
+
+    DSPy's global history holds the calls of every LM, including the copies an optimizer makes
+    of ours (MIPROv2 proposes instructions with one); lm.history would miss those.
+    """
+    from dspy.clients.base_lm import GLOBAL_HISTORY
+
+    return {entry["uuid"] for entry in list(GLOBAL_HISTORY)}
+
+
+def was_cache_hit(entry: dict) -> bool:
+    """Whether DSPy answered this call from its cache instead of sending it.
+
+    Through LiteLLM, DSPy marks the replayed reply; its own engine marks nothing, but records a
+    replayed call with no usage and the cost of the call it replays. A call with neither usage
+    nor cost counts as sent: a server that reports no usage is not a free cache hit.
+    """
+    if getattr(entry["response"], "cache_hit", False):
+        return True
+    return not entry.get("usage") and entry.get("cost") is not None
+
+
+def reported_usage(entry: dict) -> bool:
+    """Whether the server said what the call used (LiteLLM fills in zeros when it did not)."""
+    return bool((entry.get("usage") or {}).get("prompt_tokens"))
+
+
+NO_CALLS = {
+    "sent": 0,
+    "cache_hits": 0,
+    "prompt_tokens": 0,
+    "completion_tokens": 0,
+    "cost_usd": 0.0,
+    "cut_at_max_tokens": 0,
+}
+
+
+def finish_reason(entry: dict) -> str | None:
+    """Why the reply ended: "stop" (end of turn or a stop string) or "length" (--max-tokens)."""
+    response = entry["response"]
+    choices = getattr(response, "choices", None) or []
+    reason = getattr(choices[0], "finish_reason", None) if choices else None
+    return reason or getattr(response, "finish_reason", None)
+
+
+def tally_since(before: set[str]) -> dict:
+    """Calls recorded since `before`: sent, answered from the cache, tokens, and actual cost."""
+    from dspy.clients.base_lm import GLOBAL_HISTORY
+
+    entries = [entry for entry in list(GLOBAL_HISTORY) if entry["uuid"] not in before]
+    sent = [entry for entry in entries if not was_cache_hit(entry)]
+    costs = [entry.get("cost") if reported_usage(entry) else None for entry in sent]
+    return {
+        "sent": len(sent),
+        "cache_hits": len(entries) - len(sent),
+        "prompt_tokens": sum((entry["usage"] or {}).get("prompt_tokens") or 0 for entry in sent),
+        "completion_tokens": sum(
+            (entry["usage"] or {}).get("completion_tokens") or 0 for entry in sent
+        ),
+        # A cache hit keeps the cost of the call it replays; it costs nothing now, so only the
+        # calls really sent are summed. One unpriced call, or one whose usage the server did
+        # not report, makes the total unknown.
+        "cost_usd": None if any(cost is None for cost in costs) else sum(costs),
+        # replies that ran to --max-tokens, cached ones included: the same replies either way
+        "cut_at_max_tokens": sum(finish_reason(entry) == "length" for entry in entries),
+    }
+
+
+def json_retry(adapter) -> bool:
+    """Whether DSPy asks again in JSON when `adapter` cannot read a reply (one more call)."""
+    import dspy
+
+    return bool(getattr(adapter, "use_json_adapter_fallback", False)) and not isinstance(
+        adapter, dspy.JSONAdapter
+    )
+
+
+def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
+    """After a phase: how many replies DSPy could not read, and the first of them."""
+    tally = plan.replies.get(phase, new_reply_tally())
+    actual = plan.actual.get(phase, NO_CALLS)
+    calls, cut = actual["sent"] + actual["cache_hits"], actual["cut_at_max_tokens"]
+    n, bad = tally["replies"], tally["not_in_format"]
+    if phase == "plain":
+        console.print(
+            f"plain: {calls} replies to the plain chat prompt (nothing for DSPy to parse)"
+        )
+    else:
+        console.print(f"{phase}: {n - bad} of {n} replies read ({ADAPTERS[cfg.adapter]})")
+    if tally["plain"]:
+        console.print(f"  {tally['plain']} of them had no field markers: read whole as the answer")
+    if bad:
+        retry = f"DSPy asked each again in JSON (+{bad} calls), {tally['json_rescued']} parsed; "
+        console.print(
+            f"  {bad} not in it: {retry if tally['json_rescued'] + tally['unparsed'] else ''}"
+            f"[bold]{tally['unparsed']} unparsed[/]: an empty answer, scored 0"
+        )
+        first = tally["first_unparsed"] or "(empty)"
+        console.print("  the first reply it could not read, as the model wrote it:")
+        console.print(f"  [dim]{escape(first)}[/]")
+        if first in STOP:
+            console.print(
+                f"  (the model began by writing {first}, a stop string: it was echoing the "
+                "prompt, so the reply ends there, empty)"
+            )
+    if cut:
+        console.print(
+            f"  {cut} of {calls} calls ran to --max-tokens {cfg.max_tokens} before a stop "
+            f"string {stop_strings(cfg.adapter)} (a model repeating itself, or a long answer)"
+        )
+
+
+# ----- Stage 5 · answer: the plain model, the programs, in parallel
+
+
+@dataclass
+class Answers:
+    """Stage 5's answers: a row per test question with its id, question, reference and the
+    answer of each phase (plain, baseline, tuned), as write_results() scores them."""
+
+    questions: list[dict]
+    tuned_reasoning: list[str]  # the compiled program's reasoning (ChainOfThought), per row
+
+
+def plain_messages(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def plain_prompt_adapter():
+    """The plain model's prompt as a DSPy adapter: SYSTEM_PROMPT and the question, nothing else;
+    the whole reply is the answer.
+
+    The same words the fine-tuning approaches prompt with, so the plain phase scores what the
+    model does untouched. As an adapter it goes through the very LM the programs use: the same
+    decoding, cache, retries and call counting.
+    """
+    import dspy
+
+    class PlainPromptAdapter(dspy.ChatAdapter):
+        def format(self, signature, demos, inputs) -> list[dict]:
+            return plain_messages(inputs["question"])
+
+        def parse(self, signature, completion: str) -> dict:
+            return {"answer": completion.strip()}
+
+    return PlainPromptAdapter(use_json_adapter_fallback=False)
+
+
+def answer_phase(cfg: Config, plan: Plan, name: str, program, formatted: Formatted, settings):
+    """Answer every test question with `program`, under these dspy settings (lm, adapter);
+    count the calls and the replies."""
+    import dspy
+
+    before = history_ids()
+    plan.phase = name
+    with dspy.context(**settings):
+        replies = answer_all(program, formatted.testset, cfg.threads, name)
+    plan.actual[name] = tally_since(before)
+    say_replies(cfg, plan, name)
+    return replies
+
+
+def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
+    """Run `program` on every example in `threads` threads, with a progress bar.
+
+    dspy.Evaluate does the same, but it scores a call that failed as 0 and carries on; here a
+    call that still fails after DSPy's retries stops the run (exit 1) instead of writing a wrong
+    score. A reply the adapter cannot parse, even after DSPy's JSON fallback (one more call, not
+    in the estimate), is a bad answer, not a failure: it scores 0.
+    """
+    import contextvars
+    from concurrent.futures import as_completed
+
+    import dspy
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    def one(example) -> dict:
+        try:
+            prediction = program(**example.inputs())
+        except dspy.AdapterParseError:  # a program that is not build_program()'s
+            return {"answer": "", "reasoning": UNPARSED}
+        return {
+            "answer": prediction.answer or "",
+            "reasoning": getattr(prediction, "reasoning", None) or "",
+        }
+
+    results: list[dict] = [{} for _ in examples]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    pool, wait = DaemonThreads(threads), True  # interrupts: else ThreadPoolExecutor(threads)
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"{label:>8}", total=len(examples))
+            # Each call runs in a copy of this thread's context, so settings made with
+            # dspy.context(...) reach the worker threads (dspy.Parallel does the same).
+            futures = {
+                pool.submit(contextvars.copy_context().run, one, example): i
+                for i, example in enumerate(examples)
+            }
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                progress.advance(task)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: wait for no call in flight
+        wait = False
+        raise
+    finally:
+        # Send nothing more: drop the calls not started yet. After a failed call, the calls in
+        # flight still land in the cache, for the next run.
+        pool.shutdown(wait=wait)
+    return results
+
+
+def show_answers(cfg: Config, answers: Answers) -> None:
+    """Stage 5's last words: your question's two answers (--ask), and the tuned reasoning."""
+    if cfg.ask:
+        row = answers.questions[0]
+        console.print(f"question: {row['question']}", markup=False)
+        console.print(f"baseline: {row['baseline']}", markup=False)
+        console.print(f"tuned:    {row['tuned']}", markup=False)
+    else:
+        console.print(
+            f"answered {len(answers.questions)} test questions twice; stage 6 scores them"
+        )
+    console.print(f"the compiled program's reasoning for {answers.questions[0]['id']}:")
+    console.print(f"  {answers.tuned_reasoning[0]}", markup=False)
+
+
+# ----- Stage 6 · compare: what was spent, what was read, the command for a real run
+
+
+def show_actual_cost(plan: Plan) -> float | None:
+    """Say what the calls really cost (None: unknown) and how many came from the cache."""
+    actuals = [plan.actual[name] for name in PHASES if name in plan.actual]
+    costs = [a["cost_usd"] for a in actuals]
+    cost = None if any(c is None for c in costs) else sum(costs)
+    sent = sum(a["sent"] for a in actuals)
+    cached = sum(a["cache_hits"] for a in actuals)
+    console.print(
+        f"actual cost: {'unknown' if cost is None else f'${cost:.4f}'} for {sent} calls sent; "
+        f"{cached} answered from the cache at no cost (DSPy's history, cache hits counted apart)."
+    )
+    return cost
+
+
+def show_replies(cfg: Config, plan: Plan) -> dict[str, dict]:
+    """Stage 6's account of every reply: read, asked again in JSON, or unparsed (scored 0)."""
+    table = Table(title="replies, by phase: what DSPy could read")
+    columns = ("phase", "replies", "in format", "read whole", "not read", "JSON parsed")
+    columns += ("unparsed (scored 0)", f"cut at {cfg.max_tokens} tokens")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    replies = {}
+    for name in PHASES:
+        if name not in plan.actual or name == "plain":  # the plain prompt asks for no format
+            continue
+        tally = replies[name] = plan.replies.get(name, new_reply_tally())
+        actual = plan.actual[name]
+        cut = f"{actual['cut_at_max_tokens']} of {actual['sent'] + actual['cache_hits']}"
+        n, bad = tally["replies"], tally["not_in_format"]
+        cells = (n, n - bad - tally["plain"], tally["plain"], bad, tally["json_rescued"])
+        table.add_row(name, *map(str, cells), str(tally["unparsed"]), cut)
+    console.print(table)
+    retry = json_retry(build_adapter(cfg.adapter))
+    retry = "asked again in JSON (one more call, counted in 'sent' above), " if retry else ""
+    console.print(
+        f"[dim]in format: the adapter read every field ({ADAPTERS[cfg.adapter]}); read "
+        "whole: a reply without field markers, taken as the answer; not read: a reply the "
+        f"adapter could not parse, {retry}an empty answer if still unread (unparsed, scored 0). "
+        f"Cut: calls that ran to --max-tokens before a stop string {stop_strings(cfg.adapter)}.[/]"
+    )
+    return replies
+
+
+def model_label(cfg: Config, model: str | None) -> str:
+    """A model as the results name it (None: --model), a folder --serve served by its path."""
+    if cfg.serve is not None:  # --serve
+        return served_label(Path(model).resolve() if model else cfg.serve)
+    return model or cfg.model
+
+
+def show_real_run_command(cfg: Config, plan: Plan) -> None:
+    """A dry run ends with the command for the real one, and the key it still needs."""
+    command = shlex.join([Path(sys.argv[0]).name, *cfg.argv])
+    need = plan.key_variable and not os.environ.get(plan.key_variable)
+    console.print()
+    console.print("Real run (sends the calls above):", style="bold")
+    if need:
+        console.print(f"  export {plan.key_variable}=...   # or put it in .env")
+    console.print(f"  python {command} --run", markup=False)
+
+
+# =====================================================================================
+# Optional: the estimates before a paid step (tokens per call, calls per phase, their price).
+# Delete this section with the statements marked `estimates` (in stages 2, 3 and 6, Formatted,
+# Plan, check_before_sending's count of calls, check_serve) and --serve's check_context; a paid
+# run then asks with its cost unknown, and --max-cost refuses it.
+# =====================================================================================
+
+
+@dataclass
+class Phase:
+    """One block of LM calls in a real run, with the tokens each call sends and gets back."""
+
+    name: str
+    what: str
+    calls: int  # an upper bound where the optimizer may stop early
+    prompt_tokens: int  # per call
+    completion_tokens: int  # per call
+
+
+def estimate_tokens(cfg: Config, data: Data, formatted: Formatted) -> None:
+    """Tokens per call of each phase, and of a reply; print them, and warn of any too long.
+
+    Counted on the prompts the adapter writes, with LiteLLM's token counter: no LM call.
+    """
+    adapter, trainset, testset = formatted.adapter, formatted.trainset, formatted.testset
+    loaded, prompt_tokens = formatted.loaded, formatted.prompt_tokens
+    predict_signature = predictor(build_program(cfg.program, formatted.signature)).signature
+    train, first = data.train, testset[0]
+    zero_shot = [
+        count_tokens(cfg.model, adapter.format(predict_signature, [], {"question": ex.question}))
+        for ex in testset
+    ]
+    prompt_tokens["baseline"] = round(sum(zero_shot) / len(zero_shot))
+    plain = [count_tokens(cfg.model, plain_messages(ex.question)) for ex in testset]
+    prompt_tokens["plain"] = round(sum(plain) / len(plain))
+    if loaded is not None:
+        demos = predictor(loaded).demos
+        tuned_signature = predictor(loaded).signature
+        teacher_demos: list = []
+    else:
+        # Before compiling, the tuned prompt is approximated: the first training pairs as demos,
+        # the bootstrapped ones with a reasoning as long as their answer.
+        n_boot = 0 if cfg.optimizer == "labeled" else min(cfg.max_bootstrapped_demos, len(train))
+        n_demos = min(max(cfg.max_labeled_demos, n_boot), len(train))
+        cot = cfg.program == "cot"
+        demos = [
+            ex.copy(reasoning=ex.answer) if i < n_boot and cot else ex
+            for i, ex in enumerate(trainset[:n_demos])
+        ]
+        tuned_signature = predict_signature
+        # While bootstrapping, the teacher sees max_labeled_demos training pairs as demos.
+        teacher_demos = trainset[: min(cfg.max_labeled_demos, max(0, len(trainset) - 1))]
+    prompt_tokens["tuned"] = count_tokens(
+        cfg.model, adapter.format(tuned_signature, demos, {"question": first.question})
+    )
+    prompt_tokens["compile"] = count_tokens(
+        cfg.model, adapter.format(predict_signature, teacher_demos, {"question": first.question})
+    )
+    answers = [count_tokens(cfg.model, [{"role": "user", "content": r["answer"]}]) for r in train]
+    # A reply holds an answer (and a reasoning with ChainOfThought), each assumed as long as a
+    # reference answer, and the adapter's markers.
+    per_field = round(sum(answers) / len(answers)) if answers else 60
+    formatted.reply_tokens = reply_tokens = (2 if cfg.program == "cot" else 1) * per_field + 20
+
+    compiles = loaded is None and cfg.optimizer != "labeled"
+    show_token_counts(cfg, prompt_tokens, reply_tokens, len(teacher_demos), len(demos), loaded)
+    sent = {"baseline", "tuned"} | ({"compile"} if compiles else set())
+    report_long_prompts(
+        cfg.model,
+        data.test,
+        zero_shot,
+        {phase: n for phase, n in prompt_tokens.items() if phase in sent},
+        [] if loaded is not None else train[: len(demos)],
+    )
+
+
+def show_token_counts(
+    cfg: Config, prompt_tokens: dict, reply_tokens: int, n_teacher: int, n_demos: int, loaded
+) -> None:
+    """Stage 2's table of tokens per call, phase by phase."""
+    table = Table(title=f"tokens per call ({cfg.model}, LiteLLM's token counter)")
+    table.add_column("prompt")
+    table.add_column("tokens", justify="right")
+    table.add_row("plain: the plain chat prompt, no DSPy (mean)", str(prompt_tokens["plain"]))
+    table.add_row(
+        "baseline: zero-shot, mean over the test questions", str(prompt_tokens["baseline"])
+    )
+    if loaded is None and cfg.optimizer != "labeled":
+        table.add_row(
+            f"compile: {n_teacher} labeled demos + question", str(prompt_tokens["compile"])
+        )
+    which = f"saved program, {n_demos} demos" if loaded else f"~{n_demos} demos, estimated"
+    table.add_row(f"tuned: {which}", str(prompt_tokens["tuned"]))
+    fields = "reasoning + answer" if cfg.program == "cot" else "answer"
+    table.add_row(f"reply: {fields} (estimated)", str(reply_tokens))
+    console.print(table)
+
+
+def count_tokens(model: str, messages: list[dict]) -> int:
+    """Tokens of a chat prompt, counted the way LiteLLM counts them for this model."""
+    import litellm
+
+    # For a Llama or Cohere model name LiteLLM downloads a tokenizer from Hugging Face; a dry
+    # run sends nothing, and tiktoken's count (LiteLLM's fallback) is close enough to estimate.
+    litellm.disable_hf_tokenizer_download = True
+    return litellm.token_counter(model=model, messages=messages)
+
+
+def context_window(model: str) -> int | None:
+    """Input tokens the model takes, from LiteLLM's bundled map (never asks a server)."""
+    import litellm
+
+    for key in (model, model.split("/", 1)[-1]):
+        tokens = (litellm.model_cost.get(key) or {}).get("max_input_tokens")
+        if tokens:
+            return int(tokens)
+    return None
+
+
+def report_long_prompts(
+    model: str, test: list[dict], zero_shot: list[int], prompt_tokens: dict, demos: list[dict]
+) -> None:
+    """Say which prompts will not fit the model's context window, and what happens to them.
+
+    `demos` are the training pairs the tuned and compiling prompts carry (none for a loaded
+    program, whose demos are its own).
+    """
+    window = context_window(model)
+    if window is None:
+        console.print(
+            f"[dim]{escape(model)}'s context window is not in LiteLLM's map: prompt lengths are "
+            f"not checked against it (the longest prompt here: {max(prompt_tokens.values()):,} "
+            "tokens)[/dim]"
+        )
+        return
+    over = [row["id"] for row, tokens in zip(test, zero_shot, strict=True) if tokens > window]
+    if over:
+        console.print(
+            f"[yellow]{len(over)} test question(s) ({escape(', '.join(over[:5]))}) alone are over "
+            f"{escape(model)}'s {window:,}-token context window: the provider would refuse "
+            "those calls and a real run would stop there; shorten them or drop them[/yellow]"
+        )
+    longest = max(demos, key=lambda row: len(row["question"]) + len(row["answer"]), default=None)
+    culprit = (
+        f"The longest demo is training pair {escape(longest['id'])} "
+        f"({len(longest['answer']):,} characters of answer); shorten it, drop it, or lower "
+        "--max-labeled-demos"
+        if longest
+        else "Compile again with shorter training pairs"
+    )
+    for phase, what in (("compile", "compiling call"), ("tuned", "compiled call")):
+        if prompt_tokens.get(phase, 0) > window:
+            console.print(
+                f"[yellow]with its demos the {phase} prompt is about {prompt_tokens[phase]:,} "
+                f"tokens, over {escape(model)}'s {window:,}-token context window: the provider "
+                f"would refuse every {what}. {culprit}[/yellow]"
+            )
+
+
+def estimate_calls(cfg: Config, formatted: Formatted, plan: Plan) -> None:
+    """The blocks of calls a real run makes, their counts, tokens and price; print the table."""
+    calls = planned_calls(
+        cfg, len(formatted.trainset), len(formatted.testset), formatted.loaded is None
+    )
+    what = {
+        "plain": "answer the test questions with the plain chat prompt",
+        "baseline": "answer the test questions, uncompiled",
+        "compile": f"{cfg.optimizer}: pick demos on the train set (upper bound)",
+        "tuned": "answer the test questions, compiled",
+    }
+    tokens = formatted.prompt_tokens
+    plan.phases = [
+        Phase(name, what[name], calls[name], tokens[name], formatted.reply_tokens)
+        for name in PHASES
+    ]
+    # your own machine: nothing to pay per token
+    plan.price = (0.0, 0.0) if plan.server is not None else price_per_token(cfg.model)
+    if plan.price is not None:
+        plan.estimate_usd = sum(phase_cost(phase, plan.price) or 0 for phase in plan.phases)
+    show_estimate(cfg, plan)
+
+
+def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) -> dict[str, int]:
+    """How many LM calls each phase makes at most, from how each optimizer works in DSPy 3.4."""
+    if not compile_needed or cfg.optimizer == "labeled":
+        compile_calls = 0  # LabeledFewShot copies training pairs into the prompt: no calls
+    elif cfg.optimizer == "bootstrap":
+        # One call per training question until max_bootstrapped_demos runs scored well enough.
+        compile_calls = n_train if cfg.max_bootstrapped_demos else 0
+    elif cfg.optimizer == "random-search":
+        # Candidate programs: zero-shot, labeled-only, a plain bootstrap, then num_candidates
+        # bootstraps on shuffled data. All but the first two bootstrap (up to one call per
+        # training question), and every one is then scored on the whole training set.
+        candidates = cfg.num_candidates + 3
+        compile_calls = (cfg.num_candidates + 1) * n_train + candidates * n_train
+    else:  # mipro, auto="light": 80% of the training set held out, at most 100 of it scored
+        held_out = max(1, int(n_train * 0.8))
+        n_fit, n_val = n_train - held_out, min(100, held_out)
+        # 6 demo sets like random search's (zero-shot and labeled-only need no call), 3
+        # instructions of 3 calls each (describe program, describe module, propose), and a
+        # data summary of one call per 10 examples (at most 9) plus 2.
+        bootstraps = 4 * n_fit
+        proposals = 3 * 3 + 2 + min(9, max(0, math.ceil(n_fit / 10) - 1))
+        trials = int(max(2 * 2 * math.log2(6), 1.5 * 6))
+        if n_val > 50:  # minibatches of 35, a full evaluation every 5 trials
+            evaluations = 35 * trials + n_val * (trials // 5 + 1)
+        else:  # the default program, then every trial on the whole validation set
+            evaluations = n_val * (trials + 1)
+        compile_calls = bootstraps + proposals + evaluations
+    plain = 0 if cfg.ask else n_test  # --ask answers with the two programs only
+    return {"plain": plain, "baseline": n_test, "compile": compile_calls, "tuned": n_test}
+
+
+def phase_cost(phase: Phase, price: tuple[float, float] | None) -> float | None:
+    if price is None:
+        return None
+    return phase.calls * (phase.prompt_tokens * price[0] + phase.completion_tokens * price[1])
+
+
+def show_estimate(cfg: Config, plan: Plan) -> None:
+    """Stage 3's table of calls, tokens and USD, and where the prices come from."""
+    phases, price, estimate = plan.phases, plan.price, plan.estimate_usd
+    table = Table(title="calls and cost of a real run (estimate)")
+    for column in ("phase", "what", "calls", "tokens in/out per call", "USD"):
+        table.add_column(column, justify="right" if column in ("calls", "USD") else "left")
+    for phase in phases:
+        cost = phase_cost(phase, price)
+        table.add_row(
+            phase.name,
+            phase.what,
+            str(phase.calls),
+            f"{phase.prompt_tokens} / {phase.completion_tokens}",
+            "?" if cost is None else f"{cost:.4f}",
+        )
+    table.add_row(
+        "total",
+        "",
+        str(sum(phase.calls for phase in phases)),
+        f"{sum(p.calls * (p.prompt_tokens + p.completion_tokens) for p in phases):,} tokens",
+        "?" if estimate is None else f"{estimate:.4f}",
+        style="bold",
+    )
+    console.print(table)
+    if plan.server is not None:
+        console.print("a model on this machine: no price per token, only electricity.")
+    elif price is None:
+        console.print(
+            f"LiteLLM {version('litellm')}'s price map lists no price for {cfg.model}: "
+            "the cost is unknown (a model on your own server costs only its electricity)."
+        )
+    else:
+        console.print(
+            f"prices: ${price[0] * 1e6:.3f} in / ${price[1] * 1e6:.3f} out per 1M tokens, from the "
+            f"price map bundled with LiteLLM {version('litellm')} (read offline; check the "
+            "provider's price page for today's)."
+        )
+
+
+def show_calls(plan: Plan) -> None:
+    """Stage 6's table of LM calls, phase by phase: estimated, sent, cached, tokens, USD."""
+    table = Table(title="LM calls: estimated vs actual")
+    columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase in plan.phases:
+        actual = plan.actual.get(phase.name, NO_CALLS)
+        est = phase_cost(phase, plan.price)
+        table.add_row(
+            phase.name,
+            str(phase.calls),
+            str(actual["sent"]),
+            str(actual["cache_hits"]),
+            f"{actual['prompt_tokens']:,} / {actual['completion_tokens']:,}",
+            "?" if est is None else f"{est:.4f}",
+            "?" if actual["cost_usd"] is None else f"{actual['cost_usd']:.4f}",
+        )
+    console.print(table)
+
+
+# =====================================================================================
+# Optional: --serve, a model folder on this machine behind `transformers serve`, started and
+# stopped by the run. Delete this section with Config's serve fields (and --threads' note on
+# them) and the statements marked `--serve` (a marked `with` keeps its body); Plan.server then
+# stays None.
+# =====================================================================================
+
+
+def check_serve(cfg: Config, plan: Plan) -> None:
     """--serve: the prompts fit the model, and transformers serve can run here."""
-    check_context(cfg.serve, phases, cfg.max_tokens)
+    check_context(cfg.serve, plan.phases, cfg.max_tokens)  # estimates: the prompt sizes
     if missing := missing_serve_packages():
         need = f"transformers serve needs {', '.join(missing)}: "
         need += "pip install 'transformers[serving]'"
         if cfg.run:
             raise UsageError(f"--serve: {need} (nothing was started)")
         console.print(f"[yellow]a real run with --serve would stop here: {need}[/]")
+    if not cfg.run:
+        console.print(f"dry run: would start `{plan.server.command()}`; nothing is started.")
 
 
-def start_server(cfg: Config, plan: Plan, server: LocalServer) -> None:
+def start_server(cfg: Config, plan: Plan) -> None:
     """Start --serve's server and point the run at it (stopped when the run ends)."""
-    seconds = server.start(cfg.serve_timeout)
-    plan.server, cfg.api_base = server, server.api_base
+    seconds = plan.server.start(cfg.serve_timeout)
+    cfg.api_base = plan.server.api_base
     console.print(
         f"the server answered after {seconds:.0f} s; --model {cfg.model} --api-base "
         f"{cfg.api_base} (stopped when this run ends)"
@@ -1299,6 +1940,24 @@ def served_context_window(folder: Path) -> int | None:
     config = config.get("text_config", config)  # a multimodal model keeps it one level down
     value = config.get("max_position_embeddings") if isinstance(config, dict) else None
     return value if isinstance(value, int) and value > 0 else None
+
+
+def served_size(folder: Path) -> int | None:
+    """Parameters of the served model, counted from its config.json (None: it does not say)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    try:  # embeddings, then per layer 4 attention and 3 MLP matrices (a dense model)
+        hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        kv = int(config.get("num_key_value_heads") or heads) * (hidden // heads)
+        mlp = int(config.get("intermediate_size") or 4 * hidden)
+        per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp
+        return int(config["vocab_size"]) * hidden + layers * per_layer
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 # The child process: `transformers serve` itself, run by this script's own Python so it comes
@@ -1448,337 +2107,6 @@ def local_server_stopped_at_the_end():
             server.stop(grace)
 
 
-# ----- Stage 4 · tune: the optimizer, its metric, the compiled program
-
-
-def rouge_metric(example, prediction, trace=None) -> float:
-    """The optimizer's metric: the shared ROUGE-L, on the 0-1 scale DSPy's optimizers use.
-
-    BootstrapFewShot keeps a demo only when this reaches --metric-threshold (divided by 100);
-    the random search and MIPROv2 also average it to rank whole programs.
-    """
-    return rouge_l(getattr(prediction, "answer", None) or "", example.answer) / 100
-
-
-def build_optimizer(cfg: Config):
-    import dspy
-
-    threshold = cfg.metric_threshold / 100
-    if cfg.optimizer == "labeled":
-        return dspy.LabeledFewShot(k=cfg.max_labeled_demos)
-    if cfg.optimizer == "bootstrap":
-        return dspy.BootstrapFewShot(
-            metric=rouge_metric,
-            metric_threshold=threshold,
-            max_bootstrapped_demos=cfg.max_bootstrapped_demos,
-            max_labeled_demos=cfg.max_labeled_demos,
-            max_errors=cfg.max_errors,
-        )
-    if cfg.optimizer == "random-search":
-        return dspy.BootstrapFewShotWithRandomSearch(
-            metric=rouge_metric,
-            metric_threshold=threshold,
-            max_bootstrapped_demos=cfg.max_bootstrapped_demos,
-            max_labeled_demos=cfg.max_labeled_demos,
-            num_candidate_programs=cfg.num_candidates,
-            num_threads=cfg.threads,
-            max_errors=cfg.max_errors,
-        )
-    return dspy.MIPROv2(
-        metric=rouge_metric,
-        auto="light",
-        metric_threshold=threshold,
-        max_bootstrapped_demos=cfg.max_bootstrapped_demos,
-        max_labeled_demos=cfg.max_labeled_demos,
-        num_threads=cfg.threads,
-        max_errors=cfg.max_errors,
-        seed=cfg.seed,
-    )
-
-
-def describe_optimizer(cfg: Config, compile_calls: int) -> str:
-    """What the chosen optimizer does, in one sentence, with this run's numbers."""
-    return OPTIMIZER_DESCRIPTIONS[cfg.optimizer].format(
-        calls=compile_calls,
-        boot=cfg.max_bootstrapped_demos,
-        threshold=cfg.metric_threshold,
-        labeled=cfg.max_labeled_demos,
-        candidates=cfg.num_candidates + 3,
-    )
-
-
-def why_the_optimizer_stopped(cfg: Config, plan: Plan) -> Exception:
-    """The error to raise when an optimizer gave up after max_errors failed calls."""
-    import dspy
-
-    first = plan.first_lm_error
-    if isinstance(first, (dspy.LMAuthError, dspy.LMInvalidRequestError)):
-        return first  # the user's to fix: lm_errors_explained says how, exit 2
-    return ServiceError(
-        f"the {cfg.optimizer} optimizer stopped after {cfg.max_errors} failed calls (the "
-        f"first: {describe_lm_error(first) if first else 'see above'}). Kept: "
-        f"{kept_note(cfg, plan)}; run the same command again to resume"
-    )
-
-
-def save_program(program, path: Path) -> None:
-    """Save the compiled program whole or not at all."""
-    # Module.save writes in place; write beside it and rename, so the file is whole or absent.
-    tmp = path.with_name(f".program.{os.getpid()}.tmp.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        program.save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def export_finetune_data(cfg: Config, formatted: Formatted, program) -> None:
-    """Write every train pair as this program sends it, in OpenAI chat format, for fine-tuning.
-
-    adapter.format_finetune_data is what dspy.BootstrapFinetune trains on: the program's own
-    system and user messages, and the reply in the adapter's format, here with the teacher's
-    answer as the reply. Weights tuned on it answer in the program's format, so the prompt can
-    be optimized again on them: DSPy's BetterTogether. Without the demos: with them every
-    example would carry the whole demo block (SmolLM2: 264 tokens an example without, 1,759
-    with 16 demos, mean over the 144 train pairs), over a LoRA run's --max-length of 512.
-    """
-    sent = predictor(program).signature  # the compiled instructions; ChainOfThought's reasoning
-    lines = []
-    for row in formatted.finetune_rows:
-        outputs = {"answer": row["answer"], "reasoning": ""}  # no reference reasoning exists
-        record = formatted.adapter.format_finetune_data(
-            sent, demos=[], inputs={"question": row["question"]}, outputs=outputs
-        )
-        record = {"id": row["id"], "split": "train", **record}
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    write_atomic(cfg.finetune_path, "".join(lines))
-    shown = shlex.quote(str(cfg.finetune_path))
-    console.print(
-        f"wrote {cfg.finetune_path}: all {len(lines)} train pairs as this program sends them "
-        f"(adapter.format_finetune_data, no demos), OpenAI chat format. Fine-tune on it, e.g.:\n"
-        f"  python huggingface_lora.py --data {shown} --test-limit 0 --merge --run\n"
-        f"  python openai_finetune.py --data {shown} --test-limit 0 --run\n"
-        "then run this script on the tuned model (--serve its merged folder, --base-model the "
-        "base) to optimize the prompt again: prompt, weights, prompt."
-    )
-
-
-def show_program(program, original_instructions: str, threshold: float) -> None:
-    """What the optimizer changed: the demos it put in the prompt, and the instructions."""
-    demos = predictor(program).demos
-    table = Table(title=f"{len(demos)} demos now in front of every question", show_lines=False)
-    table.add_column("#", justify="right")
-    table.add_column("kind")
-    table.add_column("question")
-    table.add_column("answer")
-    for number, demo in enumerate(demos, start=1):
-        kind = "bootstrapped" if demo.get("augmented") else "labeled"
-        answer = str(demo.get("answer", ""))
-        table.add_row(
-            str(number),
-            kind,
-            str(demo.get("question", "")),
-            answer[:120] + ("…" if len(answer) > 120 else ""),
-        )
-    console.print(table)
-    console.print(
-        f"[dim]bootstrapped: the model's own reasoning and answer on a training question, kept "
-        f"because it scored at least {threshold:g} ROUGE-L; labeled: a training pair as written.[/]"
-    )
-    instructions = predictor(program).signature.instructions
-    if instructions == original_instructions:
-        console.print("instructions (unchanged: this optimizer only picks demos):")
-    else:
-        console.print("instructions, as the optimizer rewrote them:")
-    console.print(f"  {instructions}", markup=False)
-
-
-def kept_note(cfg: Config, plan: Plan) -> str:
-    """What a failed real run leaves behind that the next run reuses."""
-    kept = "nothing (--no-cache)" if cfg.no_cache else f"every answered call, in {cfg.cache_dir}"
-    if plan.demos is not None and cfg.load is None:
-        kept += f", and the compiled program {cfg.program_path}"
-    return kept
-
-
-@contextlib.contextmanager
-def lm_errors_explained(cfg: Config, plan: Plan):
-    """Around stages 4 and 5: every failed LM call becomes one line and its exit code."""
-    import dspy  # for its error classes: every failed LM call is raised as a dspy.LMError
-
-    try:
-        yield
-    except dspy.LMAuthError:
-        # Not the provider's message: OpenAI's quotes the start and the end of the key.
-        raise UsageError(
-            f"{cfg.model}: the key in {plan.key_variable} was refused (HTTP 401); check it "
-            "(nothing else was sent)"
-        ) from None
-    except dspy.LMInvalidRequestError as exc:
-        # An unknown model name, a prompt too long: DSPy does not retry these, and neither
-        # would running the same command again help.
-        raise UsageError(
-            f"{cfg.model} refused the request: {describe_lm_error(exc)}; check --model "
-            "(the request was not retried)"
-        ) from None
-    except dspy.LMError as exc:
-        tries = f"after {cfg.num_retries} retries" if dspy.is_retryable_lm_error(exc) else "at once"
-        raise ServiceError(
-            f"{cfg.model} failed {tries}: {describe_lm_error(exc)}. Kept: "
-            f"{kept_note(cfg, plan)}; run the same command again to resume (calls in the cache "
-            "are not sent again)"
-        ) from None
-    except KeyboardInterrupt:
-        exit_before_teardown()  # LM calls may still be in flight: see DaemonThreads
-        raise KeyboardInterrupt(
-            f"kept {kept_note(cfg, plan)}; run the same command to resume"
-        ) from None
-
-
-# ----- Stages 4 and 5: the calls of each phase, counted from DSPy's history, and its replies
-
-
-def history_ids() -> set[str]:
-    """Ids of every LM call recorded so far in this process.
-
-    DSPy's global history holds the calls of every LM, including the copies an optimizer makes
-    of ours (MIPROv2 proposes instructions with one); lm.history would miss those.
-    """
-    from dspy.clients.base_lm import GLOBAL_HISTORY
-
-    return {entry["uuid"] for entry in list(GLOBAL_HISTORY)}
-
-
-def was_cache_hit(entry: dict) -> bool:
-    """Whether DSPy answered this call from its cache instead of sending it.
-
-    Through LiteLLM, DSPy marks the replayed reply; its own engine marks nothing, but records a
-    replayed call with no usage and the cost of the call it replays. A call with neither usage
-    nor cost counts as sent: a server that reports no usage is not a free cache hit.
-    """
-    if getattr(entry["response"], "cache_hit", False):
-        return True
-    return not entry.get("usage") and entry.get("cost") is not None
-
-
-def reported_usage(entry: dict) -> bool:
-    """Whether the server said what the call used (LiteLLM fills in zeros when it did not)."""
-    return bool((entry.get("usage") or {}).get("prompt_tokens"))
-
-
-NO_CALLS = {
-    "sent": 0,
-    "cache_hits": 0,
-    "prompt_tokens": 0,
-    "completion_tokens": 0,
-    "cost_usd": 0.0,
-    "cut_at_max_tokens": 0,
-}
-
-
-def finish_reason(entry: dict) -> str | None:
-    """Why the reply ended: "stop" (end of turn or a stop string) or "length" (--max-tokens)."""
-    response = entry["response"]
-    choices = getattr(response, "choices", None) or []
-    reason = getattr(choices[0], "finish_reason", None) if choices else None
-    return reason or getattr(response, "finish_reason", None)
-
-
-def tally_since(before: set[str]) -> dict:
-    """Calls recorded since `before`: sent, answered from the cache, tokens, and actual cost."""
-    from dspy.clients.base_lm import GLOBAL_HISTORY
-
-    entries = [entry for entry in list(GLOBAL_HISTORY) if entry["uuid"] not in before]
-    sent = [entry for entry in entries if not was_cache_hit(entry)]
-    costs = [entry.get("cost") if reported_usage(entry) else None for entry in sent]
-    return {
-        "sent": len(sent),
-        "cache_hits": len(entries) - len(sent),
-        "prompt_tokens": sum((entry["usage"] or {}).get("prompt_tokens") or 0 for entry in sent),
-        "completion_tokens": sum(
-            (entry["usage"] or {}).get("completion_tokens") or 0 for entry in sent
-        ),
-        # A cache hit keeps the cost of the call it replays; it costs nothing now, so only the
-        # calls really sent are summed. One unpriced call, or one whose usage the server did
-        # not report, makes the total unknown.
-        "cost_usd": None if any(cost is None for cost in costs) else sum(costs),
-        # replies that ran to --max-tokens, cached ones included: the same replies either way
-        "cut_at_max_tokens": sum(finish_reason(entry) == "length" for entry in entries),
-    }
-
-
-def json_retry(adapter) -> bool:
-    """Whether DSPy asks again in JSON when `adapter` cannot read a reply (one more call)."""
-    import dspy
-
-    return bool(getattr(adapter, "use_json_adapter_fallback", False)) and not isinstance(
-        adapter, dspy.JSONAdapter
-    )
-
-
-def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
-    """After a phase: how many replies DSPy could not read, and the first of them."""
-    tally = plan.replies.get(phase, new_reply_tally())
-    actual = plan.actual.get(phase, NO_CALLS)
-    calls, cut = actual["sent"] + actual["cache_hits"], actual["cut_at_max_tokens"]
-    n, bad = tally["replies"], tally["not_in_format"]
-    if phase == "plain":
-        console.print(
-            f"plain: {calls} replies to the plain chat prompt (nothing for DSPy to parse)"
-        )
-    else:
-        console.print(f"{phase}: {n - bad} of {n} replies read ({ADAPTER_FORMATS[cfg.adapter]})")
-    if tally["plain"]:
-        console.print(f"  {tally['plain']} of them had no field markers: read whole as the answer")
-    if bad:
-        retry = f"DSPy asked each again in JSON (+{bad} calls), {tally['json_rescued']} parsed; "
-        console.print(
-            f"  {bad} not in it: {retry if tally['json_rescued'] + tally['unparsed'] else ''}"
-            f"[bold]{tally['unparsed']} unparsed[/]: an empty answer, scored 0"
-        )
-        first = tally["first_unparsed"] or "(empty)"
-        console.print("  the first reply it could not read, as the model wrote it:")
-        console.print(f"  [dim]{escape(first)}[/]")
-        if first in STOP:
-            console.print(
-                f"  (the model began by writing {first}, a stop string: it was echoing the "
-                "prompt, so the reply ends there, empty)"
-            )
-    if cut:
-        console.print(
-            f"  {cut} of {calls} calls ran to --max-tokens {cfg.max_tokens} before a stop "
-            f"string {stop_strings(cfg.adapter)} (a model repeating itself, or a long answer)"
-        )
-
-
-# ----- Stage 5 · answer: the plain model, the mark every approach shares
-
-
-def plain_messages(question: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-
-
-def plain_prompt_adapter():
-    """The plain model's prompt as a DSPy adapter: SYSTEM_PROMPT and the question, nothing else;
-    the whole reply is the answer.
-
-    The same words the fine-tuning approaches prompt with, so the plain phase scores what the
-    model does untouched. As an adapter it goes through the very LM the programs use: the same
-    decoding, cache, retries and call counting.
-    """
-    import dspy
-
-    class PlainPromptAdapter(dspy.ChatAdapter):
-        def format(self, signature, demos, inputs) -> list[dict]:
-            return plain_messages(inputs["question"])
-
-        def parse(self, signature, completion: str) -> dict:
-            return {"answer": completion.strip()}
-
-    return PlainPromptAdapter(use_json_adapter_fallback=False)
-
-
 @contextlib.contextmanager
 def base_model_served(cfg: Config, plan: Plan):
     """--serve with --base-model FOLDER: that folder, served for the plain and baseline phases.
@@ -1801,21 +2129,12 @@ def base_model_served(cfg: Config, plan: Plan):
         server.stop()
 
 
-def answer_phase(cfg: Config, plan: Plan, name: str, program, formatted: Formatted, settings):
-    """Answer every test question with `program`, under these dspy settings (lm, adapter);
-    count the calls and the replies."""
-    import dspy
-
-    before = history_ids()
-    plan.phase = name
-    with dspy.context(**settings):
-        replies = answer_all(program, formatted.testset, cfg.threads, name)
-    plan.actual[name] = tally_since(before)
-    say_replies(cfg, plan, name)
-    return replies
-
-
-# ----- Stages 4 and 5: threads that Ctrl-C and SIGTERM never wait for
+# =====================================================================================
+# Optional: Ctrl-C and SIGTERM that wait for no LM call in flight (minutes, against a slow
+# local server). Delete this section with its three uses, marked `interrupts`: DaemonThreads in
+# answer_all (ThreadPoolExecutor from concurrent.futures instead), the `with` in tune (it keeps
+# its body) and exit_before_teardown() in lm_errors_explained.
+# =====================================================================================
 
 
 class DaemonThreads(Executor):
@@ -1898,191 +2217,28 @@ def dspy_parallel_in_daemon_threads():
         parallelizer.ThreadPoolExecutor = original
 
 
-# ----- Stage 5 · answer: in parallel, a failed call stopping the run
-
-
-def answer_all(program, examples: list, threads: int, label: str) -> list[dict]:
-    """Run `program` on every example in `threads` threads, with a progress bar.
-
-    dspy.Evaluate does the same, but it scores a call that failed as 0 and carries on; here a
-    call that still fails after DSPy's retries stops the run (exit 1) instead of writing a wrong
-    score. A reply the adapter cannot parse, even after DSPy's JSON fallback (one more call, not
-    in the estimate), is a bad answer, not a failure: it scores 0.
-    """
-    import contextvars
-    from concurrent.futures import as_completed
-
-    import dspy
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    def one(example) -> dict:
-        try:
-            prediction = program(**example.inputs())
-        except dspy.AdapterParseError:  # a program that is not build_program()'s
-            return {"answer": "", "reasoning": UNPARSED}
-        return {
-            "answer": prediction.answer or "",
-            "reasoning": getattr(prediction, "reasoning", None) or "",
-        }
-
-    results: list[dict] = [{} for _ in examples]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    pool, wait = DaemonThreads(threads), True
-    try:
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task(f"{label:>8}", total=len(examples))
-            # Each call runs in a copy of this thread's context, so settings made with
-            # dspy.context(...) reach the worker threads (dspy.Parallel does the same).
-            futures = {
-                pool.submit(contextvars.copy_context().run, one, example): i
-                for i, example in enumerate(examples)
-            }
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                progress.advance(task)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: wait for no call in flight
-        wait = False
-        raise
-    finally:
-        # Send nothing more: drop the calls not started yet. After a failed call, the calls in
-        # flight still land in the cache, for the next run.
-        pool.shutdown(wait=wait)
-    return results
-
-
-def show_answers(cfg: Config, answers: list[dict]) -> None:
-    """Stage 5's last words: your question's two answers (--ask), and the tuned reasoning."""
-    if cfg.ask:
-        row = answers[0]
-        console.print(f"question: {row['question']}", markup=False)
-        console.print(f"baseline: {row['baseline']}", markup=False)
-        console.print(f"tuned:    {row['tuned']}", markup=False)
-    else:
-        console.print(f"answered {len(answers)} test questions twice; stage 6 scores them")
-    console.print(f"the compiled program's reasoning for {answers[0]['id']}:")
-    console.print(f"  {answers[0]['tuned_reasoning']}", markup=False)
-
-
-# ----- Stage 6 · compare: what was sent and spent, what was read, the command for a real run
-
-
-def show_calls(plan: Plan) -> None:
-    """Stage 6's table of LM calls, phase by phase: estimated, sent, cached, tokens, USD."""
-    table = Table(title="LM calls: estimated vs actual")
-    columns = ("phase", "est. calls", "sent", "from cache", "tokens in/out", "est. USD", "USD")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "phase" else "right")
-    for phase in plan.phases:
-        actual = plan.actual.get(phase.name, NO_CALLS)
-        est = phase_cost(phase, plan.price)
-        table.add_row(
-            phase.name,
-            str(phase.calls),
-            str(actual["sent"]),
-            str(actual["cache_hits"]),
-            f"{actual['prompt_tokens']:,} / {actual['completion_tokens']:,}",
-            "?" if est is None else f"{est:.4f}",
-            "?" if actual["cost_usd"] is None else f"{actual['cost_usd']:.4f}",
-        )
-    console.print(table)
-
-
-def show_actual_cost(plan: Plan) -> float | None:
-    """Say what the calls really cost (None: unknown) and how many came from the cache."""
-    actuals = [plan.actual[name] for name in PHASES if name in plan.actual]
-    costs = [a["cost_usd"] for a in actuals]
-    cost = None if any(c is None for c in costs) else sum(costs)
-    sent = sum(a["sent"] for a in actuals)
-    cached = sum(a["cache_hits"] for a in actuals)
-    console.print(
-        f"actual cost: {'unknown' if cost is None else f'${cost:.4f}'} for {sent} calls sent; "
-        f"{cached} answered from the cache at no cost (DSPy's history, cache hits counted apart)."
-    )
-    return cost
-
-
-def show_replies(cfg: Config, plan: Plan) -> dict[str, dict]:
-    """Stage 6's account of every reply: read, asked again in JSON, or unparsed (scored 0)."""
-    table = Table(title="replies, by phase: what DSPy could read")
-    columns = ("phase", "replies", "in format", "read whole", "not read", "JSON parsed")
-    columns += ("unparsed (scored 0)", f"cut at {cfg.max_tokens} tokens")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "phase" else "right")
-    replies = {}
-    for name in PHASES:
-        if name not in plan.actual or name == "plain":  # the plain prompt asks for no format
-            continue
-        tally = replies[name] = plan.replies.get(name, new_reply_tally())
-        actual = plan.actual[name]
-        cut = f"{actual['cut_at_max_tokens']} of {actual['sent'] + actual['cache_hits']}"
-        n, bad = tally["replies"], tally["not_in_format"]
-        cells = (n, n - bad - tally["plain"], tally["plain"], bad, tally["json_rescued"])
-        table.add_row(name, *map(str, cells), str(tally["unparsed"]), cut)
-    console.print(table)
-    retry = json_retry(build_adapter(cfg.adapter))
-    retry = "asked again in JSON (one more call, counted in 'sent' above), " if retry else ""
-    console.print(
-        f"[dim]in format: the adapter read every field ({ADAPTER_FORMATS[cfg.adapter]}); read "
-        "whole: a reply without field markers, taken as the answer; not read: a reply the "
-        f"adapter could not parse, {retry}an empty answer if still unread (unparsed, scored 0). "
-        f"Cut: calls that ran to --max-tokens before a stop string {stop_strings(cfg.adapter)}.[/]"
-    )
-    return replies
-
-
-def base_model_label(cfg: Config) -> str:
-    """The model of the plain-model mark and the baseline, named as the results name models."""
-    if cfg.base_model is None:
-        return served_label(cfg.serve) if cfg.serve else cfg.model
-    return served_label(Path(cfg.base_model).resolve()) if cfg.serve else cfg.base_model
-
-
-def show_real_run_command(cfg: Config, plan: Plan) -> None:
-    """A dry run ends with the command for the real one, and the key it still needs."""
-    command = shlex.join([Path(sys.argv[0]).name, *cfg.argv])
-    need = plan.key_variable and not os.environ.get(plan.key_variable)
-    console.print()
-    console.print("Real run (sends the calls above):", style="bold")
-    if need:
-        console.print(f"  export {plan.key_variable}=...   # or put it in .env")
-    console.print(f"  python {command} --run", markup=False)
-
-
 # =====================================================================================
 # The other entry point: --ask
 # =====================================================================================
 
 
-def ask(cfg: Config) -> None:
+def ask(cfg: Config) -> Data:
     """--ask: one question of your own, to the baseline and to the program a real run saved.
 
-    The stages of a run, on that one question: no data is read, nothing is compiled (the
-    saved program is loaded in stage 2) and no results are written.
+    Stage 1 of a run on that one question: no data is read. The other stages run as usual,
+    except that nothing is compiled (the saved program is loaded in stage 2) and no results
+    are written.
     """
     stage(1, "prepare_data", "Load the question/answer pairs, check them, split train and test.")
     console.print("--ask: no data needed; the demos come from the saved program.")
     row = {"id": "ask", "subject": "yours", "question": cfg.ask.strip(), "answer": ""}
-    data = {"train": [], "test": [{**row, "split": "test"}], "train_all": []}
-    import_dspy()
-    formatted = format_data(cfg, data)
-    with local_server_stopped_at_the_end():
-        plan = configure_model(cfg, formatted)
-        with lm_errors_explained(cfg, plan):
-            tuned = tune(cfg, formatted, plan)  # the saved program, shown
-            answer(cfg, data, formatted, plan, tuned)
-        stage(
-            6,
-            "compare",
-            "Score both with ROUGE-L, write the results, compare with the other approaches.",
-        )
-        console.print("--ask writes no results: it answered your question only.")
-    if not cfg.run:
-        show_real_run_command(cfg, plan)
+    return Data(train=[], test=[{**row, "split": "test"}], train_all=[])
 
 
 # =====================================================================================
-# Reference tables: providers, optimizers
+# Reference tables: providers, phases, optimizers
 # =====================================================================================
+
 
 # The environment variable holding each provider's key; other providers are asked of LiteLLM.
 KEY_VARIABLES = {
@@ -2094,21 +2250,12 @@ KEY_VARIABLES = {
 # Servers that run on your own machine and need no key.
 LOCAL_PROVIDERS = ("ollama", "ollama_chat", "hosted_vllm", "lm_studio")
 
+
 PHASES = ("plain", "baseline", "compile", "tuned")  # the blocks of LM calls of a real run
-PROGRAM_CLASSES = {"predict": "dspy.Predict", "cot": "dspy.ChainOfThought"}
 # Below this many parameters a model is small: it rarely follows an adapter's format unaided.
 SMALL_MODEL = 3e9
 
-# How each adapter asks the model to lay out its reply (say_replies names it).
-ADAPTER_FORMATS = {
-    "chat": "ChatAdapter's [[ ## field ## ]] sections, with DSPy's JSON retry",
-    "chat-no-retry": "ChatAdapter's [[ ## field ## ]] sections, no retry",
-    "chat-plain": "ChatAdapter's sections, or a plain reply read as the answer",
-    "json": "JSONAdapter: a JSON object",
-    "xml": "XMLAdapter: <field> tags, with DSPy's JSON retry",
-}
 
-OPTIMIZERS = ("bootstrap", "random-search", "mipro", "labeled")
 # What each optimizer does, as stage 4 says it before compiling (filled in by describe_optimizer).
 OPTIMIZER_DESCRIPTIONS = {
     "bootstrap": "BootstrapFewShot runs the model on up to {calls} training questions and keeps "
@@ -2128,13 +2275,7 @@ OPTIMIZER_DESCRIPTIONS = {
 # =====================================================================================
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = Config()  # every default below is the one written in Config
-    parser = CommandLine(
-        prog="dspy_example.py",
-        description="Optimize the prompt of any LLM for teacher-style answers with DSPy.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""examples:
+EXAMPLES = """examples:
   dry run (default; sends nothing, prints the prompt and the cost estimate):
     python dspy_example.py
   real run with OpenAI (OPENAI_API_KEY in the environment or in .env):
@@ -2152,212 +2293,21 @@ def build_parser() -> argparse.ArgumentParser:
         --api-base http://localhost:8000/v1
   ask the compiled program one question of your own:
     python dspy_example.py --run --ask "Why do we have leap years?"
-""",
-    )
-    parser.add_argument(
-        "--data",
-        type=path_arg,
-        default=d.data,
-        help=(
-            "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion "
-            "records (default: small_edu_qa.jsonl beside the script)"
-        ),
-    )
-    # Left unset (None) here: --model, --max-tokens, --threads, --results-name and --cache-dir.
-    # Config works each out from the others (a local server, --serve, --output-dir), and
-    # parse_config must see whether --model was given.
-    parser.add_argument(
-        "--model",
-        type=text_arg,
-        help=f"LiteLLM model string, provider/model (default: {DEFAULT_MODEL})",
-    )
-    parser.add_argument(
-        "--run", action="store_true", default=d.run, help="really send the calls (default: dry run)"
-    )
-    parser.add_argument(
-        "--yes", action="store_true", default=d.yes, help="do not ask before a paid step"
-    )
-    parser.add_argument(
-        "--max-cost",
-        type=number(float, 0),
-        default=d.max_cost,
-        metavar="USD",
-        help="refuse a paid step whose estimate is higher",
-    )
-    parser.add_argument(
-        "--train-limit",
-        type=number(int, 1),
-        default=d.train_limit,
-        metavar="N",
-        help="use the first N train examples (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--test-limit",
-        type=number(int, 1),
-        default=d.test_limit,
-        metavar="N",
-        help="use the first N test examples (default: all)",
-    )
-    parser.add_argument(
-        "--output-dir", type=path_arg, default=d.output_dir, help="where everything is written"
-    )
-    parser.add_argument(
-        "--seed",
-        type=seed_arg,
-        default=d.seed,
-        help="seed for MIPROv2 (the other optimizers fix theirs)",
-    )
-    parser.add_argument(
-        "--ask",
-        type=text_arg,
-        default=d.ask,
-        metavar="QUESTION",
-        help="answer one question with the baseline and the compiled program (uses a saved run)",
-    )
-    parser.add_argument(
-        "--api-base",
-        type=text_arg,
-        default=d.api_base,
-        metavar="URL",
-        help="server to send the calls to (Ollama, vLLM, any OpenAI-compatible server)",
-    )
-    parser.add_argument(
-        "--api-key-env",
-        type=text_arg,
-        default=d.api_key_env,
-        metavar="VAR",
-        help="environment variable holding the key (default: the provider's, e.g. OPENAI_API_KEY)",
-    )
-    parser.add_argument(
-        "--engine",
-        choices=("litellm", "auto"),
-        default=d.engine,
-        help="litellm: every call goes through LiteLLM (default); auto: DSPy 3.4's own client "
-        "for OpenAI, Anthropic, Ollama and vLLM, LiteLLM for the rest",
-    )
-    parser.add_argument(
-        "--program",
-        choices=("auto", *PROGRAMS),
-        default=Config.program,  # "auto": Config() has already resolved it for the default model
-        help=f"predict: dspy.Predict; cot: dspy.ChainOfThought; auto (default): {LOCAL_PROGRAM} "
-        f"for a model on this machine, {HOSTED_PROGRAM} for a hosted one",
-    )
-    parser.add_argument(
-        "--adapter",
-        choices=("auto", *ADAPTERS),
-        default=Config.adapter,  # "auto": Config() has already resolved it for the default model
-        help="chat: ChatAdapter with its JSON retry; chat-no-retry; chat-plain: ChatAdapter that "
-        "reads a reply without field markers as the answer, no retry; json: JSONAdapter; xml: "
-        f"XMLAdapter. auto (default): {LOCAL_ADAPTER} for a model on this machine, "
-        f"{HOSTED_ADAPTER} for a hosted one",
-    )
-    parser.add_argument(
-        "--base-model",
-        type=text_arg,
-        default=d.base_model,
-        metavar="MODEL",
-        help="when --model is a fine-tuned model: the untuned model it was tuned from, on which "
-        "the plain model and the uncompiled baseline run (a LiteLLM model string; with --serve, "
-        "a model folder, served for those calls). Default: --model itself",
-    )
-    parser.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default=d.optimizer,
-        help="bootstrap: BootstrapFewShot (default); random-search: "
-        "BootstrapFewShotWithRandomSearch; mipro: MIPROv2 auto=light (needs optuna); "
-        "labeled: LabeledFewShot (no LM calls)",
-    )
-    parser.add_argument(
-        "--metric-threshold",
-        type=number(float),
-        default=d.metric_threshold,
-        metavar="ROUGE",
-        help="ROUGE-L (0-100) a bootstrapped demo must reach to be kept (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-bootstrapped-demos",
-        type=number(int, 0),
-        default=d.max_bootstrapped_demos,
-        metavar="N",
-    )
-    parser.add_argument(
-        "--max-labeled-demos", type=number(int, 1), default=d.max_labeled_demos, metavar="N"
-    )
-    parser.add_argument(
-        "--num-candidates",
-        type=number(int, 1),
-        default=d.num_candidates,
-        metavar="N",
-        help="random-search: demo sets to try (default: %(default)s)",
-    )
-    parser.add_argument("--temperature", type=number(float, 0), default=d.temperature)
-    parser.add_argument(
-        "--max-tokens",
-        type=number(int, 1),
-        metavar="N",
-        help=f"longest reply (default: {HOSTED_MAX_TOKENS} for a hosted API, {LOCAL_MAX_TOKENS} "
-        f"for a local server: --serve, {', '.join(LOCAL_PROVIDERS)})",
-    )
-    parser.add_argument(
-        "--threads",
-        type=number(int, 1),
-        help="parallel calls when answering and when random-search/mipro score candidates "
-        f"(default: {HOSTED_THREADS}, or {SERVE_THREADS} with --serve)",
-    )
-    parser.add_argument(
-        "--serve",
-        type=path_arg,
-        default=d.serve,
-        metavar="FOLDER",
-        help="a local transformers model folder: start `transformers serve FOLDER` on a free "
-        "127.0.0.1 port for this run, use it as the model, stop it at the end",
-    )
-    parser.add_argument(
-        "--serve-timeout",
-        type=number(float, 0, above=True),
-        default=d.serve_timeout,
-        metavar="SECONDS",
-        help="how long --serve waits for the server to load the model (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--results-name",
-        type=text_arg,
-        metavar="NAME",
-        help="write OUTPUT_DIR/results/NAME.json (default: dspy), e.g. to keep a run on a base "
-        "model and one on a fine-tuned model side by side",
-    )
-    parser.add_argument(
-        "--load",
-        type=path_arg,
-        default=d.load,
-        metavar="PATH",
-        help="use this compiled program, skip compiling",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=path_arg,
-        metavar="DIR",
-        help="DSPy's disk cache of LM calls (default: OUTPUT_DIR/dspy/cache)",
-    )
-    parser.add_argument(
-        "--no-cache",
-        action="store_true",
-        default=d.no_cache,
-        help="send every call, even one answered before",
-    )
-    return parser
+"""
 
 
 def parse_config(argv: list[str] | None) -> Config:
-    parser = build_parser()
+    """The command line, built from Config's fields; then the checks that read several flags."""
+    parser = build_command_line(
+        Config,
+        prog="dspy_example.py",
+        description="Optimize the prompt of any LLM for teacher-style answers with DSPy.",
+        examples=EXAMPLES,
+    )
     args = parser.parse_args(argv)
-    if args.serve is not None:
-        for name in ("model", "api_base", "api_key_env"):
-            if getattr(args, name) is not None:
-                parser.error(
-                    f"--serve sets the model and its server; drop --{name.replace('_', '-')}"
-                )
+    for name in ("model", "api_base", "api_key_env"):  # --serve
+        if args.serve is not None and getattr(args, name) is not None:
+            parser.error(f"--serve sets the model and its server; drop --{name.replace('_', '-')}")
     plain = r"[A-Za-z0-9][\w.+-]*"  # a file stem: no folder, no hidden file
     if args.results_name is not None and not re.fullmatch(plain, args.results_name):
         parser.error(
@@ -2366,8 +2316,6 @@ def parse_config(argv: list[str] | None) -> Config:
         )
     if args.results_name is not None and args.results_name.endswith(".json"):
         parser.error(f"--results-name {args.results_name}: leave out .json, the script adds it")
-    if args.model is None:
-        args.model = DEFAULT_MODEL
     if not 0 <= args.metric_threshold <= 100:
         parser.error("--metric-threshold is a ROUGE-L score between 0 and 100")
     if args.optimizer in ("random-search", "mipro") and args.max_bootstrapped_demos < 1:
@@ -2385,7 +2333,7 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError(f"{cfg.load}: no compiled program there; {hint}")
     if cfg.load is not None:
         open_user_file(cfg.load, "--load").close()  # a folder, a pipe, unreadable: say so now
-    if cfg.serve is not None:
+    if cfg.serve is not None:  # --serve
         check_model_folder(cfg.serve)
         if cfg.base_model is not None:
             check_model_folder(Path(cfg.base_model), "--base-model")

@@ -77,7 +77,7 @@ def measure(name: str, program, cfg, data, formatted, plan, phase: str, **settin
         if dx.finish_reason(e) != "length"
     ]
     answers = [reply["answer"] for reply in replies]
-    references = [row["answer"] for row in data["test"]]
+    references = [row["answer"] for row in data.test]
     rouge = [dx.rouge_l(a, r) for a, r in zip(answers, references, strict=True)]
     meaning = dx.similarities(answers, references) or [0.0]
     n = len(answers)
@@ -182,7 +182,7 @@ def main() -> None:
                 started = time.perf_counter()
                 plan.phase = "compile"
                 before = dx.history_ids()
-                program = dx.tune(cfg, formatted, plan)
+                program = dx.tune(cfg, formatted, plan).program
                 compile_calls = dx.tally_since(before)["sent"]
                 compile_seconds = time.perf_counter() - started
                 row = measure(candidate, program, cfg, data, formatted, plan, "compiled")

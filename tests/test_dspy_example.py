@@ -105,6 +105,26 @@ def test_help_shows_a_dry_run_a_real_run_and_an_offline_run(run_script):
         assert text in result.stdout
 
 
+def test_each_setting_is_written_once_and_help_shows_its_flag_help_and_default(script, run_script):
+    """Config is the one place of a setting: its field's default and help reach --help as they
+    are, and the command line's defaults are Config()'s."""
+    import dataclasses
+
+    fields = [spec for spec in dataclasses.fields(script.Config) if spec.init]
+    assert [spec.name for spec in fields if "help" not in spec.metadata] == ["argv"]
+    result = run_script(SCRIPT, "--help", env={"COLUMNS": "3000"})  # no line wrapping
+    assert result.returncode == 0
+    options = re.split(r"\n(?=  -)", result.stdout.split("\n\nexamples:")[0])
+    helps = {option.split()[0]: flat(option) for option in options if option.startswith("  -")}
+    for spec in (spec for spec in fields if "help" in spec.metadata):
+        flag, meta = "--" + spec.name.replace("_", "-"), spec.metadata
+        assert flag in helps, f"--help lacks {flag}"
+        shown = spec.default if meta["shown"] is None else meta["shown"]
+        expected = flat(meta["help"]) + ("" if shown in (None, False) else f" (default: {shown})")
+        assert helps[flag].endswith(expected), (flag, helps[flag])
+    assert script.parse_config([]) == script.Config()
+
+
 # ----------------------------------------------------------------------------- real runs
 
 

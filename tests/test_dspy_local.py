@@ -451,7 +451,7 @@ def test_the_chosen_program_leaves_at_most_1_of_12_real_replies_unreadable(
     answers = [reply["answer"] for reply in replies]
     assert sum(not answer.strip() for answer in answers) <= 1, answers
     assert plan.replies["baseline"]["replies"] == 12
-    rouge = [script.rouge_l(a, row["answer"]) for a, row in zip(answers, data["test"], strict=True)]
+    rouge = [script.rouge_l(a, row["answer"]) for a, row in zip(answers, data.test, strict=True)]
     assert sum(rouge) / 12 > 10, "answers about the questions, not template residue"
 
 
