@@ -657,6 +657,21 @@ def test_the_real_run_command_is_one_line_that_pastes_back_at_80_columns(run_scr
     )
 
 
+def test_a_script_started_from_another_folder_is_named_as_it_was_typed(oft, tmp_path):
+    (tmp_path / "tutorial").mkdir()
+    for source in (REPO / SCRIPT, DATA_FILE):
+        shutil.copy(source, tmp_path / "tutorial" / source.name)
+    typed = f"tutorial/{SCRIPT}"
+    proc = subprocess.run(
+        [sys.executable, typed, "--train-limit", "20", "--test-limit", "2"],
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    argv = shlex.split(proc.stdout.rstrip().splitlines()[-1])
+    assert argv[:2] == ["python", typed]  # pastes back from the same folder
+    assert oft.parse_config(argv[2:]).run
+
+
 def test_too_few_to_train_ends_the_dry_run_with_what_to_change_and_exit_2(run_script, tmp_path):
     write_data(tmp_path / "mine.jsonl", 8, 3)  # the user's 11-line file: 8 to train, 3 to test
     result = run_script(SCRIPT, "--data", "mine.jsonl")
