@@ -130,14 +130,21 @@ class Config:
     ask: str | None = option(
         None, "answer one question with the base and tuned model", metavar="QUESTION"
     )
-    provider: str = option(
+    provider: str = option(  # provider_arg: argparse's "invalid choice", with a "did you mean"
         "openai", "the cloud: sets base URL, key variable, default model, prices, deploy step",
-        choices=PROVIDERS,
+        choices=PROVIDERS, check=lambda text: provider_arg(text),
     )  # fmt: skip
     base_url: str | None = option(
         None, "any server that speaks this API", shown="the provider's, or $OPENAI_BASE_URL"
     )
     epochs: int | None = option(None, "training epochs", int, 1, shown="chosen as OpenAI does")
+    batch_size: int | None = option(  # sent as batch_size; left out, the service picks ("auto")
+        None, "examples per training step", int, 1, metavar="N", shown="chosen by the service"
+    )
+    learning_rate_multiplier: float | None = option(  # OpenAI and Azure; Nebius takes no multiplier
+        None, "scales the service's own learning rate (below 1: smaller steps)", float, 0,
+        above=True, metavar="X", shown="chosen by the service",
+    )  # fmt: skip
     suffix: str = option("edu-qa", "added to the fine-tuned model's name")  # to tell them apart
     valid_fraction: float = option(  # test stays unseen: this slice comes out of train
         0.1, "share of the train split held out as the job's validation file",
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     answers = answer(cfg, data, formatted, plan, tuned)
     compare(cfg, plan, tuned, answers, time.monotonic() - started)
     if not cfg.run:
-        show_real_run_command(cfg, plan)
+        show_real_run_command(cfg, formatted, plan)
 
 
 # =====================================================================================
@@ -224,7 +231,8 @@ def prepare_data(cfg: Config) -> Data:
     table.add_row("[bold]total", f"[bold]{len(train)}", f"[bold]{len(test)}")
     console.print(table)
     say_what_is_trained(cfg, examples)
-    return Data(train, test)
+    in_file = Counter(e["split"] for e in examples)
+    return Data(train, test, in_file["train"], in_file["test"])
 
 
 def format_data(cfg: Config, data: Data) -> Formatted:
@@ -264,6 +272,7 @@ def format_data(cfg: Config, data: Data) -> Formatted:
         valid_path=valid_path,
         n_train=len(rows["train"]),
         report=report,
+        too_few=too_few_to_train(cfg, data) if "too_few_examples" in report["errors"] else None,
         token_label=token_label,
         n_test=len(data.test),
         test_prompt_tokens=sum(prompt_tokens(count_tokens, test_prompt(e)) for e in data.test),
@@ -277,11 +286,11 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
         "configure_model",
         "Choose the base model and the job's settings, and estimate what it will cost.",
     )
+    unknown_model = model_check(cfg.provider, cfg.model)  # a name that cannot work stopped earlier
+    if unknown_model:
+        console.print(f"[yellow]warning: {escape(unknown_model[1])}[/yellow]")
     epochs, why = choose_epochs(cfg, formatted.n_train)
-    # n_epochs only when asked for: otherwise OpenAI picks it (by the rule choose_epochs shows).
-    hyperparameters: dict = {"n_epochs": cfg.epochs} if cfg.epochs else {}
-    if cfg.provider == "nebius":  # other clouds
-        hyperparameters = {"n_epochs": epochs, "lora": True}  # LoRA adapters are what it serves
+    hyperparameters = job_hyperparameters(cfg, epochs)  # each only when its flag is given
     method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
     extra_body = None  # fields the SDK has no parameter for
     if cfg.provider == "azure":  # other clouds
@@ -468,6 +477,8 @@ class Data:
 
     train: list[dict]
     test: list[dict]
+    train_in_file: int  # before --train-limit / --test-limit: what the file holds
+    test_in_file: int
 
 
 # What stages 5 and 6 say for --test-limit 0, a run that only trains.
@@ -509,6 +520,7 @@ class Formatted:
     valid_path: Path | None  # None: too few examples to hold a slice out
     n_train: int
     report: dict  # validate_chat_file's, for the training file
+    too_few: str | None  # below the API's minimum: what to change (None: enough to train)
     token_label: str  # how the tokens were counted, and how exactly
     n_test: int
     test_prompt_tokens: int  # what answering the test split sends to each model
@@ -567,6 +579,26 @@ def write_chat_files(cfg: Config, rows: dict[str, list[str]]) -> tuple[Path, Pat
     write_atomic(valid_path, "".join(rows["valid"]))
     console.print(f"wrote {valid_path} ({len(rows['valid'])} held out from train for validation)")
     return train_path, valid_path
+
+
+def too_few_to_train(cfg: Config, data: Data) -> str:
+    """What to change when the training file is below the API's minimum (MIN_EXAMPLES, 10: the
+    number the API itself refuses below, with invalid_n_examples; fewer than 50 only warns, as
+    OpenAI only recommends 50). One line for the dry run's end and the real run's refusal."""
+    have, need = len(data.train), MIN_EXAMPLES - len(data.train)
+    if cfg.train_limit and data.train_in_file >= MIN_EXAMPLES:
+        fix = (
+            f"drop --train-limit {cfg.train_limit} (the file has {data.train_in_file} train "
+            f"examples) or raise it to {MIN_EXAMPLES} or more"
+        )
+    else:
+        fix = f"add {need} or more train examples to {cfg.data.name}"
+        if data.test_in_file > need:  # moving some still leaves a test question
+            fix += f', or mark {need} of its {data.test_in_file} test examples "split": "train"'
+    return (
+        f"{cfg.data.name}: {have} train example{'s' if have != 1 else ''}, and the fine-tuning "
+        f"API refuses fewer than {MIN_EXAMPLES}: {fix} ({RECOMMENDED_EXAMPLES}+ are recommended)"
+    )
 
 
 def show_first_example(line: str) -> None:
@@ -879,6 +911,31 @@ def choose_epochs(cfg: Config, n_examples: int) -> tuple[int, str]:
     return default_epochs(n_examples), why
 
 
+def job_hyperparameters(cfg: Config, epochs: int) -> dict:
+    """The job's method.supervised.hyperparameters: each setting only when its flag is given;
+    left out, the service picks it ("auto"; the epochs by the rule choose_epochs shows).
+
+    The shape is OpenAI's current job-create body, as its OpenAPI spec has it (and the openai SDK
+    generated from the spec, types/fine_tuning/job_create_params.py and
+    supervised_hyperparameters_param.py): CreateFineTuningJobRequest.method = {"type":
+    "supervised", "supervised": {"hyperparameters": {"batch_size": "auto" | integer,
+    "learning_rate_multiplier": "auto" | number, "n_epochs": "auto" | integer}}}; the top-level
+    "hyperparameters" field is deprecated in favour of method. Azure OpenAI's v1 API takes the
+    same body.
+    """
+    chosen = {
+        "n_epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "learning_rate_multiplier": cfg.learning_rate_multiplier,
+    }
+    if cfg.provider == "nebius":  # other clouds
+        # Nebius's create-job reference: batch_size and n_epochs by these names, an absolute
+        # learning_rate instead of a multiplier (parse_config refuses the flag), and lora: the
+        # LoRA adapters it serves.
+        chosen = {"n_epochs": epochs, "batch_size": cfg.batch_size, "lora": True}
+    return {name: value for name, value in chosen.items() if value is not None}
+
+
 def default_epochs(n_examples: int) -> int:
     """The number of epochs OpenAI picks when n_epochs is "auto" (the cookbook's rule)."""
     if n_examples * 3 < 100:
@@ -958,6 +1015,13 @@ def show_job_settings(
     if plan.extra_body:
         table.add_row("extra body", json.dumps(plan.extra_body))
     table.add_row("epochs", f"{epochs} ({why})")
+    hyperparameters = plan.job["method"]["supervised"]["hyperparameters"]
+    for name in ("batch_size", "learning_rate_multiplier"):
+        if name == "learning_rate_multiplier" and cfg.provider == "nebius":  # other clouds
+            continue  # Nebius takes no multiplier
+        flag, value = "--" + name.replace("_", "-"), hyperparameters.get(name)
+        shown = f"{value:g} (from {flag})" if value else f"auto: the service picks it ({flag})"
+        table.add_row(name.replace("_", " "), shown)
     per_epoch = formatted.report["billed_tokens_per_epoch"]
     table.add_row("billed tokens", f"{epochs} epochs x {per_epoch:,} = {billed:,}")
     price = plan.costs["price"]
@@ -1016,11 +1080,8 @@ def show_tune_requests(cfg: Config, formatted: Formatted, plan: Plan) -> None:
 
 def confirm_tuning(cfg: Config, formatted: Formatted, plan: Plan):
     """Refuse what cannot work, then guard the spending. Returns the client."""
-    if formatted.report["errors"].get("too_few_examples") and not (cfg.job_id or cfg.tuned_model):
-        raise UsageError(
-            f"{formatted.train_path.name}: {ERROR_HELP['too_few_examples']}; "
-            "add more train examples"
-        )
+    if formatted.too_few and not (cfg.job_id or cfg.tuned_model):
+        raise UsageError(f"{formatted.too_few}; nothing was sent")
     if cfg.tuned_model and not cfg.job_id:
         what, estimate = "Answering the test questions", plan.costs["answering"]
     elif cfg.job_id:
@@ -1154,12 +1215,23 @@ def command_line(cfg: Config, drop: tuple[str, ...] = (), add: tuple[str, ...] =
             skip = name in takes_value and "=" not in arg
             continue
         kept.append(arg)
-    return shlex.join(["python", Path(sys.argv[0]).name, *kept, *add])
+    return shlex.join(["python", script_as_typed(), *kept, *add])
+
+
+def script_as_typed() -> str:
+    """This script's path as the user typed it (python ../openai_finetune.py pastes back from
+    the same folder); its file name when it was not started as a script."""
+    typed = sys.argv[0] if sys.argv else ""
+    with contextlib.suppress(OSError):
+        if typed and Path(typed).resolve() == Path(__file__).resolve():
+            return typed
+    return Path(__file__).name
 
 
 def show_command(command: str) -> None:
-    """A command or request to copy: one line however narrow the terminal, never markup."""
-    console.print(f"  {command}", soft_wrap=True, markup=False)
+    """A command or request to copy: one line however narrow the terminal, never markup (nor
+    emoji codes: a path may hold ":cat:")."""
+    console.print(f"  {command}", soft_wrap=True, markup=False, emoji=False)
 
 
 # ----- Stage 5 · answer: the chat requests and what they cost
@@ -1288,12 +1360,31 @@ def record_plan(cfg: Config, plan: Plan) -> None:
     console.print(f"wrote {path}: {note}", markup=False)
 
 
-def show_real_run_command(cfg: Config, plan: Plan) -> None:
+def show_real_run_command(cfg: Config, formatted: Formatted, plan: Plan) -> None:
     """The end of a dry run: the command that does it for real, capped a little above the
-    estimate."""
+    estimate; or, where the real run would refuse, what to change instead.
+
+    A dry run that finds the real run impossible exits 2, as the real run would (bad input): it
+    is there to say whether the real run can go, so a script that runs both (`... && ... --run`)
+    stops at it, and no one pastes a command that is sure to be refused.
+    """
+    said = ["\nDry run: nothing was sent and nothing was spent."]
+    if formatted.too_few and not (cfg.job_id or cfg.tuned_model):  # no job, no minimum
+        console.print(*said, "A real run would be refused: change the data first.")
+        raise UsageError(formatted.too_few)
     total = plan.costs["total"]
+    # 25% over the estimate, rounded up to the cent: room for what the estimate cannot know
+    # (reply lengths, the service's own count), not for a job on other data.
     cap = () if total is None else ("--max-cost", f"{math.ceil(total * 125) / 100:.2f}")
-    console.print("\nDry run: nothing was sent and nothing was spent. To run it for real:")
+    key_var = PROVIDERS[cfg.provider]["key_var"]
+    if not os.environ.get(key_var):
+        said.append(f"A real run needs {key_var}: put it in the environment or in .env.")
+    if not cap:
+        said.append(
+            f"No price is known for {escape(cfg.model)}, so the command has no --max-cost: the "
+            "real run still asks before paying."
+        )
+    console.print(*said, "To run it for real:")
     show_command(command_line(cfg, ("--max-cost", "--record-plan"), ("--run", *cap)))
 
 
@@ -1752,6 +1843,10 @@ PRICES = {
     },
 }
 
+# Models OpenAI fine-tuned once and fine-tunes no more (its fine-tuning guide names only the
+# snapshots in PRICES; facts checked 2026-11): a job on them cannot start.
+RETIRED = ("gpt-3.5-turbo", "babbage-002", "davinci-002", "gpt-4-0613")  # and their snapshots
+
 MIN_EXAMPLES = 10  # the API refuses fewer (invalid_n_examples)
 RECOMMENDED_EXAMPLES = 50  # OpenAI suggests starting with 50 well-crafted examples
 ALLOWED_MESSAGE_KEYS = {
@@ -1823,9 +1918,78 @@ def parse_config(argv: list[str] | None) -> Config:
             parser.error(f"--base-url {cfg.base_url}: not an http(s) URL like https://HOST/v1/")
     if cfg.provider == "azure" and "." in cfg.suffix:  # other clouds
         parser.error("--suffix: Azure does not allow dots in the suffix")
+    if cfg.provider == "nebius" and cfg.learning_rate_multiplier:  # other clouds
+        parser.error(
+            "--learning-rate-multiplier: Nebius takes an absolute learning rate, not OpenAI's "
+            "multiplier; leave the flag out for Nebius's default"
+        )
     cfg.argv = list(sys.argv[1:] if argv is None else argv)
     cfg.model = cfg.model or PROVIDERS[cfg.provider]["default_model"]
+    problem = model_check(cfg.provider, cfg.model)
+    if problem and problem[0] == "error":
+        parser.error(problem[1])
     return cfg
+
+
+def provider_arg(text: str) -> str:
+    """--provider: one of PROVIDERS, refused as argparse refuses a choice, with a "did you mean"."""
+    import difflib
+
+    if text in PROVIDERS:
+        return text
+    close = difflib.get_close_matches(text.lower(), PROVIDERS, n=1, cutoff=0.6)
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(map(repr, PROVIDERS))})"
+        + (f"; did you mean {close[0]}?" if close else "")
+    )
+
+
+def model_check(provider: str, model: str) -> tuple[str, str] | None:
+    """("error", why) for a --model that cannot be fine-tuned, ("warning", why) for one this
+    script does not know, None for one it does.
+
+    An error where the name cannot work: a model OpenAI no longer fine-tunes (RETIRED), or a
+    near-miss of a snapshot the script knows (one or two characters off, as a typo is) that is
+    not a real snapshot name, such as a date that is no date (gpt-4o-mini-2024-07-81). A
+    warning, and the run goes on without a price, where the name may be newer than the script:
+    a known model with another real date, or any name not close to a known one. OpenAI's list is
+    the whole of what it fine-tunes, so there a near-miss is an error; Azure and Nebius fine-tune
+    more models than this script knows, so there a near-miss is a warning unless it has no real
+    date. Fine-tuned models (ft:...) are the account's own: the service checks them.
+    """
+    import difflib
+
+    known = list(PRICES.get(provider, {}))
+    if provider == "azure":  # other clouds: Azure fine-tunes OpenAI's snapshots
+        known = list(PRICES["openai"])
+    default = PROVIDERS[provider]["default_model"]
+    known += [default] if default not in known else []
+    if model in known or model.startswith("ft:"):
+        return None
+    if provider == "openai" and model.startswith(RETIRED):
+        return "error", (
+            f"--model {model}: OpenAI no longer fine-tunes it; the snapshots left are "
+            f"{', '.join(known)} (the default is {default})"
+        )
+    close = difflib.get_close_matches(model, known, n=1, cutoff=0.6)
+    dated = re.fullmatch(r"(.+)-(\d{4})-(\d{2})-(\d{2})", model)
+    real_date = False
+    if dated:
+        with contextlib.suppress(ValueError):
+            real_date = bool(datetime(*map(int, dated.groups()[1:])))
+    families = {name.rsplit("-", 3)[0] for name in known}
+    newer = real_date and dated.group(1) in families  # another snapshot of a known model
+    typo = bool(close) and difflib.SequenceMatcher(None, model, close[0]).ratio() >= 0.9
+    if typo and not newer and (provider == "openai" or (dated and not real_date)):
+        return "error", f"--model {model}: no such snapshot; did you mean {close[0]}?"
+    if not close and provider == "nebius":  # other clouds: the script knows only its default
+        return None
+    guess = f"did you mean {close[0]}? " if close else ""
+    return "warning", (
+        f"--model {model} is not a model this script knows for {provider} "
+        f"({', '.join(known)}); {guess}if the name is right (newer than this script, or one it "
+        "does not list), the run goes on without a price estimate"
+    )
 
 
 # =====================================================================================

@@ -34,6 +34,11 @@ Jobs (the fine_tuning.job object: https://platform.openai.com/docs/api-reference
   6174 message contains an invalid token: <|fim_suffix|>",
   https://github.com/johny-b/llmcomp/issues/59). A bad file fails the job with `error =
   {code, message, param}`, param `training_file` or `validation_file`.
+- Hyperparameters come in `method.supervised.hyperparameters` (or the deprecated top-level
+  `hyperparameters`): `n_epochs`, `batch_size`, `learning_rate_multiplier` ("auto" or a positive
+  number, OpenAI's OpenAPI spec) for OpenAI and Azure; `batch_size`, `lora` and Nebius's other
+  names, but no multiplier, for Nebius (its create-job reference). Anything else is a 400
+  `invalid_hyperparameter` (the code and wording are ours). The job reports them as sent.
 - `trained_tokens` is counted with the real encoding of the base model (o200k_base for the gpt-4o
   and gpt-4.1 family, litellm's bundled copy; also the stand-in for Nebius's Llama), per example
   3 tokens + per message 3 + role + content (the cookbook's rule), capped at the context length,
@@ -202,6 +207,35 @@ def check_chat_file(data: bytes, enc) -> tuple[str | None, int, int]:
             return f"{where} is missing an assistant message.", len(lines), 0
         per_epoch += chat_tokens(enc, messages)
     return None, len(lines), per_epoch
+
+
+# What method.supervised.hyperparameters may hold besides n_epochs, by provider: OpenAI's
+# OpenAPI spec (FineTuneSupervisedHyperparameters: batch_size "auto" | integer,
+# learning_rate_multiplier "auto" | number, n_epochs "auto" | integer), which Azure's v1 API
+# shares; Nebius's create-job reference (batch_size, an absolute learning_rate, lora and more,
+# no multiplier).
+HYPERPARAMETERS = {
+    "openai": ("batch_size", "learning_rate_multiplier"),
+    "azure": ("batch_size", "learning_rate_multiplier"),
+    "nebius": ("batch_size",),
+}
+NEBIUS_ONLY = ("lora", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "context_length")
+
+
+def hyperparameter_error(provider: str, name: str, value) -> str | None:
+    """Why the service would refuse this hyperparameter (our wording), or None."""
+    if provider == "nebius" and name in NEBIUS_ONLY:
+        return None
+    if name not in ("n_epochs", *HYPERPARAMETERS[provider]):
+        return f"Unknown hyperparameter: {name}"
+    if value == "auto":
+        return None
+    whole = name != "learning_rate_multiplier"
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return f"Invalid {name}: expected 'auto' or a{' whole' if whole else ''} number"
+    if not value > 0 or value != value or value == float("inf"):
+        return f"Invalid {name}: {value} (must be greater than 0)"
+    return None
 
 
 def error(message: str, code: str | None, kind: str = "invalid_request_error", param=None) -> dict:
@@ -439,10 +473,15 @@ class FakeAPI:
             if file_id not in self.files or self.files[file_id]["purpose"] != "fine-tune":
                 message = f"invalid {role}: {file_id}"
                 return 400, error(message, f"invalid_{role}", param=role), {}
-        job_id = self._new_id("ftjob-")
         method = body.get("method") or {"type": "supervised", "supervised": {}}
         hyper = (method.get(method.get("type", "supervised")) or {}).get("hyperparameters") or {}
         hyper = {**(body.get("hyperparameters") or {}), **hyper}
+        for name, value in hyper.items():
+            wrong = hyperparameter_error(self.provider, name, value)
+            if wrong:
+                param = f"method.supervised.hyperparameters.{name}"
+                return 400, error(wrong, "invalid_hyperparameter", param=param), {}
+        job_id = self._new_id("ftjob-")
         job = {
             "id": job_id,
             "object": "fine_tuning.job",
@@ -450,7 +489,12 @@ class FakeAPI:
             "error": None,
             "fine_tuned_model": None,
             "finished_at": None,
-            "hyperparameters": {"n_epochs": hyper.get("n_epochs", "auto")},
+            # as asked: "auto" stays "auto" here (the service's own rule for batch size and
+            # multiplier is not published); n_epochs "auto" resolves when validation ends
+            "hyperparameters": {
+                "n_epochs": hyper.get("n_epochs", "auto"),
+                **{name: hyper.get(name, "auto") for name in HYPERPARAMETERS[self.provider]},
+            },
             "model": model,
             "organization_id": "org-fake",
             "result_files": [],

@@ -312,6 +312,20 @@ OWN_FLAGS = {
     },
     "openai_finetune.py": {
         "zero epochs": (["--epochs", "0"], r"--epochs: must be at least 1, got 0"),
+        "zero batch size": (["--batch-size", "0"], r"--batch-size: must be at least 1, got 0"),
+        "fractional batch size": (["--batch-size", "2.5"], r"--batch-size: expected a whole"),
+        "zero multiplier": (
+            ["--learning-rate-multiplier", "0"],
+            r"--learning-rate-multiplier: must be more than 0, got 0",
+        ),
+        "nan multiplier": (
+            ["--learning-rate-multiplier", "nan"],
+            r"--learning-rate-multiplier: must be a finite",
+        ),
+        "infinite multiplier": (
+            ["--learning-rate-multiplier", "inf"],
+            r"--learning-rate-multiplier: must be a finite",
+        ),
         "nan poll interval": (["--poll-interval", "nan"], r"--poll-interval: must be a finite"),
         "endless poll interval": (["--poll-interval", "1e300"], r"--poll-interval: must be at"),
         "base URL without scheme": (

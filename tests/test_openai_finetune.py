@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import queue
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +23,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, child_env, load_script, start_script_in
+from conftest import DATA_FILE, REPO, child_env, load_script, start_script_in
 from fake_finetune_api import FakeAPI
 
 SCRIPT = "openai_finetune.py"
@@ -125,6 +128,22 @@ def wait_for(condition, timeout: float = 30):
         time.sleep(0.02)
 
 
+def pasted(oft, text: str, at_least: int = 1) -> list:
+    """Every command the script printed for the user to run (a line of its own, or the end of a
+    line after "Resume with: "), split as a shell would, run back through the script's own
+    parser: each must parse. Returns their Configs."""
+    configs = []
+    for line in text.splitlines():
+        command = line.strip().split("Resume with: ", 1)[-1]
+        if not command.startswith("python "):
+            continue
+        argv = shlex.split(command)
+        assert argv[1] == SCRIPT, command
+        configs.append(oft.parse_config(argv[2:]))
+    assert len(configs) >= at_least, text[-3000:]
+    return configs
+
+
 def sdk(fake: FakeAPI):
     from openai import OpenAI
 
@@ -149,12 +168,14 @@ def write_data(path, n_train: int, n_test: int, answer=lambda n: f"It is {2 * n}
 
 
 # ---------------------------------------------------------------------------- real runs
-def test_full_real_run_trains_answers_scores_and_records(api, real_run):
+def test_full_real_run_trains_answers_scores_and_records(api, real_run, oft):
     fake = api()
     result = real_run(fake)
     assert result.returncode == 0, result.output[-3000:]
     job = only_job(fake)
     assert job["status"] == "succeeded"
+    (cancel,) = pasted(oft, result.stdout)  # printed when the job starts, to paste as it is
+    assert cancel.cancel == job["id"] and not cancel.run and cancel.base_url == fake.base_url
 
     create = json.loads(creates(fake)[0]["body"])
     assert create["method"] == {"type": "supervised", "supervised": {"hyperparameters": {}}}
@@ -341,7 +362,7 @@ def test_events_are_printed_once_each_oldest_first(api, real_run):
     "signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
 )
 def test_ctrl_c_or_sigterm_while_polling_exits_130_or_143_and_job_id_resumes(
-    api, real_run, tmp_path, signum, code
+    api, real_run, oft, tmp_path, signum, code
 ):
     fake = api()
     fake.hold_at_running = True
@@ -364,6 +385,8 @@ def test_ctrl_c_or_sigterm_while_polling_exits_130_or_143_and_job_id_resumes(
     assert "status: running" in stdout
     assert stderr.lstrip().startswith(f"interrupted: stopped watching; job {job['id']} keeps")
     assert f"--job-id {job['id']}" in stderr and f"--cancel {job['id']}" in stderr, stderr
+    resume, cancel = pasted(oft, stderr, at_least=2)
+    assert (resume.job_id, resume.run, cancel.cancel) == (job["id"], True, job["id"])
 
     fake.hold_at_running = False
     resumed = real_run(fake, "--job-id", job["id"])
@@ -541,6 +564,211 @@ def test_a_flag_is_taken_only_as_spelled(oft, capsys, args, message):
     assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
+def test_a_mistyped_provider_gets_argparses_line_and_a_did_you_mean(oft, capsys):
+    assert oft.run_cli(oft.main, ["--provider", "opneai"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --provider: invalid choice: 'opneai' (choose from 'azure', 'nebius', 'openai'); "
+        "did you mean openai? (see --help)\n"
+    )
+
+
+# ---------------------------------------------------------------------------- model names
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--model", "gpt-4o-mini-2024-07-81"],
+            "--model gpt-4o-mini-2024-07-81: no such snapshot; did you mean "
+            "gpt-4o-mini-2024-07-18? (see --help)",
+        ),
+        (["--model", "gpt-4o-mni-2024-07-18"], "did you mean gpt-4o-mini-2024-07-18?"),
+        (
+            ["--model", "gpt-3.5-turbo"],
+            "--model gpt-3.5-turbo: OpenAI no longer fine-tunes it; the snapshots left are ",
+        ),
+        (["--model", "gpt-3.5-turbo-0125"], "OpenAI no longer fine-tunes it"),
+        (  # no such date on any cloud
+            ["--provider", "azure", "--model", "gpt-4o-mini-2024-07-81"],
+            "did you mean gpt-4o-mini-2024-07-18?",
+        ),
+    ],
+    ids=["date typo", "name typo", "retired", "retired snapshot", "azure date typo"],
+)
+def test_a_model_name_that_cannot_work_is_one_line_with_the_name_it_is_close_to(
+    oft, capsys, args, message
+):
+    assert oft.run_cli(oft.main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    "provider, model, kind",
+    [
+        ("openai", BASE, None),
+        ("openai", "ft:gpt-4o-mini-2024-07-18:my-org:edu-qa:abc123", None),  # the account's own
+        ("openai", "gpt-4o-mini-2025-07-18", "warning"),  # a real date: perhaps a newer snapshot
+        ("openai", "gpt-4.1-nano-2025-04-14", "warning"),  # not close enough to be a typo
+        ("openai", "gpt-4o-mini", "warning"),  # the alias: the service may take it
+        ("openai", "o4-mini-2025-04-16", "warning"),
+        ("openai", "gpt-4o-mini-2024-07-81", "error"),
+        ("openai", "gpt-3.5-turbo-1106", "error"),
+        ("azure", "gpt-4o-mni-2024-07-18", "warning"),  # Azure fine-tunes more than it knows
+        ("azure", "gpt-4o-mini-2024-07-81", "error"),
+        ("nebius", "meta-llama/Meta-Llama-3.1-70B-Instruct", "warning"),
+        ("nebius", "Qwen/Qwen3-32B", None),  # Nebius's list is long: only a near-miss is said
+    ],
+)
+def test_a_model_name_is_an_error_where_it_cannot_work_a_warning_where_it_may_be_new(
+    oft, provider, model, kind
+):
+    found = oft.model_check(provider, model)
+    assert (found[0] if found else None) == kind, found
+
+
+def test_a_model_the_script_does_not_know_is_a_warning_and_the_dry_run_goes_on(run_script, oft):
+    newer = "gpt-4o-mini-2025-07-18"
+    result = run_script(SCRIPT, "--model", newer, "--train-limit", "20", "--test-limit", "2")
+    assert result.returncode == 0, result.output[-3000:]
+    out = flat(result.stdout)
+    assert f"warning: --model {newer} is not a model this script knows for openai" in out
+    assert "did you mean gpt-4o-mini-2024-07-18?" in out
+    assert f"No price is known for {newer}, so the command has no --max-cost" in out
+    (command,) = pasted(oft, result.stdout)
+    assert command.run and command.model == newer and command.max_cost is None
+
+
+# ---------------------------------------------------------------- what a dry run ends with
+def test_the_real_run_command_is_one_line_that_pastes_back_at_80_columns(run_script, oft, tmp_path):
+    folder = tmp_path / "teacher's files, term 2"  # a quote, commas and spaces to quote
+    folder.mkdir()
+    data = folder / "my questions :cat:.jsonl"  # an emoji code rich would replace
+    shutil.copy(DATA_FILE, data)
+    result = run_script(SCRIPT, "--data", str(data), "--batch-size", "4", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.output[-3000:]
+    lines = result.stdout.rstrip().splitlines()
+    assert lines[-2].endswith("To run it for real:") and len(lines[-1]) > 80
+    (command,) = pasted(oft, lines[-1])
+    assert command.run and command.data == data and command.batch_size == 4
+    estimate = float(re.search(r"estimate: total\s*│\s*\$(\d+\.\d+)", result.stdout).group(1))
+    assert estimate < command.max_cost <= math.ceil(estimate * 125) / 100 + 0.01
+    assert "A real run needs OPENAI_API_KEY: put it in the environment or in .env." in flat(
+        result.stdout
+    )
+
+
+def test_a_script_started_from_another_folder_is_named_as_it_was_typed(oft, tmp_path):
+    (tmp_path / "tutorial").mkdir()
+    for source in (REPO / SCRIPT, DATA_FILE):
+        shutil.copy(source, tmp_path / "tutorial" / source.name)
+    typed = f"tutorial/{SCRIPT}"
+    proc = subprocess.run(
+        [sys.executable, typed, "--train-limit", "20", "--test-limit", "2"],
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    argv = shlex.split(proc.stdout.rstrip().splitlines()[-1])
+    assert argv[:2] == ["python", typed]  # pastes back from the same folder
+    assert oft.parse_config(argv[2:]).run
+
+
+def test_too_few_to_train_ends_the_dry_run_with_what_to_change_and_exit_2(run_script, tmp_path):
+    write_data(tmp_path / "mine.jsonl", 8, 3)  # the user's 11-line file: 8 to train, 3 to test
+    result = run_script(SCRIPT, "--data", "mine.jsonl")
+    assert result.returncode == 2, result.output[-3000:]
+    assert [int(n) for n in re.findall(r"Stage (\d)/6", result.stdout)] == [1, 2, 3, 4, 5, 6]
+    assert result.stdout.rstrip().endswith("A real run would be refused: change the data first.")
+    assert "To run it for real" not in result.stdout and f"python {SCRIPT}" not in result.output
+    assert error_line(result) == (
+        "error: mine.jsonl: 8 train examples, and the fine-tuning API refuses fewer than 10: add "
+        '2 or more train examples to mine.jsonl, or mark 2 of its 3 test examples "split": '
+        '"train" (50+ are recommended)'
+    )
+
+    in_file = sum(json.loads(line)["split"] == "train" for line in DATA_FILE.open())
+    limited = run_script(SCRIPT, "--train-limit", "5")
+    assert limited.returncode == 2, limited.output[-3000:]
+    assert error_line(limited).endswith(
+        f"5 train examples, and the fine-tuning API refuses fewer than 10: drop --train-limit 5 "
+        f"(the file has {in_file} train examples) or raise it to 10 or more (50+ are recommended)"
+    )
+
+    # no job is created for a model trained already: nothing to refuse
+    answering = run_script(SCRIPT, "--data", "mine.jsonl", "--tuned-model", "ft:x")
+    assert answering.returncode == 0, answering.output[-3000:]
+    assert "To run it for real" in answering.stdout
+
+
+# ---------------------------------------------------------------------------- hyperparameters
+def test_batch_size_and_learning_rate_multiplier_go_in_the_method_as_the_api_takes_them(
+    api, real_run, run_script
+):
+    fake = api()
+    flags = ("--batch-size", "4", "--learning-rate-multiplier", "0.5", "--epochs", "2")
+    result = real_run(fake, *flags)
+    assert result.returncode == 0, result.output[-3000:]
+    expected = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
+    body = json.loads(creates(fake)[0]["body"])
+    assert body["method"] == {"type": "supervised", "supervised": {"hyperparameters": expected}}
+    assert "hyperparameters" not in body  # the deprecated top-level form is not used
+    assert only_job(fake)["hyperparameters"] == expected  # what the service took
+
+    dry = run_script(SCRIPT, *flags, env={"COLUMNS": "200"})  # the dry run shows that request
+    assert dry.returncode == 0, dry.output[-3000:]
+    shown = dry.stdout.split("(sent once, never retried)\n", 1)[1]
+    request = json.loads(shown[: shown.index("\n}\n") + 2])
+    assert request["method"]["supervised"]["hyperparameters"] == expected
+    assert re.search(r"batch size\s*│ 4 \(from --batch-size\)", dry.stdout)
+    assert re.search(r"learning rate multiplier\s*│ 0.5 \(from --learning-rate-", dry.stdout)
+
+
+def test_without_the_flags_the_service_picks_and_nebius_takes_no_multiplier(oft, capsys):
+    assert oft.job_hyperparameters(oft.parse_config([]), 3) == {}  # "auto", by leaving them out
+    nebius = oft.parse_config(["--provider", "nebius", "--batch-size", "8"])
+    assert oft.job_hyperparameters(nebius, 3) == {"n_epochs": 3, "batch_size": 8, "lora": True}
+    assert oft.run_cli(oft.main, ["--provider", "nebius", "--learning-rate-multiplier", "2"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --learning-rate-multiplier: Nebius takes an absolute learning rate, not OpenAI's "
+        "multiplier"
+    )
+
+
+def test_the_fake_refuses_hyperparameters_the_service_would(api):
+    import openai
+
+    client = sdk(api())
+    training_file = upload(client, [GOOD] * 10).id
+    for wrong in ({"batch_size": 0}, {"learning_rate_multiplier": "high"}, {"lr": 0.1}):
+        method = {"type": "supervised", "supervised": {"hyperparameters": wrong}}
+        with pytest.raises(openai.BadRequestError, match="hyperparameter|Invalid"):
+            client.fine_tuning.jobs.create(model=BASE, training_file=training_file, method=method)
+    nebius = sdk(api("nebius"))
+    method = {
+        "type": "supervised",
+        "supervised": {"hyperparameters": {"learning_rate_multiplier": 2}},
+    }
+    with pytest.raises(openai.BadRequestError, match="Unknown hyperparameter"):
+        nebius.fine_tuning.jobs.create(
+            model="meta-llama/Meta-Llama-3.1-8B-Instruct",
+            training_file=upload(nebius, [GOOD] * 10).id,
+            method=method,
+        )
+
+
+def test_lost_contact_while_watching_says_how_to_resume_with_a_command_that_pastes(
+    api, real_run, oft
+):
+    fake = api()
+    fake.hold_at_running = True
+    fake.rate_limit_polls = 100  # every poll is refused, past the SDK's retries
+    result = real_run(fake)
+    assert result.returncode == 1, result.output[-3000:]
+    line = error_line(result)
+    assert line.startswith("error: lost contact while watching") and "Resume with: " in line
+    (resume,) = pasted(oft, line)
+    assert resume.job_id == only_job(fake)["id"] and resume.run
+
+
 # ---------------------------------------------------------------------------- the guard
 @pytest.mark.parametrize(
     "args, env, message",
@@ -554,8 +782,13 @@ def test_a_flag_is_taken_only_as_spelled(oft, capsys, args, message):
             "Answering your question twice is estimated at $0.0",
         ),
         (("--epochs", "0"), {}, "--epochs: must be at least 1"),
+        (
+            ("--run", "--yes", "--train-limit", "5"),
+            {"OPENAI_API_KEY": KEY},
+            "the fine-tuning API refuses fewer than 10: drop --train-limit 5",
+        ),
     ],
-    ids=["over max-cost", "no terminal", "no key", "ask over max-cost", "zero epochs"],
+    ids=["over max-cost", "no terminal", "no key", "ask over max-cost", "zero epochs", "too few"],
 )
 def test_a_paid_step_is_refused_before_anything_is_sent(api, run_script, args, env, message):
     fake = api()
@@ -571,6 +804,7 @@ def test_dry_run_sends_nothing_even_with_a_key_and_a_server(api, run_script):
     assert result.returncode == 0, result.output[-3000:]
     assert fake.requests == []  # not even to loopback; the network guard covers the rest
     assert "nothing was sent" in result.stdout and KEY not in result.output
+    assert "A real run needs OPENAI_API_KEY" not in result.stdout  # it is set
     assert "as of 2026-11-25; check https://developers.openai.com/api/docs/pricing" in result.stdout
     assert "POST " + fake.base_url + "fine_tuning/jobs" in result.stdout  # shows the request
     assert (result.cwd / "openai_edu_qa_training.jsonl").is_file()
@@ -654,7 +888,9 @@ def test_counting_tokens_does_not_import_litellm(tmp_path):
 
 
 # ---------------------------------------------------------------------------- other providers
-def test_azure_v1_shape_prints_the_deploy_command_then_answers_with_the_deployment(api, real_run):
+def test_azure_v1_shape_prints_the_deploy_command_then_answers_with_the_deployment(
+    api, real_run, oft
+):
     fake = api("azure")
     fake.deploy("gpt-4o-mini", BASE)  # the base model, deployed under a name of the user's
     base = ("--base-deployment", "gpt-4o-mini")
@@ -671,6 +907,8 @@ def test_azure_v1_shape_prints_the_deploy_command_then_answers_with_the_deployme
     assert f"--model-name {job['fine_tuned_model']}" in deploy
     assert "--name 127 " in deploy and "--sku-name DeveloperTier" in deploy
     assert chat_models(fake) == []  # nothing can answer before the deployment exists
+    answer_with = pasted(oft, first.stdout, at_least=2)[-1]  # after the cancel command
+    assert (answer_with.job_id, answer_with.tuned_model) == (job["id"], "edu-qa-ft")
     assert not (first.cwd / "outputs" / "results").exists()
 
     fake.deploy("edu-qa-ft", job["fine_tuned_model"])  # what the printed az command does
