@@ -2048,8 +2048,9 @@ PRESETS = {
 # =====================================================================================
 # Optional: other model sources (a GGUF file, the same model offline from a wheel, the tiny
 # random model). Delete this section together with the other_model_source() call in
-# resolve_model(), the names in close_model_name(), the offline command of
-# show_real_run_command(), and the lines of the docstring, the help and EXAMPLES that name them.
+# resolve_model(), the names in close_model_name(), the offline model that hub_call() and
+# show_real_run_command() offer, and the lines of the docstring, the help and EXAMPLES that name
+# them.
 # =====================================================================================
 
 # The default model for a machine that cannot reach the Hugging Face Hub: a Q4_1 GGUF file
