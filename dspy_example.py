@@ -358,17 +358,18 @@ def compare(
 # =====================================================================================
 
 
-# Python builds Config as it reads it, before the shared block at the end of the file defines
-# setting() and number(): these two stand in for them (the same field, the same check later).
-def flag(default, help: str, **how):
-    """setting(default, help, check=, choices=, metavar=, shown=): a field and its flag."""
-    keys = ("check", "choices", "metavar", "shown")
-    return field(default=default, metadata={**dict.fromkeys(keys), "help": help, **how})
+def option(default, help: str, *limits, check=None, above=False, below=False, **flag):
+    """A Config field that is also a command-line flag: its default, help and check in one place.
 
-
-def checked(kind: type, low=None, high=None, *, above: bool = False):
-    """number(kind, low, high): a finite int or float in a range, looked up when a flag is read."""
-    return lambda text: number(kind, low, high, above=above)(text)
+    `limits` are number()'s (kind, low, high): the shared helpers at the end of the file define
+    number(), after Config is built, so the check looks it up when a flag is read. `flag` holds
+    argparse's choices and metavar, and `shown`: the default as --help says it, when the field's
+    own (None) is worked out later from other settings. build_command_line() reads them all.
+    """
+    if limits:
+        check = lambda text: number(*limits, above=above, below=below)(text)  # noqa: E731
+    meta = {"help": help, "check": check, "choices": None, "metavar": None, "shown": None}
+    return field(default=default, metadata=meta | flag)
 
 
 @dataclass
@@ -377,72 +378,75 @@ class Config:
     line is built from these fields; Config() alone is a default run. A default worked out from
     other settings is None here, its rule in `shown`, and __post_init__ works it out."""
 
-    data: Path = flag(
+    data: Path = option(
         Path(__file__).with_name("small_edu_qa.jsonl"),  # DATA_FILE, defined later
         "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion records",
         shown="small_edu_qa.jsonl beside the script",
     )
-    model: str | None = flag(
+    model: str | None = option(
         None, "LiteLLM model string, provider/model", shown=f"{DEFAULT_MODEL}, or --serve's folder"
     )
-    run: bool = flag(False, "really send the calls (default: dry run, which sends nothing)")
-    yes: bool = flag(False, "do not ask before a paid step (for scripts that cannot answer)")
-    max_cost: float | None = flag(
-        None, "refuse a paid step whose estimate is higher", check=checked(float, 0), metavar="USD"
+    run: bool = option(False, "really send the calls (default: dry run, which sends nothing)")
+    yes: bool = option(False, "do not ask before a paid step (for scripts that cannot answer)")
+    max_cost: float | None = option(
+        None, "refuse a paid step whose estimate is higher", float, 0, metavar="USD"
     )
-    train_limit: int | None = flag(
+    train_limit: int | None = option(
         30,
         "use the first N train examples (DSPy needs 10 to 50)",
-        check=checked(int, 1),
+        int,
+        1,
         metavar="N",
     )
-    test_limit: int | None = flag(
-        None, "use the first N test examples", check=checked(int, 1), metavar="N", shown="all"
+    test_limit: int | None = option(
+        None, "use the first N test examples", int, 1, metavar="N", shown="all"
     )
-    output_dir: Path = flag(Path("outputs"), "where everything is written, one folder to delete")
-    seed: int = flag(
+    output_dir: Path = option(Path("outputs"), "where everything is written, one folder to delete")
+    seed: int = option(
         42,
         "seed for MIPROv2's search (the other optimizers fix theirs)",
-        check=checked(int, 0, 2**32 - 1),  # the range numpy's seeding accepts
+        int,
+        0,
+        2**32 - 1,  # the range numpy's seeding accepts
     )
-    ask: str | None = flag(
+    ask: str | None = option(
         None,
         "answer one question with the baseline and the compiled program (uses a saved run)",
         metavar="QUESTION",
     )
     # --- DSPy's own settings ---
-    api_base: str | None = flag(
+    api_base: str | None = option(
         None,
         "server to send the calls to (Ollama, vLLM, any OpenAI-compatible server, a proxy)",
         metavar="URL",
         shown="the provider's own API",
     )
-    api_key_env: str | None = flag(
+    api_key_env: str | None = option(
         None,
         "environment variable holding the key",
         metavar="VAR",
         shown="the provider's, e.g. OPENAI_API_KEY",
     )
-    engine: str = flag(
+    engine: str = option(
         "litellm",
         "litellm: every call goes through LiteLLM; auto: DSPy 3.4's own client for OpenAI, "
         "Anthropic, Ollama and vLLM, LiteLLM for the rest",
         choices=("litellm", "auto"),
     )
     # "auto" stays in the field, as the flag's default; __post_init__ resolves it for the run.
-    program: str = flag(
+    program: str = option(
         "auto",
         "predict: dspy.Predict; cot: dspy.ChainOfThought (a reasoning, then the answer); auto: "
         f"{LOCAL_PROGRAM} for a model on this machine, {HOSTED_PROGRAM} for a hosted one",
         choices=("auto", *PROGRAMS),
     )
-    adapter: str = flag(
+    adapter: str = option(
         "auto",
         "; ".join(f"{name}: {how}" for name, how in ADAPTERS.items())
         + f"; auto: {LOCAL_ADAPTER} for a model on this machine, {HOSTED_ADAPTER} for a hosted one",
         choices=("auto", *ADAPTERS),
     )
-    base_model: str | None = flag(
+    base_model: str | None = option(
         None,
         "when --model is a fine-tuned model: the untuned model it was tuned from, on which the "
         "plain model and the uncompiled baseline run (a LiteLLM model string; with --serve, a "
@@ -450,69 +454,74 @@ class Config:
         metavar="MODEL",
         shown="--model itself",
     )
-    optimizer: str = flag(
+    optimizer: str = option(
         "bootstrap",
         "bootstrap: BootstrapFewShot, demos in one pass, cheapest; random-search: "
         "BootstrapFewShotWithRandomSearch; mipro: MIPROv2 auto=light (needs optuna); "
         "labeled: LabeledFewShot (no LM calls)",
         choices=OPTIMIZERS,
     )
-    metric_threshold: float = flag(
+    metric_threshold: float = option(
         30.0, "ROUGE-L (0-100) a bootstrapped demo must reach to be kept", metavar="ROUGE"
     )
-    max_bootstrapped_demos: int = flag(
+    max_bootstrapped_demos: int = option(
         4,
         "demos the model writes itself, kept when they reach --metric-threshold",
-        check=checked(int, 0),
+        int,
+        0,
         metavar="N",
     )
-    max_labeled_demos: int = flag(
+    max_labeled_demos: int = option(
         16,
         "demos in all: training pairs as written fill the rest",
-        check=checked(int, 1),
+        int,
+        1,
         metavar="N",
     )
-    num_candidates: int = flag(
-        8, "random-search: demo sets to try", check=checked(int, 1), metavar="N"
-    )
-    temperature: float = flag(
+    num_candidates: int = option(8, "random-search: demo sets to try", int, 1, metavar="N")
+    temperature: float = option(
         0.0,
         "sampling temperature, set explicitly: DSPy's defaults changed in 3.0.4",
-        check=checked(float, 0),
+        float,
+        0,
         shown="0.0",  # a default of 0 would not be shown (0.0 == False)
     )
-    max_tokens: int | None = flag(
+    max_tokens: int | None = option(
         None,
         "longest reply",
-        check=checked(int, 1),
+        int,
+        1,
         metavar="N",
         shown=f"{HOSTED_MAX_TOKENS} for a hosted API, {LOCAL_MAX_TOKENS} for a model on this "
         "machine: --serve, a local provider or server",
     )
-    threads: int | None = flag(
+    threads: int | None = option(
         None,
         "parallel calls when answering and when random-search/mipro score candidates",
-        check=checked(int, 1),
+        int,
+        1,
         shown=f"{HOSTED_THREADS}, or {SERVE_THREADS} with --serve",
     )
-    num_retries: int = flag(
+    num_retries: int = option(
         3,
         "DSPy retries a failed call this often, backing off 1, 2, 4 s",
-        check=checked(int, 0),
+        int,
+        0,
         metavar="N",
     )
-    max_errors: int = flag(
+    max_errors: int = option(
         3,
         "failed examples an optimizer tolerates before it stops",
-        check=checked(int, 1),
+        int,
+        1,
         metavar="N",
     )
-    load: Path | None = flag(None, "use this compiled program, skip compiling", metavar="PATH")
-    cache_dir: Path | None = flag(
+    load: Path | None = option(None, "use this compiled program, skip compiling", metavar="PATH")
+    cache_dir: Path | None = option(
         None, "DSPy's disk cache of LM calls", metavar="DIR", shown="OUTPUT_DIR/dspy/cache"
     )
-    no_cache: bool = flag(False, "send every call, even one answered before (to time a server)")
-    results_name: str | None = flag(
+    no_cache: bool = option(False, "send every call, even one answered before (to time a server)")
+    results_name: str | None = option(
         None,
         "write OUTPUT_DIR/results/NAME.json, e.g. to keep a run on a base model and one on a "
         "fine-tuned model side by side",
@@ -520,16 +529,18 @@ class Config:
         shown=APPROACH,
     )
     # --- the local server (its section below) ---
-    serve: Path | None = flag(
+    serve: Path | None = option(
         None,
         "a local transformers model folder: start `transformers serve FOLDER` on a free "
         "127.0.0.1 port for this run, use it as the model, stop it at the end",
         metavar="FOLDER",
     )
-    serve_timeout: float = flag(
+    serve_timeout: float = option(
         300.0,
         "how long --serve waits for the server to load the model",
-        check=checked(float, 0, above=True),
+        float,
+        0,
+        above=True,
         metavar="SECONDS",
     )
     # --- worked out, not set ---

@@ -10,10 +10,9 @@ What this approach changes
 
 When to pick it
     You want the answers to change (tone, length, facts of your course), the data must stay on
-    your machine, and you can give it a few hundred examples and some compute. Compared with
-    prompt optimisation (DSPy) it changes the model itself; compared with cloud fine-tuning
-    (OpenAI's fine-tuning API) you keep the weights, pay no per-token fees and can ship the
-    result anywhere, but you own the hardware, the waiting and the serving.
+    your machine, and you can give it a few hundred examples and some compute. Unlike DSPy it
+    changes the model itself; unlike cloud fine-tuning you keep the weights and pay no per-token
+    fees, but you own the hardware, the waiting and the serving.
 
 What it costs
     No money on a machine you already have. Time and memory are printed before anything heavy
@@ -32,16 +31,13 @@ With torchrun, put "--" before the script's flags: torchrun would otherwise take
 an abbreviation of its own "--run-path" (pytorch/pytorch#120601).
 
 Everything is written under --output-dir (default outputs/): huggingface/ for this script's
-files (formatted data, checkpoints, adapter, merged model, loss curve) and results/ for the
-results file the three approaches share.
+files (data, checkpoints, adapter, merged model, loss curve), results/ for the shared results.
 
 How to read it
-    main() is the table of contents: six stages, one function each, in the order they run
-    (prepare_data, format_data, configure_model, tune, answer, compare). Each stage shows the
-    calls that matter (the chat template and the -100 labels, the LoraConfig, TrainingArguments,
-    Trainer and trainer.train(), model.generate with the adapter off and on); below the marked
-    line "How each stage does it" come the helpers, stage by stage, then the optional parts (each
-    a section to delete if you need it not), --ask, the base models' template, the command line.
+    main() is the table of contents: six stages, one function each, in the order they run. Each
+    shows the calls that matter (the chat template and the -100 labels, LoraConfig, the Trainer,
+    model.generate with the adapter off and on). Then come their helpers, stage by stage, and the
+    optional parts, each a section you can delete.
 """
 
 from __future__ import annotations
@@ -78,7 +74,7 @@ from rich.table import Table
 from rich.text import Text
 
 # =====================================================================================
-# Settings: each default is written here, once
+# Settings: the defaults Config is built from (Config itself comes after the six stages)
 # =====================================================================================
 
 # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
@@ -94,92 +90,8 @@ SYSTEM_PROMPT = (
 LORA_DROPOUT = 0.05  # 0 for a mixture of experts: peft's adapters on fused experts take none
 LEARNING_RATE = 2e-4  # the usual LoRA rate for a pretrained model
 TINY_LEARNING_RATE = 1e-2  # a random 64-wide model needs much larger steps to learn at all
-# Fewer pairs than this left to train on, and a LoRA run is unlikely to learn the teacher's voice:
-# the dry run ends with what to fix instead of the real-run command, and a real run warns. 64 is
-# the smallest set this script was measured to learn from: SmolLM2-135M-Instruct on 64 pairs of
-# its data, 32 steps of 4 at a learning rate of 1e-3, took held-out ROUGE-L from 26.2 to 34.0,
-# while 24 steps at the default 2e-4 (what 3 epochs of 32 pairs make) moved it by 0.1. Fewer pairs
-# give fewer steps at the defaults, and more epochs over them repeat each answer until the model
-# recites it. A real run only warns: it costs no money and a few minutes at most, and a short run
-# on a handful of pairs is the quickest check that training works on a new machine or model.
+# Fewer pairs left to train on, and LoRA is unlikely to learn the voice (measured: too_few_pairs).
 MIN_TRAIN_PAIRS = 64
-
-
-def option(default, help: str, *limits, check=None, above=False, below=False, **flag):
-    """A Config field that is also a command-line flag: its default, help and check in one place.
-
-    `limits` are number()'s (kind, low, high): the shared helpers at the end of the file define
-    number(), after Config is built, so the check looks it up when a flag is read. `flag` holds
-    argparse's choices and metavar, and `shown`: the default as --help says it, when the field's
-    own (None) is worked out later from other settings. build_command_line() reads them all.
-    """
-    if limits:
-        check = lambda text: number(*limits, above=above, below=below)(text)  # noqa: E731
-    meta = {"help": help, "check": check, "choices": None, "metavar": None, "shown": None}
-    return field(default=default, metadata=meta | flag)
-
-
-@dataclass
-class Config:
-    """Every setting of a run, with its flag's help and check: the command line is built from it."""
-
-    data: Path = option(  # DATA_FILE, written out: it is defined after this class is built
-        Path(__file__).with_name("small_edu_qa.jsonl"),
-        "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion records",
-        shown="small_edu_qa.jsonl beside the script",
-    )
-    model: str = option(DEFAULT_MODEL, "hub id, local folder, GGUF file, preset (below) or tiny")
-    run: bool = option(False, "really train and generate (default: dry run)")  # never by accident
-    yes: bool = option(False, "accepted for a uniform command line: nothing is paid")
-    max_cost: float | None = option(None, "accepted; a local run costs $0", float, 0, metavar="USD")
-    train_limit: int | None = option(None, "use the first N train examples", int, 1, metavar="N")
-    test_limit: int | None = option(  # each test question is answered twice
-        None, "use the first N test examples (0: train only, answer none)", int, 0, metavar="N"
-    )
-    output_dir: Path = option(Path("outputs"), "where everything is written (one folder to delete)")
-    seed: int = option(  # the range numpy's seeding accepts (seed_arg)
-        42, "the held-out slice, the adapter's start, the data order: a rerun repeats",
-        check=lambda text: seed_arg(text),
-    )  # fmt: skip
-    ask: str | None = option(
-        None, "answer one question with baseline and saved adapter", metavar="QUESTION"
-    )
-    # LoRA / QLoRA
-    lora_r: int = option(16, "adapter rank: under 5% of the weights, enough for a voice", int, 1)
-    lora_alpha: int = option(32, "the update is scaled by alpha / r; 2x the rank is usual", int, 1)
-    lora_dropout: float | None = option(
-        None, "dropout on the adapter's input", float, 0, 1, below=True,
-        shown=f"{LORA_DROPOUT:g}, 0 for mixture-of-experts models",
-    )  # fmt: skip
-    target_modules: str = option(  # an adapter beside every linear layer, not a few
-        "all-linear", "'all-linear' or comma-separated module names, e.g. q_proj,v_proj"
-    )
-    load_in_4bit: bool = option(False, "QLoRA: a 4-bit NF4 base, for a big model (CUDA GPU)")
-    # training
-    epochs: float = option(3.0, "passes over the pairs; many more memorise", float, 0, above=True)
-    learning_rate: float | None = option(
-        None, "the peak learning rate", float, 0, above=True,
-        shown=f"{LEARNING_RATE:g}; tiny: {TINY_LEARNING_RATE:g}",
-    )  # fmt: skip
-    batch_size: int = option(4, "pairs per step: small enough for a laptop's memory", int, 1)
-    grad_accum: int = option(1, "steps summed per update: a larger batch, same memory", int, 1)
-    max_length: int = option(512, "tokens; longer pairs left out: a cut one loses its end", int, 8)
-    eval_fraction: float = option(
-        0.1, "share of train held out for eval loss (test stays unseen)", float, 0, 1, below=True
-    )
-    save_steps: int = option(50, "a checkpoint and an eval this often: what --resume uses", int, 1)
-    max_steps: int | None = option(None, "stop after N optimizer steps (a quick try)", int, 1)
-    report_to: str = option(  # the Trainer's report_to; names checked against REPORT_TO
-        "none", "where the Trainer also logs: none, all (each one installed) or names, e.g. "
-        "tensorboard or tensorboard,wandb",
-        check=lambda text: report_to_arg(text),
-    )  # fmt: skip
-    activation_checkpointing: bool = option(False, "recompute activations: less memory, more time")
-    resume: bool = option(False, "continue from the last checkpoint instead of starting over")
-    merge: bool = option(False, "also write a merged full model, for tools that know no LoRA")
-    # answering
-    max_new_tokens: int = option(128, "three sentences fit; a runaway answer stops here", int, 1)
-    gen_batch_size: int = option(8, "questions answered at once (left-padded): fewer steps", int, 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -463,6 +375,88 @@ def compare(
     )
     compare_results(cfg.output_dir, write=True)
     show_side_by_side(result["questions"])
+
+
+# =====================================================================================
+# Settings: every setting of a run, with its default, help and check, written once
+# =====================================================================================
+
+
+def option(default, help: str, *limits, check=None, above=False, below=False, **flag):
+    """A Config field that is also a command-line flag: its default, help and check in one place.
+
+    `limits` are number()'s (kind, low, high): the shared helpers at the end of the file define
+    number(), after Config is built, so the check looks it up when a flag is read. `flag` holds
+    argparse's choices and metavar, and `shown`: the default as --help says it, when the field's
+    own (None) is worked out later from other settings. build_command_line() reads them all.
+    """
+    if limits:
+        check = lambda text: number(*limits, above=above, below=below)(text)  # noqa: E731
+    meta = {"help": help, "check": check, "choices": None, "metavar": None, "shown": None}
+    return field(default=default, metadata=meta | flag)
+
+
+@dataclass
+class Config:
+    """Every setting of a run, with its flag's help and check: the command line is built from it."""
+
+    data: Path = option(  # DATA_FILE, written out: it is defined after this class is built
+        Path(__file__).with_name("small_edu_qa.jsonl"),
+        "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion records",
+        shown="small_edu_qa.jsonl beside the script",
+    )
+    model: str = option(DEFAULT_MODEL, "hub id, local folder, GGUF file, preset (below) or tiny")
+    run: bool = option(False, "really train and generate (default: dry run)")  # never by accident
+    yes: bool = option(False, "accepted for a uniform command line: nothing is paid")
+    max_cost: float | None = option(None, "accepted; a local run costs $0", float, 0, metavar="USD")
+    train_limit: int | None = option(None, "use the first N train examples", int, 1, metavar="N")
+    test_limit: int | None = option(  # each test question is answered twice
+        None, "use the first N test examples (0: train only, answer none)", int, 0, metavar="N"
+    )
+    output_dir: Path = option(Path("outputs"), "where everything is written (one folder to delete)")
+    seed: int = option(  # the range numpy's seeding accepts (seed_arg)
+        42, "the held-out slice, the adapter's start, the data order: a rerun repeats",
+        check=lambda text: seed_arg(text),
+    )  # fmt: skip
+    ask: str | None = option(
+        None, "answer one question with baseline and saved adapter", metavar="QUESTION"
+    )
+    # LoRA / QLoRA
+    lora_r: int = option(16, "adapter rank: under 5% of the weights, enough for a voice", int, 1)
+    lora_alpha: int = option(32, "the update is scaled by alpha / r; 2x the rank is usual", int, 1)
+    lora_dropout: float | None = option(
+        None, "dropout on the adapter's input", float, 0, 1, below=True,
+        shown=f"{LORA_DROPOUT:g}, 0 for mixture-of-experts models",
+    )  # fmt: skip
+    target_modules: str = option(  # an adapter beside every linear layer, not a few
+        "all-linear", "'all-linear' or comma-separated module names, e.g. q_proj,v_proj"
+    )
+    load_in_4bit: bool = option(False, "QLoRA: a 4-bit NF4 base, for a big model (CUDA GPU)")
+    # training
+    epochs: float = option(3.0, "passes over the pairs; many more memorise", float, 0, above=True)
+    learning_rate: float | None = option(
+        None, "the peak learning rate", float, 0, above=True,
+        shown=f"{LEARNING_RATE:g}; tiny: {TINY_LEARNING_RATE:g}",
+    )  # fmt: skip
+    batch_size: int = option(4, "pairs per step: small enough for a laptop's memory", int, 1)
+    grad_accum: int = option(1, "steps summed per update: a larger batch, same memory", int, 1)
+    max_length: int = option(512, "tokens; longer pairs left out: a cut one loses its end", int, 8)
+    eval_fraction: float = option(
+        0.1, "share of train held out for eval loss (test stays unseen)", float, 0, 1, below=True
+    )
+    save_steps: int = option(50, "a checkpoint and an eval this often: what --resume uses", int, 1)
+    max_steps: int | None = option(None, "stop after N optimizer steps (a quick try)", int, 1)
+    report_to: str = option(  # the Trainer's report_to; names checked against REPORT_TO
+        "none", "where the Trainer also logs: none, all (each one installed) or names, e.g. "
+        "tensorboard or tensorboard,wandb",
+        check=lambda text: report_to_arg(text),
+    )  # fmt: skip
+    activation_checkpointing: bool = option(False, "recompute activations: less memory, more time")
+    resume: bool = option(False, "continue from the last checkpoint instead of starting over")
+    merge: bool = option(False, "also write a merged full model, for tools that know no LoRA")
+    # answering
+    max_new_tokens: int = option(128, "three sentences fit; a runaway answer stops here", int, 1)
+    gen_batch_size: int = option(8, "questions answered at once (left-padded): fewer steps", int, 1)
 
 
 # =====================================================================================
@@ -839,6 +833,15 @@ def held_out_count(n_train: int, fraction: float) -> int:
     """How many of n_train pairs --eval-fraction holds out: at least one when asked for, and at
     least one left to train on."""
     return min(n_train - 1, max(1, round(n_train * fraction))) if fraction else 0
+
+
+# The dry run ends with what to fix instead of the real-run command, and a real run warns. 64 is
+# the smallest set this script was measured to learn from: SmolLM2-135M-Instruct on 64 pairs of
+# its data, 32 steps of 4 at a learning rate of 1e-3, took held-out ROUGE-L from 26.2 to 34.0,
+# while 24 steps at the default 2e-4 (what 3 epochs of 32 pairs make) moved it by 0.1. Fewer pairs
+# give fewer steps at the defaults, and more epochs over them repeat each answer until the model
+# recites it. A real run only warns: it costs no money and a few minutes at most, and a short run
+# on a handful of pairs is the quickest check that training works on a new machine or model.
 
 
 def too_few_pairs(cfg: Config, data: Data, trained: int, held_out: int) -> str:

@@ -6,10 +6,9 @@ What this approach changes
     of the model on them. The copy then answers in that voice without long prompts or examples.
 
 When to pick it
-    You have 50 or more good question/answer pairs, you want the answers in one consistent
-    voice and length, and you are happy for a cloud provider to hold the data and the model.
-    Changing only the prompt (DSPy) is cheaper and trains nothing; training a LoRA adapter on
-    an open model keeps the data and the model on your own machine.
+    You have 50 or more good question/answer pairs, want the answers in one consistent voice
+    and length, and are happy for a cloud provider to hold the data and the model. DSPy (the
+    prompt) trains nothing; a LoRA adapter keeps the data and the model on your own machine.
 
 What it costs (prices as of 2026-11-25: the table PRICES below, the pages in PROVIDERS)
     gpt-4o-mini-2024-07-18: training $3.00 per million tokens; the tuned model then costs
@@ -18,28 +17,22 @@ What it costs (prices as of 2026-11-25: the table PRICES below, the pages in PRO
     models costs under a cent. Stage 3 prints the estimate for your data and model first.
 
 The wind-down of self-serve fine-tuning (facts checked 2026-11)
-    OpenAI is closing self-serve fine-tuning: organisations that never fine-tuned are blocked
-    since 2026-05-07, inactive ones since 2026-07-02, everyone from 2027-01-06. A blocked
-    account can still upload files, but creating the job answers 403 `training_not_available`.
-    Fine-tuned models keep serving until their base model retires. Fine-tunable snapshots left:
+    OpenAI is closing self-serve fine-tuning: new organisations since 2026-05-07, inactive ones
+    since 2026-07-02, everyone from 2027-01-06 (creating a job answers 403
+    `training_not_available`). Tuned models serve until their base model retires. Snapshots left:
     gpt-4.1-2025-04-14, gpt-4.1-mini-2025-04-14, gpt-4o-2024-08-06, gpt-4o-mini-2024-07-18.
-    Three ways forward: an account that still has access (before 2027-01-06); another cloud
-    that speaks this API (`--provider azure` or `--provider nebius`, or any `--base-url`);
-    or a LoRA adapter on an open model, trained on your own hardware.
+    Elsewhere: `--provider azure`, `--provider nebius` or any `--base-url`, or a LoRA adapter.
 
 How to run
     python openai_finetune.py                          # dry run: sends nothing, spends nothing
     python openai_finetune.py --run --max-cost 0.50    # real run: asks before paying
     python openai_finetune.py --run --job-id ftjob-... # resume watching a job
     python openai_finetune.py --run --ask "Why is the sky blue?"
-    Offline smoke run: the dry run above needs no network and no key (tokens are counted with
-    tiktoken's cache, or the copy of the encoding that litellm ships).
+    The dry run needs no network and no key (tokens counted with the encoding litellm ships).
 
 How to read it
-    main() is the table of contents: six stages, one function each, in the order they run; each
-    shows the calls that matter. Below the line "How each stage does it" come their helpers,
-    stage by stage; then the optional parts, each a section you can delete (job recovery, other
-    clouds); --ask and --check-file; the reference tables and the command line.
+    main() is the table of contents: six stages, one function each, in the order they run. Then
+    come their helpers, stage by stage, and the optional parts, each a section you can delete.
 """
 
 from __future__ import annotations
@@ -72,7 +65,7 @@ from rich.markup import escape
 from rich.table import Table
 
 # =====================================================================================
-# Settings: each default is written here, once
+# Settings: the defaults Config is built from (Config itself comes after the six stages)
 # =====================================================================================
 
 APPROACH = "openai"  # "dspy" | "openai" | "huggingface": names OUTPUT_DIR/results/<approach>.json
@@ -86,99 +79,6 @@ ANSWER_MAX_TOKENS = 300  # far more than three sentences need; a runaway reply s
 # Base and tuned alike: temperature 0 keeps the comparison repeatable; no stop but end of turn.
 DECODING = {"temperature": 0, "max_tokens": ANSWER_MAX_TOKENS, "stop": "the model's end of turn"}
 PROVIDERS: dict[str, dict] = {}  # by name: filled in by the reference tables and other clouds
-
-
-def option(default, help: str, *limits, check=None, above=False, below=False, **flag):
-    """A Config field that is also a command-line flag: its default, help and check in one place.
-
-    `limits` are number()'s (kind, low, high): the shared helpers at the end of the file define
-    number(), after Config is built, so the check looks it up when a flag is read. `flag` holds
-    argparse's choices and metavar, and `shown`: the default as --help says it, when the field's
-    own (None) is worked out later from other settings. build_command_line() reads them all.
-    """
-    if limits:
-        check = lambda text: number(*limits, above=above, below=below)(text)  # noqa: E731
-    meta = {"help": help, "check": check, "choices": None, "metavar": None, "shown": None}
-    return field(default=default, metadata=meta | flag)
-
-
-@dataclass
-class Config:
-    """Every setting of a run: default, help and check. The command line is built from it."""
-
-    data: Path = option(  # DATA_FILE, written out: it is defined after this class is built
-        Path(__file__).with_name("small_edu_qa.jsonl"),
-        "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion records",
-        shown="small_edu_qa.jsonl beside the script",
-    )
-    model: str | None = option(  # None: the provider's default_model (see PROVIDERS)
-        None, "base model to fine-tune", shown="the provider's, see --provider"
-    )
-    run: bool = option(False, "really do the paid steps (default: dry run)")  # never by accident
-    yes: bool = option(False, "do not ask before a paid step")  # for scripts that cannot answer
-    max_cost: float | None = option(  # checked against stage 3's estimate
-        None, "refuse a paid step whose estimate is higher", float, 0, metavar="USD"
-    )
-    train_limit: int | None = option(None, "use the first N train examples", int, 1, metavar="N")
-    test_limit: int | None = option(  # each test question is two paid requests
-        None, "use the first N test examples (0: train only, answer none)", int, 0, metavar="N"
-    )
-    output_dir: Path = option(Path("outputs"), "where everything is written")  # one to delete
-    seed: int = option(  # the range numpy's seeding accepts (seed_arg)
-        42, "the job's seed and the validation slice: a rerun repeats", check=lambda t: seed_arg(t)
-    )
-    ask: str | None = option(
-        None, "answer one question with the base and tuned model", metavar="QUESTION"
-    )
-    provider: str = option(  # provider_arg: argparse's "invalid choice", with a "did you mean"
-        "openai", "the cloud: sets base URL, key variable, default model, prices, deploy step",
-        choices=PROVIDERS, check=lambda text: provider_arg(text),
-    )  # fmt: skip
-    base_url: str | None = option(
-        None, "any server that speaks this API", shown="the provider's, or $OPENAI_BASE_URL"
-    )
-    epochs: int | None = option(None, "training epochs", int, 1, shown="chosen as OpenAI does")
-    batch_size: int | None = option(  # sent as batch_size; left out, the service picks ("auto")
-        None, "examples per training step", int, 1, metavar="N", shown="chosen by the service"
-    )
-    learning_rate_multiplier: float | None = option(  # OpenAI and Azure; Nebius takes no multiplier
-        None, "scales the service's own learning rate (below 1: smaller steps)", float, 0,
-        above=True, metavar="X", shown="chosen by the service",
-    )  # fmt: skip
-    suffix: str = option("edu-qa", "added to the fine-tuned model's name")  # to tell them apart
-    valid_fraction: float = option(  # test stays unseen: this slice comes out of train
-        0.1, "share of the train split held out as the job's validation file",
-        float, 0, 1, below=True, metavar="F",
-    )  # fmt: skip
-    job_id: str | None = option(None, "watch this job instead of creating one", metavar="FTJOB")
-    cancel: str | None = option(None, "cancel this job and exit", metavar="FTJOB")  # stops spending
-    tuned_model: str | None = option(
-        None, "answer with this fine-tuned model (ft:..., an Azure deployment, a Nebius model)",
-        metavar="NAME",
-    )  # fmt: skip
-    base_deployment: str | None = option(
-        None, "Azure: the deployment that serves the base model", metavar="NAME",
-        shown="the model name",
-    )  # fmt: skip
-    azure_tier: str = option(  # developerTier: the cheapest Azure training, with no hosting fee
-        "developerTier", "Azure trainingType",
-        choices=("GlobalStandard", "Standard", "developerTier"),
-    )  # fmt: skip
-    poll_interval: float = option(  # a job takes minutes
-        10.0, "seconds between job polls", float, 0, 3600, above=True, metavar="S"
-    )
-    deploy_timeout: float = option(
-        1800.0, "Nebius: stop waiting for the deployment after S seconds (a rerun waits again)",
-        float, 0, above=True, metavar="S",
-    )  # fmt: skip
-    check_file: Path | None = option(
-        None, "only validate a chat-format file and exit", metavar="JSONL"
-    )
-    record_plan: bool = option(
-        False, "dry run: write results/openai.json as a 'not run' row with the estimate, for the "
-        "comparison table (a real run's results are kept)",
-    )  # fmt: skip
-    argv: list[str] = field(default_factory=list)  # this run's flags, for resume commands
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -462,6 +362,104 @@ def compare(
     )
     compare_results(cfg.output_dir)
     show_side_by_side(result["questions"])
+
+
+# =====================================================================================
+# Settings: every setting of a run, with its default, help and check, written once
+# =====================================================================================
+
+
+def option(default, help: str, *limits, check=None, above=False, below=False, **flag):
+    """A Config field that is also a command-line flag: its default, help and check in one place.
+
+    `limits` are number()'s (kind, low, high): the shared helpers at the end of the file define
+    number(), after Config is built, so the check looks it up when a flag is read. `flag` holds
+    argparse's choices and metavar, and `shown`: the default as --help says it, when the field's
+    own (None) is worked out later from other settings. build_command_line() reads them all.
+    """
+    if limits:
+        check = lambda text: number(*limits, above=above, below=below)(text)  # noqa: E731
+    meta = {"help": help, "check": check, "choices": None, "metavar": None, "shown": None}
+    return field(default=default, metadata=meta | flag)
+
+
+@dataclass
+class Config:
+    """Every setting of a run: default, help and check. The command line is built from it."""
+
+    data: Path = option(  # DATA_FILE, written out: it is defined after this class is built
+        Path(__file__).with_name("small_edu_qa.jsonl"),
+        "JSONL of question/answer lines, OpenAI chat records or TRL prompt/completion records",
+        shown="small_edu_qa.jsonl beside the script",
+    )
+    model: str | None = option(  # None: the provider's default_model (see PROVIDERS)
+        None, "base model to fine-tune", shown="the provider's, see --provider"
+    )
+    run: bool = option(False, "really do the paid steps (default: dry run)")  # never by accident
+    yes: bool = option(False, "do not ask before a paid step")  # for scripts that cannot answer
+    max_cost: float | None = option(  # checked against stage 3's estimate
+        None, "refuse a paid step whose estimate is higher", float, 0, metavar="USD"
+    )
+    train_limit: int | None = option(None, "use the first N train examples", int, 1, metavar="N")
+    test_limit: int | None = option(  # each test question is two paid requests
+        None, "use the first N test examples (0: train only, answer none)", int, 0, metavar="N"
+    )
+    output_dir: Path = option(Path("outputs"), "where everything is written")  # one to delete
+    seed: int = option(  # the range numpy's seeding accepts (seed_arg)
+        42, "the job's seed and the validation slice: a rerun repeats", check=lambda t: seed_arg(t)
+    )
+    ask: str | None = option(
+        None, "answer one question with the base and tuned model", metavar="QUESTION"
+    )
+    provider: str = option(  # provider_arg: argparse's "invalid choice", with a "did you mean"
+        "openai", "the cloud: sets base URL, key variable, default model, prices, deploy step",
+        choices=PROVIDERS, check=lambda text: provider_arg(text),
+    )  # fmt: skip
+    base_url: str | None = option(
+        None, "any server that speaks this API", shown="the provider's, or $OPENAI_BASE_URL"
+    )
+    epochs: int | None = option(None, "training epochs", int, 1, shown="chosen as OpenAI does")
+    batch_size: int | None = option(  # sent as batch_size; left out, the service picks ("auto")
+        None, "examples per training step", int, 1, metavar="N", shown="chosen by the service"
+    )
+    learning_rate_multiplier: float | None = option(  # OpenAI and Azure; Nebius takes no multiplier
+        None, "scales the service's own learning rate (below 1: smaller steps)", float, 0,
+        above=True, metavar="X", shown="chosen by the service",
+    )  # fmt: skip
+    suffix: str = option("edu-qa", "added to the fine-tuned model's name")  # to tell them apart
+    valid_fraction: float = option(  # test stays unseen: this slice comes out of train
+        0.1, "share of the train split held out as the job's validation file",
+        float, 0, 1, below=True, metavar="F",
+    )  # fmt: skip
+    job_id: str | None = option(None, "watch this job instead of creating one", metavar="FTJOB")
+    cancel: str | None = option(None, "cancel this job and exit", metavar="FTJOB")  # stops spending
+    tuned_model: str | None = option(
+        None, "answer with this fine-tuned model (ft:..., an Azure deployment, a Nebius model)",
+        metavar="NAME",
+    )  # fmt: skip
+    base_deployment: str | None = option(
+        None, "Azure: the deployment that serves the base model", metavar="NAME",
+        shown="the model name",
+    )  # fmt: skip
+    azure_tier: str = option(  # developerTier: the cheapest Azure training, with no hosting fee
+        "developerTier", "Azure trainingType",
+        choices=("GlobalStandard", "Standard", "developerTier"),
+    )  # fmt: skip
+    poll_interval: float = option(  # a job takes minutes
+        10.0, "seconds between job polls", float, 0, 3600, above=True, metavar="S"
+    )
+    deploy_timeout: float = option(
+        1800.0, "Nebius: stop waiting for the deployment after S seconds (a rerun waits again)",
+        float, 0, above=True, metavar="S",
+    )  # fmt: skip
+    check_file: Path | None = option(
+        None, "only validate a chat-format file and exit", metavar="JSONL"
+    )
+    record_plan: bool = option(
+        False, "dry run: write results/openai.json as a 'not run' row with the estimate, for the "
+        "comparison table (a real run's results are kept)",
+    )  # fmt: skip
+    argv: list[str] = field(default_factory=list)  # this run's flags, for resume commands
 
 
 # =====================================================================================
