@@ -822,6 +822,7 @@ class Plan:
     actual: dict[str, dict] = field(default_factory=dict)  # tally_since() of each phase run
     demos: int | None = None  # demos in the compiled program
     first_lm_error: BaseException | None = None  # kept by the callback in configure_model
+    json_retry: bool = False  # whether DSPy asks again in JSON when a reply cannot be read
     server: object | None = None  # the LocalServer this run starts (--serve), or None
     base_lm: object | None = None  # the plain model's and the baseline's: --base-model, or --model
     phase: str = "baseline"  # the phase whose replies are being parsed now
@@ -1049,7 +1050,10 @@ def watch_lm_errors(plan: Plan, adapter):
     from dspy.utils.callback import BaseCallback
 
     parsing: dict[str, tuple[bool, str]] = {}  # call id -> (JSON fallback?, the reply text)
-    retries = json_retry(adapter)
+    plan.json_retry = retries = json_retry(adapter)
+    # A subclass's parse() that calls super().parse() fires a second, nested parse event (DSPy
+    # wraps each class's parse); only the outermost of a thread's parses is the reply's outcome.
+    depth = threading.local()
 
     class KeepErrors(BaseCallback):
         def on_lm_end(self, call_id, outputs, exception=None):
@@ -1058,12 +1062,14 @@ def watch_lm_errors(plan: Plan, adapter):
                 plan.first_lm_error = exception
 
         def on_adapter_parse_start(self, call_id, instance, inputs):
-            if plan.phase == "plain":
-                return  # the plain prompt asks for no format: nothing to count
+            depth.n = getattr(depth, "n", 0) + 1
+            if plan.phase == "plain" or depth.n > 1:
+                return  # the plain prompt asks for no format; a nested parse is not a reply
             with PARSE_LOCK:
                 parsing[call_id] = (instance is not adapter, inputs.get("completion"))
 
         def on_adapter_parse_end(self, call_id, outputs, exception=None):
+            depth.n = getattr(depth, "n", 1) - 1
             with PARSE_LOCK:
                 if call_id not in parsing:
                     return
@@ -1387,7 +1393,7 @@ def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
     if bad:
         retry = f"DSPy asked each again in JSON (+{bad} calls), {tally['json_rescued']} parsed; "
         console.print(
-            f"  {bad} not in it: {retry if tally['json_rescued'] + tally['unparsed'] else ''}"
+            f"  {bad} not in it: {retry if plan.json_retry else ''}"
             f"[bold]{tally['unparsed']} unparsed[/]: an empty answer, scored 0"
         )
         first = tally["first_unparsed"] or "(empty)"

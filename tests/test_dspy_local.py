@@ -484,6 +484,7 @@ def test_a_model_on_this_machine_gets_predict_and_the_plain_reply_adapter(script
     [
         ("chat-plain", 3 + 3 + 3, 0),  # the reply without markers is the answer: no retry
         ("chat", 3 + 3 + 1 + 3 + 1, 1),  # ChatAdapter asks again in JSON, which fails too
+        ("chat-no-retry", 3 + 3 + 3, 1),  # ChatAdapter without the retry: unread, no more calls
     ],
 )
 def test_the_plain_reply_adapter_reads_a_reply_without_markers_as_the_answer(
@@ -500,6 +501,11 @@ def test_the_plain_reply_adapter_reads_a_reply_without_markers_as_the_answer(
     assert seasons["question"] == SEASONS
     assert seasons["baseline"] == ("" if unusable else FREE_TEXT)
     assert results["replies"]["baseline"]["plain"] == (0 if unusable else 1)
+    # one reply counted once, though the plain-reply adapter's parse() calls ChatAdapter's
+    assert results["replies"]["baseline"]["replies"] == 3
+    assert results["replies"]["baseline"]["not_in_format"] == unusable
+    # the retry is named only where there is one
+    assert ("asked each again in JSON" in result.output) == (adapter == "chat")
     assert (results["program"], results["adapter"]) == ("predict", adapter)
     # Predict asks for the answer alone: no request names a reasoning field
     assert not any("reasoning" in json.dumps(body["messages"]) for body in server.requests)
