@@ -102,7 +102,8 @@ ADAPTERS = {  # how each asks the model to lay out its reply (build_adapter, say
 }
 HOSTED_PROGRAM, HOSTED_ADAPTER = "cot", "chat"
 LOCAL_PROGRAM, LOCAL_ADAPTER = "predict", "chat-plain"
-OPTIMIZERS = ("bootstrap", "random-search", "mipro", "labeled")  # OPTIMIZER_DESCRIPTIONS says
+OPTIMIZERS = ("bootstrap", "random-search", "mipro", "gepa", "labeled")  # their DESCRIPTIONS
+AUTO_LEVELS = ("light", "medium", "heavy")  # MIPROv2's and GEPA's `auto`: how long they search
 # The plain model, the mark every approach shares: the untuned model with this plain prompt.
 SYSTEM_PROMPT = (
     "You are a patient, knowledgeable teacher. Answer the student's question correctly "
@@ -189,6 +190,12 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
     if cfg.serve is not None:  # --serve: the server to start, not started yet
         plan.server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log")
     show_settings(cfg, provider, plan)
+    if not cfg.local and (close := close_model_names(cfg.model)):
+        # a warning, not a refusal: the model may be newer than this LiteLLM's price map
+        console.print(
+            f"[yellow]warning: LiteLLM does not know --model {escape(cfg.model)}; did you mean "
+            f"{escape(close[0])}? (a model newer than LiteLLM {version('litellm')} is fine)[/]"
+        )
     estimate_calls(cfg, formatted, plan)  # estimates: calls, tokens and USD of each phase
     if plan.server is not None:  # --serve: the prompts fit the model, the server can run here
         check_serve(cfg, plan)
@@ -213,6 +220,8 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
     plan.base_lm = lm = build_lm(cfg, cfg.model, client)
     if cfg.base_model is not None and plan.server is None:  # a served one starts in stage 5
         plan.base_lm = build_lm(cfg, cfg.base_model, client)
+    if cfg.optimizer == "gepa":
+        plan.reflection_lm = reflection_lm(cfg, client)
     callback = watch_lm_errors(plan, formatted.adapter)
     dspy.configure(lm=lm, adapter=formatted.adapter, callbacks=[callback])
     console.print(f"built dspy.LM({cfg.model!r}, engine={cfg.engine!r}); key passed, not shown")
@@ -220,7 +229,9 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
 
 
 def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
-    stage(4, "tune", "Compile: the optimizer picks the demos (MIPROv2 also rewrites instructions).")
+    stage(
+        4, "tune", "Compile: the optimizer picks demos (MIPROv2 and GEPA rewrite the instruction)."
+    )
     import dspy
 
     if formatted.loaded is not None:
@@ -236,7 +247,7 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
         plan.phase = "compile"
         try:
             with dspy_parallel_in_daemon_threads():  # interrupts: wait for no call in flight
-                program = build_optimizer(cfg).compile(student, trainset=formatted.trainset)
+                program = build_optimizer(cfg, plan).compile(student, trainset=formatted.trainset)
         except dspy.AdapterParseError:  # MIPROv2's own instruction proposer could not read a reply
             raise ServiceError(
                 f"{cfg.model} answered MIPROv2's instruction proposer in a form DSPy could not "
@@ -457,9 +468,23 @@ class Config:
     optimizer: str = option(
         "bootstrap",
         "bootstrap: BootstrapFewShot, demos in one pass, cheapest; random-search: "
-        "BootstrapFewShotWithRandomSearch; mipro: MIPROv2 auto=light (needs optuna); "
-        "labeled: LabeledFewShot (no LM calls)",
+        "BootstrapFewShotWithRandomSearch; mipro: MIPROv2 (needs optuna); gepa: GEPA, an LM "
+        "rewrites the instruction from the answers that scored low; labeled: LabeledFewShot "
+        "(no LM calls)",
         choices=OPTIMIZERS,
+    )
+    auto: str = option(
+        "light",
+        "mipro and gepa: DSPy's budget level (medium and heavy try 2 and 3 times the "
+        "candidates, with as many more calls)",
+        choices=AUTO_LEVELS,
+    )
+    reflection_model: str | None = option(
+        None,
+        "gepa: the LM that reads the low-scoring answers and writes a new instruction (a "
+        "LiteLLM model string; GEPA's authors use a strong one)",
+        metavar="MODEL",
+        shown="--model itself",
     )
     metric_threshold: float = option(
         30.0, "ROUGE-L (0-100) a bootstrapped demo must reach to be kept", metavar="ROUGE"
@@ -825,6 +850,7 @@ class Plan:
     json_retry: bool = False  # whether DSPy asks again in JSON when a reply cannot be read
     server: object | None = None  # the LocalServer this run starts (--serve), or None
     base_lm: object | None = None  # the plain model's and the baseline's: --base-model, or --model
+    reflection_lm: object | None = None  # --optimizer gepa's: --reflection-model, or --model
     phase: str = "baseline"  # the phase whose replies are being parsed now
     replies: dict[str, dict] = field(default_factory=dict)  # parse outcomes, by phase
 
@@ -875,6 +901,24 @@ def price_per_token(model: str) -> tuple[float, float] | None:
     except Exception:  # LiteLLM raises a plain Exception for a model its map does not list
         return None
     return cost_in / 1_000_000, cost_out / 1_000_000
+
+
+def close_model_names(model: str) -> list[str]:
+    """Models of the same provider in LiteLLM's map whose names are close to `model`: what a
+    typo (openai/gpt4o-mini) was likely meant to be. Empty when LiteLLM lists `model` itself."""
+    import difflib
+
+    import litellm
+
+    provider, _, name = model.rpartition("/")
+    known = {
+        key.rpartition("/")[2]
+        for key, info in litellm.model_cost.items()
+        if info.get("litellm_provider") == (provider or "openai")
+    }
+    if name in known:
+        return []
+    return [f"{provider}/{m}" if provider else m for m in difflib.get_close_matches(name, known)]
 
 
 def key_variable_for(cfg: Config, provider: str) -> str | None:
@@ -1133,12 +1177,23 @@ def rouge_metric(example, prediction, trace=None) -> float:
     return rouge_l(getattr(prediction, "answer", None) or "", example.answer) / 100
 
 
-def build_optimizer(cfg: Config):
+def build_optimizer(cfg: Config, plan: Plan | None = None):
     """The --optimizer, with this run's demo counts and metric (see OPTIMIZER_DESCRIPTIONS)."""
     import dspy
 
     if cfg.optimizer == "labeled":
         return dspy.LabeledFewShot(k=cfg.max_labeled_demos)
+    if cfg.optimizer == "gepa":
+        # GEPA writes instructions, not demos: the demo counts and threshold do not apply. With
+        # no valset it scores candidates on the train set, as the other optimizers do here.
+        reflection = plan.reflection_lm if plan else None
+        return dspy.GEPA(
+            metric=rouge_feedback,
+            auto=cfg.auto,
+            reflection_lm=reflection or dspy.settings.lm,
+            num_threads=cfg.threads,
+            seed=cfg.seed,
+        )
     common = {
         "metric": rouge_metric,
         "metric_threshold": cfg.metric_threshold / 100,
@@ -1152,7 +1207,44 @@ def build_optimizer(cfg: Config):
         return dspy.BootstrapFewShotWithRandomSearch(
             **common, num_candidate_programs=cfg.num_candidates, num_threads=cfg.threads
         )
-    return dspy.MIPROv2(**common, auto="light", num_threads=cfg.threads, seed=cfg.seed)
+    return dspy.MIPROv2(**common, auto=cfg.auto, num_threads=cfg.threads, seed=cfg.seed)
+
+
+def rouge_feedback(gold, pred, trace=None, pred_name=None, pred_trace=None):
+    """GEPA's metric: the score, and feedback in words for the reflection LM to learn from.
+
+    The reflection LM sees the question, the program's answer and this feedback, and writes a
+    new instruction; the teacher's answer in the feedback is what tells it what was missing.
+    """
+    import dspy
+
+    score = rouge_metric(gold, pred)
+    feedback = (
+        f"ROUGE-L {100 * score:.0f} of 100 against the teacher's answer: {gold.answer} "
+        "(a good answer is as short, and says the same in the same plain words)"
+    )
+    return dspy.Prediction(score=score, feedback=feedback)
+
+
+def reflection_lm(cfg: Config, client: dict):
+    """GEPA's reflection LM: --reflection-model, or --model. Sampled (temperature 1.0, as GEPA's
+    authors use it) with room for a whole instruction; the server and key of --model only when
+    it is the same provider (LiteLLM finds another provider's key in its usual variable)."""
+    import dspy
+
+    model = cfg.reflection_model or cfg.model
+    same = provider_of(model, cfg.api_base) == provider_of(cfg.model, cfg.api_base)
+    try:
+        return dspy.LM(
+            model,
+            temperature=1.0,
+            max_tokens=max(cfg.max_tokens, 1000),
+            cache=not cfg.no_cache,
+            num_retries=cfg.num_retries,
+            **(client if same else {}),
+        )
+    except (ValueError, dspy.LMConfigurationError) as exc:
+        raise UsageError(f"--reflection-model {model}: {str(exc).splitlines()[0]}") from None
 
 
 def describe_optimizer(cfg: Config, n_train: int) -> str:
@@ -1163,6 +1255,8 @@ def describe_optimizer(cfg: Config, n_train: int) -> str:
         threshold=cfg.metric_threshold,
         labeled=cfg.max_labeled_demos,
         candidates=cfg.num_candidates + 3,
+        auto=cfg.auto,
+        reflection=cfg.reflection_model or cfg.model,
     )
 
 
@@ -1579,14 +1673,33 @@ def model_label(cfg: Config, model: str | None) -> str:
 
 
 def show_real_run_command(cfg: Config, plan: Plan) -> None:
-    """A dry run ends with the command for the real one, and the key it still needs."""
-    command = shlex.join([Path(sys.argv[0]).name, *cfg.argv])
-    need = plan.key_variable and not os.environ.get(plan.key_variable)
+    """A dry run ends with the command for the real one, and the key it still needs.
+
+    The command is on one line however narrow the terminal (a wrapped one pastes as two
+    commands), quoted for the shell, and capped with --max-cost 25% above the estimate, rounded
+    up to the cent: room for reply lengths the estimate cannot know, not for another run.
+    """
+    words = ["python", script_as_typed(), *cfg.argv, "--run"]
+    capped = any(arg.split("=", 1)[0] == "--max-cost" for arg in cfg.argv)
+    if plan.estimate_usd and not capped:  # a paid model, priced
+        words += ["--max-cost", f"{math.ceil(plan.estimate_usd * 125) / 100:.2f}"]
     console.print()
     console.print("Real run (sends the calls above):", style="bold")
-    if need:
+    if plan.key_variable and not os.environ.get(plan.key_variable):
         console.print(f"  export {plan.key_variable}=...   # or put it in .env")
-    console.print(f"  python {command} --run", markup=False)
+    if plan.estimate_usd is None and not capped:
+        console.print("  (no price is known for this model: the real run asks before sending)")
+    console.print("  " + shlex.join(words), markup=False, soft_wrap=True)
+
+
+def script_as_typed() -> str:
+    """This script's path as the user typed it (python ../dspy_example.py pastes back from the
+    same folder); its file name when it was not started as a script."""
+    typed = sys.argv[0] if sys.argv else ""
+    with contextlib.suppress(OSError):
+        if typed and Path(typed).resolve() == Path(__file__).resolve():
+            return typed
+    return Path(__file__).name
 
 
 # =====================================================================================
@@ -1633,6 +1746,8 @@ def estimate_tokens(cfg: Config, data: Data, formatted: Formatted) -> None:
         # the bootstrapped ones with a reasoning as long as their answer.
         n_boot = 0 if cfg.optimizer == "labeled" else min(cfg.max_bootstrapped_demos, len(train))
         n_demos = min(max(cfg.max_labeled_demos, n_boot), len(train))
+        if cfg.optimizer == "gepa":  # an instruction, no demos (the reflection's own prompt aside)
+            n_boot = n_demos = 0
         cot = cfg.program == "cot"
         demos = [
             ex.copy(reasoning=ex.answer) if i < n_boot and cot else ex
@@ -1640,7 +1755,9 @@ def estimate_tokens(cfg: Config, data: Data, formatted: Formatted) -> None:
         ]
         tuned_signature = predict_signature
         # While bootstrapping, the teacher sees max_labeled_demos training pairs as demos.
-        teacher_demos = trainset[: min(cfg.max_labeled_demos, max(0, len(trainset) - 1))]
+        teacher_demos = trainset[
+            : min(n_demos and cfg.max_labeled_demos, max(0, len(trainset) - 1))
+        ]
     prompt_tokens["tuned"] = count_tokens(
         cfg.model, adapter.format(tuned_signature, demos, {"question": first.question})
     )
@@ -1756,7 +1873,9 @@ def estimate_calls(cfg: Config, formatted: Formatted, plan: Plan) -> None:
     what = {
         "plain": "answer the test questions with the plain chat prompt",
         "baseline": "answer the test questions, uncompiled",
-        "compile": f"{cfg.optimizer}: pick demos on the train set (upper bound)",
+        "compile": f"{cfg.optimizer}: "
+        + ("rewrite the instruction" if cfg.optimizer == "gepa" else "pick demos")
+        + " on the train set (upper bound)",
         "tuned": "answer the test questions, compiled",
     }
     tokens = formatted.prompt_tokens
@@ -1784,15 +1903,26 @@ def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) 
         # training question), and every one is then scored on the whole training set.
         candidates = cfg.num_candidates + 3
         compile_calls = (cfg.num_candidates + 1) * n_train + candidates * n_train
-    else:  # mipro, auto="light": 80% of the training set held out, at most 100 of it scored
+    elif cfg.optimizer == "gepa":
+        # Program calls: GEPA's own budget for the auto level (max_metric_calls, the train set
+        # as its valset), which it may pass by one minibatch of 3 before it checks; one
+        # reflection call per iteration, and an iteration scores at least 3 answers.
+        import dspy
+
+        n = {"light": 6, "medium": 12, "heavy": 18}[cfg.auto]  # GEPA's AUTO_RUN_SETTINGS
+        # auto_budget reads nothing of the instance, which would need a reflection LM built
+        budget = dspy.GEPA.auto_budget(None, num_preds=1, num_candidates=n, valset_size=n_train)
+        compile_calls = budget + 3 + budget // 3
+    else:  # mipro: 80% of the training set held out, at most val_size of it scored
+        n, val_size = {"light": (6, 100), "medium": (12, 300), "heavy": (18, 1000)}[cfg.auto]
         held_out = max(1, int(n_train * 0.8))
-        n_fit, n_val = n_train - held_out, min(100, held_out)
-        # 6 demo sets like random search's (zero-shot and labeled-only need no call), 3
+        n_fit, n_val = n_train - held_out, min(val_size, held_out)
+        # n demo sets like random search's (zero-shot and labeled-only need no call), n // 2
         # instructions of 3 calls each (describe program, describe module, propose), and a
         # data summary of one call per 10 examples (at most 9) plus 2.
-        bootstraps = 4 * n_fit
-        proposals = 3 * 3 + 2 + min(9, max(0, math.ceil(n_fit / 10) - 1))
-        trials = int(max(2 * 2 * math.log2(6), 1.5 * 6))
+        bootstraps = (n - 2) * n_fit
+        proposals = n // 2 * 3 + 2 + min(9, max(0, math.ceil(n_fit / 10) - 1))
+        trials = int(max(2 * 2 * math.log2(n), 1.5 * n))
         if n_val > 50:  # minibatches of 35, a full evaluation every 5 trials
             evaluations = 35 * trials + n_val * (trials // 5 + 1)
         else:  # the default program, then every trial on the whole validation set
@@ -2280,8 +2410,11 @@ OPTIMIZER_DESCRIPTIONS = {
     "prompt up to {labeled} demos.",
     "random-search": "BootstrapFewShotWithRandomSearch builds {candidates} candidate demo sets "
     "and keeps the one scoring best on the train set.",
-    "mipro": "MIPROv2 (auto=light) proposes instructions and demo sets, and searches the best "
+    "mipro": "MIPROv2 (auto={auto}) proposes instructions and demo sets, and searches the best "
     "combination with optuna.",
+    "gepa": "GEPA (auto={auto}) runs the program on minibatches of training questions; "
+    "{reflection} reads the answers with their score and the teacher's answer, and rewrites the "
+    "instruction; a Pareto front of the instructions scored on the train set keeps the best.",
     "labeled": "LabeledFewShot puts {labeled} training pairs in the prompt as they are; it makes "
     "no LM call.",
 }
@@ -2338,6 +2471,8 @@ def parse_config(argv: list[str] | None) -> Config:
     if args.optimizer in ("random-search", "mipro") and args.max_bootstrapped_demos < 1:
         # Both draw each candidate's demo count from 1..max_bootstrapped_demos.
         parser.error(f"--optimizer {args.optimizer} needs --max-bootstrapped-demos of at least 1")
+    if args.reflection_model is not None and args.optimizer != "gepa":
+        parser.error("--reflection-model is GEPA's: add --optimizer gepa, or leave it out")
     cfg = Config(**vars(args))
     cfg.argv = list(sys.argv[1:] if argv is None else argv)
     if cfg.load is None and cfg.optimizer == "mipro" and importlib.util.find_spec("optuna") is None:

@@ -732,3 +732,81 @@ def test_an_unparseable_reply_scores_zero_instead_of_stopping_the_run(script):
         answers = script.answer_all(program, examples, threads=1, label="test")
     assert answers[0]["answer"] == ""
     assert script.rouge_metric(examples[0], dspy.Prediction(answer="")) == 0
+
+
+# ---------------------------------------------------------------- a newcomer's first hour
+
+
+def test_the_real_run_command_is_one_line_that_parses_back_capped_above_the_estimate(
+    run_script, script, tmp_path
+):
+    data = tmp_path / "a folder with a long name" / "of the teacher's own questions.jsonl"
+    data.parent.mkdir()
+    data.write_text((script.DATA_FILE).read_text())
+    args = ("--data", str(data), "--output-dir", str(tmp_path / "out"), "--train-limit", "12")
+    result = run_script(SCRIPT, *args, env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.output[-3000:]
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    command = lines[lines.index("Real run (sends the calls above):") :]
+    [line] = [line for line in command if line.startswith("python ")]  # one line, not wrapped
+    words = __import__("shlex").split(line)
+    assert words[:2] == ["python", SCRIPT]
+    cfg = script.parse_config(words[2:])
+    assert (cfg.run, cfg.data, cfg.train_limit) == (True, data, 12)
+    estimate = float(re.search(r"│ total .*?([\d.]+) │\n", result.stdout).group(1))
+    assert estimate < cfg.max_cost <= round(estimate * 1.25 + 0.01, 2)
+
+
+def test_a_model_name_close_to_a_known_one_gets_did_you_mean_and_a_known_one_none(run_script):
+    typo = run_script(SCRIPT, "--model", "openai/gpt4o-mini")
+    assert typo.returncode == 0  # a warning: the model may be newer than LiteLLM's map
+    assert "did you mean openai/gpt-4o-mini?" in flat(typo.stdout)
+    known = run_script(SCRIPT, "--model", PRICED)
+    assert known.returncode == 0
+    assert "did you mean" not in known.stdout
+
+
+def test_reflection_model_without_gepa_is_one_line_exit_2(run_script):
+    result = run_script(SCRIPT, "--reflection-model", "openai/gpt-4o")
+    assert result.returncode == 2
+    assert "--reflection-model is GEPA's" in one_error_line(result)
+
+
+def test_auto_levels_search_longer_and_the_dry_run_prices_gepa_without_demos(run_script, script):
+    for optimizer in ("mipro", "gepa"):
+        light, medium, heavy = (
+            script.planned_calls(
+                script.Config(data=script.DATA_FILE, optimizer=optimizer, auto=level),
+                30,
+                6,
+                compile_needed=True,
+            )["compile"]
+            for level in ("light", "medium", "heavy")
+        )
+        assert light < medium < heavy, optimizer
+    result = run_script(SCRIPT, "--optimizer", "gepa", "--auto", "medium")
+    assert result.returncode == 0, result.output[-3000:]
+    assert "GEPA (auto=medium)" in flat(result.stdout)
+    assert "tuned: ~0 demos" in result.stdout  # an instruction is what GEPA changes
+
+
+def test_gepa_compiles_with_the_reflection_model_and_saves_its_instruction(
+    dspy_run, server, script
+):
+    args = ("--run", "--yes", "--optimizer", "gepa", "--reflection-model", "openai/reflector")
+    result = dspy_run(*args, "--train-limit", "4", "--test-limit", "2")
+    assert result.returncode == 0, result.output[-3000:]
+    reflections = [body for body in server.requests if body["model"] == "reflector"]
+    assert reflections  # the reflection LM was asked, by its own name
+    # it was shown the answers with their score and the teacher's answer as feedback
+    assert "against the teacher's answer" in json.dumps(reflections[0]["messages"])
+    assert reflections[0]["temperature"] == 1.0  # sampled, as GEPA's authors use it
+    # the program saved is GEPA's pick: the instruction it started from, or one it wrote
+    [instructions] = re.findall(r'"instructions": "([^"]*)"', json.dumps(program_of(result)))
+    original = "Answer a student's question as a good teacher would"
+    assert instructions.startswith(original) or "a teacher explains the key idea" in instructions
+    results = results_of(result)
+    assert results["optimizer"] == "gepa"
+    cfg = script.Config(data=script.DATA_FILE, optimizer="gepa", train_limit=4, test_limit=2)
+    planned = script.planned_calls(cfg, 4, 2, compile_needed=True)["compile"]
+    assert 0 < results["lm_calls"]["compile"]["sent"] <= planned  # the estimate is an upper bound
