@@ -2097,6 +2097,13 @@ class CommandLine(argparse.ArgumentParser):
         if unknown and unknown.group(1).startswith("-"):
             flag = unknown.group(1).split("=")[0]
             raise UsageError(f"unknown flag {flag}{self.did_you_mean(flag)} (see --help)")
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:  # a mistyped name: the closest of the choices, the whole list stays
+            import difflib
+
+            names = re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), names, n=1, cutoff=0.6)
+            message += f"; did you mean {close[0]}?" if close else ""
         raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
 
     def did_you_mean(self, flag: str) -> str:

@@ -810,3 +810,13 @@ def test_gepa_compiles_with_the_reflection_model_and_saves_its_instruction(
     cfg = script.Config(data=script.DATA_FILE, optimizer="gepa", train_limit=4, test_limit=2)
     planned = script.planned_calls(cfg, 4, 2, compile_needed=True)["compile"]
     assert 0 < results["lm_calls"]["compile"]["sent"] <= planned  # the estimate is an upper bound
+
+
+@pytest.mark.parametrize(
+    ("flag", "typed", "meant"),
+    [("--optimizer", "mipr", "mipro"), ("--adapter", "chat-plan", "chat-plain")],
+)
+def test_a_name_close_to_a_choice_is_one_line_with_did_you_mean(run_script, flag, typed, meant):
+    result = run_script(SCRIPT, flag, typed)
+    assert result.returncode == 2
+    assert one_error_line(result).endswith(f"did you mean {meant}? (see --help)")
