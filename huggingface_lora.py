@@ -2148,7 +2148,8 @@ class GGUFModel(ModelSource):
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         else:
             tokenizer = from_gguf(AutoTokenizer, self.file)
-        console.print(f"model: {self.label}; tokenizer from {self.path}")
+        console.print(f"model: {self.label}")
+        console.print(f"tokenizer from {self.path}", soft_wrap=True)  # a path that pastes
         return tokenizer
 
     def config(self, cfg: Config, tokenizer) -> tuple[object | None, str]:

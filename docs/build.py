@@ -61,6 +61,9 @@ def transcript(script: str, args: list[str]) -> str:
         if done.returncode:
             raise SystemExit(f"{script} {' '.join(args)} exited {done.returncode}:\n{text[-3000:]}")
         text = text.replace(os.path.realpath(folder), ".").replace(folder, ".")
+        # the model wheel's file, wherever this machine's virtual environment is
+        for prefix in (sys.prefix, os.path.realpath(sys.prefix)):
+            text = text.replace(prefix + os.sep, ".venv" + os.sep)
     return "\n".join(line.rstrip() for line in text.strip().splitlines())
 
 
