@@ -2600,7 +2600,7 @@ class CommandLine(argparse.ArgumentParser):
             flag = unknown.group(1).split("=")[0]
             raise UsageError(f"unknown flag {flag}{self.did_you_mean(flag)} (see --help)")
         choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if choice:  # a mistyped name: the closest of the choices, the whole list stays
+        if choice and "did you mean" not in message:  # the closest choice, the list stays
             import difflib
 
             names = re.findall(r"'([^']*)'", choice.group(2))

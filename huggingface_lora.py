@@ -1921,10 +1921,10 @@ def show_sizes(cfg: Config, sizes: dict, label: str, origin: str, precision: str
     chosen = ("QLoRA", "4-bit") if cfg.load_in_4bit else ("LoRA", precision)
     memory = None
     for method, prec, weights, rest, total in memory_rows(sizes):
-        mark = ""
-        if (method, prec) == chosen:
-            mark, memory = " ← this run", total
-        table.add_row(method, prec, size_text(weights), size_text(rest), size_text(total) + mark)
+        label = method
+        if (method, prec) == chosen:  # marked in the narrow column: the table fits 80 columns
+            label, memory = f"{method} ← this run", total
+        table.add_row(label, prec, size_text(weights), size_text(rest), size_text(total))
     console.print(table)
     console.print(
         "[dim]full FT: N·w + N·w + N·8 bytes (weights, gradients, two fp32 AdamW moments);"
@@ -2647,7 +2647,7 @@ class CommandLine(argparse.ArgumentParser):
             flag = unknown.group(1).split("=")[0]
             raise UsageError(f"unknown flag {flag}{self.did_you_mean(flag)} (see --help)")
         choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if choice:  # a mistyped name: the closest of the choices, the whole list stays
+        if choice and "did you mean" not in message:  # the closest choice, the list stays
             import difflib
 
             names = re.findall(r"'([^']*)'", choice.group(2))

@@ -1362,14 +1362,16 @@ def show_real_run_command(cfg: Config, formatted: Formatted, plan: Plan) -> None
     """The end of a dry run: the command that does it for real, capped a little above the
     estimate; or, where the real run would refuse, what to change instead.
 
-    A dry run that finds the real run impossible exits 2, as the real run would (bad input): it
-    is there to say whether the real run can go, so a script that runs both (`... && ... --run`)
-    stops at it, and no one pastes a command that is sure to be refused.
+    A dry run that finds the real run impossible ends with what to change instead of a command
+    that is sure to be refused; it still exits 0, as every dry run that walked its six stages
+    does (a copied script's first run, on the five pairs it writes, is one), and the real run
+    is what refuses, with exit 2.
     """
     said = ["\nDry run: nothing was sent and nothing was spent."]
     if formatted.too_few and not (cfg.job_id or cfg.tuned_model):  # no job, no minimum
         console.print(*said, "A real run would be refused: change the data first.")
-        raise UsageError(formatted.too_few)
+        console.print(f"[yellow]{escape(formatted.too_few)}[/]", soft_wrap=True)
+        return
     total = plan.costs["total"]
     # 25% over the estimate, rounded up to the cent: room for what the estimate cannot know
     # (reply lengths, the service's own count), not for a job on other data.
@@ -2098,7 +2100,7 @@ class CommandLine(argparse.ArgumentParser):
             flag = unknown.group(1).split("=")[0]
             raise UsageError(f"unknown flag {flag}{self.did_you_mean(flag)} (see --help)")
         choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if choice:  # a mistyped name: the closest of the choices, the whole list stays
+        if choice and "did you mean" not in message:  # the closest choice, the list stays
             import difflib
 
             names = re.findall(r"'([^']*)'", choice.group(2))

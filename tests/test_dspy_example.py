@@ -658,7 +658,7 @@ def test_without_a_terminal_a_paid_run_needs_yes(dspy_run, server):
 BAD_INPUT = {
     "negative limit": (["--train-limit", "-1"], r"--train-limit: must be at least 1"),
     "threshold": (["--metric-threshold", "150"], r"--metric-threshold is a ROUGE-L score"),
-    "unknown optimizer": (["--optimizer", "gepa"], r"invalid choice: 'gepa'"),
+    "unknown optimizer": (["--optimizer", "simba"], r"invalid choice: 'simba'"),
     "no demos to search": (
         ["--optimizer", "random-search", "--max-bootstrapped-demos", "0"],
         r"needs --max-bootstrapped-demos of at least 1",
