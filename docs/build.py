@@ -89,7 +89,13 @@ def comparable(text: str) -> str:
 
 
 def stale_lines(committed: str, fresh: str) -> list[str]:
-    """The differing lines of two documents, the machine's figures aside (a unified diff)."""
+    """The differing lines of two documents, the machine's figures aside (a unified diff).
+
+    Words are compared, not line breaks: a figure one digit longer on another machine ("23 min"
+    for "5 min") moves rich's wrapping of the rest of the paragraph, and that is not a change.
+    """
+    if comparable(committed).split() == comparable(fresh).split():
+        return []
     diff = difflib.unified_diff(
         comparable(committed).splitlines(),
         comparable(fresh).splitlines(),

@@ -38,6 +38,10 @@ def test_a_changed_line_is_caught_and_the_machines_figures_are_not():
     text = "Stage 3/6\nestimated 4.2 min at 31.5 GFLOP/s\n99 steps\n"
     assert not build.stale_lines(text, text.replace("4.2", "9.0").replace("31.5", "12"))
     assert build.stale_lines(text, text.replace("99 steps", "98 steps"))
+    # a figure with another number of digits wraps the paragraph elsewhere: not a change
+    wrapped = "roughly 5 min of training, and\nthe rest"
+    assert not build.stale_lines(wrapped, "roughly 23 min of\ntraining, and the rest")
+    assert build.stale_lines(wrapped, "roughly 23 min of\ntesting, and the rest")
 
 
 def tokens(path: Path):

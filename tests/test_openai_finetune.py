@@ -726,6 +726,30 @@ def test_batch_size_and_learning_rate_multiplier_go_in_the_method_as_the_api_tak
     assert re.search(r"learning rate multiplier\s*│ 0.5 \(from --learning-rate-", dry.stdout)
 
 
+def test_the_method_and_hyperparameters_are_those_of_openais_api_spec(oft):
+    """The openai SDK's request types are generated from OpenAI's OpenAPI spec: the job-create
+    body's method, and its supervised hyperparameters by name and type, are checked against them."""
+    from typing import Literal, get_args, get_origin, get_type_hints
+
+    from openai.types.fine_tuning import SupervisedHyperparametersParam, job_create_params
+
+    cfg = oft.parse_config(
+        ["--epochs", "2", "--batch-size", "4", "--learning-rate-multiplier", "0.5"]
+    )
+    method = {
+        "type": "supervised",
+        "supervised": {"hyperparameters": oft.job_hyperparameters(cfg, 2)},
+    }
+    method_spec = get_type_hints(job_create_params.Method)
+    assert set(method) <= set(method_spec) and "supervised" in get_args(method_spec["type"])
+    sent = method["supervised"]["hyperparameters"]
+    spec = get_type_hints(SupervisedHyperparametersParam)
+    assert set(sent) == set(spec)  # all three, by the spec's names
+    for name, value in sent.items():
+        kinds = [kind for kind in get_args(spec[name]) if get_origin(kind) is not Literal]
+        assert isinstance(value, tuple(kinds)), (name, value, spec[name])
+
+
 def test_without_the_flags_the_service_picks_and_nebius_takes_no_multiplier(oft, capsys):
     assert oft.job_hyperparameters(oft.parse_config([]), 3) == {}  # "auto", by leaving them out
     nebius = oft.parse_config(["--provider", "nebius", "--batch-size", "8"])
