@@ -139,3 +139,19 @@ def test_option_is_the_same_text_in_the_three_scripts():
     first, *others = SCRIPTS
     for script in others:
         assert option(script) == option(first), f"{script}'s option() differs from {first}'s"
+
+
+def test_no_tracked_file_is_a_symbolic_link():
+    """A clone must hold files, not links into the machine it was made on: a committed `.venv`
+    link once replaced the environment of whoever pulled it, and a fresh clone's `make install`
+    failed on it ("File exists")."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    listing = subprocess.run(
+        ["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    links = [line.split("\t", 1)[1] for line in listing.splitlines() if line.startswith("120000")]
+    assert not links, f"tracked symbolic links: {links}"
