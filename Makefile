@@ -42,7 +42,8 @@ demo: install
 # what the prompt buys, and both. Each step is skipped when what it writes is there (delete
 # outputs/compare to start again).
 #  1 huggingface   LoRA on the plain chat prompt (the row's baseline is the plain model)
-#  2 dspy          DSPy compiles a prompt on the same model, served by `transformers serve`;
+#  2 dspy          DSPy compiles a prompt on the same model, served by `transformers serve`
+#                  (continuous batching: 16 calls at once);
 #                  it also writes the train pairs as its program sends them (dspy/finetune.jsonl)
 #  3 bt-weights    LoRA trains on those, as they are: the same pairs and LoRA settings as step 1
 #  4 better-together  DSPy compiles again on the tuned weights (prompt, weights, prompt: DSPy's
@@ -52,6 +53,8 @@ demo: install
 CMP     := outputs/compare
 BASE    := $(CMP)/huggingface/gguf/SmolLM2-135M-Instruct.Q4_1
 TUNED   := $(CMP)/bt/huggingface/merged
+# The 36 test questions in one batch: 80 tokens/s against 45 in batches of 8 (2 idle cores).
+ANSWER_ALL := --gen-batch-size 36
 OPENAI  := $(if $(OPENAI_API_KEY),--run --yes --max-cost 1,--record-plan)
 compare: install
 	@start=$$(date +%s); set -e; export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE; \
@@ -60,7 +63,7 @@ compare: install
 		else echo "== $$name: $$*"; s=$$(date +%s); "$$@"; \
 		echo "== $$name took $$(( $$(date +%s) - s )) s"; fi; }; \
 	step huggingface $(CMP)/results/huggingface.json \
-		$(PY) huggingface_lora.py --model $(MODEL) --run --output-dir $(CMP); \
+		$(PY) huggingface_lora.py --model $(MODEL) --run $(ANSWER_ALL) --output-dir $(CMP); \
 	step dspy $(CMP)/results/dspy.json \
 		$(PY) dspy_example.py --run --serve $(BASE) --output-dir $(CMP); \
 	step bt-weights $(TUNED)/config.json \

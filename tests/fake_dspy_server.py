@@ -29,7 +29,8 @@ DSPy. What it does, and where each behaviour comes from:
   sees when a proxy or load balancer times out), no `usage` at all (`report_usage = False`, as
   some self-hosted servers do), a delay per reply (`delay`, so parallel requests overlap), one
   reply at a time (`one_at_a_time`: the others wait their turn, as `transformers serve` without
-  continuous batching makes them wait).
+  continuous batching makes them wait), replies that run on past the stop strings to the
+  token limit (`run_on_past_stop`, as `transformers serve --continuous-batching` does).
 
 It records every request body and the usage it reported, and how many requests were in flight
 at once (to prove the script answers in parallel). For the questions in `free_text_for` it
@@ -179,6 +180,9 @@ class FakeChatServer:
         self.drop_next = 0  # close the next N connections without answering
         self.prose_next = 0  # answer the next N requests in prose, ignoring the asked format
         self.free_text_for: set[str] = set()  # questions answered in prose, every time
+        # written after every reply until max_tokens, as `transformers serve
+        # --continuous-batching` writes on past a stop string it ignores
+        self.run_on_past_stop: str | None = None
         self.report_usage = True
         self.api_key: str | None = None  # if set, refuse other keys with HTTP 401
         self.max_in_flight = 0
@@ -284,6 +288,8 @@ class FakeChatServer:
             text, finish = FREE_TEXT, "stop"
         else:
             text, finish = reply_for(body, prose), "stop"
+        if self.run_on_past_stop:
+            text += self.run_on_past_stop * 100
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         tokens = encoding().encode_ordinary(text)
         if limit is not None and len(tokens) > limit:

@@ -511,6 +511,30 @@ def test_the_plain_reply_adapter_reads_a_reply_without_markers_as_the_answer(
     assert not any("reasoning" in json.dumps(body["messages"]) for body in server.requests)
 
 
+def test_a_reply_that_runs_on_past_a_stop_string_is_read_up_to_it_and_not_counted_as_cut(
+    dspy_run, server
+):
+    # `transformers serve --continuous-batching` (--serve) ignores `stop`: the model writes on,
+    # here echoing the prompt's next question, until --max-tokens
+    args = ("--run", "--yes", "--optimizer", "labeled", "--test-limit", "3", "--adapter")
+    args += ("chat-plain", "--program", "predict")
+    server.free_text_for = {SEASONS}  # one plain reply, read whole by chat-plain
+    result = dspy_run(*args)
+    assert result.returncode == 0, result.output[-3000:]
+    stopped = results_of(result)
+    server.run_on_past_stop = "\n\n[[ ## question ## ]]\nAnd why is the sky blue? It is. "
+    result = dspy_run(*args, "--no-cache")
+    assert result.returncode == 0, result.output[-3000:]
+    ran_on = results_of(result)
+    assert server.requests[-1]["stop"] == ["[[ ## completed ## ]]", "[[ ## question ## ]]"]
+    for phase in ("plain", "baseline", "tuned"):
+        assert [q[phase] for q in ran_on["questions"]] == [q[phase] for q in stopped["questions"]]
+    assert ran_on["questions"][0]["baseline"] == FREE_TEXT
+    assert ran_on["unusable"] == {"baseline": 0, "tuned": 0}
+    assert ran_on["cut"] == {"baseline": 0, "tuned": 0}
+    assert ran_on["plain_model"]["cut"] == 0
+
+
 def test_the_plain_model_is_asked_with_the_plain_prompt_and_recorded_as_the_mark(
     dspy_run, server, script
 ):
