@@ -42,8 +42,7 @@ demo: install
 # what the prompt buys, and both. Each step is skipped when what it writes is there (delete
 # outputs/compare to start again).
 #  1 huggingface   LoRA on the plain chat prompt (the row's baseline is the plain model)
-#  2 dspy          DSPy compiles a prompt on the same model, served by `transformers serve`
-#                  (continuous batching: 16 calls at once);
+#  2 dspy          DSPy compiles a prompt on the same model, served by `transformers serve`;
 #                  it also writes the train pairs as its program sends them (dspy/finetune.jsonl)
 #  3 bt-weights    LoRA trains on those, as they are: the same pairs and LoRA settings as step 1
 #  4 better-together  DSPy compiles again on the tuned weights (prompt, weights, prompt: DSPy's

@@ -87,7 +87,7 @@ STOP = ["[[ ## completed ## ]]", "[[ ## question ## ]]"]
 HOSTED_MAX_TOKENS = 1000
 LOCAL_MAX_TOKENS = 128
 HOSTED_THREADS = 8  # parallel calls a hosted API (or vLLM, Ollama) serves at once
-SERVE_THREADS = 16  # --serve: continuous batching writes the replies in flight together
+SERVE_THREADS = 1  # --serve: `transformers serve` writes one reply at a time, more only queue
 
 # The program, and the adapter that writes its prompt and reads its reply, chosen by measurement
 # (bench/dspy_program.py): a hosted model follows ChatAdapter's format; a small one on your own
@@ -757,10 +757,11 @@ def build_adapter(name: str):
 def reading_up_to_stop(adapter, stops: list[str]):
     """The adapter, reading each reply only up to its first stop string.
 
-    A hosted API ends the reply there itself. `transformers serve --continuous-batching`
-    (--serve) ignores `stop` and writes on to the end of turn or --max-tokens; read up to the
-    stop string, its reply is the text a server that stops would have sent (greedy decoding
-    writes the same tokens up to there).
+    A hosted API and `transformers serve` end the reply there themselves. A server started
+    with --continuous-batching (`transformers serve`, passed with --api-base) ignores `stop`
+    and writes on to the end of turn or --max-tokens; read up to the stop string, its reply is
+    the text a server that stops would have sent (greedy decoding writes the same tokens up
+    to there).
     """
     parse = adapter.parse
     adapter.parse = lambda signature, completion: parse(signature, up_to_stop(completion, stops))
@@ -1458,7 +1459,7 @@ def finish_reason(entry: dict, stops: list[str] = ()) -> str | None:
     choices = getattr(response, "choices", None) or []
     reason = getattr(choices[0], "finish_reason", None) if choices else None
     reason = reason or getattr(response, "finish_reason", None)
-    # --serve's server ignores `stop` (reading_up_to_stop): a reply that ran on past a stop
+    # A server that ignores `stop` (reading_up_to_stop): a reply that ran on past a stop
     # string ended there, as a server that stops would have reported it.
     if reason == "length" and stops and entry.get("outputs"):
         text = entry["outputs"][0]
@@ -2163,16 +2164,16 @@ class LocalServer:
     loopback: the model comes from the folder (HF_HUB_OFFLINE=1), and the CLI's daily
     new-version check on PyPI is switched off (HF_HUB_DISABLE_UPDATE_CHECK=1).
 
-    It runs with --continuous-batching: the replies in flight share each forward pass, so
-    --threads calls at once go faster than one at a time, where the default server writes one
-    reply at a time and more calls only queue. Measured with SmolLM2-135M on 2 idle CPU cores
-    (transformers 5.24, 128 tokens a reply, greedy): one call at a time wrote 10 tokens/s;
-    continuous batching wrote 35 tokens/s with 8 calls in flight and 43 with 16 (52 with 32),
-    the same replies, token for token. That mode ignores `stop`; the adapter reads each reply
-    up to its stop string (reading_up_to_stop), so the answers are those of a server that
-    stops, at the cost of the tokens written past it. On a machine busy with other work,
-    OMP_NUM_THREADS=1 in the environment (passed on to the server) ran 4.9 times faster than
-    torch's default of a thread a core (23.5 s against 114 s, one call at a time).
+    It runs without --continuous-batching, one reply at a time. Measured with SmolLM2-135M
+    on 2 idle CPU cores (transformers 5.24, 128 tokens a reply, greedy): with the plain chat
+    prompt (~40 tokens), continuous batching wrote 43 tokens/s with 16 calls in flight against
+    10 one call at a time, the same replies token for token; with the compiled program's
+    prompt (16 demos, ~1,650 tokens) it wrote 6.4 to 6.9 tokens/s with 16 in flight against
+    7.4 one at a time, and its KV cache took 60% of the free memory (14.5 GB here) unless
+    capped with --cb-num-blocks. It also ignores `stop`, which the adapter makes up for
+    (reading_up_to_stop), for a server like it started by hand. On a machine busy with other
+    work, OMP_NUM_THREADS=1 in the environment (passed on to the server) ran 4.9 times faster
+    than torch's default of a thread a core (23.5 s against 114 s, one call at a time).
     """
 
     def __init__(self, folder: Path, log_path: Path):
@@ -2180,8 +2181,7 @@ class LocalServer:
         with socket.socket() as probe:  # a port nobody uses now; the server takes it next
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        self.args = ["serve", str(folder), "--continuous-batching"]
-        self.args += ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.args = ["serve", str(folder), "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc: subprocess.Popen | None = None
 
     running: list[LocalServer] = []  # started and not stopped yet: stopped when the run ends
@@ -3381,7 +3381,10 @@ def write_results(
     """
     sides = ["baseline", "tuned"] + (["plain"] if "plain" in questions[0] else [])
     references = [q["reference"] for q in questions]
-    meaning = {side: similarities([q[side] for q in questions], references) for side in sides}
+    # every side's answers in one call: one load of the encoder, not one a side (0.9 s each)
+    scores = similarities([q[side] for side in sides for q in questions], references * len(sides))
+    n = len(questions)
+    meaning = {side: scores and scores[i * n : (i + 1) * n] for i, side in enumerate(sides)}
     scored = []
     for i, q in enumerate(questions):
         row = {key: q[key] for key in ("id", "question", "reference", *sides)}

@@ -514,8 +514,8 @@ def test_the_plain_reply_adapter_reads_a_reply_without_markers_as_the_answer(
 def test_a_reply_that_runs_on_past_a_stop_string_is_read_up_to_it_and_not_counted_as_cut(
     dspy_run, server
 ):
-    # `transformers serve --continuous-batching` (--serve) ignores `stop`: the model writes on,
-    # here echoing the prompt's next question, until --max-tokens
+    # `transformers serve --continuous-batching` ignores `stop`: the model writes on, here
+    # echoing the prompt's next question, until --max-tokens
     args = ("--run", "--yes", "--optimizer", "labeled", "--test-limit", "3", "--adapter")
     args += ("chat-plain", "--program", "predict")
     server.free_text_for = {SEASONS}  # one plain reply, read whole by chat-plain

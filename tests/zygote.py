@@ -1,0 +1,110 @@
+"""A process that has imported a script's heavy libraries once, and forks a copy for each run.
+
+dspy_example.py spends about 6 s of every run importing LiteLLM (its pydantic types), and every
+real run of it and of openai_finetune.py about 5 s more importing torch and transformers for
+the similarity score: most of the time of a test that runs one against a fake server, and the
+tests run them about two hundred times. conftest.py's `run_script_in` starts this file once per
+pytest worker and script, and asks it, for each run, to fork: the child takes the test's
+working directory, environment, argv and standard streams (passed as file descriptors over a
+Unix socket), runs the script as `python SCRIPT ARGS` would (`runpy.run_path` as `__main__`),
+and ends through Python's normal exit (atexit handlers, threads joined, streams flushed). The
+child is a real process with its own pid, exit code and signals; only the imports are done.
+
+What the child inherits that a fresh process would not: the modules imported here (argv after
+the socket path), nothing else. None of them reads at import time a variable the tests change
+for these two scripts (keys and base URLs are read when a client is made; the models load
+from local folders, so the hub settings of huggingface_hub do not matter); no thread is
+running when it forks (checked: importing them starts none); torch has run no operation, so
+its OpenMP pool starts in the child. huggingface_lora.py is not run this way: it sets
+OpenMP's and the hub's variables before it imports torch, which a preloaded torch would miss.
+
+Protocol, one connection per run: the client sends one JSON line {"argv", "cwd", "env"} with
+three descriptors (stdin, stdout, stderr) attached; the server answers "pid N\n" once the
+child runs, then "exit CODE\n" (the Popen convention: -SIGNAL when a signal ended it).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+
+
+def preload(modules: list[str]) -> None:
+    import importlib
+
+    # as dspy_example.py sets it before it imports LiteLLM: no price list download
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    for name in modules:
+        module = importlib.import_module(name)
+        if name == "transformers":  # a lazy module: the classes the similarity score loads
+            module.AutoModel, module.AutoTokenizer, module.BertModel  # noqa: B018
+
+
+def receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    fds = array.array("i")
+    data, ancillary, _, _ = conn.recvmsg(1 << 20, socket.CMSG_LEN(3 * fds.itemsize))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    while not data.endswith(b"\n"):
+        more = conn.recv(1 << 20)
+        if not more:
+            break
+        data += more
+    return json.loads(data), list(fds)
+
+
+def run_child(request: dict, fds: list[int]) -> None:
+    """In the forked child: become `python SCRIPT ARGS` in the test's directory, then exit."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    if os.environ.get("NETBLOCK_LOG"):  # the block again, reporting to this test's log
+        import sitecustomize
+
+        sitecustomize.install(os.environ["NETBLOCK_LOG"])
+    sys.argv = list(request["argv"])
+    sys.path[0] = request["cwd"]
+    import runpy
+
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    # falling off the end exits 0, as the script's own process would
+
+
+def serve(path: str) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    print("ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        request, fds = receive(conn)
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            conn.close()
+            run_child(request, fds)
+            sys.exit(0)
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(f"pid {pid}\n".encode())
+        threading.Thread(target=report_exit, args=(conn, pid), daemon=True).start()
+
+
+def report_exit(conn: socket.socket, pid: int) -> None:
+    _, status = os.waitpid(pid, 0)
+    with conn, contextlib.suppress(OSError):  # OSError: the test gave up waiting
+        conn.sendall(f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
+
+
+if __name__ == "__main__":
+    preload(sys.argv[2:])
+    serve(sys.argv[1])
