@@ -69,6 +69,20 @@ _SECRET_OR_ROUTING_VARS = (
 )
 
 
+# The files whose tests take minutes run first: `make test` gives each file to one of its
+# workers in collection order, and the real LoRA run (5 min, one module fixture) collected last
+# ran alone at the end while the other worker had nothing left to do.
+SLOW_FIRST = ("test_real_lora.py", "test_dspy_local.py", "test_benches.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 # Processes started from module- or session-scoped fixtures run before any test's own guard
 # exists; they report here, and the session fails at its end if anything was attempted.
 SESSION_LOG = Path(tempfile.mkdtemp(prefix="netblock-session-")) / "attempts.log"

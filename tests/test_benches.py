@@ -51,7 +51,8 @@ def test_vs_trl_bench_trains_both(tmp_path):
 
 
 def test_dspy_local_bench_answers_through_both_servers(tmp_path):
-    out = bench("dspy_local.py", tmp_path, "--test-limit", "1", "--max-tokens", "8")
+    args = ("--test-limit", "1", "--max-tokens", "8", "--repeats", "1")
+    out = bench("dspy_local.py", tmp_path, *args)
     assert "| transformers serve --continuous-batching | 8 |" in out
 
 
