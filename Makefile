@@ -89,7 +89,7 @@ format: install
 # Two processes, a test file each at a time (its fixtures built once): the suite waits on
 # servers and subprocesses as much as it computes, so two overlap well even on two cores.
 test: lint
-	$(PY) -m pytest -n 3 --dist loadfile
+	$(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

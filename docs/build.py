@@ -30,6 +30,9 @@ RUNS = (
     ("huggingface-lora", "huggingface_lora.py", ["--model", "smollm2-offline"], "offline model"),
 )
 KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "MISTRAL_API_KEY", "HF_TOKEN", "NEBIUS_API_KEY")
+# Where tiktoken finds its files, which openai_finetune.py prints: set by whatever ran before in
+# this process (a test that called the script's token counter sets it), not by a user's shell.
+NOT_PASSED = (*KEYS, "TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")
 HEADER = """# Dry runs, as printed
 
 Each script run without `--run`: all six stages, nothing sent, nothing spent, no model
@@ -45,7 +48,7 @@ def transcript(script: str, args: list[str]) -> str:
     with tempfile.TemporaryDirectory(prefix="dry-run-") as folder:
         shutil.copy(REPO / script, folder)
         shutil.copy(REPO / "small_edu_qa.jsonl", folder)
-        env = {key: value for key, value in os.environ.items() if key not in KEYS}
+        env = {key: value for key, value in os.environ.items() if key not in NOT_PASSED}
         env |= {"HF_HUB_OFFLINE": "1", "COLUMNS": "100", "PYTHONUNBUFFERED": "1"}
         env.pop("FORCE_COLOR", None)
         done = subprocess.run(
