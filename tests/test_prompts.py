@@ -13,7 +13,7 @@ import os
 import pty
 
 import pytest
-from conftest import ScriptResult, start_script_in
+from conftest import ScriptResult, run_script_in
 from fake_dspy_server import FakeChatServer
 from fake_finetune_api import FakeAPI
 
@@ -25,15 +25,11 @@ def run_on_a_terminal(workdir, script: str, *args: str, keys: bytes, env: dict) 
     """Run a script whose stdin is a terminal on which `keys` have been typed."""
     terminal, script_side = pty.openpty()
     try:
-        proc = start_script_in(workdir, script, *args, env=env, stdin_fd=script_side)
+        os.write(terminal, keys)  # the terminal holds typed lines until the script reads them
+        return run_script_in(workdir, script, *args, env=env, stdin_fd=script_side, timeout=180)
     finally:
         os.close(script_side)
-    try:
-        os.write(terminal, keys)  # the terminal holds typed lines until the script reads them
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
         os.close(terminal)
-    return ScriptResult(proc.returncode, stdout, stderr, workdir)
 
 
 def one_error_line(result: ScriptResult) -> str:
