@@ -169,6 +169,14 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
+def copy_into(workdir: Path, script: str, copy_data: bool) -> None:
+    """The script, and by default the shared data file, in `workdir`, as a user copies them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / script, workdir / script)
+    if copy_data and DATA_FILE.exists() and not (workdir / DATA_FILE.name).exists():
+        shutil.copy(DATA_FILE, workdir / DATA_FILE.name)
+
+
 def start_script_in(
     workdir: Path,
     script: str,
@@ -183,10 +191,7 @@ def start_script_in(
 
     For tests that must act while it runs (send Ctrl-C, watch a checkpoint appear). `stdin_fd`
     gives it a terminal of the test's own (a pty) to answer prompts on."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / script, workdir / script)
-    if copy_data and DATA_FILE.exists() and not (workdir / DATA_FILE.name).exists():
-        shutil.copy(DATA_FILE, workdir / DATA_FILE.name)
+    copy_into(workdir, script, copy_data)
     return subprocess.Popen(
         [*(launcher or [sys.executable]), script, *args],
         cwd=workdir,
@@ -279,10 +284,7 @@ def run_forked(
     import socket
     import threading
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / script, workdir / script)
-    if copy_data and DATA_FILE.exists() and not (workdir / DATA_FILE.name).exists():
-        shutil.copy(DATA_FILE, workdir / DATA_FILE.name)
+    copy_into(workdir, script, copy_data)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if input is not None else (None, None)
