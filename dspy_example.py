@@ -146,8 +146,9 @@ def prepare_data(cfg: Config) -> Data:
         f"The optimizer sees only the first {len(train)} train pairs (--train-limit; DSPy needs "
         f"10 to 50). The {len(test)} test pairs are never shown to it: they only score the result."
     )
+    plain = plain_answers_from(cfg.plain_from, test, cfg.max_tokens) if cfg.plain_from else None
     # All of them, not only --train-limit's: the fine-tuning data stage 4 writes uses every pair.
-    return Data(train, test, train_all=take(examples, "train", None))
+    return Data(train, test, train_all=take(examples, "train", None), plain=plain)
 
 
 def format_data(cfg: Config, data: Data) -> Formatted:
@@ -281,10 +282,11 @@ def answer(
     # The plain model (the question in a plain chat prompt, no DSPy) is the mark every approach
     # shares: what the model does untouched. The uncompiled program is this approach's start.
     phases = ["baseline", "tuned"] if cfg.ask else ["plain", "baseline", "tuned"]
+    asked = [name for name in phases if not (name == "plain" and data.plain)]
     if not cfg.run:
         console.print(
-            f"dry run: would answer {n} test question(s) {len(phases)} times ({', '.join(phases)}"
-            f"), {min(cfg.threads, n)} at a time (--threads): {len(phases) * n} calls."
+            f"dry run: would answer {n} test question(s) {len(asked)} times ({', '.join(asked)}"
+            f"), {min(cfg.threads, n)} at a time (--threads): {len(asked) * n} calls."
         )
         return None
 
@@ -296,6 +298,9 @@ def answer(
     replies = {}
     with base_model_served(cfg, plan):  # --serve --base-model: the plain model and baseline's
         for name in phases:
+            if name not in asked:  # --plain-from: read in stage 1, not asked again
+                replies[name] = use_plain_answers(plan, data.plain)
+                continue
             settings = {"lm": plan.base_lm if name != "tuned" else dspy.settings.lm}
             if name == "plain":
                 plain = plain_prompt_adapter()
@@ -345,7 +350,7 @@ def compare(
         decoding={"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "stop": stop},
         # calls that ran to --max-tokens: one per answer, unless DSPy asked again in JSON
         cut={name: actual["cut_at_max_tokens"] for name, actual in plan.actual.items()},
-        plain_name=model_label(cfg, cfg.base_model),
+        plain_name=plan.plain_name or model_label(cfg, cfg.base_model),
         extra={
             "program": cfg.program,
             "adapter": cfg.adapter,
@@ -547,6 +552,13 @@ class Config:
         None, "DSPy's disk cache of LM calls", metavar="DIR", shown="OUTPUT_DIR/dspy/cache"
     )
     no_cache: bool = option(False, "send every call, even one answered before (to time a server)")
+    plain_from: Path | None = option(
+        None,
+        "the plain model's answers from another run's results file on the same model and test "
+        "questions, not asked again: a fine-tuning script's baseline is the plain model (make "
+        "compare passes the LoRA row's)",
+        metavar="RESULTS_JSON",
+    )
     results_name: str | None = option(
         None,
         "write OUTPUT_DIR/results/NAME.json, e.g. to keep a run on a base model and one on a "
@@ -615,6 +627,7 @@ class Data:
     train: list[dict]  # the first --train-limit train pairs: all the optimizer sees
     test: list[dict]  # the first --test-limit test pairs: they only score the result
     train_all: list[dict]  # every train pair: the fine-tuning data stage 4 writes
+    plain: PlainAnswers | None = None  # --plain-from: the plain model's answers, not asked again
 
 
 def check_output_dirs(cfg: Config) -> None:
@@ -875,6 +888,7 @@ class Plan:
     base_lm: object | None = None  # the plain model's and the baseline's: --base-model, or --model
     reflection_lm: object | None = None  # --optimizer gepa's: --reflection-model, or --model
     phase: str = "baseline"  # the phase whose replies are being parsed now
+    plain_name: str | None = None  # --plain-from: the model that wrote the plain answers
     replies: dict[str, dict] = field(default_factory=dict)  # parse outcomes, by phase
 
 
@@ -1572,6 +1586,63 @@ def plain_prompt_adapter():
     return PlainPromptAdapter(use_json_adapter_fallback=False)
 
 
+@dataclass
+class PlainAnswers:
+    """--plain-from: the plain model's answers to the test questions, from another run."""
+
+    path: Path
+    model: str  # as that run names it
+    answers: list[str]  # in the order of the test split
+    cut: int | None  # how many ran to the token limit
+
+
+def plain_answers_from(path: Path, test: list[dict], max_tokens: int) -> PlainAnswers:
+    """Read the plain model's answers from a results file another script wrote.
+
+    A fine-tuning script's baseline is the plain model: the untuned model, SYSTEM_PROMPT and
+    the question, greedy, the same reply limit. Asking the served model again would give the
+    same answers (make compare checked it: the same scores to the hundredth) at 36 calls, about
+    5 minutes on 2 cores; read them instead. Every test question must have its answer there.
+    """
+    with open_user_file(path, "--plain-from") as f:
+        try:
+            results = json.loads(f.read().decode("utf-8"))
+            rows = {q["id"]: q.get("plain", q["baseline"]) for q in results["questions"]}
+            mark = results["plain_model"]
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(
+                f"--plain-from {path}: not a results file (OUTPUT_DIR/results/NAME.json, as "
+                "the three scripts write it); pass the one of a run on the same test questions"
+            ) from None
+    missing = [row["id"] for row in test if not isinstance(rows.get(row["id"]), str)]
+    if missing:
+        raise UsageError(
+            f"--plain-from {path}: no answer to test question {missing[0]} ({len(missing)} of "
+            f"{len(test)} missing); pass the results of a run on the same data and --test-limit"
+        )
+    decoding = results.get("decoding") or {}
+    limit = decoding.get("max_tokens", decoding.get("max_new_tokens"))
+    if limit != max_tokens:
+        console.print(
+            f"[yellow]warning: --plain-from {path} answered with a limit of {limit} tokens, "
+            f"this run with {max_tokens} (--max-tokens): the plain model is not measured alike[/]"
+        )
+    console.print(
+        f"The plain model's {len(test)} answers come from {path} ({mark.get('model')}, "
+        f"{mark.get('prompt')}): not asked again (--plain-from)."
+    )
+    answers = [rows[row["id"]] for row in test]
+    return PlainAnswers(path, str(mark.get("model")), answers, mark.get("cut"))
+
+
+def use_plain_answers(plan: Plan, plain: PlainAnswers) -> list[dict]:
+    """Stage 5's plain phase from --plain-from's file: no call, the cut count as it was."""
+    plan.actual["plain"] = NO_CALLS | {"cut_at_max_tokens": plain.cut or 0}
+    plan.plain_name = f"{plain.model} (from {plain.path})"
+    console.print(f"plain: {len(plain.answers)} answers read from {plain.path}, no call")
+    return [{"answer": answer, "reasoning": ""} for answer in plain.answers]
+
+
 def answer_phase(cfg: Config, plan: Plan, name: str, program, formatted: Formatted, settings):
     """Answer every test question with `program`, under these dspy settings (lm, adapter);
     count the calls and the replies."""
@@ -1959,7 +2030,8 @@ def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) 
         else:  # the default program, then every trial on the whole validation set
             evaluations = n_val * (trials + 1)
         compile_calls = bootstraps + proposals + evaluations
-    plain = 0 if cfg.ask else n_test  # --ask answers with the two programs only
+    # --ask answers with the two programs only; --plain-from reads the plain answers from a file
+    plain = 0 if cfg.ask or cfg.plain_from else n_test
     return {"plain": plain, "baseline": n_test, "compile": compile_calls, "tuned": n_test}
 
 

@@ -489,6 +489,51 @@ def test_dspy_native_engine_works_too(dspy_run, server):
     assert server.count == 6
 
 
+def test_plain_from_reads_the_plain_answers_from_a_results_file_instead_of_asking(
+    dspy_run, server, script
+):
+    """make compare passes the LoRA row's results: its baseline is the plain model. The run
+    sends no plain prompt, and scores the file's answers as the plain model's."""
+    first = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "3")
+    assert first.returncode == 0, first.output[-3000:]
+    path = first.cwd / "outputs" / "results" / "dspy.json"
+    other = json.loads(path.read_text())
+    for question in other["questions"]:  # another model's plain answers, told apart by text
+        question["plain"] = "Because of the tilt of the axis. " + question["id"]
+    other["plain_model"] |= {"model": "the LoRA row's base model", "cut": 2}
+    (first.cwd / "lora.json").write_text(json.dumps(other))
+    count = server.count
+
+    result = dspy_run(
+        "--run", "--yes", "--optimizer", "labeled", "--test-limit", "3", "--no-cache",
+        "--plain-from", "lora.json", "--output-dir", "second",
+    )  # fmt: skip
+    assert result.returncode == 0, result.output[-3000:]
+    asked = [r["messages"] for r in server.requests[count:]]
+    assert len(asked) == 6, "baseline and tuned only"
+    assert not [m for m in asked if m[0]["content"] == script.SYSTEM_PROMPT]
+    results = results_of_dir(result, "second")
+    for question, theirs in zip(results["questions"], other["questions"], strict=True):
+        assert question["plain"] == theirs["plain"]
+        assert question["plain_score"] == round(
+            script.rouge_l(theirs["plain"], question["reference"]), 2
+        )
+    plain = results["plain_model"]
+    assert plain["score"] == round(sum(q["plain_score"] for q in results["questions"]) / 3, 2)
+    assert plain["cut"] == 2 and plain["model"].startswith("the LoRA row's base model (from ")
+    assert results["lm_calls"]["plain"]["sent"] == 0
+
+    # a file without every test question: one line, exit 2, before any call
+    count = server.count
+    short = dspy_run("--run", "--yes", "--test-limit", "4", "--plain-from", "lora.json")
+    assert short.returncode == 2
+    assert "no answer to test question" in one_error_line(short)
+    not_results = dspy_run("--plain-from", "small_edu_qa.jsonl")
+    assert not_results.returncode == 2
+    assert "not a results file" in one_error_line(not_results)
+    assert server.count == count
+
+
 def test_ask_answers_one_question_with_the_saved_program(dspy_run, server):
     first = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2")
     assert first.returncode == 0, first.output[-3000:]
