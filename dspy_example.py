@@ -244,7 +244,7 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
             console.print(f"dry run: would compile and save the program to {cfg.program_path}")
             return None
         student = build_program(cfg.program, formatted.signature)
-        before = history_ids()
+        before, started = history_ids(), time.monotonic()
         plan.phase = "compile"
         try:
             with dspy_parallel_in_daemon_threads():  # interrupts: wait for no call in flight
@@ -260,7 +260,7 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
             if "Execution cancelled" not in str(exc):
                 raise
             raise why_the_optimizer_stopped(cfg, plan) from None
-        plan.actual["compile"] = tally_since(before, stop_strings(cfg.adapter))
+        plan.actual["compile"] = tally_since(before, stop_strings(cfg.adapter), started)
         say_replies(cfg, plan, "compile")
         save_program(program, cfg.program_path)
         console.print(f"saved the compiled program to {cfg.program_path} (reuse it with --load)")
@@ -1464,6 +1464,7 @@ NO_CALLS = {
     "completion_tokens": 0,
     "cost_usd": 0.0,
     "cut_at_max_tokens": 0,
+    "seconds": 0.0,
 }
 
 
@@ -1483,8 +1484,9 @@ def finish_reason(entry: dict, stops: list[str] = ()) -> str | None:
     return reason
 
 
-def tally_since(before: set[str], stops: list[str] = ()) -> dict:
-    """Calls recorded since `before`: sent, answered from the cache, tokens, and actual cost."""
+def tally_since(before: set[str], stops: list[str] = (), started: float | None = None) -> dict:
+    """Calls recorded since `before`: sent, answered from the cache, tokens, actual cost, and
+    the seconds since `started` (time.monotonic()), where a local model's time goes."""
     from dspy.clients.base_lm import GLOBAL_HISTORY
 
     entries = [entry for entry in list(GLOBAL_HISTORY) if entry["uuid"] not in before]
@@ -1503,6 +1505,7 @@ def tally_since(before: set[str], stops: list[str] = ()) -> dict:
         "cost_usd": None if any(cost is None for cost in costs) else sum(costs),
         # replies that ran to --max-tokens, cached ones included: the same replies either way
         "cut_at_max_tokens": sum(finish_reason(entry, stops) == "length" for entry in entries),
+        "seconds": None if started is None else round(time.monotonic() - started, 1),
     }
 
 
@@ -1521,12 +1524,13 @@ def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
     actual = plan.actual.get(phase, NO_CALLS)
     calls, cut = actual["sent"] + actual["cache_hits"], actual["cut_at_max_tokens"]
     n, bad = tally["replies"], tally["not_in_format"]
+    took = f" in {actual['seconds']:.0f} s"
     if phase == "plain":
         console.print(
-            f"plain: {calls} replies to the plain chat prompt (nothing for DSPy to parse)"
+            f"plain: {calls} replies to the plain chat prompt{took} (nothing for DSPy to parse)"
         )
     else:
-        console.print(f"{phase}: {n - bad} of {n} replies read ({ADAPTERS[cfg.adapter]})")
+        console.print(f"{phase}: {n - bad} of {n} replies read{took} ({ADAPTERS[cfg.adapter]})")
     if tally["plain"]:
         console.print(f"  {tally['plain']} of them had no field markers: read whole as the answer")
     if bad:
@@ -1648,11 +1652,11 @@ def answer_phase(cfg: Config, plan: Plan, name: str, program, formatted: Formatt
     count the calls and the replies."""
     import dspy
 
-    before = history_ids()
+    before, started = history_ids(), time.monotonic()
     plan.phase = name
     with dspy.context(**settings):
         replies = answer_all(program, formatted.testset, cfg.threads, name)
-    plan.actual[name] = tally_since(before, stop_strings(cfg.adapter))
+    plan.actual[name] = tally_since(before, stop_strings(cfg.adapter), started)
     say_replies(cfg, plan, name)
     return replies
 
@@ -2010,13 +2014,16 @@ def planned_calls(cfg: Config, n_train: int, n_test: int, compile_needed: bool) 
         # as its valset), which it may pass by one minibatch of 3 before it checks; one
         # reflection call per iteration, and an iteration scores at least 3 answers.
         import dspy
+        from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS
 
-        n = {"light": 6, "medium": 12, "heavy": 18}[cfg.auto]  # GEPA's AUTO_RUN_SETTINGS
+        n = AUTO_RUN_SETTINGS[cfg.auto]["n"]
         # auto_budget reads nothing of the instance, which would need a reflection LM built
         budget = dspy.GEPA.auto_budget(None, num_preds=1, num_candidates=n, valset_size=n_train)
         compile_calls = budget + 3 + budget // 3
     else:  # mipro: 80% of the training set held out, at most val_size of it scored
-        n, val_size = {"light": (6, 100), "medium": (12, 300), "heavy": (18, 1000)}[cfg.auto]
+        from dspy.teleprompt.mipro_optimizer_v2 import AUTO_RUN_SETTINGS
+
+        n, val_size = AUTO_RUN_SETTINGS[cfg.auto]["n"], AUTO_RUN_SETTINGS[cfg.auto]["val_size"]
         held_out = max(1, int(n_train * 0.8))
         n_fit, n_val = n_train - held_out, min(val_size, held_out)
         # n demo sets like random search's (zero-shot and labeled-only need no call), n // 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -219,10 +220,10 @@ def run_script_in(
 ) -> ScriptResult:
     """Start a script in `workdir` (see start_script_in) and wait for it to finish.
 
-    dspy_example.py and openai_finetune.py run as a fork of a process that has imported their
-    heavy libraries already (tests/zygote.py: the same script, argv, directory, environment and
-    streams, 5 to 11 s less a run)."""
-    if script in PRELOAD and not options.get("launcher") and os.name == "posix":
+    The scripts run as a fork of a process that has imported their heavy libraries already
+    (tests/zygote.py: the same script, argv, directory, environment and streams, 5 to 11 s less
+    a run for DSPy's and OpenAI's, the torch import less for the LoRA script's)."""
+    if forkable(script, options) and os.name == "posix":
         return run_forked(workdir, script, *args, input=input, timeout=timeout, **options)
     proc = start_script_in(workdir, script, *args, stdin_pipe=input is not None, **options)
     try:
@@ -241,7 +242,23 @@ def run_script_in(
 PRELOAD = {
     "dspy_example.py": ["dspy", "litellm", "torch", "transformers"],
     "openai_finetune.py": ["openai", "torch", "transformers"],
+    # torch only: the script sets the hub's variables before it imports the Hugging Face
+    # libraries, which read them at import (huggingface_hub's constants, HF_HOME from HOME).
+    "huggingface_lora.py": ["torch"],
 }
+# Read once, as a process starts: Python's own (PYTHONPATH, the encodings, the locale), and
+# OpenMP's, which its runtime takes when the zygote imports torch.
+READ_AT_START = re.compile(r"PYTHON|LANG$|LC_|(OMP|GOMP|KMP|MKL)_")
+
+
+def forkable(script: str, options: dict) -> bool:
+    """Whether a run can be a fork of the zygote: not under a launcher (torchrun), and not with
+    a variable of its own that a process reads as it starts (a fork has started already)."""
+    if script not in PRELOAD or options.get("launcher"):
+        return False
+    return not any(map(READ_AT_START.match, options.get("env") or {}))
+
+
 _zygotes: dict = {}  # this pytest process's zygotes, by script: (Popen, socket path)
 
 

@@ -370,6 +370,13 @@ def test_answers_are_sent_in_parallel_threads(dspy_run, server):
     result = dspy_run(*args, "--threads", "1", "--no-cache")
     assert result.returncode == 0, result.output[-3000:]
     assert server.max_in_flight == 1
+    # each phase's time, where a slow model's time goes: 4 replies of 0.2 s one at a time
+    calls = results_of(result)["lm_calls"]
+    for phase in ("plain", "baseline", "tuned"):
+        assert 0.8 <= calls[phase]["seconds"] < 30, calls
+        assert f"{phase}: 4 " in result.stdout
+    took = re.search(r"baseline: 4 of 4 replies read in (\d+) s", result.stdout)
+    assert took and int(took.group(1)) == round(calls["baseline"]["seconds"])
 
 
 def test_ctrl_c_exits_130_and_the_same_command_resumes_from_the_cache(server, tmp_path):

@@ -15,8 +15,12 @@ the socket path), nothing else. None of them reads at import time a variable the
 for these two scripts (keys and base URLs are read when a client is made; the models load
 from local folders, so the hub settings of huggingface_hub do not matter); no thread is
 running when it forks (checked: importing them starts none); torch has run no operation, so
-its OpenMP pool starts in the child. huggingface_lora.py is not run this way: it sets
-OpenMP's and the hub's variables before it imports torch, which a preloaded torch would miss.
+its OpenMP pool starts in the child. For huggingface_lora.py only torch is preloaded: the
+script sets the hub's variables before it imports the Hugging Face libraries, which read them
+at import. A variable read as a process starts (PYTHONPATH, the locale, OpenMP's as torch
+loads) cannot reach a fork: a test that sets one runs the script in a fresh process
+(conftest.forkable); the others share the zygote's, OMP_WAIT_POLICY=PASSIVE among them, the
+value the LoRA script would set.
 
 Protocol, one connection per run: the client sends one JSON line {"argv", "cwd", "env"} with
 three descriptors (stdin, stdout, stderr) attached; the server answers "pid N\n" once the
