@@ -73,7 +73,7 @@ _SECRET_OR_ROUTING_VARS = (
 # The files whose tests take minutes run first, longest first: `make test` gives each file to
 # one of its workers in collection order, and a long file collected late runs alone at the end
 # while the other workers have nothing left to do (the real LoRA run, 5 min, once did; in the
-# last fresh-clone run the final 2 to 3 minutes ran at a load of about 1.4 on 2 cores). Worker
+# last fresh-clone run the load fell from 3 to 1.2 in its last two minutes). Worker
 # seconds measured with --durations (2026-12-06): about 470, 380, 320, 250, 210, 170.
 SLOW_FIRST = (
     "test_dspy_local.py",
