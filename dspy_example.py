@@ -1125,8 +1125,8 @@ def watch_lm_errors(plan: Plan, adapter):
     It also counts, phase by phase, the replies `adapter` could not parse. DSPy then asks the
     same question again with JSONAdapter (one more LM call) unless the adapter has no JSON
     retry; a reply none can parse becomes an empty answer, scored 0, and the first such reply is
-    kept to show the user why. The plain-reply adapter's replies without field markers are
-    counted apart: read whole as the answer.
+    kept to show the user why. An empty reply counts as one not in format. The plain-reply
+    adapter's replies without field markers are counted apart: read whole as the answer.
     """
     from dspy.utils.callback import BaseCallback
 
@@ -1134,23 +1134,30 @@ def watch_lm_errors(plan: Plan, adapter):
     plan.json_retry = retries = json_retry(adapter)
     # A subclass's parse() that calls super().parse() fires a second, nested parse event (DSPy
     # wraps each class's parse); only the outermost of a thread's parses is the reply's outcome.
-    depth = threading.local()
+    here = threading.local()  # per thread: .depth of parses, .asking adapter
 
     class KeepErrors(BaseCallback):
+        def on_adapter_format_start(self, call_id, instance, inputs):
+            here.asking = instance  # the adapter whose call the next LM reply answers
+
         def on_lm_end(self, call_id, outputs, exception=None):
             FAILED_HERE.error = exception  # same thread as the log line that follows
             if exception is not None and plan.first_lm_error is None:
                 plan.first_lm_error = exception
+            asking, here.asking = getattr(here, "asking", None), None
+            texts = [out.get("text") if isinstance(out, dict) else out for out in outputs or []]
+            if exception is None and asking is not None and not any(texts):
+                empty_reply(asking is not adapter)
 
         def on_adapter_parse_start(self, call_id, instance, inputs):
-            depth.n = getattr(depth, "n", 0) + 1
-            if plan.phase == "plain" or depth.n > 1:
+            here.depth = getattr(here, "depth", 0) + 1
+            if plan.phase == "plain" or here.depth > 1:
                 return  # the plain prompt asks for no format; a nested parse is not a reply
             with PARSE_LOCK:
                 parsing[call_id] = (instance is not adapter, inputs.get("completion"))
 
         def on_adapter_parse_end(self, call_id, outputs, exception=None):
-            depth.n = getattr(depth, "n", 1) - 1
+            here.depth = getattr(here, "depth", 1) - 1
             with PARSE_LOCK:
                 if call_id not in parsing:
                     return
@@ -1168,6 +1175,21 @@ def watch_lm_errors(plan: Plan, adapter):
                     text = shorten(str(text or ""), 400)
                     if tally["first_unparsed"] in (None, *STOP) and text:
                         tally["first_unparsed"] = text
+
+    def empty_reply(fallback: bool) -> None:
+        # DSPy raises on an empty reply before parse() is called, so no parse event tells of it
+        if plan.phase == "plain":
+            return
+        with PARSE_LOCK:
+            tally = plan.replies.setdefault(plan.phase, new_reply_tally())
+            if fallback:
+                tally["unparsed"] += 1
+                return
+            tally["replies"] += 1
+            tally["not_in_format"] += 1
+            tally["unparsed"] += not retries
+            if tally["first_unparsed"] in (None, *STOP):
+                tally["first_unparsed"] = "(an empty reply)"
 
     def one_line(record: logging.LogRecord) -> bool:
         error = getattr(FAILED_HERE, "error", None)

@@ -180,6 +180,7 @@ class FakeChatServer:
         self.drop_next = 0  # close the next N connections without answering
         self.prose_next = 0  # answer the next N requests in prose, ignoring the asked format
         self.free_text_for: set[str] = set()  # questions answered in prose, every time
+        self.empty_for: set[str] = set()  # questions answered with nothing, every time
         # written after every reply until max_tokens, as `transformers serve
         # --continuous-batching` writes on past a stop string it ignores
         self.run_on_past_stop: str | None = None
@@ -284,8 +285,11 @@ class FakeChatServer:
 
     def _completion(self, body: dict, prose: bool = False) -> dict:
         messages = body.get("messages") or []
-        if (question_of(messages) or plain_question_of(messages)) in self.free_text_for:
+        question = question_of(messages) or plain_question_of(messages)
+        if question in self.free_text_for:
             text, finish = FREE_TEXT, "stop"
+        elif question in self.empty_for:  # a model that writes a stop string first
+            text, finish = "", "stop"
         else:
             text, finish = reply_for(body, prose), "stop"
         if self.run_on_past_stop:

@@ -142,6 +142,21 @@ def test_an_unparseable_reply_is_counted_scored_zero_shown_and_recorded_per_phas
     assert "(unusable:" in result.stdout  # the side-by-side view
 
 
+def test_an_empty_reply_is_counted_as_a_reply_not_in_format(dspy_run, server):
+    # DSPy raises before its parse() on an empty reply, so no parse event tells of it
+    server.empty_for = {SEASONS}
+    result = dspy_run("--run", "--yes", "--optimizer", "labeled", "--test-limit", "2")
+    assert result.returncode == 0, result.output[-3000:]
+    results = results_of(result)
+    for phase in ("baseline", "tuned"):
+        replies = results["replies"][phase]
+        assert (replies["replies"], replies["not_in_format"], replies["unparsed"]) == (2, 1, 1)
+        assert replies["json_rescued"] == 0
+        assert replies["first_unparsed"] == "(an empty reply)"
+    assert results["unusable"] == {"baseline": 1, "tuned": 1}
+    assert "1 unparsed: an empty answer, scored 0" in flat(result.stdout)
+
+
 # ----------------------------------------------------------------------------- --results-name
 
 
