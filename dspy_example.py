@@ -104,6 +104,8 @@ HOSTED_PROGRAM, HOSTED_ADAPTER = "cot", "chat"
 LOCAL_PROGRAM, LOCAL_ADAPTER = "predict", "chat-plain"
 OPTIMIZERS = ("bootstrap", "random-search", "mipro", "gepa", "labeled")  # their DESCRIPTIONS
 AUTO_LEVELS = ("light", "medium", "heavy")  # MIPROv2's and GEPA's `auto`: how long they search
+# Fewer training pairs, and the optimizer is unlikely to learn (measured: too_few_examples).
+MIN_TRAIN_EXAMPLES = {"labeled": 4, "bootstrap": 4, "random-search": 20, "gepa": 20, "mipro": 25}
 # The plain model, the mark every approach shares: the untuned model with this plain prompt.
 SYSTEM_PROMPT = (
     "You are a patient, knowledgeable teacher. Answer the student's question correctly "
@@ -143,8 +145,9 @@ def prepare_data(cfg: Config) -> Data:
     show_split_counts(cfg, examples, train, test)
     say_what_is_used(examples)
     console.print(
-        f"The optimizer sees only the first {len(train)} train pairs (--train-limit; DSPy needs "
-        f"10 to 50). The {len(test)} test pairs are never shown to it: they only score the result."
+        f"The optimizer learns from {len(train)} train pairs (--train-limit; --optimizer "
+        f"{cfg.optimizer} wants {MIN_TRAIN_EXAMPLES[cfg.optimizer]} or more). The {len(test)} "
+        "test pairs are never shown to it: they only score the result."
     )
     plain = plain_answers_from(cfg.plain_from, test, cfg.max_tokens) if cfg.plain_from else None
     # All of them, not only --train-limit's: the fine-tuning data stage 4 writes uses every pair.
@@ -240,6 +243,7 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
         tuned = Tuned(formatted.loaded, cfg.load)
     else:
         console.print(describe_optimizer(cfg, len(formatted.trainset)))
+        plan.too_few = too_few_examples(cfg, formatted)  # a real run warns and goes on
         if not cfg.run:
             console.print(f"dry run: would compile and save the program to {cfg.program_path}")
             return None
@@ -410,7 +414,9 @@ class Config:
     )
     train_limit: int | None = option(
         30,
-        "use the first N train examples (DSPy needs 10 to 50)",
+        "use the first N train examples (at least: "
+        + ", ".join(f"{n} for {name}" for name, n in MIN_TRAIN_EXAMPLES.items())
+        + ")",
         int,
         1,
         metavar="N",
@@ -888,6 +894,7 @@ class Plan:
     base_lm: object | None = None  # the plain model's and the baseline's: --base-model, or --model
     reflection_lm: object | None = None  # --optimizer gepa's: --reflection-model, or --model
     phase: str = "baseline"  # the phase whose replies are being parsed now
+    too_few: str = ""  # what to fix when the optimizer has too few pairs (too_few_examples)
     plain_name: str | None = None  # --plain-from: the model that wrote the plain answers
     replies: dict[str, dict] = field(default_factory=dict)  # parse outcomes, by phase
 
@@ -1316,6 +1323,48 @@ def describe_optimizer(cfg: Config, n_train: int) -> str:
         candidates=cfg.num_candidates + 3,
         auto=cfg.auto,
         reflection=cfg.reflection_model or cfg.model,
+    )
+
+
+# Why MIN_TRAIN_EXAMPLES. LabeledFewShot and BootstrapFewShot put training pairs in the prompt
+# as demos: 4 of them took SmolLM2-135M-Instruct's ROUGE-L on the 36 test questions from 18.2
+# to 23.1 (bench/README.md, "How many demos"); fewer were not measured. Random search, GEPA and
+# MIPROv2 pick among candidate prompts by their mean score on the training pairs (MIPROv2 on the
+# 80% it holds out): one answer's ROUGE-L spreads by about 10 points (standard deviation, make
+# compare's DSPy row), so a mean over n pairs moves by about 10/sqrt(n) from chance alone. 20
+# pairs leave +-2.2, the size of what the compiled prompt gained there (+2.1); with fewer the
+# search picks by luck. DSPy's docs suggest about 10 pairs to start with BootstrapFewShot, 50
+# for random search and 200 for long MIPROv2 runs. A real run only warns: it is a cheap try.
+
+
+def too_few_examples(cfg: Config, formatted: Formatted) -> str:
+    """Fewer training pairs than --optimizer needs (MIN_TRAIN_EXAMPLES): say so, and return
+    what to fix ("" if there are enough)."""
+    n, need = len(formatted.trainset), MIN_TRAIN_EXAMPLES[cfg.optimizer]
+    if n >= need:
+        return ""
+    console.print(
+        f"[yellow]only {n} training pairs: --optimizer {cfg.optimizer} is unlikely to learn from "
+        f"fewer than {need} (see MIN_TRAIN_EXAMPLES); "
+        + ("this real run goes on as a quick try" if cfg.run else "what to fix is said at the end")
+        + "[/yellow]"
+    )
+    in_file = len(formatted.finetune_rows)  # every train pair in the file, --train-limit aside
+    if in_file >= need:
+        return (
+            f"raise --train-limit {cfg.train_limit} or drop it: {cfg.data.name} has {in_file} "
+            "training pairs"
+        )
+    fits = [name for name in OPTIMIZERS if MIN_TRAIN_EXAMPLES[name] <= n]
+    other = (
+        f"pick --optimizer {fits[0]} ({MIN_TRAIN_EXAMPLES[fits[0]]} are enough), or "
+        if fits
+        else ""
+    )
+    return (
+        f"{other}add question/answer pairs to {cfg.data}: it has {in_file} for training, and "
+        f"--optimizer {cfg.optimizer} needs {need}"
+        ' (lines with "split": "train", or with no split: about 80% of those train)'
     )
 
 
@@ -1807,6 +1856,14 @@ def show_real_run_command(cfg: Config, plan: Plan) -> None:
     commands), quoted for the shell, and capped with --max-cost 25% above the estimate, rounded
     up to the cent: room for reply lengths the estimate cannot know, not for another run.
     """
+    if plan.too_few:
+        console.print()
+        console.print(
+            f"[yellow]no real run yet: --optimizer {cfg.optimizer} has too few training pairs to "
+            f"learn from (at least {MIN_TRAIN_EXAMPLES[cfg.optimizer]})[/yellow]"
+        )
+        console.print(f"to fix: {escape(plan.too_few)}; then run this dry run again")
+        return
     words = ["python", script_as_typed(), *cfg.argv, "--run"]
     capped = any(arg.split("=", 1)[0] == "--max-cost" for arg in cfg.argv)
     if plan.estimate_usd and not capped:  # a paid model, priced

@@ -809,6 +809,71 @@ def test_the_real_run_command_is_one_line_that_parses_back_capped_above_the_esti
     assert estimate < cfg.max_cost <= round(estimate * 1.25 + 0.01, 2)
 
 
+TOO_FEW = {  # (train pairs in the file, flags) -> the optimizer's minimum, what to fix
+    "a short file, random search": (
+        8,
+        ["--optimizer", "random-search"],
+        20,
+        "pick --optimizer bootstrap (4 are enough), or add question/answer pairs to school.jsonl: "
+        "it has 8 for training, and --optimizer random-search needs 20",
+    ),
+    "a file shorter than any optimizer needs": (
+        2,
+        [],
+        4,
+        "add question/answer pairs to school.jsonl: it has 2 for training, and --optimizer "
+        "bootstrap needs 4",
+    ),
+    "--train-limit below the minimum": (
+        144,
+        ["--train-limit", "3"],
+        4,
+        "raise --train-limit 3 or drop it: school.jsonl has 144 training pairs",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TOO_FEW)
+def test_a_dry_run_on_too_few_pairs_ends_with_what_to_fix_not_with_a_real_run(
+    case, run_script, script, tmp_path
+):
+    in_file, flags, need, fix = TOO_FEW[case]
+    pairs = [json.loads(line) for line in script.DATA_FILE.open()]
+    school = [p for p in pairs if p["split"] == "train"][:in_file]
+    school += [p for p in pairs if p["split"] == "test"][:3]
+    (tmp_path / "school.jsonl").write_text("".join(json.dumps(p) + "\n" for p in school))
+    result = run_script_in(tmp_path, SCRIPT, "--data", "school.jsonl", *flags)
+    assert result.returncode == 0, result.output[-3000:]
+    said = flat(result.stdout)
+    optimizer = flags[1] if flags[:1] == ["--optimizer"] else "bootstrap"
+    used = min(in_file, 3) if "--train-limit" in flags else in_file
+    assert (
+        f"only {used} training pairs: --optimizer {optimizer} is unlikely to learn from fewer "
+        f"than {need}"
+    ) in said
+    assert "Real run" not in result.stdout and "python " not in said.split("Stage 6/6")[1]
+    assert said.endswith(
+        f"no real run yet: --optimizer {optimizer} has too few training pairs to learn from (at "
+        f"least {need}) to fix: {fix}"
+        + (' (lines with "split": "train", or with no split: about 80% of those train)')
+        * fix.startswith(("add", "pick"))
+        + "; then run this dry run again"
+    ), said[-600:]
+
+
+def test_a_real_run_on_too_few_pairs_warns_and_goes_on(dspy_run, server):
+    args = ("--run", "--yes", "--optimizer", "labeled", "--train-limit", "2", "--test-limit", "1")
+    result = dspy_run(*args)
+    assert result.returncode == 0, result.output[-3000:]
+    said = flat(result.stdout)
+    assert (
+        "only 2 training pairs: --optimizer labeled is unlikely to learn from fewer than 4" in said
+    )
+    assert "this real run goes on as a quick try" in said
+    assert len(program_of(result)["predict"]["demos"]) == 2  # compiled from what there was
+    assert results_of(result)["questions"]
+
+
 def test_a_model_name_close_to_a_known_one_gets_did_you_mean_and_a_known_one_none(run_script):
     typo = run_script(SCRIPT, "--model", "openai/gpt4o-mini")
     assert typo.returncode == 0  # a warning: the model may be newer than LiteLLM's map
