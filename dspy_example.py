@@ -300,11 +300,10 @@ def answer(
         "tuned": tuned.program,
     }
     replies = {}
+    if data.plain:  # --plain-from: read in stage 1, not asked again
+        replies["plain"] = use_plain_answers(plan, data.plain)
     with base_model_served(cfg, plan):  # --serve --base-model: the plain model and baseline's
-        for name in phases:
-            if name not in asked:  # --plain-from: read in stage 1, not asked again
-                replies[name] = use_plain_answers(plan, data.plain)
-                continue
+        for name in asked:
             settings = {"lm": plan.base_lm if name != "tuned" else dspy.settings.lm}
             if name == "plain":
                 plain = plain_prompt_adapter()
@@ -1555,7 +1554,7 @@ def finish_reason(entry: dict, stops: list[str] = ()) -> str | None:
     return reason
 
 
-def tally_since(before: set[str], stops: list[str] = (), started: float | None = None) -> dict:
+def tally_since(before: set[str], stops: list[str], started: float) -> dict:
     """Calls recorded since `before`: sent, answered from the cache, tokens, actual cost, and
     the seconds since `started` (time.monotonic()), where a local model's time goes."""
     from dspy.clients.base_lm import GLOBAL_HISTORY
@@ -1576,7 +1575,7 @@ def tally_since(before: set[str], stops: list[str] = (), started: float | None =
         "cost_usd": None if any(cost is None for cost in costs) else sum(costs),
         # replies that ran to --max-tokens, cached ones included: the same replies either way
         "cut_at_max_tokens": sum(finish_reason(entry, stops) == "length" for entry in entries),
-        "seconds": None if started is None else round(time.monotonic() - started, 1),
+        "seconds": round(time.monotonic() - started, 1),
     }
 
 
@@ -1714,7 +1713,7 @@ def use_plain_answers(plan: Plan, plain: PlainAnswers) -> list[dict]:
     """Stage 5's plain phase from --plain-from's file: no call, the cut count as it was."""
     plan.actual["plain"] = NO_CALLS | {"cut_at_max_tokens": plain.cut or 0}
     plan.plain_name = f"{plain.model} (from {plain.path})"
-    console.print(f"plain: {len(plain.answers)} answers read from {plain.path}, no call")
+    console.print(f"plain: the {len(plain.answers)} answers of --plain-from (stage 1), no call")
     return [{"answer": answer, "reasoning": ""} for answer in plain.answers]
 
 

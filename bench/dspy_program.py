@@ -64,11 +64,11 @@ def measure(name: str, program, cfg, data, formatted, plan, phase: str, **settin
 
     before = dx.history_ids()
     plan.phase = phase
-    started = time.perf_counter()
+    started = time.monotonic()
     with dspy.context(**settings):
         replies = dx.answer_all(program, formatted.testset, 1, name[:8])
-    seconds = time.perf_counter() - started
-    actual = dx.tally_since(before)
+    actual = dx.tally_since(before, dx.stop_strings(cfg.adapter), started)
+    seconds = actual["seconds"]
     tally = plan.replies.get(phase, dx.new_reply_tally())
     entries = [e for e in list(GLOBAL_HISTORY) if e["uuid"] not in before]
     whole = [
@@ -179,12 +179,12 @@ def main() -> None:
             if "compiled" in phases and f"{candidate}/compiled" not in rows:
                 if "error" in rows[f"{candidate}/zero-shot"]:
                     continue  # the server refused this candidate's calls
-                started = time.perf_counter()
+                started = time.monotonic()
                 plan.phase = "compile"
                 before = dx.history_ids()
                 program = dx.tune(cfg, formatted, plan).program
-                compile_calls = dx.tally_since(before)["sent"]
-                compile_seconds = time.perf_counter() - started
+                compile = dx.tally_since(before, dx.stop_strings(cfg.adapter), started)
+                compile_calls, compile_seconds = compile["sent"], compile["seconds"]
                 row = measure(candidate, program, cfg, data, formatted, plan, "compiled")
                 row["compile_calls"], row["compile_seconds"] = compile_calls, round(compile_seconds)
                 row["demos"] = len(dx.predictor(program).demos)
