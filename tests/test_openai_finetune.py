@@ -299,6 +299,7 @@ def test_a_file_the_service_refuses_fails_the_job_and_the_script_shows_why(api, 
     # Text that spells a special token passes a JSON-level check but not the service's.
     write_data(tmp_path / "mine.jsonl", 14, 2, answer=lambda n: f"It is {2 * n}. <|endoftext|>")
     fake = api()
+    fake.durations["validating_files"] = 1.0  # a first poll on a busy machine still sees it
     result = real_run(fake, "--data", "mine.jsonl")
     assert result.returncode == 1, result.output[-3000:]
     job = only_job(fake)
