@@ -58,11 +58,12 @@ TUNED   := $(CMP)/bt/huggingface/merged
 # DSPy steps read its answers instead of asking the served model again (36 calls, ~5 min).
 PLAIN   := --plain-from $(CMP)/results/huggingface.json
 # The 36 test questions in one batch: 80 tokens/s against 45 in batches of 8 (2 idle cores).
-# Training beside a server that answers one call at a time costs each little: a reply's tokens
-# are read from memory one by one (the 540 MB of fp32 weights for each token, about 60 ms on
-# either 1 or 2 threads), and the training's matrix products fill the cores meanwhile. Measured
-# here: 12 training steps took 123 s beside the server against 98 s alone, and the server's
-# replies 1.0x (short prompts) to 1.35x (the compiled prompt) as long as alone.
+# Training beside a server that answers one call at a time costs each less than taking turns:
+# a reply's tokens come one by one, each reading the 540 MB of fp32 weights from memory (about
+# 60 ms on 1 thread as on 2), and the training's matrix products fill the cores meanwhile.
+# Measured in a full run (2,225 s, against 2,776 one step after another): bt-weights trained in
+# 1,126 s beside the server (753 alone); the uncompiled program's 36 answers took 299 s (~290
+# alone), the compiled one's 662 (450 alone: its long prompts are read in compute-bound passes).
 FINETUNE := $(CMP)/dspy/finetune.jsonl
 BTLOG   := $(CMP)/bt-weights.log
 ANSWER_ALL := --gen-batch-size 36
