@@ -1344,7 +1344,7 @@ def too_few_examples(cfg: Config, formatted: Formatted) -> str:
         return ""
     console.print(
         f"[yellow]only {n} training pairs: --optimizer {cfg.optimizer} is unlikely to learn from "
-        f"fewer than {need} (see MIN_TRAIN_EXAMPLES); "
+        f"fewer than {need}; "
         + ("this real run goes on as a quick try" if cfg.run else "what to fix is said at the end")
         + "[/yellow]"
     )
