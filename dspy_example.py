@@ -1165,37 +1165,30 @@ def watch_lm_errors(plan: Plan, adapter):
         def on_adapter_parse_end(self, call_id, outputs, exception=None):
             here.depth = getattr(here, "depth", 1) - 1
             with PARSE_LOCK:
-                if call_id not in parsing:
-                    return
-                fallback, text = parsing.pop(call_id)
-                tally = plan.replies.setdefault(plan.phase, new_reply_tally())
-                if fallback:
-                    tally["json_rescued" if exception is None else "unparsed"] += 1
-                    return
-                tally["unparsed"] += exception is not None and not retries
-                tally["replies"] += 1
-                tally["plain"] += exception is None and not FIELD_MARKER.search(str(text or ""))
-                if exception is not None:
-                    tally["not_in_format"] += 1
-                    # the first reply that shows why; one cut at a stop string shows little
-                    text = shorten(str(text or ""), 400)
-                    if tally["first_unparsed"] in (None, *STOP) and text:
-                        tally["first_unparsed"] = text
+                if call_id in parsing:
+                    fallback, text = parsing.pop(call_id)
+                    count_reply(fallback, exception is not None, str(text or ""))
 
     def empty_reply(fallback: bool) -> None:
         # DSPy raises on an empty reply before parse() is called, so no parse event tells of it
-        if plan.phase == "plain":
+        if plan.phase != "plain":
+            with PARSE_LOCK:
+                count_reply(fallback, True, "")
+
+    def count_reply(fallback: bool, failed: bool, text: str) -> None:
+        """One reply in its phase's tally; the caller holds PARSE_LOCK."""
+        tally = plan.replies.setdefault(plan.phase, new_reply_tally())
+        if fallback:
+            tally["unparsed" if failed else "json_rescued"] += 1
             return
-        with PARSE_LOCK:
-            tally = plan.replies.setdefault(plan.phase, new_reply_tally())
-            if fallback:
-                tally["unparsed"] += 1
-                return
-            tally["replies"] += 1
+        tally["replies"] += 1
+        tally["unparsed"] += failed and not retries
+        tally["plain"] += not failed and not FIELD_MARKER.search(text)
+        if failed:
             tally["not_in_format"] += 1
-            tally["unparsed"] += not retries
+            # the first reply that shows why; one cut at a stop string shows little
             if tally["first_unparsed"] in (None, *STOP):
-                tally["first_unparsed"] = "(an empty reply)"
+                tally["first_unparsed"] = shorten(text, 400) or "(an empty reply)"
 
     def one_line(record: logging.LogRecord) -> bool:
         error = getattr(FAILED_HERE, "error", None)

@@ -251,9 +251,11 @@ def run_script_in(
 PRELOAD = {
     "dspy_example.py": ["dspy", "litellm", "torch", "transformers"],
     "openai_finetune.py": ["openai", "torch", "transformers"],
-    # torch only: the script sets the hub's variables before it imports the Hugging Face
-    # libraries, which read them at import (huggingface_hub's constants, HF_HOME from HOME).
-    "huggingface_lora.py": ["torch"],
+    # Not the Hugging Face libraries: the script sets the hub's variables before it imports
+    # them, and they read them at import (huggingface_hub's constants, HF_HOME from HOME).
+    # bitsandbytes reads none and imports none of them, but torch's compiler (torch._dynamo,
+    # sympy): 3.5 of the 8 s of a dry run on the tiny model, which peft imports through it.
+    "huggingface_lora.py": ["torch", "bitsandbytes"],
 }
 # Read once, as a process starts: Python's own (PYTHONPATH, the encodings, the locale), and
 # OpenMP's, which its runtime takes when the zygote imports torch.

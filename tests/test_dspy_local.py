@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_script, start_script_in
+from conftest import load_script, run_script_in, start_script_in
 from fake_dspy_server import FREE_TEXT, answer_for, question_of
 from real_model import smollm2_folder  # noqa: F401  (the fixture, found by its name)
 
@@ -626,7 +626,7 @@ def test_prompt_weights_prompt_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_
     exported = tmp_path / "outputs" / "dspy" / "finetune.jsonl"
     assert len(exported.read_text().splitlines()) == 144
 
-    weights = start_script_in(
+    weights = run_script_in(
         tmp_path,
         "huggingface_lora.py",
         *("--model", str(tiny_folder), "--data", str(exported), "--test-limit", "0"),
@@ -634,16 +634,14 @@ def test_prompt_weights_prompt_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_
         *("--output-dir", "outputs/bt"),
         env={"HF_HUB_OFFLINE": "1"},
     )
-    out, err = weights.communicate(timeout=300)
-    assert weights.returncode == 0, (out + err)[-3000:]
+    assert weights.returncode == 0, weights.output[-3000:]
     merged = tmp_path / "outputs" / "bt" / "huggingface" / "merged"
     assert (merged / "config.json").is_file()
     assert not (tmp_path / "outputs" / "bt" / "results").exists(), "train only: no results"
 
     args = ["--serve", str(merged), "--base-model", str(tiny_folder), *quick]
-    again = start_script_in(tmp_path, SCRIPT, *args, "--results-name", "better-together")
-    out, err = again.communicate(timeout=300)
-    assert again.returncode == 0, (out + err)[-3000:]
+    again = run_script_in(tmp_path, SCRIPT, *args, "--results-name", "better-together")
+    assert again.returncode == 0, again.output[-3000:]
     base = json.loads((tmp_path / "outputs" / "results" / "dspy.json").read_text())
     both = json.loads((tmp_path / "outputs" / "results" / "better-together.json").read_text())
     # the plain model and the baseline are the untuned model's, the very answers of the first

@@ -11,14 +11,15 @@ and ends through Python's normal exit (atexit handlers, threads joined, streams 
 child is a real process with its own pid, exit code and signals; only the imports are done.
 
 What the child inherits that a fresh process would not: the modules imported here (argv after
-the socket path), nothing else. None of them reads at import time a variable the tests change
-for these two scripts (keys and base URLs are read when a client is made; the models load
-from local folders, so the hub settings of huggingface_hub do not matter); no thread is
-running when it forks (checked: importing them starts none); torch has run no operation, so
-its OpenMP pool starts in the child. For huggingface_lora.py only torch is preloaded: the
-script sets the hub's variables before it imports the Hugging Face libraries, which read them
-at import. A variable read as a process starts (PYTHONPATH, the locale, OpenMP's as torch
-loads) cannot reach a fork: a test that sets one runs the script in a fresh process
+the socket path) and tiktoken's two encodings, already parsed (parse_encodings), nothing else.
+None of them reads at import time a variable the tests change for these two scripts (keys and
+base URLs are read when a client is made; the models load from local folders, so the hub
+settings of huggingface_hub do not matter); no thread is running when it forks (checked:
+importing them starts none); torch has run no operation, so its OpenMP pool starts in the child.
+For huggingface_lora.py only torch and bitsandbytes (with torch's compiler) are preloaded: the
+script sets the hub's variables before it imports the Hugging Face libraries, which read them at
+import. A variable read as a process starts (PYTHONPATH, the locale, OpenMP's as torch loads)
+cannot reach a fork: a test that sets one runs the script in a fresh process
 (conftest.forkable); the others share the zygote's, OMP_WAIT_POLICY=PASSIVE among them, the
 value the LoRA script would set.
 
@@ -47,6 +48,35 @@ def preload(modules: list[str]) -> None:
         module = importlib.import_module(name)
         if name == "transformers":  # a lazy module: the classes the similarity score loads
             module.AutoModel, module.AutoTokenizer, module.BertModel  # noqa: B018
+    if "dspy" in modules or "openai" in modules:
+        parse_encodings()
+
+
+def parse_encodings() -> None:
+    """tiktoken's two encodings, parsed here once: 1.5 s of every run of the DSPy script
+    (LiteLLM's token counter) and 1 s of the OpenAI one (o200k_base) otherwise.
+
+    tiktoken keeps each encoding it has built, by name, for the process; the files are the copies
+    LiteLLM ships, the ones both scripts read offline. A child that counts tokens gets the same
+    encoding, built from the same bytes; whether a script finds the files (its "not on this
+    machine" path) is a check of its own on the disk, which this changes nothing of.
+    """
+    import importlib.util
+
+    import tiktoken
+
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    folder = os.path.join(next(iter(spec.submodule_search_locations)), "litellm_core_utils")
+    before = dict(os.environ)
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(folder, "tokenizers")
+    try:
+        for name in ("o200k_base", "cl100k_base"):
+            tiktoken.get_encoding(name)
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def receive(conn: socket.socket) -> tuple[dict, list[int]]:
