@@ -3643,7 +3643,16 @@ def draw_comparison(results: list[dict], path: Path) -> None:
                 lost = [f"{(r.get(k) or {}).get(side) or 0} {k}" for k in ("unusable", "cut")]
                 lost = [text for text in lost if not text.startswith("0 ")]
                 note = f"{value:.1f}" + (f"  ({', '.join(lost)})" if lost else "")
-                ax.text(value + 1, y + offset, note, va="center", fontsize=7)
+                # on a white patch: the plain model's dashed line may cross the label
+                ax.text(
+                    value + 1,
+                    y + offset,
+                    note,
+                    va="center",
+                    fontsize=7,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
+                    zorder=4,
+                )
             mark = (r.get("plain_model") or {}).get(key)
             if mark is not None:
                 first = not any(line.get_label() == "plain model" for line in ax.lines)

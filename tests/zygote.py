@@ -12,16 +12,17 @@ child is a real process with its own pid, exit code and signals; only the import
 
 What the child inherits that a fresh process would not: the modules imported here (argv after
 the socket path) and tiktoken's two encodings, already parsed (parse_encodings), nothing else.
-None of them reads at import time a variable the tests change for these two scripts (keys and
-base URLs are read when a client is made; the models load from local folders, so the hub
-settings of huggingface_hub do not matter); no thread is running when it forks (checked:
-importing them starts none); torch has run no operation, so its OpenMP pool starts in the child.
-For huggingface_lora.py only torch and bitsandbytes (with torch's compiler) are preloaded: the
-script sets the hub's variables before it imports the Hugging Face libraries, which read them at
-import. A variable read as a process starts (PYTHONPATH, the locale, OpenMP's as torch loads)
-cannot reach a fork: a test that sets one runs the script in a fresh process
-(conftest.forkable); the others share the zygote's, OMP_WAIT_POLICY=PASSIVE among them, the
-value the LoRA script would set.
+None of them reads at import time a variable the tests change (keys and base URLs are read when
+a client is made; the models load from local folders, so the hub settings of huggingface_hub do
+not matter for the DSPy and OpenAI scripts; matplotlib reads its settings file from HOME, where
+no test writes one, and picks no backend until the script's matplotlib.use("Agg")); no thread is
+running when it forks (checked: importing them starts none); torch has run no operation, so its
+OpenMP pool starts in the child. For huggingface_lora.py no Hugging Face library is preloaded,
+only torch, bitsandbytes (with torch's compiler) and the stage-6 libraries: the script sets the
+hub's variables before it imports the Hugging Face libraries, which read them at import. A
+variable read as a process starts (PYTHONPATH, the locale, OpenMP's as torch loads) cannot reach
+a fork: a test that sets one runs the script in a fresh process (conftest.forkable); the others
+share the zygote's, OMP_WAIT_POLICY=PASSIVE among them, the value the LoRA script would set.
 
 Protocol, one connection per run: the client sends one JSON line {"argv", "cwd", "env"} with
 three descriptors (stdin, stdout, stderr) attached; the server answers "pid N\n" once the
