@@ -2155,6 +2155,9 @@ class GGUFModel(ModelSource):
     def config(self, cfg: Config, tokenizer) -> tuple[object | None, str]:
         from transformers import AutoConfig
 
+        folder = Path(self.base(cfg))
+        if dequantized(folder, self.file):  # the same config, read without parsing the file
+            return AutoConfig.from_pretrained(folder), f"{folder}/config.json"
         return from_gguf(AutoConfig, self.file), "the GGUF header"
 
     def describe(self, cfg: Config) -> None:

@@ -620,9 +620,8 @@ def test_prompt_weights_prompt_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_
     compiles again on the merged model, with the base model as the plain model and baseline.
     The tiny model's answers are noise: this checks the plumbing, not the result."""
     quick = ["--run", "--optimizer", "labeled", "--test-limit", "2", "--max-tokens", "8"]
-    first = start_script_in(tmp_path, SCRIPT, "--serve", str(tiny_folder), *quick, env=SERVE_ENV)
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, (out + err)[-3000:]
+    first = run_script_in(tmp_path, SCRIPT, "--serve", str(tiny_folder), *quick)
+    assert first.returncode == 0, first.output[-3000:]
     exported = tmp_path / "outputs" / "dspy" / "finetune.jsonl"
     assert len(exported.read_text().splitlines()) == 144
 
