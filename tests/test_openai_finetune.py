@@ -170,6 +170,9 @@ def write_data(path, n_train: int, n_test: int, answer=lambda n: f"It is {2 * n}
 # ---------------------------------------------------------------------------- real runs
 def test_full_real_run_trains_answers_scores_and_records(api, real_run, oft):
     fake = api()
+    # each status long enough that a poll on a busy machine still sees it (0.05 s of validation
+    # was once over before the first poll)
+    fake.durations.update(validating_files=1.0, queued=1.0, running=1.0)
     result = real_run(fake)
     assert result.returncode == 0, result.output[-3000:]
     job = only_job(fake)
