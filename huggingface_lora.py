@@ -3654,7 +3654,6 @@ def draw_comparison(results: list[dict], path: Path) -> None:
                     va="center",
                     fontsize=7,
                     bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
-                    zorder=4,
                 )
             mark = (r.get("plain_model") or {}).get(key)
             if mark is not None:
