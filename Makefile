@@ -46,14 +46,18 @@ demo: install
 #                  it also writes the train pairs as its program sends them (dspy/finetune.jsonl)
 #  3 bt-weights    LoRA trains on those, as they are: the same pairs and LoRA settings as step 1;
 #                  it starts as soon as step 2 has written them, and trains while step 2 answers
-#                  (its output goes to $(CMP)/bt-weights.log, shown once step 2 is done)
 #  4 better-together  DSPy compiles again on the tuned weights (prompt, weights, prompt: DSPy's
-#                  BetterTogether); --base-model: the plain model and the baseline stay the
-#                  untuned model's, where the approach started (from the cache of step 2)
+#                  BetterTogether), as soon as step 3 is done, beside the rest of step 2;
+#                  --base-model: the plain model and the baseline stay the untuned model's, where
+#                  the approach started (from the cache of step 2)
+#                  Steps 3 and 4 write to $(CMP)/both.log, shown once step 2 is done.
 #  5 openai        a real run when OPENAI_API_KEY is set, otherwise a row with the estimate
 CMP     := outputs/compare
 BASE    := $(CMP)/huggingface/gguf/SmolLM2-135M-Instruct.Q4_1
 TUNED   := $(CMP)/bt/huggingface/merged
+# Both LoRA runs take 2 epochs (66 steps), not the script's default 3, to keep make compare
+# within 30 minutes on 2 cores; both rows have the same settings.
+LORA    := --epochs 2
 # The plain model, every row's mark, is the LoRA row's baseline (the same prompt, greedy): the
 # DSPy steps read its answers instead of asking the served model again (36 calls, ~5 min).
 PLAIN   := --plain-from $(CMP)/results/huggingface.json
@@ -64,8 +68,9 @@ PLAIN   := --plain-from $(CMP)/results/huggingface.json
 # Measured in a full run (2,225 s, against 2,776 one step after another): bt-weights trained in
 # 1,126 s beside the server (753 alone); the uncompiled program's 36 answers took 299 s (~290
 # alone), the compiled one's 662 (450 alone: its long prompts are read in compute-bound passes).
+# Two servers side by side (steps 2 and 4) each answer one call at a time on about one core.
 FINETUNE := $(CMP)/dspy/finetune.jsonl
-BTLOG   := $(CMP)/bt-weights.log
+BOTHLOG := $(CMP)/both.log
 ANSWER_ALL := --gen-batch-size 36
 OPENAI  := $(if $(OPENAI_API_KEY),--run --yes --max-cost 1,--record-plan)
 compare: install
@@ -75,23 +80,28 @@ compare: install
 		else echo "== $$name: $$*"; s=$$(date +%s); "$$@"; \
 		echo "== $$name took $$(( $$(date +%s) - s )) s"; fi; }; \
 	step huggingface $(CMP)/results/huggingface.json \
-		$(PY) huggingface_lora.py --model $(MODEL) --run $(ANSWER_ALL) --output-dir $(CMP); \
-	bt= shown=; if [ -e $(TUNED)/config.json ]; then echo "== bt-weights: done before, reused"; else \
-		echo "== bt-weights: starts when step dspy has written $(FINETUNE); log: $(BTLOG)"; \
-		( until [ -e $(FINETUNE) ]; do sleep 5; done; echo "== bt-weights: from $$(date +%T)"; \
-		exec $(PY) huggingface_lora.py \
-		--model $(BASE) --data $(FINETUNE) --test-limit 0 --merge --run \
-		--output-dir $(CMP)/bt ) > $(BTLOG) 2>&1 & bt=$$!; bt_start=$$(date +%s); fi; \
-	trap '[ -z "$$bt$$shown" ] || kill $$bt $$shown 2>/dev/null' EXIT; trap 'exit 130' INT TERM; \
+		$(PY) huggingface_lora.py --model $(MODEL) --run $(LORA) $(ANSWER_ALL) --output-dir $(CMP); \
+	both= shown=; if [ -e $(CMP)/results/better-together.json ]; then \
+		echo "== bt-weights, better-together: done before, reused"; else \
+		echo "== bt-weights, then better-together: from when step dspy has written $(FINETUNE); log: $(BOTHLOG)"; \
+		( [ -e $(TUNED)/config.json ] || until [ -e $(FINETUNE) ]; do sleep 5; done; \
+		step bt-weights $(TUNED)/config.json $(PY) huggingface_lora.py \
+			--model $(BASE) --data $(FINETUNE) --test-limit 0 --merge --run $(LORA) \
+			--output-dir $(CMP)/bt; \
+		step better-together $(CMP)/results/better-together.json \
+			$(PY) dspy_example.py --run --serve $(TUNED) --base-model $(BASE) $(PLAIN) \
+			--results-name better-together --output-dir $(CMP) ) > $(BOTHLOG) 2>&1 & \
+		both=$$!; both_start=$$(date +%s); fi; \
+	stop_both() { kill -STOP $$both; kill $$(pgrep -P $$both) $$both; kill -CONT $$both; }; \
+	trap '[ -z "$$shown" ] || kill $$shown; [ -z "$$both" ] || stop_both 2>/dev/null' EXIT; \
+	trap 'exit 130' INT TERM; \
 	step dspy $(CMP)/results/dspy.json \
 		$(PY) dspy_example.py --run --serve $(BASE) $(PLAIN) --output-dir $(CMP); \
-	if [ -n "$$bt" ]; then echo "== bt-weights, from $(BTLOG):"; tail -n +1 -f $(BTLOG) & \
-		shown=$$!; code=0; wait $$bt || code=$$?; bt=; sleep 1; kill $$shown; shown=; \
-		[ $$code = 0 ] || { echo "== bt-weights failed (exit $$code): $(BTLOG)"; exit $$code; }; \
-		echo "== bt-weights done $$(( $$(date +%s) - bt_start )) s after step dspy began"; fi; \
-	step better-together $(CMP)/results/better-together.json \
-		$(PY) dspy_example.py --run --serve $(TUNED) --base-model $(BASE) $(PLAIN) \
-		--results-name better-together --output-dir $(CMP); \
+	if [ -n "$$both" ]; then echo "== bt-weights, better-together, from $(BOTHLOG):"; \
+		tail -n +1 -f $(BOTHLOG) & shown=$$!; code=0; wait $$both || code=$$?; both=; \
+		sleep 1; kill $$shown; shown=; \
+		[ $$code = 0 ] || { echo "== bt-weights or better-together failed (exit $$code): $(BOTHLOG)"; exit $$code; }; \
+		echo "== bt-weights, better-together done $$(( $$(date +%s) - both_start )) s after step dspy began"; fi; \
 	$(PY) openai_finetune.py $(OPENAI) --output-dir $(CMP); \
 	echo "make compare: $$(( $$(date +%s) - start )) s in all; table and chart in $(CMP)/results/"
 

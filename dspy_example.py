@@ -192,7 +192,7 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
     provider = provider_of(cfg.model, cfg.api_base)
     plan = Plan(key_variable=key_variable_for(cfg, provider))
     if cfg.serve is not None:  # --serve: the server to start, not started yet
-        plan.server = LocalServer(cfg.serve, cfg.output_dir / "dspy" / "serve.log")
+        plan.server = LocalServer(cfg.serve, cfg.serve_log)
     show_settings(cfg, provider, plan)
     if not cfg.local and (close := close_model_names(cfg.model)):
         # a warning, not a refusal: the model may be newer than this LiteLLM's price map
@@ -591,6 +591,7 @@ class Config:
     local: bool = field(init=False)  # the model runs on this machine (on_this_machine)
     program_path: Path = field(init=False)  # where the compiled program is saved
     finetune_path: Path = field(init=False)  # the train pairs as the program sends them (chat)
+    serve_log: Path = field(init=False)  # --serve: the server's log (its base model's beside it)
 
     def __post_init__(self):
         self.results_name = self.results_name or APPROACH
@@ -598,6 +599,7 @@ class Config:
         suffix = "" if self.results_name == APPROACH else f"-{self.results_name}"
         self.program_path = self.output_dir / "dspy" / f"program{suffix}.json"
         self.finetune_path = self.output_dir / "dspy" / f"finetune{suffix}.jsonl"
+        self.serve_log = self.output_dir / "dspy" / f"serve{suffix}.log"
         if self.serve is not None:  # --serve
             self.serve = self.serve.resolve()
             # transformers serve names the model after the folder it was given, and refuses
@@ -2310,7 +2312,8 @@ class LocalServer:
     """`transformers serve FOLDER` on a free 127.0.0.1 port, a child of this process.
 
     Started in stage 3 of a real run; stopped however the run ends: finished, failed,
-    Ctrl-C or SIGTERM. Its log goes to OUTPUT_DIR/dspy/serve.log. It sends nothing past
+    Ctrl-C or SIGTERM. Its log goes to OUTPUT_DIR/dspy/serve.log (serve-NAME.log with
+    --results-name NAME, so two runs side by side keep their own). It sends nothing past
     loopback: the model comes from the folder (HF_HUB_OFFLINE=1), and the CLI's daily
     new-version check on PyPI is switched off (HF_HUB_DISABLE_UPDATE_CHECK=1).
 
@@ -2448,7 +2451,7 @@ def base_model_served(cfg: Config, plan: Plan):
         yield
         return
     folder = Path(cfg.base_model).resolve()
-    server = LocalServer(folder, cfg.output_dir / "dspy" / "serve-base.log")
+    server = LocalServer(folder, cfg.serve_log.with_stem(cfg.serve_log.stem + "-base"))
     server.start(cfg.serve_timeout)
     client = {"api_base": server.api_base, "api_key": "local"}
     plan.base_lm = build_lm(cfg, f"openai/{folder}", client)

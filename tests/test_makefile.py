@@ -116,7 +116,7 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="no make he
 
 @needs_make
 def test_bt_weights_trains_beside_dspy_and_a_second_run_reuses_every_step(project):
-    proc = make_compare(project, DSPY_SECONDS="8", BT_WEIGHTS_SECONDS="3")
+    proc = make_compare(project, DSPY_SECONDS="14", BT_WEIGHTS_SECONDS="3")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     seen = calls(project)
@@ -125,32 +125,43 @@ def test_bt_weights_trains_beside_dspy_and_a_second_run_reuses_every_step(projec
     # bt-weights starts once dspy has written its train pairs (it looks every 5 s), and trains
     # while dspy answers
     assert seen["bt-weights"]["start"] < seen["dspy"]["end"]
-    # the prompt-weights-prompt step needs both: the tuned weights and the first program's cache
-    assert seen["better-together"]["start"] > max(seen["dspy"]["end"], seen["bt-weights"]["end"])
-    # what bt-weights printed in the background is shown, after dspy's own output
-    assert out.index("bt-weights says hello") > out.index("dspy says hello")
-    assert re.search(r"== bt-weights done \d+ s after step dspy began", out)
-    assert (project / "outputs/compare/bt-weights.log").read_text().startswith("== bt-weights")
+    # the prompt-weights-prompt step needs the tuned weights, not the end of step dspy: it runs
+    # beside the rest of it
+    assert seen["bt-weights"]["end"] < seen["better-together"]["start"] < seen["dspy"]["end"]
+    assert seen["openai"]["start"] > max(seen["dspy"]["end"], seen["better-together"]["end"])
+    # what the background steps printed is shown, after dspy's own output
+    assert out.index("dspy says hello") < out.index("bt-weights says hello")
+    assert out.index("bt-weights says hello") < out.index("better-together says hello")
+    assert re.search(r"== bt-weights, better-together done \d+ s after step dspy began", out)
+    assert (project / "outputs/compare/both.log").read_text().startswith("== bt-weights")
+    # both LoRA runs train with the same settings
+    lora_flags = [line for line in out.splitlines() if "huggingface_lora.py" in line]
+    assert len(lora_flags) == 2 and all("--epochs 2" in line for line in lora_flags), lora_flags
 
     (project / "calls.log").unlink()
     again = make_compare(project)
     out, _ = again.communicate(timeout=60)
     assert again.returncode == 0, out
     assert list(calls(project)) == ["openai"], "only the estimate row runs again"
-    for step in ("huggingface", "dspy", "better-together"):
+    for step in ("huggingface", "dspy"):
         assert f"== {step}: done before" in out
-    assert "== bt-weights: done before, reused" in out
+    assert "== bt-weights, better-together: done before, reused" in out
 
 
 @needs_make
-def test_a_failed_bt_weights_stops_make_compare_with_its_log_and_runs_nothing_after(project):
-    proc = make_compare(project, FAIL="bt-weights", BT_WEIGHTS_SECONDS="1")
+@pytest.mark.parametrize("failing", ["bt-weights", "better-together"])
+def test_a_failed_background_step_stops_make_compare_with_its_log_and_runs_nothing_after(
+    project, failing
+):
+    proc = make_compare(project, FAIL=failing, BT_WEIGHTS_SECONDS="1")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert "bt-weights failed here" in out  # its log, shown
-    assert "== bt-weights failed (exit 3): outputs/compare/bt-weights.log" in out
+    assert f"{failing} failed here" in out  # its log, shown
+    assert "== bt-weights or better-together failed (exit 3): outputs/compare/both.log" in out
     seen = calls(project)
-    assert "better-together" not in seen and "openai" not in seen
+    assert "openai" not in seen
+    if failing == "bt-weights":
+        assert "better-together" not in seen
     assert (project / "outputs/compare/results/dspy.json").is_file(), "dspy's step is kept"
 
 
@@ -178,4 +189,7 @@ def test_stopping_make_compare_stops_the_training_in_the_background_too(project,
     while alive(seen["bt-weights"]["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(seen["bt-weights"]["pid"]), "the training in the background outlived make"
+    time.sleep(1)
+    seen = calls(project)
     assert "end" not in seen["bt-weights"]
+    assert "better-together" not in seen, "the next background step started after make ended"
