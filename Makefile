@@ -58,6 +58,11 @@ TUNED   := $(CMP)/bt/huggingface/merged
 # Both LoRA runs take 2 epochs (66 steps), not the script's default 3, to keep make compare
 # within 30 minutes on 2 cores; both rows have the same settings.
 LORA    := --epochs 2
+# Step 1 runs alone, so torch's threads may spin between operations instead of sleeping: its
+# training took 49 s for 12 steps with OMP_WAIT_POLICY=ACTIVE against 72 s with PASSIVE (2 idle
+# AMD EPYC cores). Beside a server, as bt-weights trains, spinning threads cost both: 118 s
+# against 87 s, and the server answered a third fewer calls. So PASSIVE for every other step.
+ALONE   := env OMP_WAIT_POLICY=ACTIVE
 # The plain model, every row's mark, is the LoRA row's baseline (the same prompt, greedy): the
 # DSPy steps read its answers instead of asking the served model again (36 calls, ~5 min).
 PLAIN   := --plain-from $(CMP)/results/huggingface.json
@@ -80,7 +85,7 @@ compare: install
 		else echo "== $$name: $$*"; s=$$(date +%s); "$$@"; \
 		echo "== $$name took $$(( $$(date +%s) - s )) s"; fi; }; \
 	step huggingface $(CMP)/results/huggingface.json \
-		$(PY) huggingface_lora.py --model $(MODEL) --run $(LORA) $(ANSWER_ALL) --output-dir $(CMP); \
+		$(ALONE) $(PY) huggingface_lora.py --model $(MODEL) --run $(LORA) $(ANSWER_ALL) --output-dir $(CMP); \
 	both= shown=; if [ -e $(CMP)/results/better-together.json ]; then \
 		echo "== bt-weights, better-together: done before, reused"; else \
 		echo "== bt-weights, then better-together: from when step dspy has written $(FINETUNE); log: $(BOTHLOG)"; \

@@ -440,7 +440,10 @@ def test_the_chosen_program_leaves_at_most_1_of_12_real_replies_unreadable(
 
     DSPy's usual ChainOfThought with ChatAdapter left 0 of 36 replies in format on this model
     (bench/dspy_program.py). The script's own stages 1 to 3 and its answer_all(), as stage 5
-    runs the baseline, on the first 12 test questions.
+    runs the baseline, on the first 12 test questions, all at once against a server started
+    with --continuous-batching, as a user may start one and pass it with --api-base: it ignores
+    `stop`, so this also reads real replies that ran on past the stop strings. (2.1 times
+    faster than one at a time on 2 idle cores, the same 12 answers.)
     """
     folder = request.getfixturevalue("smollm2_folder")
     for name, value in SERVE_ENV.items():
@@ -448,6 +451,8 @@ def test_the_chosen_program_leaves_at_most_1_of_12_real_replies_unreadable(
     monkeypatch.setenv("OPENAI_API_KEY", "local")  # the OpenAI client wants one; the server none
     script.console.quiet = True
     server = script.LocalServer(folder.resolve(), tmp_path / "serve.log")
+    # A KV cache for the 12 replies, not 60% of the free memory (its default)
+    server.args += ["--continuous-batching", "--cb-num-blocks", "64"]
     server.start(300)
     try:
         cfg = script.parse_config(
@@ -460,7 +465,7 @@ def test_the_chosen_program_leaves_at_most_1_of_12_real_replies_unreadable(
         formatted = script.format_data(cfg, data)
         plan = script.configure_model(cfg, formatted)
         program = script.build_program(cfg.program, formatted.signature)
-        replies = script.answer_all(program, formatted.testset, 1, "baseline")
+        replies = script.answer_all(program, formatted.testset, 12, "baseline")
     finally:
         server.stop()
     answers = [reply["answer"] for reply in replies]
