@@ -70,10 +70,12 @@ PLAIN   := --plain-from $(CMP)/results/huggingface.json
 # Training beside a server that answers one call at a time costs each less than taking turns:
 # a reply's tokens come one by one, each reading the 540 MB of fp32 weights from memory (about
 # 60 ms on 1 thread as on 2), and the training's matrix products fill the cores meanwhile.
-# Measured in a full run (2,225 s, against 2,776 one step after another): bt-weights trained in
-# 1,126 s beside the server (753 alone); the uncompiled program's 36 answers took 299 s (~290
-# alone), the compiled one's 662 (450 alone: its long prompts are read in compute-bound passes).
-# Two servers side by side (steps 2 and 4) each answer one call at a time on about one core.
+# Measured (2 Intel Xeon cores, 3 epochs, step 4 after step 2: 2,225 s, against 2,776 one step
+# after another): bt-weights trained in 1,126 s beside the server (753 alone); the uncompiled
+# program's 36 answers took 299 s (~290 alone), the compiled one's 662 (450 alone: its long
+# prompts are read in compute-bound passes). As it is now, on 2 AMD EPYC cores: 2,104 s (LoRA
+# 460, dspy 1,110, bt-weights 1,065 and better-together 491 beside it). Two servers side by
+# side (steps 2 and 4) each answer one call at a time on about one core.
 FINETUNE := $(CMP)/dspy/finetune.jsonl
 BOTHLOG := $(CMP)/both.log
 ANSWER_ALL := --gen-batch-size 36

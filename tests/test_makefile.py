@@ -37,7 +37,8 @@ STAND_IN = textwrap.dedent(
     log = Path("calls.log")
     def note(what):
         with log.open("a") as out:
-            out.write(f"{{time.monotonic():.3f}} {{what}} {{step}} {{os.getpid()}}\\n")
+            wait = os.environ.get("OMP_WAIT_POLICY", "-")
+            out.write(f"{{time.monotonic():.3f}} {{what}} {{step}} {{os.getpid()}} {{wait}}\\n")
     note("start")
     cmp = Path("outputs/compare")
     def write(path, text="{{}}"):
@@ -91,13 +92,13 @@ def make_compare(project: Path, **env: str) -> subprocess.Popen:
     )
 
 
-def calls(project: Path) -> dict[str, dict[str, float]]:
-    """step -> {"start": t, "end": t, "pid": n} from the stand-in's log."""
-    found: dict[str, dict[str, float]] = {}
+def calls(project: Path) -> dict[str, dict]:
+    """step -> {"start": t, "end": t, "pid": n, "wait": OMP_WAIT_POLICY} from the stand-in's log."""
+    found: dict[str, dict] = {}
     for line in (project / "calls.log").read_text().splitlines():
-        when, what, step, pid = line.split()
+        when, what, step, pid, wait = line.split()
         found.setdefault(step, {})[what] = float(when)
-        found[step]["pid"] = int(pid)
+        found[step]["pid"], found[step]["wait"] = int(pid), wait
     return found
 
 
@@ -134,6 +135,11 @@ def test_bt_weights_trains_beside_dspy_and_a_second_run_reuses_every_step(projec
     assert out.index("bt-weights says hello") < out.index("better-together says hello")
     assert re.search(r"== bt-weights, better-together done \d+ s after step dspy began", out)
     assert (project / "outputs/compare/both.log").read_text().startswith("== bt-weights")
+    # torch's threads spin only in the step that has the cores to itself
+    assert {step: seen[step]["wait"] for step in order} == {
+        "lora": "ACTIVE", "dspy": "PASSIVE", "bt-weights": "PASSIVE",
+        "better-together": "PASSIVE", "openai": "PASSIVE",
+    }  # fmt: skip
     # both LoRA runs train with the same settings
     lora_flags = [line for line in out.splitlines() if "huggingface_lora.py" in line]
     assert len(lora_flags) == 2 and all("--epochs 2" in line for line in lora_flags), lora_flags
