@@ -65,6 +65,12 @@ LORA    := --epochs 2
 # threads cost both: 118 s against 87 s for 12 steps, and the server answered a third fewer
 # calls. So PASSIVE for every other step.
 ALONE   := env OMP_WAIT_POLICY=ACTIVE
+# Both DSPy steps put 8 demos in front of every question (4 of the model's own runs, 4 train
+# pairs), not the script's 16 (DSPy's default): the compiled prompt is what each call of the
+# tuned phases reads first (~1,650 tokens with 16), and the rows that follow it took 679 s and
+# 397 s of make compare's 35 minutes. bench/README.md, "How many demos": 4 pairs scored better
+# than 16 on both measures.
+DEMOS   := --max-labeled-demos 8
 # The plain model, every row's mark, is the LoRA row's baseline (the same prompt, greedy): the
 # DSPy steps read its answers instead of asking the served model again (36 calls, ~5 min).
 PLAIN   := --plain-from $(CMP)/results/huggingface.json
@@ -98,14 +104,14 @@ compare: install
 			--model $(BASE) --data $(FINETUNE) --test-limit 0 --merge --run $(LORA) \
 			--output-dir $(CMP)/bt; \
 		step better-together $(CMP)/results/better-together.json \
-			$(PY) dspy_example.py --run --serve $(TUNED) --base-model $(BASE) $(PLAIN) \
+			$(PY) dspy_example.py --run --serve $(TUNED) --base-model $(BASE) $(PLAIN) $(DEMOS) \
 			--results-name better-together --output-dir $(CMP) ) > $(BOTHLOG) 2>&1 & \
 		both=$$!; both_start=$$(date +%s); fi; \
 	stop_both() { kill -STOP $$both; kill $$(pgrep -P $$both) $$both; kill -CONT $$both; }; \
 	trap '[ -z "$$shown" ] || kill $$shown; [ -z "$$both" ] || stop_both 2>/dev/null' EXIT; \
 	trap 'exit 130' INT TERM; \
 	step dspy $(CMP)/results/dspy.json \
-		$(PY) dspy_example.py --run --serve $(BASE) $(PLAIN) --output-dir $(CMP); \
+		$(PY) dspy_example.py --run --serve $(BASE) $(PLAIN) $(DEMOS) --output-dir $(CMP); \
 	if [ -n "$$both" ]; then echo "== bt-weights, better-together, from $(BOTHLOG):"; \
 		tail -n +1 -f $(BOTHLOG) & shown=$$!; code=0; wait $$both || code=$$?; both=; \
 		sleep 1; kill $$shown; shown=; \

@@ -106,6 +106,7 @@ OPTIMIZERS = ("bootstrap", "random-search", "mipro", "gepa", "labeled")  # their
 AUTO_LEVELS = ("light", "medium", "heavy")  # MIPROv2's and GEPA's `auto`: how long they search
 # Fewer training pairs, and the optimizer is unlikely to learn (measured: too_few_examples).
 MIN_TRAIN_EXAMPLES = {"labeled": 4, "bootstrap": 4, "random-search": 20, "gepa": 20, "mipro": 25}
+WRITES_INSTRUCTIONS = {"gepa", "mipro"}  # the others pick demos and keep the instructions
 # The plain model, the mark every approach shares: the untuned model with this plain prompt.
 SYSTEM_PROMPT = (
     "You are a patient, knowledgeable teacher. Answer the student's question correctly "
@@ -182,6 +183,12 @@ def format_data(cfg: Config, data: Data) -> Formatted:
     loaded = load_program(cfg.load, cfg.program, signature) if cfg.load else None
     formatted = Formatted(trainset, testset, signature, adapter, loaded, data.train_all)
     estimate_tokens(cfg, data, formatted)  # estimates: tokens per call of each phase
+    if cfg.run and not cfg.ask and loaded is None and cfg.optimizer not in WRITES_INSTRUCTIONS:
+        # The file has no demos, and this optimizer only picks demos: it is the same now as
+        # after compiling. Written now, a fine-tuning run can start while this one compiles
+        # and answers (make compare's "both" row does).
+        export_finetune_data(cfg, formatted, build_program(cfg.program, signature))
+        formatted.exported = True
     return formatted
 
 
@@ -271,7 +278,7 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
         tuned = Tuned(program, cfg.program_path)
     show_program(tuned.program, formatted.signature.instructions, cfg.metric_threshold)
     plan.demos = len(predictor(tuned.program).demos)
-    if cfg.run and not cfg.ask:
+    if cfg.run and not cfg.ask and not formatted.exported:  # its instructions are new
         export_finetune_data(cfg, formatted, tuned.program)  # the weights' half of "both levers"
     return tuned
 
@@ -700,6 +707,7 @@ class Formatted:
     adapter: object
     loaded: object | None = None  # the compiled program from --load, if any
     finetune_rows: list = field(default_factory=list)  # every train pair, for export_finetune_data
+    exported: bool = False  # export_finetune_data ran in stage 2 (the instructions stay)
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # estimates: per call, by phase
     reply_tokens: int = 0  # estimates: tokens per reply (reasoning + answer)
 

@@ -920,6 +920,13 @@ def test_gepa_compiles_with_the_reflection_model_and_saves_its_instruction(
     [instructions] = re.findall(r'"instructions": "([^"]*)"', json.dumps(program_of(result)))
     original = "Answer a student's question as a good teacher would"
     assert instructions.startswith(original) or "a teacher explains the key idea" in instructions
+    # GEPA writes instructions: the train pairs for fine-tuning are written after compiling,
+    # with the instruction it picked
+    out = flat(result.stdout)
+    assert out.index("Stage 4/6") < out.index("wrote ") and "finetune.jsonl" in out
+    exported = result.cwd / "outputs" / "dspy" / "finetune.jsonl"
+    system = json.loads(exported.read_text().splitlines()[0])["messages"][0]["content"]
+    assert json.loads(f'"{instructions}"') in system
     results = results_of(result)
     assert results["optimizer"] == "gepa"
     cfg = script.Config(data=script.DATA_FILE, optimizer="gepa", train_limit=4, test_limit=2)

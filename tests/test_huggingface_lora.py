@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -581,6 +582,66 @@ def test_label_mask_trains_exactly_the_answer_and_end_of_turn_with_a_chat_templa
     prompt = prompt_text(tokenizer, row)
     assert prompt.endswith("<|im_start|>assistant\n") and pair["question"] in prompt
     assert hf.SYSTEM_PROMPT in prompt
+
+
+def tiny_lora_model(hf, tokenizer):
+    """The tiny random network with an adapter whose B is not zero (a trained one's is not)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**hf.tiny_model_config(tokenizer))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(config),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    return model.eval()
+
+
+def test_the_output_layer_runs_only_where_a_label_is_and_the_loss_is_the_same(hf):
+    import torch
+
+    tokenizer = hf.build_tiny_tokenizer()
+    rows = [
+        hf.encode_example(tokenizer, p["question"], p["answer"], system_in_user=False)
+        for p in hf.BASE_PAIRS[:3]
+    ]  # three lengths: the batch is padded
+    model = tiny_lora_model(hf, tokenizer)
+    formatted = hf.Formatted(source=None, tokenizer=tokenizer, train_part=[], train_rows=rows)
+    plan = types.SimpleNamespace(device="cpu", world=1)
+    _, _, collator = hf.training_data(formatted, plan, model)
+    batch = collator(rows)
+    graded = sum(1 for r in rows for label in r["labels"][1:] if label != -100)
+    padded = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        kept, whole = model(**batch), model(**padded)
+    assert whole.logits.shape[:2] == batch["input_ids"].shape  # a logit for every token
+    assert kept.logits.shape[0] == graded  # ... against one for each token the loss grades
+    assert torch.allclose(kept.loss, whole.loss, rtol=1e-6)
+
+
+def test_answers_with_the_adapter_merged_are_the_unmerged_ones_and_it_is_taken_out_after(hf):
+    tokenizer = hf.build_tiny_tokenizer()
+    model = tiny_lora_model(hf, tokenizer)
+    settings = {"system_in_user": False, "stop_ids": [], "stop_strings": []}
+    settings |= {"max_new_tokens": 8, "batch_size": 2}
+    questions = [p["question"] for p in hf.BASE_PAIRS[:3]]
+    before, _ = hf.generate_answers(model, tokenizer, questions, **settings)
+    with hf.adapter_merged(model, four_bit=False):
+        assert all(layer.merged for layer in lora_layers(model))
+        merged, _ = hf.generate_answers(model, tokenizer, questions, **settings)
+    assert merged == before
+    assert not any(layer.merged for layer in lora_layers(model))
+    with model.disable_adapter():
+        base, _ = hf.generate_answers(model, tokenizer, questions, **settings)
+    assert base != before  # the adapter still changes the answers: it was taken out, not lost
+
+
+def lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
 def test_label_mask_with_the_fallback_template_of_a_base_model(hf):
