@@ -50,6 +50,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 FREE_TEXT = "The answer to this question is a question of its own, and so on, and so on."
+NEAR_MISS = "[[## answer ## ]]\n"  # SmolLM2's usual miss after 8 demos: no space after [[
 QUESTION_PATTERN = re.compile(r"\[\[ ## question ## \]\]\n(.*?)(?:\n\n|\Z)", re.DOTALL)
 CHAT_FIELDS_PATTERN = re.compile(r"`\[\[ ## (\w+) ## \]\]`")
 JSON_FIELDS_PATTERN = re.compile(
@@ -181,6 +182,7 @@ class FakeChatServer:
         self.prose_next = 0  # answer the next N requests in prose, ignoring the asked format
         self.free_text_for: set[str] = set()  # questions answered in prose, every time
         self.empty_for: set[str] = set()  # questions answered with nothing, every time
+        self.near_miss_for: set[str] = set()  # answered in prose after "[[## answer ## ]]"
         # written after every reply until max_tokens, as `transformers serve
         # --continuous-batching` writes on past a stop string it ignores
         self.run_on_past_stop: str | None = None
@@ -290,6 +292,8 @@ class FakeChatServer:
             text, finish = FREE_TEXT, "stop"
         elif question in self.empty_for:  # a model that writes a stop string first
             text, finish = "", "stop"
+        elif question in self.near_miss_for:  # a near miss of ChatAdapter's header, then prose
+            text, finish = NEAR_MISS + FREE_TEXT, "stop"
         else:
             text, finish = reply_for(body, prose), "stop"
         if self.run_on_past_stop:

@@ -112,6 +112,7 @@ def test_an_unparseable_reply_is_counted_scored_zero_shown_and_recorded_per_phas
             "replies": replies,
             "not_in_format": 1,
             "plain": 0,  # ChatAdapter reads no reply whole: that is the plain-reply adapter
+            "near_miss": 0,
             "json_rescued": 0,
             "unparsed": 1,
             "first_unparsed": FREE_TEXT,
@@ -529,6 +530,26 @@ def test_the_plain_reply_adapter_reads_a_reply_without_markers_as_the_answer(
     assert (results["program"], results["adapter"]) == ("predict", adapter)
     # Predict asks for the answer alone: no request names a reasoning field
     assert not any("reasoning" in json.dumps(body["messages"]) for body in server.requests)
+
+
+@pytest.mark.parametrize("adapter", ["chat-plain", "chat-no-retry"])
+def test_a_reply_opening_with_a_near_miss_of_the_header_is_read_as_the_answer(
+    dspy_run, server, adapter
+):
+    server.near_miss_for = {SEASONS}  # "[[## answer ## ]]\n" + prose
+    args = ("--run", "--yes", "--program", "predict", "--adapter", adapter)
+    result = dspy_run(*args, "--optimizer", "labeled", "--test-limit", "3")
+    assert result.returncode == 0, result.output[-3000:]
+    results = results_of(result)
+    seasons = results["questions"][0]
+    replies = results["replies"]["baseline"]
+    if adapter == "chat-plain":  # the header read as the answer's, the prose as the answer
+        assert seasons["baseline"] == seasons["tuned"] == FREE_TEXT
+        assert (replies["near_miss"], replies["plain"], replies["not_in_format"]) == (1, 0, 0)
+        assert "1 of them opened with a near miss of the answer's header" in flat(result.stdout)
+    else:  # DSPy's ChatAdapter cannot read it: an empty answer, scored 0
+        assert seasons["baseline"] == ""
+        assert (replies["near_miss"], replies["plain"], replies["not_in_format"]) == (0, 0, 1)
 
 
 def test_a_reply_that_runs_on_past_a_stop_string_is_read_up_to_it_and_not_counted_as_cut(
