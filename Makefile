@@ -43,9 +43,11 @@ demo: install
 # outputs/compare to start again).
 #  1 huggingface   LoRA on the plain chat prompt (the row's baseline is the plain model)
 #  2 dspy          DSPy compiles a prompt on the same model, served by `transformers serve`;
-#                  it also writes the train pairs as its program sends them (dspy/finetune.jsonl)
+#                  in its stage 2 it writes the train pairs as its program sends them
+#                  (dspy/finetune.jsonl: no demos, so the same before compiling as after)
 #  3 bt-weights    LoRA trains on those, as they are: the same pairs and LoRA settings as step 1;
-#                  it starts as soon as step 2 has written them, and trains while step 2 answers
+#                  it starts as soon as step 2 has written them, and trains while step 2 compiles
+#                  and answers
 #  4 better-together  DSPy compiles again on the tuned weights (prompt, weights, prompt: DSPy's
 #                  BetterTogether), as soon as step 3 is done, beside the rest of step 2;
 #                  --base-model: the plain model and the baseline stay the untuned model's, where
@@ -61,15 +63,14 @@ TUNED   := $(CMP)/bt/huggingface/merged
 LORA    := --epochs 2
 # Step 1 runs alone, so torch's threads may spin between operations instead of sleeping: its
 # 66 steps trained in 328 s with OMP_WAIT_POLICY=ACTIVE against 353 s with PASSIVE (2 idle AMD
-# EPYC cores; 49 s against 72 s for 12 steps). Beside a server, as bt-weights trains, spinning
+# EPYC cores, before the logits mask; 49 s against 72 s for 12 steps). Beside a server, as bt-weights trains, spinning
 # threads cost both: 118 s against 87 s for 12 steps, and the server answered a third fewer
 # calls. So PASSIVE for every other step.
 ALONE   := env OMP_WAIT_POLICY=ACTIVE
 # Both DSPy steps put 8 demos in front of every question (4 of the model's own runs, 4 train
-# pairs), not the script's 16 (DSPy's default): the compiled prompt is what each call of the
-# tuned phases reads first (~1,650 tokens with 16), and the rows that follow it took 679 s and
-# 397 s of make compare's 35 minutes. bench/README.md, "How many demos": 4 pairs scored better
-# than 16 on both measures.
+# pairs), not the script's 16 (DSPy's default): each compiled call reads them first, ~970
+# prompt tokens against 1,644. The two compiled phases took 485 s and 286 s, against 679 s and
+# 397 s with 16; DSPy's row scored 23.1 ROUGE-L against 20.3 (bench/README.md, "How many demos").
 DEMOS   := --max-labeled-demos 8
 # The plain model, every row's mark, is the LoRA row's baseline (the same prompt, greedy): the
 # DSPy steps read its answers instead of asking the served model again (36 calls, ~5 min).
@@ -81,8 +82,8 @@ PLAIN   := --plain-from $(CMP)/results/huggingface.json
 # Measured (2 Intel Xeon cores, 3 epochs, step 4 after step 2: 2,225 s, against 2,776 one step
 # after another): bt-weights trained in 1,126 s beside the server (753 alone); the uncompiled
 # program's 36 answers took 299 s (~290 alone), the compiled one's 662 (450 alone: its long
-# prompts are read in compute-bound passes). As it is now, on 2 AMD EPYC cores: 2,104 s (LoRA
-# 460, dspy 1,110, bt-weights 1,065 and better-together 491 beside it). Two servers side by
+# prompts are read in compute-bound passes). As it is now, on 2 AMD EPYC cores: 1,596 s (LoRA
+# 374, dspy 845, bt-weights 853 and better-together 357 beside it). Two servers side by
 # side (steps 2 and 4) each answer one call at a time on about one core.
 FINETUNE := $(CMP)/dspy/finetune.jsonl
 BOTHLOG := $(CMP)/both.log
@@ -135,7 +136,7 @@ format: install
 # Three processes, a test file each at a time (its fixtures built once): the suite waits on
 # servers and subprocesses as well as it computes, so three keep two cores busy (1.9 on average).
 test: lint
-	$(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder --durations=15
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

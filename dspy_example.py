@@ -1623,7 +1623,7 @@ def say_replies(cfg: Config, plan: Plan, phase: str) -> None:
     if tally["near_miss"]:
         console.print(
             f"  {tally['near_miss']} of them opened with a near miss of the answer's header "
-            "(such as [[## answer ## ]]): read as that header"
+            f"(such as {escape('[[## answer ## ]]')}): read as that header"
         )
     if bad:
         retry = f"DSPy asked each again in JSON (+{bad} calls), {tally['json_rescued']} parsed; "
