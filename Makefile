@@ -43,7 +43,7 @@ demo: install
 # outputs/compare to start again).
 #  1 huggingface   LoRA on the plain chat prompt (the row's baseline is the plain model)
 #  2 dspy          DSPy compiles a prompt on the same model, served by `transformers serve`;
-#                  in its stage 2 it writes the train pairs as its program sends them
+#                  in its stage 3 it writes the train pairs as its program sends them
 #                  (dspy/finetune.jsonl: no demos, so the same before compiling as after)
 #  3 bt-weights    LoRA trains on those, as they are: the same pairs and LoRA settings as step 1;
 #                  it starts as soon as step 2 has written them, and trains while step 2 compiles

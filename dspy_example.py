@@ -183,12 +183,6 @@ def format_data(cfg: Config, data: Data) -> Formatted:
     loaded = load_program(cfg.load, cfg.program, signature) if cfg.load else None
     formatted = Formatted(trainset, testset, signature, adapter, loaded, data.train_all)
     estimate_tokens(cfg, data, formatted)  # estimates: tokens per call of each phase
-    if cfg.run and not cfg.ask and loaded is None and cfg.optimizer not in WRITES_INSTRUCTIONS:
-        # The file has no demos, and this optimizer only picks demos: it is the same now as
-        # after compiling. Written now, a fine-tuning run can start while this one compiles
-        # and answers (make compare's "both" row does).
-        export_finetune_data(cfg, formatted, build_program(cfg.program, signature))
-        formatted.exported = True
     return formatted
 
 
@@ -216,6 +210,12 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
 
     # The guard: everything below spends money, so check it all before the first request.
     check_before_sending(cfg, plan)
+    if not cfg.ask and formatted.loaded is None and cfg.optimizer not in WRITES_INSTRUCTIONS:
+        # The fine-tuning file has no demos, and this optimizer only picks demos: the file is
+        # the same now as after compiling. Written now, a fine-tuning run can start while this
+        # one compiles and answers (make compare's "both" row does).
+        export_finetune_data(cfg, formatted, build_program(cfg.program, formatted.signature))
+        formatted.exported = True
     if plan.server is not None:  # --serve: start it (stopped when the run ends)
         start_server(cfg, plan)
     import dspy
@@ -707,7 +707,7 @@ class Formatted:
     adapter: object
     loaded: object | None = None  # the compiled program from --load, if any
     finetune_rows: list = field(default_factory=list)  # every train pair, for export_finetune_data
-    exported: bool = False  # export_finetune_data ran in stage 2 (the instructions stay)
+    exported: bool = False  # export_finetune_data ran in stage 3 (the instructions stay)
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # estimates: per call, by phase
     reply_tokens: int = 0  # estimates: tokens per reply (reasoning + answer)
 

@@ -636,10 +636,10 @@ def test_the_train_pairs_are_written_as_the_program_sends_them(dspy_run, server,
     assert train[0]["answer"] in first[2]["content"]
     assert first[2]["content"].startswith("[[ ## reasoning ## ]]")  # ChainOfThought's format
     assert "huggingface_lora.py --data" in flat(result.stdout)
-    # an optimizer that only picks demos leaves the instructions: written in stage 2, before
-    # the first call, so that fine-tuning can start while the program compiles
+    # an optimizer that only picks demos leaves the instructions: written in stage 3, once the
+    # cost guard has passed and before the first call, so fine-tuning can start while it compiles
     out = flat(result.stdout)
-    assert out.index("wrote ") < out.index("Stage 3/6")
+    assert out.index("Stage 3/6") < out.index("wrote ") < out.index("Stage 4/6")
     # a file the fine-tuning API takes as it is
     check = run_script("openai_finetune.py", "--check-file", str(path), cwd=result.cwd)
     assert check.returncode == 0, check.output[-2000:]

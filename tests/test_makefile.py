@@ -45,7 +45,7 @@ STAND_IN = textwrap.dedent(
         (cmp / path).parent.mkdir(parents=True, exist_ok=True)
         (cmp / path).write_text(text)
     if step == "dspy":
-        write("dspy/finetune.jsonl", "{{}}\\n")  # stage 2: the train pairs, early
+        write("dspy/finetune.jsonl", "{{}}\\n")  # stage 3: the train pairs, early
     print(f"{{step}} says hello", flush=True)
     time.sleep(float(os.environ.get(step.upper().replace("-", "_") + "_SECONDS", "0.2")))
     if os.environ.get("FAIL") == step:
