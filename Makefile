@@ -63,9 +63,9 @@ TUNED   := $(CMP)/bt/huggingface/merged
 LORA    := --epochs 2
 # Step 1 runs alone, so torch's threads may spin between operations instead of sleeping: its
 # 66 steps trained in 328 s with OMP_WAIT_POLICY=ACTIVE against 353 s with PASSIVE (2 idle AMD
-# EPYC cores, before the logits mask; 49 s against 72 s for 12 steps). Beside a server, as bt-weights trains, spinning
-# threads cost both: 118 s against 87 s for 12 steps, and the server answered a third fewer
-# calls. So PASSIVE for every other step.
+# EPYC cores, before the logits mask; 49 s against 72 s for 12 steps). Beside a server, as
+# bt-weights trains, spinning threads cost both: 118 s against 87 s for 12 steps, and the
+# server answered a third fewer calls. So PASSIVE for every other step.
 ALONE   := env OMP_WAIT_POLICY=ACTIVE
 # Both DSPy steps put 8 demos in front of every question (4 of the model's own runs, 4 train
 # pairs), not the script's 16 (DSPy's default): each compiled call reads them first, ~970

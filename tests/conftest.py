@@ -74,14 +74,15 @@ _SECRET_OR_ROUTING_VARS = (
 # one of its workers in collection order, and a long file collected late runs alone at the end
 # while the other workers have nothing left to do (the real LoRA run, 5 min, once did; in the
 # last fresh-clone run the load fell from 3 to 1.2 in its last two minutes). Worker
-# seconds measured with --durations (2026-12-06): about 470, 380, 320, 250, 210, 170.
+# seconds measured with --durations (2026-12-07, 2 AMD EPYC cores, since a fork's exit skips the
+# interpreter's teardown): about 350, 280, 260, 240 (one test: the real LoRA run), 170, 120.
 SLOW_FIRST = (
     "test_dspy_local.py",
+    "test_huggingface_lora.py",
     "test_dspy_example.py",
     "test_real_lora.py",
-    "test_huggingface_lora.py",
-    "test_openai_finetune.py",
     "test_benches.py",
+    "test_openai_finetune.py",
 )
 
 
