@@ -210,12 +210,10 @@ def configure_model(cfg: Config, formatted: Formatted) -> Plan:
 
     # The guard: everything below spends money, so check it all before the first request.
     check_before_sending(cfg, plan)
-    if not cfg.ask and formatted.loaded is None and cfg.optimizer not in WRITES_INSTRUCTIONS:
-        # The fine-tuning file has no demos, and this optimizer only picks demos: the file is
-        # the same now as after compiling. Written now, a fine-tuning run can start while this
-        # one compiles and answers (make compare's "both" row does).
+    if finetune_file_before_compiling(cfg, formatted):
+        # Written now, a fine-tuning run can start while this one compiles and answers (make
+        # compare's "both" row does).
         export_finetune_data(cfg, formatted, build_program(cfg.program, formatted.signature))
-        formatted.exported = True
     if plan.server is not None:  # --serve: start it (stopped when the run ends)
         start_server(cfg, plan)
     import dspy
@@ -278,7 +276,7 @@ def tune(cfg: Config, formatted: Formatted, plan: Plan) -> Tuned | None:
         tuned = Tuned(program, cfg.program_path)
     show_program(tuned.program, formatted.signature.instructions, cfg.metric_threshold)
     plan.demos = len(predictor(tuned.program).demos)
-    if cfg.run and not cfg.ask and not formatted.exported:  # its instructions are new
+    if cfg.run and not cfg.ask and not finetune_file_before_compiling(cfg, formatted):
         export_finetune_data(cfg, formatted, tuned.program)  # the weights' half of "both levers"
     return tuned
 
@@ -707,7 +705,6 @@ class Formatted:
     adapter: object
     loaded: object | None = None  # the compiled program from --load, if any
     finetune_rows: list = field(default_factory=list)  # every train pair, for export_finetune_data
-    exported: bool = False  # export_finetune_data ran in stage 3 (the instructions stay)
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # estimates: per call, by phase
     reply_tokens: int = 0  # estimates: tokens per reply (reasoning + answer)
 
@@ -1408,6 +1405,13 @@ def save_program(program, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def finetune_file_before_compiling(cfg: Config, formatted: Formatted) -> bool:
+    """Whether stage 3 writes the fine-tuning file, rather than stage 4: the file has no demos,
+    so when the optimizer only picks demos (it keeps the instructions) it is the same before
+    compiling as after."""
+    return not cfg.ask and formatted.loaded is None and cfg.optimizer not in WRITES_INSTRUCTIONS
 
 
 def export_finetune_data(cfg: Config, formatted: Formatted, program) -> None:

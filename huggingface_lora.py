@@ -2507,7 +2507,8 @@ def ask(cfg: Config) -> list:
     settings = {**info["generation"], "max_new_tokens": cfg.max_new_tokens, "batch_size": 1}
     with model.disable_adapter():
         baseline = generate_answers(model, tokenizer, [cfg.ask], **settings)[0][0]
-    tuned = generate_answers(model, tokenizer, [cfg.ask], **settings)[0][0]
+    with adapter_merged(model, four_bit):  # as stage 5 answers: the same arithmetic
+        tuned = generate_answers(model, tokenizer, [cfg.ask], **settings)[0][0]
     table = Table(title=printable(cfg.ask), show_lines=True)
     table.add_column("baseline (adapter off)", ratio=1)
     table.add_column("tuned (adapter on)", ratio=1)
