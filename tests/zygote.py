@@ -113,12 +113,12 @@ def run_child(request: dict, fds: list[int]) -> None:
     sys.path[0] = request["cwd"]
     import runpy
 
+    # An uncaught exception other than SystemExit goes on to Python's own exit (traceback, 1).
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as stop:
         leave(stop.code)
     leave(0)  # falling off the end exits 0, as the script's own process would
-    # Anything else (an uncaught exception) goes on to Python's own exit: traceback, code 1.
 
 
 def leave(code) -> None:
